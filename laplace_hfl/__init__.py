@@ -1,0 +1,29 @@
+"""laplace-hfl: Hessian-free Laplace (HFL / RegVar) for laplace-torch.
+
+Importing this package registers ``hessian_structure="hfl"`` with
+``laplace.Laplace`` for ``subset_of_weights="all"`` and ``"last_layer"``.
+"""
+
+from __future__ import annotations
+
+from laplace_hfl.errors import (
+    HFLNotFittedError,
+    IndefiniteHessianError,
+    NonStationaryMAPWarning,
+    PSDClippingWarning,
+    RefitConvergenceWarning,
+)
+from laplace_hfl.hessian_free import HessianFreeLaplace
+from laplace_hfl.last_layer import HessianFreeLLLaplace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HessianFreeLaplace",
+    "HessianFreeLLLaplace",
+    "HFLNotFittedError",
+    "IndefiniteHessianError",
+    "NonStationaryMAPWarning",
+    "PSDClippingWarning",
+    "RefitConvergenceWarning",
+]

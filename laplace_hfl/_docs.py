@@ -1,0 +1,29 @@
+"""Shared numpydoc text for the HFL classes' keyword-only options."""
+
+HFL_OPTIONS_DOC = """
+    eps : float, default=1e-2
+        Relative perturbation size (keyword-only). Each direction ``v`` is
+        perturbed by ``eps / sqrt(v^T P_0^{-1} v)`` on the summed objective, so a
+        refit moves the perturbed output by at most ``eps`` posterior standard
+        deviations. ``target="ggn"`` is exact for any ``eps``; ``"hessian"`` has
+        ``O(eps^2)`` bias.
+    target : {"ggn", "hessian"}, default="ggn"
+        ``"ggn"`` refits the linearised network (Gauss-Newton model at the MAP):
+        converges to ``FullLaplace`` with a GGN backend, at any MAP.
+        ``"hessian"`` refits the network itself (the paper's form): converges to
+        exact-Hessian Laplace, needs a MAP at a minimum of the Laplace objective.
+    rtol : float, default=1e-6
+        Refit tolerance: residual gradient norm at most ``rtol * eps_j * ||J||``.
+    max_iter : int, default=1000
+        Conjugate-gradient iterations per linear solve.
+    max_newton : int, default=20
+        Newton steps per network refit (``target="hessian"``).
+    chunk_size : int, default=64
+        Query directions (points x outputs) refit together; memory grows as
+        ``chunk_size * n_params``.
+    compute_dtype : torch.dtype, default=torch.float64
+        Precision of the refits. Float32 models are refit in float64 so that
+        their variances stay accurate; results are returned in the model's dtype.
+    progress_bar : bool, default=False
+        Show tqdm progress bars over refit chunks.
+"""

@@ -1,0 +1,242 @@
+"""Pure functions for the Laplace objective that laplace-torch encodes.
+
+Everything here works on flat parameter vectors ``theta`` of shape ``(P,)`` (or
+a batch ``(m, P)`` of them) and never touches a module's own parameters:
+forward passes go through :func:`torch.func.functional_call` on tensors derived
+from ``theta``, so autograd flows and the user's model stays as it was.
+
+The objective is exactly the one behind laplace-torch's posterior precision::
+
+    L(theta) = H_factor * sum_n factor * loss(f(x_n; theta), y_n)
+               + 1/2 (theta - mu_0)^T diag(p_0) (theta - mu_0)
+
+with ``H_factor = 1 / (sigma^2 T)``, ``factor = 1/2`` and a summed squared
+error for regression, ``factor = 1`` and a summed cross-entropy for
+classification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+
+__all__ = [
+    "ParamLayout",
+    "LaplaceObjective",
+    "make_forward",
+    "to_compute",
+    "batch_loss",
+    "objective_value",
+    "objective_grad",
+    "ggn_matvec",
+    "hessian_matvec",
+    "output_jacobians",
+    "jacobian_vector_products",
+]
+
+Forward = Callable[[Tensor, Any], Tensor]
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes that map a flat vector to a parameter dict.
+
+    Parameters
+    ----------
+    names : tuple of str
+        Parameter names in ``module.named_parameters()`` order.
+    shapes : tuple of torch.Size
+        Shape of each named parameter.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector into a ``{name: tensor}`` dict (differentiable)."""
+        chunks = torch.split(theta, self.numels)
+        return {n: c.reshape(s) for n, c, s in zip(self.names, chunks, self.shapes)}
+
+
+def to_compute(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move a batch to ``device``; cast floating tensors to ``dtype``.
+
+    Integer tensors (labels, token ids) keep their dtype. Dict-like batches
+    (Hugging Face style) are converted value by value.
+    """
+    if isinstance(x, Tensor):
+        if torch.is_floating_point(x):
+            return x.to(device=device, dtype=dtype)
+        return x.to(device=device)
+    if isinstance(x, MutableMapping):
+        return type(x)({k: to_compute(v, device, dtype) for k, v in x.items()})
+    return x
+
+
+def make_forward(
+    module: nn.Module, layout: ParamLayout, fixed: dict[str, Tensor]
+) -> Forward:
+    """Build ``forward(theta, X)`` evaluating ``module`` at flat parameters.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The network (or its last layer). Its own tensors are never read for
+        the parameters in ``layout``.
+    layout : ParamLayout
+        The parameters that ``theta`` holds.
+    fixed : dict of str to Tensor
+        Every other parameter and buffer (frozen weights, BatchNorm
+        statistics), already in the compute dtype.
+    """
+
+    def forward(theta: Tensor, X: Any) -> Tensor:
+        return functional_call(module, {**fixed, **layout.unflatten(theta)}, (X,))
+
+    return forward
+
+
+@dataclass(frozen=True)
+class LaplaceObjective:
+    """The Laplace objective ``L(theta)`` of a fitted model.
+
+    Parameters
+    ----------
+    forward : callable
+        ``forward(theta, X) -> (B, C)`` outputs.
+    batches : callable
+        Returns a fresh iterable of ``(X, y)`` batches in the compute dtype.
+    likelihood : {"regression", "classification"}
+    h_factor : float
+        ``1 / (sigma_noise^2 * temperature)``.
+    prior_precision : Tensor
+        Diagonal prior precision ``p_0`` of shape ``(P,)``.
+    prior_mean : Tensor
+        Prior mean ``mu_0``, scalar or ``(P,)``.
+    theta_map : Tensor
+        The MAP ``theta_hat`` of shape ``(P,)``.
+    """
+
+    forward: Forward
+    batches: Callable[[], Iterable[tuple[Any, Tensor]]]
+    likelihood: str
+    h_factor: float
+    prior_precision: Tensor
+    prior_mean: Tensor
+    theta_map: Tensor
+
+
+def batch_loss(likelihood: str, f: Tensor, y: Tensor) -> Tensor:
+    """``factor * loss(f, y)`` summed over the batch, as laplace-torch defines it."""
+    if likelihood == "regression":
+        return 0.5 * (f - y).square().sum()
+    return torch.nn.functional.cross_entropy(f, y, reduction="sum")
+
+
+def _data_term(obj: LaplaceObjective, theta: Tensor, X: Any, y: Tensor) -> Tensor:
+    return obj.h_factor * batch_loss(obj.likelihood, obj.forward(theta, X), y)
+
+
+def _prior_grad(obj: LaplaceObjective, thetas: Tensor) -> Tensor:
+    return obj.prior_precision * (thetas - obj.prior_mean)
+
+
+def objective_value(obj: LaplaceObjective, theta: Tensor) -> Tensor:
+    """``L(theta)`` for one flat vector."""
+    total = 0.5 * (obj.prior_precision * (theta - obj.prior_mean).square()).sum()
+    for X, y in obj.batches():
+        total = total + _data_term(obj, theta, X, y).detach()
+    return total
+
+
+def objective_grad(obj: LaplaceObjective, thetas: Tensor) -> Tensor:
+    """Gradients ``grad L(theta_j)`` for a batch ``thetas`` of shape ``(m, P)``."""
+    total = _prior_grad(obj, thetas)
+    for X, y in obj.batches():
+        g = vmap(grad(_data_term, argnums=1), in_dims=(None, 0, None, None))
+        total = total + g(obj, thetas, X, y).detach()
+    return total
+
+
+def _loss_hessian_out(likelihood: str, f: Tensor, Jv: Tensor) -> Tensor:
+    """Multiply ``Jv`` (``(m, B, C)``) by the Hessian of ``factor * loss`` in ``f``."""
+    if likelihood == "regression":
+        return Jv
+    p = torch.softmax(f, dim=-1)
+    pJv = p * Jv
+    return pJv - p * pJv.sum(-1, keepdim=True)
+
+
+def ggn_matvec(obj: LaplaceObjective, V: Tensor) -> Tensor:
+    """``(GGN + diag(p_0)) v`` at the MAP for each row ``v`` of ``V`` (``(m, P)``).
+
+    Uses one JVP and one VJP per batch, vectorised over the rows of ``V``:
+    no Jacobian matrix and no Hessian is formed.
+    """
+    total = obj.prior_precision * V
+    theta = obj.theta_map
+    for X, _ in obj.batches():
+
+        def f(th: Tensor, X: Any = X) -> Tensor:
+            return obj.forward(th, X)
+
+        out, vjp_fn = vjp(f, theta)
+        Jv = vmap(lambda v: jvp(f, (theta,), (v,))[1])(V)
+        HJv = obj.h_factor * _loss_hessian_out(obj.likelihood, out.detach(), Jv)
+        total = total + vmap(vjp_fn)(HJv)[0].detach()
+    return total
+
+
+def hessian_matvec(obj: LaplaceObjective, thetas: Tensor, V: Tensor) -> Tensor:
+    """Exact Hessian-vector products ``H(theta_j) v_j`` (forward-over-reverse).
+
+    ``thetas`` and ``V`` are both ``(m, P)``; row ``j`` of the result is the
+    Hessian of ``L`` at ``thetas[j]`` applied to ``V[j]``.
+    """
+    total = obj.prior_precision * V
+    for X, y in obj.batches():
+
+        def hvp(th: Tensor, v: Tensor, X: Any = X, y: Tensor = y) -> Tensor:
+            g = grad(_data_term, argnums=1)
+            return jvp(lambda t: g(obj, t, X, y), (th,), (v,))[1]
+
+        total = total + vmap(hvp)(thetas, V).detach()
+    return total
+
+
+def _add_batch_dim(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.unsqueeze(0)
+    if isinstance(x, MutableMapping):
+        return type(x)({k: _add_batch_dim(v) for k, v in x.items()})
+    return x
+
+
+def output_jacobians(forward: Forward, theta: Tensor, X: Any) -> tuple[Tensor, Tensor]:
+    """Per-input Jacobians ``J(x_b)`` of shape ``(B, C, P)`` and outputs ``(B, C)``.
+
+    Used only for a chunk of query points at a time, never for training data.
+    """
+
+    def f_single(th: Tensor, x: Any) -> Tensor:
+        out = forward(th, _add_batch_dim(x))[0]
+        return out, out
+
+    Js, f = vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))(theta, X)
+    return Js.detach(), f.detach()
+
+
+def jacobian_vector_products(
+    forward: Forward, theta: Tensor, X: Any, U: Tensor
+) -> Tensor:
+    """``J(X) u`` for each row ``u`` of ``U`` (``(m, P)``) -> ``(m, B, C)``."""
+    return vmap(lambda u: jvp(lambda th: forward(th, X), (theta,), (u,))[1])(U).detach()

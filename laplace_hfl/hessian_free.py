@@ -1,0 +1,131 @@
+"""All-weights Hessian-free Laplace: ``Laplace(..., "all", "hfl")``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from laplace.baselaplace import ParametricLaplace
+from laplace.curvature.curvature import CurvatureInterface
+from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector
+from torch.utils.data import DataLoader
+
+from laplace_hfl._docs import HFL_OPTIONS_DOC
+from laplace_hfl.base import HFLMixin, eval_mode
+from laplace_hfl.functional import ParamLayout, to_compute
+
+__all__ = ["HessianFreeLaplace"]
+
+
+class HessianFreeLaplace(HFLMixin, ParametricLaplace):
+    __doc__ = (
+        """Hessian-free Laplace (HFL) over all weights that require grad.
+
+    Estimates the linearised-Laplace predictive covariance ``J P^{-1} J^T``
+    from the MAP and parameters re-optimised under the objective perturbed by
+    ``-/+ eps f(x*)``, without forming or inverting any Hessian. The posterior
+    precision ``P`` is that of laplace-torch's ``FullLaplace``: the GGN + prior
+    (``target="ggn"``) or the exact Hessian + prior (``target="hessian"``).
+    Memory is that of training plus ``chunk_size`` parameter vectors.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained network (the MAP). Never modified.
+    likelihood : {"regression", "classification"}
+    sigma_noise, prior_precision, prior_mean, temperature, dict_key_x,
+    dict_key_y, backend, backend_kwargs, asdl_fisher_kwargs
+        As in laplace-torch's ``BaseLaplace``. ``backend`` is accepted for
+        compatibility and unused (HFL needs no curvature backend).
+    enable_backprop : bool, default=False
+        Must be False (not supported yet).
+"""
+        + HFL_OPTIONS_DOC
+        + """
+    Raises
+    ------
+    ValueError
+        Unknown ``target``, non-positive ``eps``/``rtol``, unsupported likelihood.
+    NotImplementedError
+        ``enable_backprop=True``.
+
+    Examples
+    --------
+    >>> import laplace_hfl  # registers hessian_structure="hfl"
+    >>> from laplace import Laplace
+    >>> la = Laplace(model, "regression", "all", "hfl")  # doctest: +SKIP
+    >>> la.fit(train_loader)  # doctest: +SKIP
+    >>> f_mu, f_var = la(x_test)  # doctest: +SKIP
+    """
+    )
+
+    _key = ("all", "hfl")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type[CurvatureInterface] | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        *,
+        eps: float = 1e-2,
+        target: str = "ggn",
+        rtol: float = 1e-6,
+        max_iter: int = 1000,
+        max_newton: int = 20,
+        chunk_size: int = 64,
+        compute_dtype: torch.dtype = torch.float64,
+        progress_bar: bool = False,
+    ) -> None:
+        settings = self._validate_hfl_options(
+            likelihood, enable_backprop, eps, target, rtol, max_iter,
+            max_newton, chunk_size, compute_dtype,
+        )  # fmt: skip
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
+        )
+        self._set_hfl_options(settings, chunk_size, compute_dtype, progress_bar)
+
+    def _fit_pass(self, train_loader: DataLoader) -> tuple:
+        with eval_mode(self.model):
+            first_out, loss, _ = self._iterate_checked(
+                train_loader, self.model, features=False
+            )
+        mean = parameters_to_vector(self.params).detach().clone()
+        return first_out, loss, None, mean
+
+    def _refit_module(self) -> tuple[nn.Module, ParamLayout, dict[str, Tensor]]:
+        dtype, refit = self.compute_dtype, []
+        fixed: dict[str, Tensor] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                refit.append((name, p.shape))
+            else:
+                fixed[name] = p.detach().to(dtype)
+        for name, b in self.model.named_buffers():
+            fixed[name] = b.detach().to(dtype) if torch.is_floating_point(b) else b
+        layout = ParamLayout(tuple(n for n, _ in refit), tuple(s for _, s in refit))
+        return self.model, layout, fixed
+
+    def _query_inputs(self, X: Any) -> Any:
+        return to_compute(X, self._device, self.compute_dtype)

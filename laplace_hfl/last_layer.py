@@ -1,0 +1,183 @@
+"""Last-layer Hessian-free Laplace: ``Laplace(..., "last_layer", "hfl")``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from laplace.curvature.curvature import CurvatureInterface
+from laplace.lllaplace import LLLaplace
+from laplace.utils.feature_extractor import FeatureReduction
+from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector
+from torch.utils.data import DataLoader
+
+from laplace_hfl._docs import HFL_OPTIONS_DOC
+from laplace_hfl.base import HFLMixin, eval_mode
+from laplace_hfl.functional import ParamLayout, to_compute
+
+__all__ = ["HessianFreeLLLaplace"]
+
+
+class HessianFreeLLLaplace(HFLMixin, LLLaplace):
+    __doc__ = (
+        """Hessian-free Laplace over the last (linear) layer.
+
+    The network up to the last layer is fixed, so its features on the training
+    data are computed once in :meth:`fit` and cached; refits then touch only the
+    last layer. The output is linear in the last-layer weights, so Hessian and
+    GGN coincide there and both targets converge to ``FullLLLaplace`` with any
+    GGN backend. The state dict holds the cached features: a loaded estimator
+    predicts without the training data.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained network; a deep copy is wrapped in laplace-torch's
+        ``FeatureExtractor`` (the original is never modified).
+    likelihood : {"regression", "classification"}
+    sigma_noise, prior_precision, prior_mean, temperature, feature_reduction,
+    dict_key_x, dict_key_y, backend, last_layer_name, backend_kwargs
+        As in laplace-torch's ``LLLaplace``.
+    enable_backprop : bool, default=False
+        Must be False (not supported yet).
+    asdl_fisher_kwargs : None
+        Must be None, as in ``LLLaplace``.
+"""
+        + HFL_OPTIONS_DOC
+        + """
+    Raises
+    ------
+    ValueError
+        Unknown ``target``, non-positive ``eps``/``rtol``, unsupported likelihood.
+    NotImplementedError
+        ``enable_backprop=True``.
+    """
+    )
+
+    _key = ("last_layer", "hfl")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        feature_reduction: FeatureReduction | str | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type[CurvatureInterface] | None = None,
+        last_layer_name: str | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        *,
+        eps: float = 1e-2,
+        target: str = "ggn",
+        rtol: float = 1e-6,
+        max_iter: int = 1000,
+        max_newton: int = 20,
+        chunk_size: int = 64,
+        compute_dtype: torch.dtype = torch.float64,
+        progress_bar: bool = False,
+    ) -> None:
+        settings = self._validate_hfl_options(
+            likelihood, enable_backprop, eps, target, rtol, max_iter,
+            max_newton, chunk_size, compute_dtype,
+        )  # fmt: skip
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            feature_reduction=feature_reduction,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            last_layer_name=last_layer_name,
+            backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
+        )
+        # LLLaplace.__init__ resets cooperative options: set ours afterwards.
+        self._set_hfl_options(settings, chunk_size, compute_dtype, progress_bar)
+
+    def _fit_pass(self, train_loader: DataLoader) -> tuple:
+        if self.model.last_layer is None:
+            first = next(iter(train_loader), None)
+            if first is None:
+                raise ValueError(
+                    "train_loader yielded no batches; HFL needs the training data "
+                    "the MAP was fitted on."
+                )
+            self.data = first
+            with eval_mode(self.model):
+                self._find_last_layer(first)
+            self.n_params = len(
+                parameters_to_vector(self.model.last_layer.parameters())
+            )
+            self.n_layers = len(list(self.model.last_layer.parameters()))
+            self.prior_precision = self._prior_precision
+            self.prior_mean = self._prior_mean
+        with eval_mode(self.model):
+            first_out, loss, cached = self._iterate_checked(
+                train_loader, self.model, features=True
+            )
+            with torch.no_grad():
+                phi = cached[0][0].to(self._dtype)
+                relinked = self.model.last_layer(phi)
+            if relinked.shape != first_out.shape or not torch.allclose(
+                relinked, first_out, rtol=1e-4, atol=1e-5
+            ):
+                raise ValueError(
+                    "The last layer applied to the extracted features does not "
+                    "reproduce the model's output; check last_layer_name and "
+                    "feature_reduction."
+                )
+        mean = parameters_to_vector(self.model.last_layer.parameters()).detach().clone()
+        return first_out, loss, cached, mean
+
+    def _refit_module(self) -> tuple[nn.Module, ParamLayout, dict[str, Tensor]]:
+        named = list(self.model.last_layer.named_parameters())
+        layout = ParamLayout(
+            tuple(n for n, _ in named), tuple(p.shape for _, p in named)
+        )
+        return self.model.last_layer, layout, {}
+
+    def _query_inputs(self, X: Any) -> Any:
+        X = to_compute(X, self._device, self._dtype)
+        _, phi = self.model.forward_with_features(X)
+        return phi.to(self.compute_dtype)
+
+    def functional_variance_fast(self, X: Any) -> tuple[Tensor, Tensor]:
+        f_mu, f_var = self._glm_predictive_distribution(X)
+        return f_mu, torch.diagonal(f_var, dim1=-2, dim2=-1)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["data"] = getattr(self, "data", None)
+        state["_last_layer_name"] = self._last_layer_name
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._last_layer_name != state_dict["_last_layer_name"]:
+            raise ValueError("Different `last_layer_name` detected!")
+        if self.model.last_layer is None:
+            data = state_dict.get("data")
+            if data is None:
+                raise ValueError(
+                    "The state holds no batch to locate the last layer; pass "
+                    "last_layer_name=... to the constructor."
+                )
+            self.data = data
+            with eval_mode(self.model):
+                self._find_last_layer(data)
+            self.n_params = len(
+                parameters_to_vector(self.model.last_layer.parameters())
+            )
+            self.n_layers = len(list(self.model.last_layer.parameters()))
+        super().load_state_dict(state_dict)
