@@ -26,4 +26,14 @@ HFL_OPTIONS_DOC = """
         their variances stay accurate; results are returned in the model's dtype.
     progress_bar : bool, default=False
         Show tqdm progress bars over refit chunks.
+    amortize : int or None, default=None
+        Amortised mode (keyword-only, ``target="ggn"`` only): the number ``S`` of
+        posterior samples drawn once in :meth:`fit` by sample-then-optimise
+        (``S`` perturbed refits of the linearised network, solved together).
+        Every prediction then costs ``S`` Jacobian-vector products and no pass
+        over the training data, and ``state_dict()`` holds the samples, so a
+        loaded estimator predicts without the data. The covariance is an
+        unbiased Monte Carlo estimate of ``J (GGN + prior)^{-1} J^T`` with
+        relative standard error ``sqrt(2 / S)`` per variance. See
+        :mod:`laplace_hfl.amortized`.
 """

@@ -16,6 +16,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from laplace_hfl.amortized import (
+    AmortizedState,
+    amortized_covariance,
+    amortized_solve,
+    posterior_samples,
+)
 from laplace_hfl.errors import HFLNotFittedError
 from laplace_hfl.functional import (
     LaplaceObjective,
@@ -114,7 +120,11 @@ class HFLMixin:
         chunk_size: int,
         compute_dtype: torch.dtype,
         progress_bar: bool,
+        amortize: int | None = None,
     ) -> None:
+        self.amortize = amortize
+        self._amortized: AmortizedState | None = None
+        self._amortized_key: tuple | None = None
         self.hfl_settings = settings
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
@@ -137,6 +147,7 @@ class HFLMixin:
         max_newton: int,
         chunk_size: int,
         compute_dtype: torch.dtype,
+        amortize: int | None = None,
     ) -> RefitSettings:
         if likelihood not in ("regression", "classification"):
             raise ValueError(
@@ -158,6 +169,22 @@ class HFLMixin:
                 f"compute_dtype must be torch.float64 (default) or torch.float32, "
                 f"got {compute_dtype}."
             )
+        if amortize is not None:
+            if isinstance(amortize, bool) or not (
+                isinstance(amortize, int) and amortize >= 2
+            ):
+                raise ValueError(
+                    f"amortize must be None or the number of posterior samples "
+                    f"(an integer >= 2), got {amortize!r}."
+                )
+            if target != "ggn":
+                raise ValueError(
+                    "amortize is only available with target='ggn': the amortised "
+                    "mode draws posterior samples by perturbed refits of the "
+                    "linearised network (sample-then-optimise), which needs a "
+                    "square root of the curvature that the exact Hessian lacks. "
+                    "Use target='ggn', or amortize=None for exact Hessian refits."
+                )
         return RefitSettings(target, eps, rtol, max_iter, max_newton)
 
     # ------------------------------------------------------- hooks for classes
@@ -301,8 +328,13 @@ class HFLMixin:
         self._train_loader = train_loader if cached is None else None
         self._base = None
         self._base_key = None
+        self._amortized = None
+        self._amortized_key = None
         self._fitted = True
         self.progress_bar = self.progress_bar or progress_bar
+        if self.amortize is not None:
+            with eval_mode(self.model):
+                self._amortized_state(self._objective())
 
     # ---------------------------------------------------------------- refits
     def _objective(self) -> LaplaceObjective:
@@ -334,8 +366,30 @@ class HFLMixin:
             self._base_key = key
         return self._base
 
+    def _amortized_state(self, obj: LaplaceObjective) -> AmortizedState:
+        """Posterior samples for the current hyperparameters (built once)."""
+        key = self._hyper_key() + (int(self.amortize),)
+        if self._amortized is None or self._amortized_key != key:
+            if self._training_data is None and self._train_loader is None:
+                raise HFLNotFittedError(
+                    "The stored amortised samples belong to other hyperparameters "
+                    "(prior precision, sigma_noise, temperature or settings changed "
+                    "since they were drawn) and this estimator has no training data "
+                    "to redraw them: call la.fit(train_loader) again."
+                )
+            self._amortized = posterior_samples(
+                obj,
+                int(self.amortize),
+                rtol=self.hfl_settings.rtol,
+                max_iter=self.hfl_settings.max_iter,
+            )
+            self._amortized_key = key
+        return self._amortized
+
     def _solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
         """``P^{-1} v`` estimates for the rows of ``V`` by perturbed refits."""
+        if self.amortize is not None:
+            return amortized_solve(self._amortized_state(obj).samples, V)
         U, self.last_diagnostics = perturbed_refits(
             obj,
             self._base_point(obj),
@@ -370,6 +424,18 @@ class HFLMixin:
         self._check_ready(X)
         with eval_mode(self.model), torch.no_grad():
             Xq = self._query_inputs(X)
+        if self.amortize is not None:
+            with eval_mode(self.model):
+                obj = self._objective()
+                samples = self._amortized_state(obj).samples
+                f_mu, f_var = amortized_covariance(
+                    obj.forward, obj.theta_map, Xq, samples, joint=joint
+                )
+            if joint:
+                f_mu = f_mu.flatten()
+            elif diagonal_output:
+                f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+            return f_mu.to(self._dtype), f_var.to(self._dtype)
         with eval_mode(self.model):
             obj = self._objective()
             theta = obj.theta_map
@@ -582,6 +648,7 @@ class HFLMixin:
             "max_iter": s.max_iter,
             "max_newton": s.max_newton,
             "compute_dtype": str(self.compute_dtype),
+            "amortize": self.amortize,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -606,6 +673,14 @@ class HFLMixin:
             "cls_name": self.__class__.__name__,
             "hfl": self._hfl_state(),
             "training_features": self._training_data,
+            "amortized": None
+            if self._amortized is None
+            else {
+                "samples": self._amortized.samples,
+                "residual": self._amortized.residual,
+                "iterations": self._amortized.iterations,
+                "key": self._amortized_key,
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -646,6 +721,15 @@ class HFLMixin:
         self._train_loader = None
         self._base = None
         self._base_key = None
+        amortized = state_dict.get("amortized")
+        if amortized is not None and self.amortize is not None:
+            self._amortized = AmortizedState(
+                amortized["samples"], amortized["residual"], amortized["iterations"]
+            )
+            self._amortized_key = tuple(amortized["key"])
+        else:
+            self._amortized = None
+            self._amortized_key = None
         self._fitted = True
 
 

@@ -85,10 +85,11 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
         chunk_size: int = 64,
         compute_dtype: torch.dtype = torch.float64,
         progress_bar: bool = False,
+        amortize: int | None = None,
     ) -> None:
         settings = self._validate_hfl_options(
             likelihood, enable_backprop, eps, target, rtol, max_iter,
-            max_newton, chunk_size, compute_dtype,
+            max_newton, chunk_size, compute_dtype, amortize=amortize,
         )  # fmt: skip
         super().__init__(
             model,
@@ -104,7 +105,9 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
-        self._set_hfl_options(settings, chunk_size, compute_dtype, progress_bar)
+        self._set_hfl_options(
+            settings, chunk_size, compute_dtype, progress_bar, amortize=amortize
+        )
 
     def _fit_pass(self, train_loader: DataLoader) -> tuple:
         with eval_mode(self.model):

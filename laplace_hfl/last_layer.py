@@ -82,10 +82,11 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         chunk_size: int = 64,
         compute_dtype: torch.dtype = torch.float64,
         progress_bar: bool = False,
+        amortize: int | None = None,
     ) -> None:
         settings = self._validate_hfl_options(
             likelihood, enable_backprop, eps, target, rtol, max_iter,
-            max_newton, chunk_size, compute_dtype,
+            max_newton, chunk_size, compute_dtype, amortize=amortize,
         )  # fmt: skip
         super().__init__(
             model,
@@ -104,7 +105,9 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
         # LLLaplace.__init__ resets cooperative options: set ours afterwards.
-        self._set_hfl_options(settings, chunk_size, compute_dtype, progress_bar)
+        self._set_hfl_options(
+            settings, chunk_size, compute_dtype, progress_bar, amortize=amortize
+        )
 
     def _fit_pass(self, train_loader: DataLoader) -> tuple:
         if self.model.last_layer is None:

@@ -1,0 +1,167 @@
+"""Amortised HFL (sample-then-optimise) against FullLaplace with a GGN backend."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from laplace import Laplace
+from laplace.curvature import CurvlinopsGGN
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
+from laplace_hfl.amortized import loss_hessian_sqrt_apply
+
+DT = torch.float64
+SIGMA, PRIOR = 0.3, 0.5
+S = 2000  # relative s.e. of a variance sqrt(2/S) = 3.2%: median error ~2%
+
+
+def _train(model, X, y, likelihood, steps=200):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        f = model(X)
+        if likelihood == "regression":
+            loss = (f - y).square().mean()
+        else:
+            loss = nn.functional.cross_entropy(f, y)
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def regression():
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(40, 1, generator=g, dtype=DT) * 4 - 2
+    y = torch.sin(2 * X) + 0.1 * torch.randn(40, 1, generator=g, dtype=DT)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 10), nn.Tanh(), nn.Linear(10, 1)).to(DT)
+    Xq = torch.linspace(-4, 4, 30, dtype=DT)[:, None]
+    return _train(model, X, y, "regression"), X, y, Xq, "regression"
+
+
+@pytest.fixture(scope="module")
+def classification():
+    g = torch.Generator().manual_seed(1)
+    centers = 2 * torch.randn(3, 2, generator=g, dtype=DT)
+    y = torch.arange(60) % 3
+    X = centers[y] + torch.randn(60, 2, generator=g, dtype=DT)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    Xq = 3 * torch.randn(25, 2, generator=g, dtype=DT)
+    return _train(model, X, y, "classification"), X, y, Xq, "classification"
+
+
+def _loader(X, y):
+    return DataLoader(TensorDataset(X, y), batch_size=16)
+
+
+def _reference(model, X, y, Xq, likelihood, subset):
+    la = Laplace(
+        copy.deepcopy(model), likelihood, subset, "full", sigma_noise=_sigma(likelihood),
+        prior_precision=PRIOR, backend=CurvlinopsGGN,
+    )  # fmt: skip
+    la.fit(_loader(X, y))
+    return la._glm_predictive_distribution(Xq)
+
+
+def _hfl(model, likelihood, subset, n_samples=S):
+    return Laplace(
+        model, likelihood, subset, "hfl", sigma_noise=_sigma(likelihood),
+        prior_precision=PRIOR, amortize=n_samples,
+    )  # fmt: skip
+
+
+def _sigma(likelihood):
+    return SIGMA if likelihood == "regression" else 1.0
+
+
+def _rel_err(a, b):
+    return ((a - b).abs() / b.abs()).median().item()
+
+
+def test_loss_hessian_sqrt_is_a_square_root():
+    f = torch.randn(5, 4, dtype=DT)
+    p = torch.softmax(f, -1)
+    Lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    eye = torch.eye(4, dtype=DT).expand(5, 4, 4)
+    # columns of L: L e_k for every k
+    L = loss_hessian_sqrt_apply("classification", f, eye.permute(2, 0, 1))
+    L = L.permute(1, 2, 0)
+    torch.testing.assert_close(L @ L.transpose(1, 2), Lam)
+
+
+@pytest.mark.parametrize("case", ["regression", "classification"])
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_amortized_matches_full_ggn(case, subset, request):
+    model, X, y, Xq, likelihood = request.getfixturevalue(case)
+    mu_ref, var_ref = _reference(model, X, y, Xq, likelihood, subset)
+    la = _hfl(model, likelihood, subset)
+    la.fit(_loader(X, y))
+    mu, var = la._glm_predictive_distribution(Xq)
+    torch.testing.assert_close(mu, mu_ref)
+    d, d_ref = torch.diagonal(var, 0, 1, 2), torch.diagonal(var_ref, 0, 1, 2)
+    assert _rel_err(d, d_ref) < 0.10
+    # full covariance matrices agree in Frobenius norm to a few sqrt(2/S)
+    rel_fro = (var - var_ref).flatten(1).norm(dim=1) / var_ref.flatten(1).norm(dim=1)
+    assert rel_fro.median().item() < 0.15
+    assert la._amortized.residual.max().item() < 1e-5
+
+
+def test_amortized_error_shrinks_with_samples(regression):
+    model, X, y, Xq, likelihood = regression
+    _, var_ref = _reference(model, X, y, Xq, likelihood, "all")
+    errs = []
+    for n in (16, 1024):
+        la = _hfl(model, likelihood, "all", n)
+        la.fit(_loader(X, y))
+        errs.append(_rel_err(la._glm_predictive_distribution(Xq)[1], var_ref))
+    assert errs[1] < errs[0]
+
+
+def test_functional_variance_and_joint(regression):
+    model, X, y, Xq, likelihood = regression
+    la = _hfl(model, likelihood, "all", 500)
+    la.fit(_loader(X, y))
+    f_mu, f_cov = la._glm_predictive_distribution(Xq[:5], joint=True)
+    _, f_var = la._glm_predictive_distribution(Xq[:5])
+    torch.testing.assert_close(torch.diagonal(f_cov), f_var.flatten())
+    from laplace_hfl.functional import output_jacobians
+
+    obj = la._objective()
+    Js, _ = output_jacobians(obj.forward, obj.theta_map, Xq[:5])
+    torch.testing.assert_close(la.functional_variance(Js), f_var)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_state_dict_predicts_without_training_data(regression, subset):
+    model, X, y, Xq, likelihood = regression
+    la = _hfl(model, likelihood, subset, 64)
+    la.fit(_loader(X, y))
+    expected = la(Xq)
+    state = la.state_dict()
+    fresh = _hfl(copy.deepcopy(model), likelihood, subset, 64)
+    fresh.load_state_dict(state)
+    assert fresh._train_loader is None
+    got = fresh(Xq)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    # Changed hyperparameters need the data again: a clear error, not stale samples.
+    fresh.prior_precision = 2 * PRIOR
+    if subset == "all":
+        with pytest.raises(laplace_hfl.HFLNotFittedError, match="fit"):
+            fresh(Xq)
+
+
+def test_amortize_rejects_hessian_target_and_bad_values(regression):
+    model = regression[0]
+    with pytest.raises(ValueError, match="target='ggn'"):
+        Laplace(model, "regression", "all", "hfl", target="hessian", amortize=10)
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match="amortize"):
+            Laplace(model, "regression", "all", "hfl", amortize=bad)
