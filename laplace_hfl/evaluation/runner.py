@@ -1,0 +1,373 @@
+"""The comparison harness: every method on one task, one tidy row each."""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+import tracemalloc
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from laplace_hfl.evaluation.metrics import (
+    classification_metrics,
+    probit_probs,
+    regression_metrics,
+    variance_agreement,
+)
+from laplace_hfl.evaluation.registry import (
+    REFERENCE_GGN,
+    REFERENCE_HESSIAN,
+    MethodSpec,
+    resolve_methods,
+)
+from laplace_hfl.evaluation.tasks import TASKS, Task
+
+__all__ = [
+    "Prediction",
+    "ComparisonResult",
+    "PeakMemory",
+    "run_method",
+    "run_comparison",
+    "DEFAULT_TUNE_GRID",
+]
+
+#: Prior precisions tried by ``tune=True`` (log-spaced 1e-2 ... 1e2).
+DEFAULT_TUNE_GRID = tuple(float(p) for p in np.logspace(-2, 2, 9))
+
+
+@dataclass
+class Prediction:
+    """Predictions of one method on one task (kept for figures).
+
+    Attributes
+    ----------
+    f_mu, f_var : Tensor
+        Test means ``(N, C)`` and functional covariances ``(N, C, C)``.
+    probs, probs_ood : Tensor or None
+        Probit class probabilities on test / OOD inputs (classification).
+    """
+
+    f_mu: Tensor
+    f_var: Tensor
+    probs: Tensor | None = None
+    probs_ood: Tensor | None = None
+
+    @property
+    def variances(self) -> Tensor:
+        """Per-point (per-class) latent variances, flattened ``(N*C,)``."""
+        return self.f_var.diagonal(dim1=-2, dim2=-1).reshape(-1)
+
+
+@dataclass
+class ComparisonResult:
+    """Rows and predictions of :func:`run_comparison` for one task.
+
+    Attributes
+    ----------
+    task : Task
+    rows : list of dict
+        One tidy row per method (see ``docs/evaluation.md`` for the columns).
+    predictions : dict of str to Prediction
+        Successful methods only.
+    meta : dict
+        Hyperparameters, MAP protocol and gradient norm, seed, settings.
+    """
+
+    task: Task
+    rows: list[dict[str, Any]]
+    predictions: dict[str, Prediction]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class PeakMemory:
+    """Context manager measuring peak memory of the enclosed block, in MiB.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` above the value at entry. On
+    CPU (Linux): peak resident set size above the value at entry, sampled every
+    2 ms by a background thread (allocator caching can hide reuse of memory
+    freed by earlier methods, so small values are lower bounds). Elsewhere:
+    ``tracemalloc`` (Python allocations only).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.peak_mb = float("nan")
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._mode = "cuda"
+        elif os.path.exists("/proc/self/statm"):
+            self._mode = "rss"
+            self._base = self._peak = self._rss()
+            self._stop = threading.Event()
+
+            def sample() -> None:
+                while not self._stop.wait(0.002):
+                    self._peak = max(self._peak, self._rss())
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        else:
+            self._mode = "tracemalloc"
+            tracemalloc.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mode == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._mode == "rss":
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, self._rss()) - self._base
+        else:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        self.peak_mb = peak / 2**20
+
+
+def _cat_loader(loader: DataLoader) -> tuple[Tensor, Tensor]:
+    xs, ys = zip(*[(x, y) for x, y in loader])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _predict(
+    la: Any, model: torch.nn.Module, X: Tensor, batch_size: int
+) -> tuple[Tensor, Tensor]:
+    """``(f_mu (N, C), f_var (N, C, C))`` in small batches."""
+    mus, vars_ = [], []
+    for i in range(0, X.shape[0], batch_size):
+        x = X[i : i + batch_size]
+        if la is None:
+            with torch.no_grad():
+                mu = model(x)
+            var = torch.zeros(*mu.shape, mu.shape[-1], dtype=mu.dtype)
+        else:
+            mu, var = la._glm_predictive_distribution(x)
+        mus.append(mu.detach().reshape(x.shape[0], -1))
+        vars_.append(var.detach().reshape(x.shape[0], mus[-1].shape[1], -1))
+    return torch.cat(mus), torch.cat(vars_)
+
+
+def _score(task: Task, pred: Prediction, y: Tensor, X: Tensor) -> dict[str, float]:
+    if task.likelihood == "regression":
+        gap = None
+        if task.gap is not None and X.shape[-1] == 1:
+            gap = (X[:, 0] > task.gap[0]) & (X[:, 0] < task.gap[1])
+        return regression_metrics(pred.f_mu, pred.f_var, y, task.sigma_noise, gap)
+    return classification_metrics(pred.probs, y, pred.probs_ood)
+
+
+def _val_nll(task: Task, la: Any, model: torch.nn.Module, batch_size: int) -> float:
+    X, y = _cat_loader(task.val_loader)
+    mu, var = _predict(la, model, X, batch_size)
+    if task.likelihood == "regression":
+        return regression_metrics(mu, var, y, task.sigma_noise)["nll"]
+    return classification_metrics(probit_probs(mu, var), y)["nll"]
+
+
+def run_method(
+    task: Task,
+    spec: MethodSpec,
+    prior_precision: float | None = None,
+    tune: bool = False,
+    tune_grid: tuple[float, ...] = DEFAULT_TUNE_GRID,
+    batch_size: int = 100,
+) -> tuple[dict[str, Any], Prediction | None]:
+    """Fit and evaluate one method; never raises for a failing method.
+
+    Parameters
+    ----------
+    task : Task
+    spec : MethodSpec
+    prior_precision : float, optional
+        Overrides ``task.prior_precision``.
+    tune : bool, default=False
+        Choose the prior precision from ``tune_grid`` by validation NLL (the
+        method's own predictive), instead of keeping it fixed.
+    tune_grid : tuple of float
+    batch_size : int, default=100
+        Prediction batch size.
+
+    Returns
+    -------
+    row : dict
+        Tidy row; ``status`` is ``"ok"`` or ``"failed"`` (with ``error``).
+    prediction : Prediction or None
+        ``None`` when the method failed.
+    """
+    prior = task.prior_precision if prior_precision is None else prior_precision
+    row: dict[str, Any] = {
+        "task": task.name,
+        "method": spec.name,
+        "family": spec.family,
+        "backend": spec.backend,
+        "structure": spec.structure,
+        "status": "ok",
+        "error": "",
+        "sigma_noise": task.sigma_noise,
+        "prior_precision": prior,
+        "hyper": "tuned" if tune and spec.build is not None else "fixed",
+    }
+    model = copy.deepcopy(task.model)
+    X, y = _cat_loader(task.test_loader)
+    X_ood = _cat_loader(task.ood_loader)[0] if task.ood_loader is not None else None
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught, PeakMemory() as mem:
+            warnings.simplefilter("always")
+            t0 = time.perf_counter()
+            la = None
+            if spec.build is not None:
+                la = spec.build(model, task.likelihood, task.sigma_noise, prior)
+                la.fit(task.train_loader)
+                if tune:
+                    scores = []
+                    for p in tune_grid:
+                        la.prior_precision = p
+                        scores.append(_val_nll(task, la, model, batch_size))
+                    best = tune_grid[int(np.nanargmin(scores))]
+                    la.prior_precision = best
+                    row["prior_precision"] = best
+            t1 = time.perf_counter()
+            f_mu, f_var = _predict(la, model, X, batch_size)
+            t2 = time.perf_counter()
+            pred = Prediction(f_mu, f_var)
+            if task.likelihood == "classification":
+                pred.probs = probit_probs(f_mu, f_var)
+                if X_ood is not None:
+                    pred.probs_ood = probit_probs(
+                        *_predict(la, model, X_ood, batch_size)
+                    )
+            if not torch.isfinite(f_var).all():
+                raise FloatingPointError("non-finite predictive variance")
+        row.update(_score(task, pred, y, X))
+        row["fit_s"] = t1 - t0
+        row["predict_s_per_point"] = (t2 - t1) / X.shape[0]
+        row["peak_mem_mb"] = mem.peak_mb
+        if la is not None and hasattr(la, "map_gradient_norm"):
+            row["map_grad_norm"] = la.map_gradient_norm
+    except Exception as err:  # noqa: BLE001 - every failure becomes a row
+        row["status"] = "failed"
+        row["error"] = (
+            f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        )
+        pred = None
+    names = sorted(
+        {
+            w.category.__name__
+            for w in caught
+            if not issubclass(w.category, (DeprecationWarning, FutureWarning))
+        }
+    )
+    row["warnings"] = ";".join(names)
+    return row, pred
+
+
+def run_comparison(
+    task: str | Task = "inbetween",
+    methods: list[str] | None = None,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    tune: bool = False,
+    prior_precision: float | None = None,
+    progress: bool = True,
+    figures: bool = True,
+) -> ComparisonResult:
+    """Run every method on one task with shared hyperparameters.
+
+    Parameters
+    ----------
+    task : str or Task, default="inbetween"
+        A name in :data:`~laplace_hfl.evaluation.TASKS` or a built task.
+    methods : list of str, optional
+        Names in :data:`~laplace_hfl.evaluation.METHODS` (default: all).
+    seed : int, default=0
+        Seeds data, MAP training and every method.
+    out : path, optional
+        Directory for ``results.csv``, ``results.json`` and ``figures/``
+        (nothing is written when ``None``).
+    tune : bool, default=False
+        Tune each method's prior precision on the validation NLL (slow for
+        HFL: one prediction pass per grid value). Sigma stays fixed.
+    prior_precision : float, optional
+        Overrides the task's fixed prior precision.
+    progress : bool, default=True
+        tqdm progress bar over methods.
+    figures : bool, default=True
+        Write PNG figures when ``out`` is given.
+
+    Returns
+    -------
+    ComparisonResult
+        ``rows`` (one dict per method, failures included) and the
+        ``predictions`` of the methods that succeeded.
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    t_build = time.perf_counter()
+    if isinstance(task, str):
+        if task not in TASKS:
+            raise KeyError(f"Unknown task {task!r}; known: {sorted(TASKS)}.")
+        task = TASKS[task](seed)
+    t_build = time.perf_counter() - t_build
+    specs = resolve_methods(methods)
+    rows, preds = [], {}
+    bar = tqdm(specs, desc=f"{task.name}", disable=not progress, leave=True)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        torch.manual_seed(seed)
+        row, pred = run_method(task, spec, prior_precision, tune)
+        rows.append(row)
+        if pred is not None:
+            preds[spec.name] = pred
+    for ref_name, key in ((REFERENCE_HESSIAN, "hessian"), (REFERENCE_GGN, "ggn")):
+        ref = preds.get(ref_name)
+        for row in rows:
+            agree = {"rel_err": float("nan"), "spearman": float("nan")}
+            if ref is not None and row["method"] in preds and row["family"] != "map":
+                agree = variance_agreement(
+                    preds[row["method"]].variances, ref.variances
+                )
+            row[f"var_rel_err_vs_{key}"] = agree["rel_err"]
+            row[f"var_spearman_vs_{key}"] = agree["spearman"]
+    meta = {
+        "task": task.name,
+        "description": task.description,
+        "likelihood": task.likelihood,
+        "n_params": task.n_params,
+        "seed": seed,
+        "sigma_noise": task.sigma_noise,
+        "prior_precision": task.prior_precision
+        if prior_precision is None
+        else prior_precision,
+        "hyperparameters": "tuned per method on validation NLL (prior precision; sigma fixed)"
+        if tune
+        else "fixed, shared by all methods",
+        "map_protocol": task.map_protocol,
+        "map_grad_norm": task.map_grad_norm,
+        "task_build_s": t_build,
+        "references": {"hessian": REFERENCE_HESSIAN, "ggn": REFERENCE_GGN},
+    }
+    result = ComparisonResult(task, rows, preds, meta)
+    if out is not None:
+        from laplace_hfl.evaluation.report import write_results
+
+        write_results(result, out, figures=figures)
+    return result
