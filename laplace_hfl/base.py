@@ -113,6 +113,10 @@ class HFLMixin:
     :class:`laplace_hfl.HessianFreeLLLaplace`.
     """
 
+    #: Whether ``state_dict`` carries the cached refit batches (last-layer
+    #: features: small, and they make a loaded estimator predict right away).
+    _state_holds_data = False
+
     # ------------------------------------------------------------------ options
     def _set_hfl_options(
         self,
@@ -233,24 +237,25 @@ class HFLMixin:
             )
 
     def _iterate_checked(
-        self, train_loader: DataLoader, module: nn.Module, features: bool
+        self, train_loader: DataLoader, module: nn.Module, cache: str | None
     ) -> tuple[Tensor, float, list[tuple[Any, Tensor]] | None]:
         """One pass over the data: checks shapes, loss finiteness, emptiness.
 
-        With ``features=True`` the penultimate features are cached (in the
-        compute dtype) and returned as the refit batches.
+        ``cache="features"`` caches the penultimate features, ``"inputs"`` the
+        inputs (both in the compute dtype, as the refit batches); ``None``
+        caches nothing (the loader is iterated again on every refit pass).
         """
         from laplace_hfl.functional import batch_loss
 
         device, dtype = self._device, self.compute_dtype
         first_out, loss, n_seen = None, 0.0, 0
-        cached: list[tuple[Any, Tensor]] | None = [] if features else None
+        cached: list[tuple[Any, Tensor]] | None = [] if cache else None
         with torch.no_grad():
             for data in train_loader:
                 X, y = split_batch(data, self.dict_key_y)
                 X = to_compute(X, device, self._dtype)
                 y = to_compute(y, device, self._dtype)
-                if features:
+                if cache == "features":
                     out, phi = module.forward_with_features(X)
                 else:
                     out = module(X)
@@ -276,19 +281,28 @@ class HFLMixin:
                 if first_out is None:
                     first_out = out
                 if cached is not None:
-                    cached.append((phi.to(dtype), to_compute(y, device, dtype)))
+                    inputs = phi if cache == "features" else X
+                    cached.append(
+                        (
+                            to_compute(inputs, device, dtype),
+                            to_compute(y, device, dtype),
+                        )
+                    )
         if n_seen == 0:
             raise ValueError(
                 "train_loader yielded no batches; HFL needs the training data "
                 "the MAP was fitted on."
             )
-        return first_out, loss, cached
+        return first_out, loss, _merge_batches(cached, self.refit_batch_size)
 
     def fit(
         self,
         train_loader: DataLoader,
         override: bool = True,
         progress_bar: bool = False,
+        *,
+        cache_data: bool = True,
+        refit_batch_size: int = 1024,
     ) -> None:
         """Record the MAP and the training data the refits run over.
 
@@ -306,6 +320,14 @@ class HFLMixin:
             Must be True: HFL refits on one training set.
         progress_bar : bool, default=False
             Show tqdm progress bars during refits.
+        cache_data : bool, default=True
+            Keep the training inputs in memory (compute dtype) for the refits,
+            which pass over the data many times. Set False for data that does
+            not fit in memory: the loader is then iterated on every pass and
+            must be deterministic. Last-layer HFL always caches features.
+        refit_batch_size : int, default=1024
+            Cached tensor batches are merged into batches of up to this many
+            rows (fewer, larger vectorised passes).
 
         Raises
         ------
@@ -318,6 +340,12 @@ class HFLMixin:
                 "HFL does not accumulate curvature across calls (override=False); "
                 "pass all training data in one DataLoader."
             )
+        if not (isinstance(refit_batch_size, int) and refit_batch_size >= 1):
+            raise ValueError(
+                f"refit_batch_size must be a positive integer, got {refit_batch_size!r}."
+            )
+        self.refit_batch_size = refit_batch_size
+        self.cache_data = cache_data
         first_out, loss, cached, mean = self._fit_pass(train_loader)
         # Commit state only after every check passed.
         self.loss = loss
@@ -672,7 +700,9 @@ class HFLMixin:
             "enable_backprop": self.enable_backprop,
             "cls_name": self.__class__.__name__,
             "hfl": self._hfl_state(),
-            "training_features": self._training_data,
+            "training_features": self._training_data
+            if self._state_holds_data
+            else None,
             "amortized": None
             if self._amortized is None
             else {
@@ -731,6 +761,24 @@ class HFLMixin:
             self._amortized = None
             self._amortized_key = None
         self._fitted = True
+
+
+def _merge_batches(
+    batches: list[tuple[Any, Tensor]] | None, max_rows: int
+) -> list[tuple[Any, Tensor]] | None:
+    """Concatenate consecutive tensor batches into batches of <= ``max_rows``."""
+    if not batches or not all(isinstance(X, Tensor) for X, _ in batches):
+        return batches
+    merged, X_acc, y_acc, rows = [], [], [], 0
+    for X, y in batches:
+        if rows and rows + X.shape[0] > max_rows:
+            merged.append((torch.cat(X_acc), torch.cat(y_acc)))
+            X_acc, y_acc, rows = [], [], 0
+        X_acc.append(X)
+        y_acc.append(y)
+        rows += X.shape[0]
+    merged.append((torch.cat(X_acc), torch.cat(y_acc)))
+    return merged
 
 
 def _slice(X: Any, start: int, stop: int) -> Any:

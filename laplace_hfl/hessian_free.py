@@ -111,11 +111,11 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
 
     def _fit_pass(self, train_loader: DataLoader) -> tuple:
         with eval_mode(self.model):
-            first_out, loss, _ = self._iterate_checked(
-                train_loader, self.model, features=False
+            first_out, loss, cached = self._iterate_checked(
+                train_loader, self.model, "inputs" if self.cache_data else None
             )
         mean = parameters_to_vector(self.params).detach().clone()
-        return first_out, loss, None, mean
+        return first_out, loss, cached, mean
 
     def _refit_module(self) -> tuple[nn.Module, ParamLayout, dict[str, Tensor]]:
         dtype, refit = self.compute_dtype, []

@@ -56,6 +56,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
     )
 
     _key = ("last_layer", "hfl")
+    _state_holds_data = True
 
     def __init__(
         self,
@@ -128,10 +129,10 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             self.prior_mean = self._prior_mean
         with eval_mode(self.model):
             first_out, loss, cached = self._iterate_checked(
-                train_loader, self.model, features=True
+                train_loader, self.model, "features"
             )
             with torch.no_grad():
-                phi = cached[0][0].to(self._dtype)
+                phi = cached[0][0][: first_out.shape[0]].to(self._dtype)
                 relinked = self.model.last_layer(phi)
             if relinked.shape != first_out.shape or not torch.allclose(
                 relinked, first_out, rtol=1e-4, atol=1e-5

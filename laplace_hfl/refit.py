@@ -82,9 +82,11 @@ class RefitSettings:
         What is refit: the Gauss-Newton model at the MAP or the network.
     eps : float
         Relative perturbation size. Column ``j`` is perturbed by
-        ``eps_j = eps / sqrt(v_j^T P_0^{-1} v_j)`` on the *summed* objective,
-        so a refit shifts ``f_c(x*)`` by at most ``eps`` posterior standard
-        deviations and lowers ``L`` by at most ``eps^2 / 2``.
+        ``eps_j = eps / sqrt(v_j^T A^{-1} v_j)`` on the *summed* objective,
+        with ``A^{-1} v_j`` from the refit's first Newton step, so each refit
+        shifts ``f_c(x*)`` by ``eps`` posterior standard deviations and lowers
+        ``L`` by ``eps^2 / 2``: inside the quadratic regime, far above the
+        solver's resolution.
     rtol : float
         A refit has converged when its residual gradient norm is at most
         ``rtol * eps_j * ||v_j||``; the unperturbed refit when it is at most
@@ -282,53 +284,109 @@ def unperturbed_refit(obj: LaplaceObjective, settings: RefitSettings) -> BasePoi
     return BasePoint(theta, g, g0_norm, displacement, iterations)
 
 
+_EPS_REDUCTIONS = 4
+
+
+def _newton_corrections(
+    base: BasePoint,
+    V: Tensor,
+    u0: Tensor,
+    eps: Tensor,
+    first_iterations: Tensor,
+    curvature,
+    refit_grad,
+    settings: RefitSettings,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Start both refits at the first Newton step and correct until converged.
+
+    For ``"ggn"`` the objective is quadratic and usually no correction is
+    needed. Raises :class:`NegativeCurvature` from the inner solves.
+    """
+    v_norm = V.norm(dim=1)
+    W = torch.cat([eps[:, None] * V, -eps[:, None] * V])  # signed perturbations
+    D = torch.cat([eps[:, None] * u0, -eps[:, None] * u0])
+    goal = settings.rtol * torch.cat([eps * v_norm, eps * v_norm])
+    iterations = torch.cat([first_iterations, first_iterations])
+    G = refit_grad(base.theta + D) - W
+    for _ in range(settings.max_newton):
+        g_norm = G.norm(dim=1)
+        idx = torch.nonzero(g_norm > goal).flatten()
+        if idx.numel() == 0:
+            break
+        thetas = base.theta + D[idx]
+        res = batched_cg(
+            lambda j, X, th=thetas: curvature(th, j, X),
+            -G[idx],
+            torch.maximum(1e-3 * g_norm[idx], 0.5 * goal[idx]),
+            settings.max_iter,
+        )
+        iterations[idx] += res.iterations
+        D[idx] += res.x
+        G[idx] = refit_grad(base.theta + D[idx]) - W[idx]
+    return D, G, W, goal, iterations
+
+
 def _perturbed_chunk(
     obj: LaplaceObjective, base: BasePoint, V: Tensor, settings: RefitSettings
 ) -> tuple[Tensor, RefitDiagnostics]:
     m = V.shape[0]
     v_norm = V.norm(dim=1)
-    prior_var = (V.square() / obj.prior_precision).sum(1)
-    eps = settings.eps / prior_var.sqrt()
-    W = torch.cat([eps[:, None] * V, -eps[:, None] * V])  # signed perturbations
-    goal = settings.rtol * torch.cat([eps * v_norm, eps * v_norm])
-    iterations = torch.zeros(2 * m, dtype=torch.long, device=V.device)
-
     if settings.target == "ggn":
-        # Quadratic refit objective: one linear solve per refit.
-        res = batched_cg(
-            lambda idx, X: ggn_matvec(obj, X),
-            W - base.residual,
-            goal,
+
+        def curvature(thetas: Tensor, idx: Tensor, X: Tensor) -> Tensor:
+            return ggn_matvec(obj, X)
+
+        def refit_grad(thetas: Tensor) -> Tensor:
+            return base.residual + ggn_matvec(obj, thetas - base.theta)
+
+    else:
+
+        def curvature(thetas: Tensor, idx: Tensor, X: Tensor) -> Tensor:
+            return hessian_matvec(obj, thetas[idx], X)
+
+        def refit_grad(thetas: Tensor) -> Tensor:
+            return objective_grad(obj, thetas)
+
+    # First Newton step of a refit under a unit perturbation: A u0 = v. It is
+    # shared (up to sign) by the + and - refits and sets the scale of eps_j.
+    where = "the first Newton step of the network refits"
+    try:
+        first = batched_cg(
+            lambda idx, X: curvature(base.theta.expand(m, -1), idx, X),
+            V,
+            settings.rtol * v_norm,
             settings.max_iter,
         )
-        D = res.x
-        iterations += res.iterations
-        G = base.residual + ggn_matvec(obj, D) - W
-    else:
-        D = torch.zeros_like(W)
-        G = base.residual - W
-        for _ in range(settings.max_newton):
-            g_norm = G.norm(dim=1)
-            idx = torch.nonzero(g_norm > goal).flatten()
-            if idx.numel() == 0:
-                break
-            thetas = base.theta + D[idx]
-            inner_tol = torch.maximum(1e-3 * g_norm[idx], 0.5 * goal[idx])
-            try:
-                res = batched_cg(
-                    lambda j, X, th=thetas: hessian_matvec(obj, th[j], X),
-                    -G[idx],
-                    inner_tol,
-                    settings.max_iter,
-                )
-            except NegativeCurvature as err:
+    except NegativeCurvature as err:
+        _raise_indefinite(err, where)
+    u0 = first.x
+    var0 = (V * u0).sum(1)
+    if bool((var0 <= 0).any()):
+        j = int(torch.nonzero(var0 <= 0)[0])
+        raise IndefiniteHessianError(
+            f"Non-positive curvature v^T A^-1 v = {float(var0[j]):.3e} for "
+            f"column {j} during {where}. " + _INDEFINITE_HINT
+        )
+    # Each refit moves f_c by eps posterior sd. If a network refit meets
+    # negative curvature away from the base point (a Hessian that is nearly
+    # singular at the MAP turns indefinite within the step), shrink eps: the
+    # perturbed minimum exists for small enough eps whenever A is positive
+    # definite at the base point, which the first step has just checked.
+    scale = settings.eps
+    for attempt in range(_EPS_REDUCTIONS + 1):
+        eps = scale / var0.sqrt()
+        try:
+            D, G, W, goal, iterations = _newton_corrections(
+                base, V, u0, eps, first.iterations, curvature, refit_grad, settings
+            )
+            break
+        except NegativeCurvature as err:
+            if attempt == _EPS_REDUCTIONS:
                 _raise_indefinite(err, "a perturbed network refit")
-            iterations[idx] += res.iterations
-            D[idx] += res.x
-            G[idx] = objective_grad(obj, base.theta + D[idx]) - W[idx]
+            scale /= 10
 
     U = (D[:m] - D[m:]) / (2 * eps[:, None])
-    residual = (G.norm(dim=1) / torch.cat([eps * v_norm, eps * v_norm])).view(2, m)
+    residual = (G.norm(dim=1) / (goal / settings.rtol)).view(2, m)
     diag = RefitDiagnostics(
         eps=eps,
         residual=residual,

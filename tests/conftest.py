@@ -1,0 +1,209 @@
+"""Shared fixtures: tiny float64 networks trained to a stationary point of the
+exact Laplace objective laplace-torch encodes, and dense torch.func references."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+from torch.utils.data import DataLoader, TensorDataset
+
+import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
+
+DT = torch.float64
+SIGMA = 0.3
+PRIOR = 0.5
+
+
+def laplace_objective(model, X, y, likelihood, sigma=SIGMA, prior=PRIOR, params=None):
+    """Summed-loss Laplace objective, as laplace-torch defines it."""
+    params = list(model.parameters()) if params is None else params
+    f = model(X)
+    if likelihood == "regression":
+        data = 0.5 * (f - y).square().sum() / sigma**2
+    else:
+        data = nn.functional.cross_entropy(f, y, reduction="sum")
+    reg = 0.5 * prior * sum(p.square().sum() for p in params)
+    return data + reg
+
+
+def train_stationary(model, X, y, likelihood, sigma=SIGMA, prior=PRIOR):
+    """L-BFGS, then dense Newton polish, to a stationary point of the Laplace
+    objective (gradient norm ~1e-12 on these tiny float64 networks)."""
+    params = list(model.parameters())
+    opt = torch.optim.LBFGS(
+        params, lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=0,
+        history_size=50, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure():
+        opt.zero_grad()
+        loss = laplace_objective(model, X, y, likelihood, sigma, prior)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+
+    def L(theta):
+        ps = {
+            n: c.reshape(s) for n, c, s in zip(names, torch.split(theta, sizes), shapes)
+        }
+        return laplace_objective(
+            lambda inp: functional_call(model, ps, (inp,)), X, y, likelihood,
+            sigma, prior, params=[theta],
+        )  # fmt: skip
+
+    theta = torch.cat([p.detach().flatten() for p in params])
+    for _ in range(5):
+        g = torch.func.grad(L)(theta)
+        theta = theta - torch.linalg.solve(hessian(L)(theta), g)
+    with torch.no_grad():
+        for p, c in zip(params, torch.split(theta, sizes)):
+            p.copy_(c.reshape(p.shape))
+    opt.zero_grad(set_to_none=True)
+    return model
+
+
+def make_regression(n=40, d_in=1, d_out=1, hidden=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(n, d_in, generator=g, dtype=DT) * 4 - 2
+    W = torch.randn(d_in, d_out, generator=g, dtype=DT)
+    y = torch.sin(2 * X @ W) + 0.1 * torch.randn(n, d_out, generator=g, dtype=DT)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
+    return model.to(DT), X, y
+
+
+def make_classification(n=60, d_in=2, n_classes=3, hidden=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = 2 * torch.randn(n_classes, d_in, generator=g, dtype=DT)
+    y = torch.arange(n) % n_classes
+    X = centers[y] + torch.randn(n, d_in, generator=g, dtype=DT)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, n_classes)
+    )
+    return model.to(DT), X, y
+
+
+def loader(X, y, batch_size=16):
+    return DataLoader(TensorDataset(X, y), batch_size=batch_size)
+
+
+def dense_reference(model, X, y, Xq, likelihood, kind, last_layer=False):
+    """Independent torch.func computation of J P^{-1} J^T, ``(B, C, C)`` and joint.
+
+    ``kind`` is ``"hessian"`` (exact Hessian of L) or ``"ggn"`` (GGN + prior).
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if last_layer:
+        last = names[-2:]
+        names = last
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    shapes = [base[n].shape for n in names]
+    sizes = [base[n].numel() for n in names]
+    theta = torch.cat([base[n].flatten() for n in names])
+
+    def f(th, inp):
+        params = dict(base)
+        for n, c, s in zip(names, torch.split(th, sizes), shapes):
+            params[n] = c.reshape(s)
+        return functional_call(model, params, (inp,))
+
+    def L(th):
+        out = f(th, X)
+        if likelihood == "regression":
+            data = 0.5 * (out - y).square().sum() / SIGMA**2
+        else:
+            data = nn.functional.cross_entropy(out, y, reduction="sum")
+        return data + 0.5 * PRIOR * th.square().sum()
+
+    if kind == "hessian":
+        P = hessian(L)(theta)
+    else:
+        J = jacrev(f)(theta, X)  # (N, C, P)
+        out = f(theta, X)
+        if likelihood == "regression":
+            Lam = torch.eye(out.shape[1], dtype=DT).expand(len(X), -1, -1) / SIGMA**2
+        else:
+            p = torch.softmax(out, -1)
+            Lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        P = torch.einsum("ncp,ncd,ndq->pq", J, Lam, J) + PRIOR * torch.eye(len(theta))
+    Jq = jacrev(f)(theta, Xq)  # (B, C, P)
+    Sigma = torch.linalg.inv(P)
+    marg = torch.einsum("bcp,pq,bdq->bcd", Jq, Sigma, Jq)
+    Jflat = Jq.reshape(-1, Jq.shape[-1])
+    return marg, Jflat @ Sigma @ Jflat.T
+
+
+def rel_err(est, ref):
+    return ((est - ref).abs() / ref.abs()).flatten()
+
+
+@pytest.fixture(scope="session")
+def _trained():
+    """Train each tiny network once per session; tests get deep copies."""
+    out = {}
+    model, X, y = make_regression()
+    out["regression_1d"] = (train_stationary(model, X, y, "regression"), X, y)
+    model, X, y = make_regression(n=40, d_in=2, d_out=3, hidden=8, seed=1)
+    out["regression_multi"] = (train_stationary(model, X, y, "regression"), X, y)
+    model, X, y = make_classification()
+    out["classification"] = (train_stationary(model, X, y, "classification"), X, y)
+    return out
+
+
+def _copy(entry):
+    model, X, y = entry
+    return copy.deepcopy(model), X, y
+
+
+@pytest.fixture
+def regression_1d(_trained):
+    return _copy(_trained["regression_1d"])
+
+
+@pytest.fixture
+def regression_multi(_trained):
+    return _copy(_trained["regression_multi"])
+
+
+@pytest.fixture
+def classification(_trained):
+    return _copy(_trained["classification"])
+
+
+def snapshot(model):
+    """Everything about a model that HFL must leave untouched."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone()
+            for n, p in model.named_parameters()
+        },
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": [m.training for m in model.modules()],
+        "state": copy.deepcopy(model.state_dict()),
+    }
+
+
+def assert_unchanged(model, snap):
+    now = snapshot(model)
+    for key in ("params", "buffers"):
+        for n, t in snap[key].items():
+            assert torch.equal(now[key][n], t), f"{key} {n} changed"
+            assert now[key][n].dtype == t.dtype
+    for n, g in snap["grads"].items():
+        if g is None:
+            assert now["grads"][n] is None, f"grad of {n} was created"
+        else:
+            assert torch.equal(now["grads"][n], g), f"grad of {n} changed"
+    assert now["requires_grad"] == snap["requires_grad"]
+    assert now["training"] == snap["training"]
