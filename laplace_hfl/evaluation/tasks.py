@@ -441,21 +441,21 @@ def make_sinusoid(seed: int = 0) -> Task:
 def make_moons(seed: int = 0) -> Task:
     """Two-moons classification, exact-comparison protocol.
 
-    ``make_moons(noise=0.2)``: 200 train / 100 val / 300 test points; MLP
+    ``make_moons(noise=0.2)``: 200 train / 100 val / 150 test points; MLP
     2-20-20-2 tanh in float64 trained to a stationary point of the Laplace
-    objective with ``prior_precision=1``. OOD set: 300 points uniform on the
+    objective with ``prior_precision=1``. OOD set: 60 points uniform on the
     box [-6, 6]^2 at distance > 3 from the data mean.
     """
     from sklearn.datasets import make_moons as sk_moons
 
     dt = torch.float64
-    Xa, ya = sk_moons(n_samples=600, noise=0.2, random_state=seed)
+    Xa, ya = sk_moons(n_samples=450, noise=0.2, random_state=seed)
     X = torch.as_tensor(Xa, dtype=dt)
     y = torch.as_tensor(ya, dtype=torch.long)
     rng = np.random.default_rng(seed)
     ood = []
     center = Xa.mean(0)
-    while len(ood) < 300:
+    while len(ood) < 60:
         p = rng.uniform(-6, 6, 2)
         if np.linalg.norm(p - center) > 3:
             ood.append(p)

@@ -1,0 +1,173 @@
+"""Command-line interface: ``laplace-hfl <subcommand>``.
+
+Subcommands register themselves through an ``add_*_parser(subparsers)``
+function that adds a parser and sets ``func`` (called with the parsed
+namespace, returning an exit code). To add one (e.g. ``benchmark``), write
+``add_benchmark_parser`` and append it to :data:`SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "add_compare_parser", "run_compare", "SUBCOMMANDS"]
+
+DEFAULT_TASKS = ("inbetween", "moons")
+DEFAULT_OUT = "results/compare"
+
+
+def add_compare_parser(
+    subparsers: argparse._SubParsersAction,
+) -> argparse.ArgumentParser:
+    """Add the ``compare`` subcommand to ``subparsers``.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        From ``parser.add_subparsers()``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The ``compare`` parser (its ``func`` default is :func:`run_compare`).
+    """
+    p = subparsers.add_parser(
+        "compare",
+        help="compare HFL with laplace-torch's curvature backends",
+        description=(
+            "Fit HFL and laplace-torch's full / kron / diag / last-layer Laplace "
+            "approximations (BackPACK, ASDL, curvlinops backends) on offline "
+            "tasks with shared hyperparameters; print a table and write CSV, "
+            "JSON and PNG figures. Default: tasks inbetween and moons, all "
+            "methods, fixed hyperparameters (under 3 minutes on 2 CPU cores)."
+        ),
+    )
+    p.add_argument(
+        "--task", nargs="+", default=None, metavar="NAME",
+        help=f"task(s) to run (default: {' '.join(DEFAULT_TASKS)}); see --list",
+    )  # fmt: skip
+    p.add_argument(
+        "--methods", nargs="+", default=None, metavar="NAME",
+        help="method(s) to run (default: all registered); see --list",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", default=DEFAULT_OUT,
+        help=f"output directory (default: {DEFAULT_OUT})",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--tune", action="store_true",
+        help="tune each method's prior precision by grid search on the validation "
+        "NLL instead of the fixed shared value (slow: HFL predicts the validation "
+        "set once per grid value)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prior-precision", type=float, default=None,
+        help="override every task's fixed prior precision",
+    )  # fmt: skip
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list", action="store_true", help="list tasks and methods")
+    p.set_defaults(func=run_compare)
+    return p
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Run ``laplace-hfl compare`` for parsed ``args``; returns the exit code."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from laplace_hfl.evaluation import METHODS, TASKS, run_comparison
+    from laplace_hfl.evaluation.report import format_header, format_table, write_results
+
+    if args.list:
+        print("tasks:")
+        for name, fn in TASKS.items():
+            doc = (fn.__doc__ or "").strip().splitlines()[0]
+            print(f"  {name:12s} {doc}")
+        print("methods:")
+        for spec in METHODS.values():
+            print(
+                f"  {spec.name:26s} {spec.family:5s} {spec.backend:18s} {spec.structure}"
+            )
+        return 0
+    tasks = args.task or list(DEFAULT_TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    bad = [m for m in (args.methods or []) if m not in METHODS]
+    if unknown or bad:
+        print(
+            f"error: unknown task(s) {unknown} / method(s) {bad}; "
+            "run `laplace-hfl compare --list`",
+            file=sys.stderr,
+        )
+        return 2
+    if args.tune:
+        print("note: --tune grid-searches the prior precision per method (slow).")
+    t0 = time.perf_counter()
+    results = []
+    for name in tasks:
+        res = run_comparison(
+            name, args.methods, seed=args.seed, out=None, tune=args.tune,
+            prior_precision=args.prior_precision, progress=not args.no_progress,
+        )  # fmt: skip
+        results.append(res)
+        print()
+        print(format_header(res.meta))
+        print(format_table(res.rows, res.task.likelihood))
+    files = write_results(results, args.out, figures=not args.no_figures)
+    out = Path(args.out)
+    print(
+        f"\nDone in {time.perf_counter() - t0:.0f} s. Table: {files['csv']} "
+        f"and {files['json']} (settings: {files['meta']})."
+    )
+    if files["figures"]:
+        print(f"Figures in {out / 'figures'}:")
+        for p in files["figures"]:
+            print(f"  {p}")
+    return 0
+
+
+#: Functions adding a subcommand parser; ``main`` calls each in order.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
+    add_compare_parser,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``laplace-hfl`` parser with every subcommand in :data:`SUBCOMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="laplace-hfl", description="Hessian-free Laplace tools."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``laplace-hfl`` console script.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit code (also what the console script exits with).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

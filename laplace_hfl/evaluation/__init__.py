@@ -1,0 +1,83 @@
+"""Shared evaluation of HFL against laplace-torch's curvature backends.
+
+Public API (used by ``laplace-hfl compare``, notebooks and the benchmark)::
+
+    from laplace_hfl.evaluation import (
+        TASKS, METHODS, run_comparison, regression_metrics,
+        classification_metrics, plot_predictive_bands, plot_reliability,
+        plot_variance_scatter,
+    )
+
+See ``docs/evaluation.md``.
+"""
+
+from __future__ import annotations
+
+from laplace_hfl.evaluation.figures import (
+    plot_predictive_bands,
+    plot_reliability,
+    plot_variance_scatter,
+)
+from laplace_hfl.evaluation.metrics import (
+    brier_score,
+    classification_metrics,
+    classification_nll,
+    expected_calibration_error,
+    gaussian_nll,
+    interval_coverage,
+    ood_auroc,
+    probit_probs,
+    regression_metrics,
+    variance_agreement,
+)
+from laplace_hfl.evaluation.registry import (
+    DEFAULT_METHODS,
+    METHODS,
+    REFERENCE_GGN,
+    REFERENCE_HESSIAN,
+    MethodSpec,
+    register_method,
+    resolve_methods,
+)
+from laplace_hfl.evaluation.report import format_table, write_results
+from laplace_hfl.evaluation.runner import (
+    ComparisonResult,
+    PeakMemory,
+    Prediction,
+    run_comparison,
+    run_method,
+)
+from laplace_hfl.evaluation.tasks import TASKS, Task, register_task
+
+__all__ = [
+    "TASKS",
+    "Task",
+    "register_task",
+    "METHODS",
+    "DEFAULT_METHODS",
+    "REFERENCE_GGN",
+    "REFERENCE_HESSIAN",
+    "MethodSpec",
+    "register_method",
+    "resolve_methods",
+    "run_comparison",
+    "run_method",
+    "ComparisonResult",
+    "Prediction",
+    "PeakMemory",
+    "regression_metrics",
+    "classification_metrics",
+    "gaussian_nll",
+    "interval_coverage",
+    "probit_probs",
+    "expected_calibration_error",
+    "brier_score",
+    "classification_nll",
+    "ood_auroc",
+    "variance_agreement",
+    "plot_predictive_bands",
+    "plot_reliability",
+    "plot_variance_scatter",
+    "format_table",
+    "write_results",
+]

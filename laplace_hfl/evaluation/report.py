@@ -1,0 +1,183 @@
+"""Terminal table, CSV / JSON files and figures of a comparison."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from laplace_hfl.evaluation.runner import ComparisonResult
+
+__all__ = ["format_table", "format_header", "write_results", "write_rows"]
+
+_COMMON_HEAD = [("method", "method", "s"), ("structure", "structure", "s")]
+_COMMON_TAIL = [
+    ("var_rel_err_vs_hessian", "relerr_H", ".2e"),
+    ("var_spearman_vs_hessian", "rho_H", ".3f"),
+    ("var_rel_err_vs_ggn", "relerr_GGN", ".2e"),
+    ("var_spearman_vs_ggn", "rho_GGN", ".3f"),
+    ("fit_s", "fit_s", ".2f"),
+    ("predict_s_per_point", "ms/pt", "ms"),
+    ("peak_mem_mb", "MiB", ".0f"),
+]
+_REGRESSION = [
+    ("rmse", "rmse", ".3f"),
+    ("nll", "nll", ".3f"),
+    ("coverage95", "cov95", ".3f"),
+    ("coverage95_gap", "cov95_gap", ".3f"),
+]
+_CLASSIFICATION = [
+    ("accuracy", "acc", ".3f"),
+    ("nll", "nll", ".3f"),
+    ("ece", "ece", ".3f"),
+    ("brier", "brier", ".3f"),
+    ("ood_auroc", "ood_auroc", ".3f"),
+]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    if spec == "s":
+        return str(value)
+    if spec == "ms":
+        return f"{1e3 * value:.2f}"
+    return format(value, spec)
+
+
+def format_header(meta: dict[str, Any]) -> str:
+    """Lines stating the task, hyperparameters and MAP protocol."""
+    return (
+        f"Task {meta['task']}: {meta['description']} ({meta['n_params']} params)\n"
+        f"  likelihood={meta['likelihood']}  sigma_noise={meta['sigma_noise']}  "
+        f"prior_precision={meta['prior_precision']}  hyperparameters: "
+        f"{meta['hyperparameters']}\n"
+        f"  MAP: {meta['map_protocol']} protocol, ||grad L(MAP)|| = "
+        f"{meta['map_grad_norm']:.2e}; seed={meta['seed']}; references: "
+        f"exact Hessian = {meta['references']['hessian']}, "
+        f"GGN = {meta['references']['ggn']}"
+    )
+
+
+def format_table(rows: list[dict[str, Any]], likelihood: str) -> str:
+    """Fixed-width table of the rows of one task, failures listed below.
+
+    Parameters
+    ----------
+    rows : list of dict
+        Rows of :func:`~laplace_hfl.evaluation.run_comparison`.
+    likelihood : {"regression", "classification"}
+        Selects the metric columns.
+
+    Returns
+    -------
+    str
+    """
+    mid = _REGRESSION if likelihood == "regression" else _CLASSIFICATION
+    cols = _COMMON_HEAD + [("status", "status", "s")] + mid + _COMMON_TAIL
+    cells = [[c[1] for c in cols]]
+    for r in rows:
+        cells.append([_fmt(r.get(k), spec) for k, _, spec in cols])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = []
+    for j, row in enumerate(cells):
+        parts = [
+            c.ljust(w) if i < 3 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths))
+        ]
+        lines.append("  ".join(parts))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed:
+        lines.append("failed configurations (recorded, run continued):")
+        lines += [f"  {r['method']}: {r['error']}" for r in failed]
+    return "\n".join(lines)
+
+
+def write_rows(rows: list[dict[str, Any]], out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``results.csv`` and ``results.json`` (rows only) into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    csv_path, json_path = out / "results.csv", out / "results.json"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(json_path, "w") as fh:
+        json.dump(rows, fh, indent=1, default=str)
+    return csv_path, json_path
+
+
+def write_results(
+    result: ComparisonResult | list[ComparisonResult],
+    out: str | os.PathLike,
+    figures: bool = True,
+) -> dict[str, Any]:
+    """Write the rows of all tasks and each task's figures into ``out``.
+
+    Files: ``results.csv`` / ``results.json`` (tidy rows of every task),
+    ``meta.json`` (per-task hyperparameters and MAP protocol) and
+    ``figures/<task>_*.png``.
+
+    Returns
+    -------
+    dict
+        ``{"csv": path, "json": path, "meta": path, "figures": [paths]}``.
+    """
+    from laplace_hfl.evaluation.figures import (
+        plot_predictive_bands,
+        plot_reliability,
+        plot_variance_scatter,
+    )
+    from laplace_hfl.evaluation.registry import REFERENCE_GGN, REFERENCE_HESSIAN
+
+    results = result if isinstance(result, list) else [result]
+    out = Path(out)
+    rows = [r for res in results for r in res.rows]
+    csv_path, json_path = write_rows(rows, out)
+    meta_path = out / "meta.json"
+    with open(meta_path, "w") as fh:
+        json.dump({res.task.name: res.meta for res in results}, fh, indent=1)
+    paths: list[Path] = []
+    if figures:
+        import matplotlib.pyplot as plt
+
+        fig_dir = out / "figures"
+        for res in results:
+            task, preds = res.task, res.predictions
+            name = task.name
+            if not preds:
+                continue
+            if task.likelihood == "regression" and task.grid is not None:
+                X = next(iter(task.test_loader))[0]
+                p = fig_dir / f"{name}_bands.png"
+                plot_predictive_bands(
+                    X, preds, task.sigma_noise, task.train_xy,
+                    None if task.extra.get("gap_is_data_region") else task.gap,
+                    p, f"{name}: mean, 95% epistemic (dark) and predictive bands",
+                )  # fmt: skip
+                paths.append(p)
+            if task.likelihood == "classification":
+                y = next(iter(task.test_loader))[1]
+                p = fig_dir / f"{name}_reliability.png"
+                plot_reliability(preds, y, path=p, title=f"{name}: reliability")
+                paths.append(p)
+            for ref, key in ((REFERENCE_HESSIAN, "hessian"), (REFERENCE_GGN, "ggn")):
+                if ref in preds:
+                    p = fig_dir / f"{name}_variance_vs_{key}.png"
+                    plot_variance_scatter(
+                        preds, ref, p, f"{name}: latent variance vs {ref}"
+                    )
+                    paths.append(p)
+            plt.close("all")
+    return {"csv": csv_path, "json": json_path, "meta": meta_path, "figures": paths}
