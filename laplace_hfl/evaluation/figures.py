@@ -50,7 +50,7 @@ def plot_predictive_bands(
     predictions: dict[str, Prediction],
     sigma_noise: float,
     train_xy: tuple[Tensor, Tensor] | None = None,
-    gap: tuple[float, float] | None = None,
+    gap: tuple[float, float] | tuple[tuple[float, float], ...] | None = None,
     path: str | os.PathLike | None = None,
     title: str = "",
 ) -> Figure:
@@ -67,13 +67,15 @@ def plot_predictive_bands(
     sigma_noise : float
     train_xy : tuple of Tensor, optional
         Training points to scatter.
-    gap : tuple of float, optional
-        Input interval without data, shaded.
+    gap : tuple of float or tuple of tuples, optional
+        Input interval(s) without data, shaded.
     path : path, optional
         Where to save the PNG.
     title : str
     """
     xs = x.reshape(-1).double().numpy()
+    if gap is not None and isinstance(gap[0], (int, float)):
+        gap = (gap,)  # type: ignore[assignment]
     fig, axes = _grid(len(predictions))
     ys = [p.f_mu.reshape(-1).double() for p in predictions.values()]
     lo = min(float(y.min()) for y in ys) - 1.5 if ys else -2
@@ -83,8 +85,8 @@ def plot_predictive_bands(
         fv = p.f_var.reshape(-1).double().clamp_min(0)
         sd_f = (1.96 * fv.sqrt()).numpy()
         sd_y = (1.96 * (fv + sigma_noise**2).sqrt()).numpy()
-        if gap is not None:
-            ax.axvspan(*gap, color="0.92", lw=0)
+        for lo_hi in gap or ():
+            ax.axvspan(*lo_hi, color="0.92", lw=0)
         ax.fill_between(xs, mu - sd_y, mu + sd_y, color="C0", alpha=0.2, lw=0)
         ax.fill_between(xs, mu - sd_f, mu + sd_f, color="C0", alpha=0.45, lw=0)
         ax.plot(xs, mu, color="C0", lw=1)

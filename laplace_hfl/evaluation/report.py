@@ -163,7 +163,7 @@ def write_results(
                 p = fig_dir / f"{name}_bands.png"
                 plot_predictive_bands(
                     X, preds, task.sigma_noise, task.train_xy,
-                    None if task.extra.get("gap_is_data_region") else task.gap,
+                    task.gap_intervals,
                     p, f"{name}: mean, 95% epistemic (dark) and predictive bands",
                 )  # fmt: skip
                 paths.append(p)

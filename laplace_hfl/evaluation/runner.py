@@ -168,8 +168,10 @@ def _predict(
 def _score(task: Task, pred: Prediction, y: Tensor, X: Tensor) -> dict[str, float]:
     if task.likelihood == "regression":
         gap = None
-        if task.gap is not None and X.shape[-1] == 1:
-            gap = (X[:, 0] > task.gap[0]) & (X[:, 0] < task.gap[1])
+        if task.gap_intervals and X.shape[-1] == 1:
+            gap = torch.zeros(X.shape[0], dtype=torch.bool)
+            for lo, hi in task.gap_intervals:
+                gap |= (X[:, 0] > lo) & (X[:, 0] < hi)
         return regression_metrics(pred.f_mu, pred.f_var, y, task.sigma_noise, gap)
     return classification_metrics(pred.probs, y, pred.probs_ood)
 

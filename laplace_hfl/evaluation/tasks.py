@@ -73,8 +73,9 @@ class Task:
         One line for reports.
     ood_loader : DataLoader or None
         Out-of-distribution / shifted inputs (classification) for OOD AUROC.
-    gap : tuple of float or None
-        ``(lo, hi)`` interval of the 1-D input without training data.
+    gap : tuple of float, tuple of such tuples, or None
+        ``(lo, hi)`` interval(s) of the 1-D input without training data
+        (``coverage95_gap`` is measured there).
     grid : Tensor or None
         Ordered 1-D test inputs for predictive-band figures (1-D regression).
     train_xy : tuple of Tensor or None
@@ -93,10 +94,19 @@ class Task:
     map_grad_norm: float
     description: str
     ood_loader: DataLoader | None = None
-    gap: tuple[float, float] | None = None
+    gap: tuple[float, float] | tuple[tuple[float, float], ...] | None = None
     grid: Tensor | None = None
     train_xy: tuple[Tensor, Tensor] | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def gap_intervals(self) -> tuple[tuple[float, float], ...]:
+        """:attr:`gap` as a tuple of ``(lo, hi)`` intervals (empty if none)."""
+        if self.gap is None:
+            return ()
+        if isinstance(self.gap[0], (int, float)):
+            return (tuple(self.gap),)  # type: ignore[return-value]
+        return tuple(tuple(g) for g in self.gap)  # type: ignore[misc]
 
     @property
     def n_params(self) -> int:
@@ -398,7 +408,8 @@ def make_sinusoid(seed: int = 0) -> Task:
     x ~ U[0, 8], n = 150, ``y = sin x + N(0, 0.3^2)``; MLP 1-50-1 tanh
     (float32) trained with Adam on the mean MSE with weight decay 5e-4.
     ``sigma_noise=0.3`` (the true noise), ``prior_precision=1``. Test grid
-    linspace(-5, 13, 500) with fresh noisy targets. Its MAP is not a
+    linspace(-5, 13, 500) with fresh noisy targets; the "gap" is the
+    extrapolation region outside [0, 8]. Its MAP is not a
     stationary point of the Laplace objective: ``target="hessian"`` is
     expected to fail there.
     """
@@ -430,10 +441,9 @@ def make_sinusoid(seed: int = 0) -> Task:
         map_protocol="realistic",
         map_grad_norm=_map_grad_norm(model, X, Y, "regression", sigma, prior),
         description="laplace-torch sinusoid, MLP 1-50-1 tanh, Adam mean MSE + wd",
-        gap=(0.0, 8.0),
+        gap=((-5.0, 0.0), (8.0, 13.0)),
         grid=Xt,
         train_xy=(X, Y),
-        extra={"gap_is_data_region": True},
     )
 
 
