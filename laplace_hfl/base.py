@@ -713,6 +713,14 @@ class HFLMixin:
             },
         }
 
+    def _check_state_class(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("cls_name") != self.__class__.__name__:
+            raise ValueError(
+                f"State of {state_dict.get('cls_name')!r} cannot be loaded into "
+                f"{self.__class__.__name__}; check subset_of_weights and "
+                "hessian_structure."
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`.
 
@@ -721,12 +729,7 @@ class HFLMixin:
         ValueError
             Different estimator class, parameter count, likelihood or target.
         """
-        if state_dict.get("cls_name") != self.__class__.__name__:
-            raise ValueError(
-                f"State of {state_dict.get('cls_name')!r} cannot be loaded into "
-                f"{self.__class__.__name__}; check subset_of_weights and "
-                "hessian_structure."
-            )
+        self._check_state_class(state_dict)
         if self.n_params is not None and len(state_dict["mean"]) != self.n_params:
             raise ValueError(
                 f"State has {len(state_dict['mean'])} parameters, this model "

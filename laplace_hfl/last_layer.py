@@ -168,6 +168,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_state_class(state_dict)
         if self._last_layer_name != state_dict["_last_layer_name"]:
             raise ValueError("Different `last_layer_name` detected!")
         if self.model.last_layer is None:
