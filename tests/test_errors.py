@@ -8,7 +8,12 @@ from conftest import DT, assert_unchanged, loader, snapshot
 from laplace import Laplace
 from torch.utils.data import DataLoader, TensorDataset
 
-from laplace_hfl import HFLNotFittedError, IndefiniteHessianError
+from laplace_hfl import (
+    HFLNotFittedError,
+    IndefiniteHessianError,
+    NonStationaryMAPWarning,
+    RefitConvergenceWarning,
+)
 
 
 @pytest.fixture
@@ -171,3 +176,28 @@ def test_indefinite_hessian_detected():
     )
     la.fit(loader(X, y))
     assert (la(X[:4])[1] > 0).all()
+
+
+def test_unconverged_refits_warn_with_numbers(regression_1d):
+    model, X, y = regression_1d
+    la = Laplace(
+        model, "regression", "all", "hfl", sigma_noise=0.3, max_iter=2, max_newton=1
+    )
+    la.fit(loader(X, y))
+    with pytest.warns(RefitConvergenceWarning, match=r"did not converge.*max_iter=2"):
+        la(X[:2])
+    assert not la.last_diagnostics.converged.all()
+
+
+def test_non_stationary_map_warns_for_hessian_target(regression_1d):
+    model, X, y = regression_1d
+    with torch.no_grad():
+        model[2].bias += 2e-3  # move the MAP off the stationary point
+    la = Laplace(
+        model, "regression", "all", "hfl", target="hessian", sigma_noise=0.3,
+        prior_precision=0.5,
+    )  # fmt: skip
+    la.fit(loader(X, y))
+    with pytest.warns(NonStationaryMAPWarning, match="target='ggn'"):
+        la(X[:2])
+    assert la.map_gradient_norm > 1e-3
