@@ -189,3 +189,15 @@ def test_inbetween_must_show():
     kfac_gap = rows["kron_backpack_ggn"]["coverage95_gap"]
     assert rows["hfl_hessian"]["coverage95_gap"] >= kfac_gap
     assert rows["hfl_ggn"]["coverage95_gap"] >= kfac_gap
+
+
+def test_tune_selects_prior_from_grid(tiny_task):
+    res = run_comparison(
+        tiny_task, ["map", "ll_full_curvlinops_ggn"], tune=True, progress=False
+    )
+    rows = {r["method"]: r for r in res.rows}
+    assert rows["map"]["hyper"] == "fixed"
+    row = rows["ll_full_curvlinops_ggn"]
+    assert row["status"] == "ok" and row["hyper"] == "tuned"
+    assert 1e-2 - 1e-12 <= row["prior_precision"] <= 1e2 + 1e-9
+    assert "tuned" in res.meta["hyperparameters"]
