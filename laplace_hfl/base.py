@@ -158,11 +158,10 @@ class HFLMixin:
                 f"HFL supports likelihood='regression' or 'classification', not "
                 f"{likelihood!r}."
             )
-        if enable_backprop:
+        if enable_backprop and amortize is not None:
             raise NotImplementedError(
                 "enable_backprop=True (gradients of the predictive w.r.t. inputs) "
-                "is not supported by HFL yet; use FullLaplace or KronLaplace for "
-                "differentiable predictives."
+                "is available for exact HFL only; use amortize=None."
             )
         if not (isinstance(chunk_size, int) and chunk_size >= 1):
             raise ValueError(
@@ -450,7 +449,8 @@ class HFLMixin:
         diagonal_output: bool = False,
     ) -> tuple[Tensor, Tensor]:
         self._check_ready(X)
-        with eval_mode(self.model), torch.no_grad():
+        backprop = self.enable_backprop
+        with eval_mode(self.model), torch.set_grad_enabled(backprop):
             Xq = self._query_inputs(X)
         if self.amortize is not None:
             with eval_mode(self.model):
@@ -473,8 +473,11 @@ class HFLMixin:
             mus, covs, Js_all, U_all = [], [], [], []
             for start in range(0, B, step):
                 Xc = _slice(Xq, start, start + step)
-                Js, f = output_jacobians(obj.forward, theta, Xc)
-                U = self._solve(obj, Js.reshape(-1, Js.shape[-1]))
+                with torch.set_grad_enabled(backprop):
+                    Js, f = output_jacobians(obj.forward, theta, Xc)
+                if not backprop:
+                    Js, f = Js.detach(), f.detach()
+                U = self._solve(obj, Js.detach().reshape(-1, Js.shape[-1]))
                 mus.append(f)
                 if joint:
                     Js_all.append(Js)

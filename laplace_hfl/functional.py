@@ -225,14 +225,14 @@ def output_jacobians(forward: Forward, theta: Tensor, X: Any) -> tuple[Tensor, T
     """Per-input Jacobians ``J(x_b)`` of shape ``(B, C, P)`` and outputs ``(B, C)``.
 
     Used only for a chunk of query points at a time, never for training data.
+    Differentiable in ``X`` (for ``enable_backprop``); callers detach otherwise.
     """
 
     def f_single(th: Tensor, x: Any) -> Tensor:
         out = forward(th, _add_batch_dim(x))[0]
         return out, out
 
-    Js, f = vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))(theta, X)
-    return Js.detach(), f.detach()
+    return vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))(theta, X)
 
 
 def jacobian_vector_products(

@@ -39,7 +39,9 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
         As in laplace-torch's ``BaseLaplace``. ``backend`` is accepted for
         compatibility and unused (HFL needs no curvature backend).
     enable_backprop : bool, default=False
-        Must be False (not supported yet).
+        Make the GLM predictive differentiable w.r.t. the inputs (e.g. for
+        Bayesian optimisation): refit displacements are constants of autograd
+        and the Jacobians carry the gradient (exact for symmetric ``P^{-1}``).
 """
         + HFL_OPTIONS_DOC
         + """
@@ -48,7 +50,7 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
     ValueError
         Unknown ``target``, non-positive ``eps``/``rtol``, unsupported likelihood.
     NotImplementedError
-        ``enable_backprop=True``.
+        ``enable_backprop=True`` together with ``amortize``.
 
     Examples
     --------

@@ -40,7 +40,9 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
     dict_key_x, dict_key_y, backend, last_layer_name, backend_kwargs
         As in laplace-torch's ``LLLaplace``.
     enable_backprop : bool, default=False
-        Must be False (not supported yet).
+        Make the GLM predictive differentiable w.r.t. the inputs (e.g. for
+        Bayesian optimisation): refit displacements are constants of autograd
+        and the Jacobians carry the gradient (exact for symmetric ``P^{-1}``).
     asdl_fisher_kwargs : None
         Must be None, as in ``LLLaplace``.
 """
@@ -51,7 +53,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
     ValueError
         Unknown ``target``, non-positive ``eps``/``rtol``, unsupported likelihood.
     NotImplementedError
-        ``enable_backprop=True``.
+        ``enable_backprop=True`` together with ``amortize``.
     """
     )
 

@@ -67,7 +67,24 @@ def marginal_covariance(Js: Tensor, U: Tensor) -> Tensor:
         ``(B, C, C)``, symmetric PSD.
     """
     B, C, P = Js.shape
-    return symmetric_psd(torch.einsum("bcp,bkp->bck", Js, U.reshape(B, C, P)))
+    U = U.reshape(B, C, P)
+    if Js.requires_grad:
+        return _differentiable_product("bcp,bkp->bck", Js, U)
+    return symmetric_psd(torch.einsum("bcp,bkp->bck", Js, U))
+
+
+def _differentiable_product(eq: str, Js: Tensor, U: Tensor) -> Tensor:
+    """``sym(J U^T)`` whose gradient in ``J`` is that of ``J P^{-1} J^T``.
+
+    ``U`` (``P^{-1} J^T`` from refits) is a constant of autograd; since
+    ``P^{-1}`` is symmetric, ``d(J P^{-1} J^T) = dJ U^T + U dJ^T``, which is the
+    gradient of ``J U^T + U J^T - J_0 U^T`` with ``J_0`` detached. No PSD
+    clipping here (eigen-decompositions have unstable gradients).
+    """
+    JU = torch.einsum(eq, Js, U)
+    J0U = torch.einsum(eq, Js.detach(), U)
+    out = JU + JU.transpose(-1, -2) - J0U
+    return 0.5 * (out + out.transpose(-1, -2))
 
 
 def joint_covariance(Js: Tensor, U: Tensor) -> Tensor:
@@ -86,4 +103,6 @@ def joint_covariance(Js: Tensor, U: Tensor) -> Tensor:
         ``(B*C, B*C)``, symmetric PSD.
     """
     V = Js.reshape(-1, Js.shape[-1])
+    if V.requires_grad:
+        return _differentiable_product("np,mp->nm", V, U)
     return symmetric_psd(V @ U.T)

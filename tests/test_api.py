@@ -219,3 +219,22 @@ def test_uncached_loader_gives_same_answer(regression_1d):
     b = Laplace(model, "regression", "all", "hfl", sigma_noise=SIGMA)
     b.fit(loader(X, y), cache_data=False)
     assert torch.allclose(a(X[:3])[1], b(X[:3])[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_enable_backprop_gradients_match_full(regression_1d, subset):
+    """d f_var / d x through HFL equals FullLaplace's autograd gradient."""
+    model, X, y = regression_1d
+    hfl, _ = pair(model, X, y, "regression", subset, enable_backprop=True)
+    ref = Laplace(
+        copy.deepcopy(model), "regression", subset, "full", backend=CurvlinopsGGN,
+        prior_precision=PRIOR, sigma_noise=SIGMA, enable_backprop=True,
+    )  # fmt: skip
+    ref.fit(loader(X, y))
+    grads = []
+    for la in (hfl, ref):
+        x = torch.linspace(-1.5, 1.5, 4, dtype=DT)[:, None].requires_grad_(True)
+        f_mu, f_var = la(x)
+        (f_var.sum() + f_mu.sum()).backward()
+        grads.append(x.grad)
+    assert rel_err(grads[0], grads[1]).max() <= 1e-3
