@@ -275,12 +275,14 @@ def train_stationary(
     adam_steps: int = 1000,
     lbfgs_iter: int = 300,
     newton_steps: int = 100,
+    dense_max: int = 1000,
 ) -> float:
     """Train ``model`` to a stationary point of the Laplace objective.
 
     Adam warm-up on the mean-scaled objective, full-batch L-BFGS (strong-Wolfe
     line search, ``tolerance_grad=1e-10``) on the summed one, then damped
-    Newton polishing with the exact Hessian (:func:`newton_polish`).
+    Newton polishing with the exact Hessian (:func:`newton_polish`) when the
+    network has at most ``dense_max`` parameters (L-BFGS only otherwise).
 
     Returns
     -------
@@ -313,6 +315,8 @@ def train_stationary(
     lbfgs.step(closure)
     for p in model.parameters():
         p.grad = None
+    if sum(p.numel() for p in model.parameters()) > dense_max:
+        return _map_grad_norm(model, X, y, likelihood, sigma_noise, prior_precision)
     return newton_polish(
         model, X, y, likelihood, sigma_noise, prior_precision, steps=newton_steps
     )
@@ -495,10 +499,12 @@ def make_moons(seed: int = 0) -> Task:
 def make_digits(seed: int = 0) -> Task:
     """scikit-learn digits with a shifted / OOD test set, exact protocol.
 
-    8x8 digits scaled to [0, 1]; 60/15/25% train/val/test split; MLP
-    64-32-10 tanh in float64 trained to a stationary point of the Laplace
-    objective (``prior_precision=1``). OOD: the test images inverted
-    (``1 - x``) and with Gaussian pixel noise (std 0.3), a distribution shift.
+    8x8 digits scaled to [0, 1]; 60/15% train/val split, 200 test images
+    from the rest; MLP 64-32-10 tanh (2410 params) in float64 trained with
+    Adam then 2000 L-BFGS iterations on the Laplace objective
+    (``prior_precision=1``; too large for the dense Newton polish, so the
+    gradient norm is small but not ~1e-10: see ``map_grad_norm``). OOD: 100
+    test images inverted (``1 - x``) with Gaussian pixel noise (std 0.3).
     """
     from sklearn.datasets import load_digits
 
@@ -511,26 +517,28 @@ def make_digits(seed: int = 0) -> Task:
     a, b = int(0.6 * n), int(0.75 * n)
     X = torch.as_tensor(Xa, dtype=dt)
     y = torch.as_tensor(ya, dtype=torch.long)
-    Xt = X[b:]
-    noise = torch.as_tensor(rng.standard_normal(Xt.shape) * 0.3, dtype=dt)
-    Xo = (1.0 - Xt + noise).clamp(0, 1)
+    Xt, yt = X[b : b + 200], y[b : b + 200]
+    noise = torch.as_tensor(rng.standard_normal(Xt[:100].shape) * 0.3, dtype=dt)
+    Xo = (1.0 - Xt[:100] + noise).clamp(0, 1)
     torch.manual_seed(seed)
     model = _mlp([64, 32, 10]).to(dt)
     prior = 1.0
-    gn = train_stationary(model, X[:a], y[:a], "classification", 1.0, prior)
+    gn = train_stationary(
+        model, X[:a], y[:a], "classification", 1.0, prior, lbfgs_iter=2000
+    )
     return Task(
         name="digits",
         likelihood="classification",
         model=model,
-        train_loader=_loader(X[:a], y[:a], 256),
+        train_loader=_loader(X[:a], y[:a]),
         val_loader=_loader(X[a:b], y[a:b]),
-        test_loader=_loader(Xt, y[b:]),
+        test_loader=_loader(Xt, yt),
         sigma_noise=1.0,
         prior_precision=prior,
         map_protocol="stationary",
         map_grad_norm=gn,
         description="sklearn digits 8x8, MLP 64-32-10 tanh, float64; OOD inverted+noise",
-        ood_loader=_loader(Xo, y[b:]),
+        ood_loader=_loader(Xo, yt[:100]),
     )
 
 
