@@ -1,12 +1,14 @@
 """Shared numpydoc text for the HFL classes' keyword-only options."""
 
 HFL_OPTIONS_DOC = """
-    eps : float, default=1e-2
+    eps : float, default=1e-3
         Relative perturbation size (keyword-only). Each direction ``v`` is
-        perturbed by ``eps / sqrt(v^T P_0^{-1} v)`` on the summed objective, so a
-        refit moves the perturbed output by at most ``eps`` posterior standard
-        deviations. ``target="ggn"`` is exact for any ``eps``; ``"hessian"`` has
-        ``O(eps^2)`` bias.
+        perturbed by ``eps / sqrt(v^T A^{-1} v)`` on the summed objective (``A``
+        the refit's curvature, from its first Newton step), so a refit moves the
+        perturbed output by ``eps`` posterior standard deviations; ``eps`` is
+        shrunk automatically if a network refit meets negative curvature.
+        ``target="ggn"`` is exact for any ``eps``; ``"hessian"`` has ``O(eps^2)``
+        bias (measured: 6e-4 relative at 1e-2, 6e-6 at 1e-3 on a 1-10-1 tanh net).
     target : {"ggn", "hessian"}, default="ggn"
         ``"ggn"`` refits the linearised network (Gauss-Newton model at the MAP):
         converges to ``FullLaplace`` with a GGN backend, at any MAP.

@@ -79,7 +79,7 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         *,
-        eps: float = 1e-2,
+        eps: float = 1e-3,
         target: str = "ggn",
         rtol: float = 1e-6,
         max_iter: int = 1000,

@@ -98,7 +98,7 @@ class RefitSettings:
     """
 
     target: str = "ggn"
-    eps: float = 1e-2
+    eps: float = 1e-3
     rtol: float = 1e-6
     max_iter: int = 1000
     max_newton: int = 20
