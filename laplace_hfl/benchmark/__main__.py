@@ -1,0 +1,3 @@
+from laplace_hfl.benchmark.run import main
+
+raise SystemExit(main())
