@@ -30,6 +30,7 @@ exact Hessian of a network has no such square-root factorisation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,7 @@ def posterior_samples(
     max_iter: int = 1000,
     chunk_size: int | None = None,
     seed: int = 0,
+    precond: Callable[[Tensor], Tensor] | None = None,
 ) -> AmortizedState:
     """Draw ``S`` exact linearised-Laplace posterior samples by perturbed refits.
 
@@ -169,7 +171,9 @@ def posterior_samples(
         m = min(step, n_samples - start)
         B = perturbed_rhs(obj, m, gen)
         b_norm = B.norm(dim=1)
-        res = batched_cg(lambda idx, V: ggn_matvec(obj, V), B, rtol * b_norm, max_iter)
+        res = batched_cg(
+            lambda idx, V: ggn_matvec(obj, V), B, rtol * b_norm, max_iter, precond
+        )
         parts.append(res.x)
         res_parts.append(res.residual_norm / b_norm)
         it_parts.append(res.iterations)

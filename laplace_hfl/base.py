@@ -9,7 +9,7 @@ pure estimator in :mod:`laplace_hfl.refit`. Concrete classes say *what* is refit
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -29,6 +29,12 @@ from laplace_hfl.functional import (
     make_forward,
     output_jacobians,
     to_compute,
+)
+from laplace_hfl.preconditioner import (
+    NystromSketch,
+    default_rank,
+    nystrom_apply,
+    nystrom_sketch,
 )
 from laplace_hfl.predictive import joint_covariance, marginal_covariance
 from laplace_hfl.refit import (
@@ -125,8 +131,10 @@ class HFLMixin:
         compute_dtype: torch.dtype,
         progress_bar: bool,
         amortize: int | None = None,
+        precondition_rank: int | None = None,
     ) -> None:
         self.amortize = amortize
+        self.precondition_rank = precondition_rank
         self._amortized: AmortizedState | None = None
         self._amortized_key: tuple | None = None
         self.hfl_settings = settings
@@ -138,6 +146,7 @@ class HFLMixin:
         self._train_loader: DataLoader | None = None
         self._base: BasePoint | None = None
         self._base_key: tuple | None = None
+        self._sketch: NystromSketch | None = None
         self.last_diagnostics: RefitDiagnostics | None = None
 
     @staticmethod
@@ -152,6 +161,7 @@ class HFLMixin:
         chunk_size: int,
         compute_dtype: torch.dtype,
         amortize: int | None = None,
+        precondition_rank: int | None = None,
     ) -> RefitSettings:
         if likelihood not in ("regression", "classification"):
             raise ValueError(
@@ -162,6 +172,15 @@ class HFLMixin:
             raise NotImplementedError(
                 "enable_backprop=True (gradients of the predictive w.r.t. inputs) "
                 "is available for exact HFL only; use amortize=None."
+            )
+        if precondition_rank is not None and not (
+            isinstance(precondition_rank, int)
+            and not isinstance(precondition_rank, bool)
+            and precondition_rank >= 0
+        ):
+            raise ValueError(
+                "precondition_rank must be None (automatic), 0 (no preconditioner) "
+                f"or a positive integer, got {precondition_rank!r}."
             )
         if not (isinstance(chunk_size, int) and chunk_size >= 1):
             raise ValueError(
@@ -355,6 +374,7 @@ class HFLMixin:
         self._train_loader = train_loader if cached is None else None
         self._base = None
         self._base_key = None
+        self._sketch = None
         self._amortized = None
         self._amortized_key = None
         self._fitted = True
@@ -389,7 +409,7 @@ class HFLMixin:
     def _base_point(self, obj: LaplaceObjective) -> BasePoint:
         key = self._hyper_key()
         if self._base is None or self._base_key != key:
-            self._base = unperturbed_refit(obj, self.hfl_settings)
+            self._base = unperturbed_refit(obj, self.hfl_settings, self._precond(obj))
             self._base_key = key
         return self._base
 
@@ -409,6 +429,7 @@ class HFLMixin:
                 int(self.amortize),
                 rtol=self.hfl_settings.rtol,
                 max_iter=self.hfl_settings.max_iter,
+                precond=self._precond(obj),
             )
             self._amortized_key = key
         return self._amortized
@@ -424,8 +445,28 @@ class HFLMixin:
             self.hfl_settings,
             chunk_size=self.chunk_size,
             progress_bar=self.progress_bar,
+            precond=self._precond(obj),
         )
         return U
+
+    def _precond(self, obj: LaplaceObjective) -> Callable[[Tensor], Tensor] | None:
+        """Nyström preconditioner for the current hyperparameters.
+
+        The sketch of the data GGN is built once per fit (it does not depend on
+        the prior, ``sigma_noise`` or the temperature).
+        """
+        P = obj.theta_map.numel()
+        rank = (
+            default_rank(P)
+            if self.precondition_rank is None
+            else self.precondition_rank
+        )
+        rank = min(rank, P)
+        if rank == 0:
+            return None
+        if self._sketch is None or self._sketch.U.shape[1] != rank:
+            self._sketch = nystrom_sketch(obj, rank, chunk_size=self.chunk_size)
+        return nystrom_apply(self._sketch, obj.h_factor, obj.prior_precision)
 
     @property
     def map_gradient_norm(self) -> float:
@@ -757,6 +798,7 @@ class HFLMixin:
         self._train_loader = None
         self._base = None
         self._base_key = None
+        self._sketch = None
         amortized = state_dict.get("amortized")
         if amortized is not None and self.amortize is not None:
             self._amortized = AmortizedState(

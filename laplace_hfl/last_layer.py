@@ -86,10 +86,12 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         compute_dtype: torch.dtype = torch.float64,
         progress_bar: bool = False,
         amortize: int | None = None,
+        precondition_rank: int | None = None,
     ) -> None:
         settings = self._validate_hfl_options(
             likelihood, enable_backprop, eps, target, rtol, max_iter,
             max_newton, chunk_size, compute_dtype, amortize=amortize,
+            precondition_rank=precondition_rank,
         )  # fmt: skip
         super().__init__(
             model,
@@ -109,7 +111,12 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         )
         # LLLaplace.__init__ resets cooperative options: set ours afterwards.
         self._set_hfl_options(
-            settings, chunk_size, compute_dtype, progress_bar, amortize=amortize
+            settings,
+            chunk_size,
+            compute_dtype,
+            progress_bar,
+            amortize=amortize,
+            precondition_rank=precondition_rank,
         )
 
     def _fit_pass(self, train_loader: DataLoader) -> tuple:

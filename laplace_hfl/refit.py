@@ -32,6 +32,7 @@ Hessian, GGN or Jacobian matrix of the training data is ever formed.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -190,7 +191,11 @@ def _gradient_scale(obj: LaplaceObjective, g0: Tensor) -> float:
     return float(prior_grad.norm() + g0.norm()) or 1.0
 
 
-def unperturbed_refit(obj: LaplaceObjective, settings: RefitSettings) -> BasePoint:
+def unperturbed_refit(
+    obj: LaplaceObjective,
+    settings: RefitSettings,
+    precond: Callable[[Tensor], Tensor] | None = None,
+) -> BasePoint:
     """Re-optimise the unperturbed refit objective, warm-started at the MAP.
 
     At a stationary MAP this returns the MAP itself after one gradient
@@ -201,6 +206,9 @@ def unperturbed_refit(obj: LaplaceObjective, settings: RefitSettings) -> BasePoi
     ----------
     obj : LaplaceObjective
     settings : RefitSettings
+    precond : callable, optional
+        Preconditioner of the conjugate-gradient solves (see
+        :mod:`laplace_hfl.preconditioner`); speeds convergence only.
 
     Returns
     -------
@@ -224,6 +232,7 @@ def unperturbed_refit(obj: LaplaceObjective, settings: RefitSettings) -> BasePoi
             -g0[None],
             torch.tensor([tol], dtype=g0.dtype, device=g0.device),
             settings.max_iter,
+            precond=precond,
         )
         delta = res.x[0]
         residual = g0 + ggn_matvec(obj, delta[None])[0]
@@ -249,6 +258,7 @@ def unperturbed_refit(obj: LaplaceObjective, settings: RefitSettings) -> BasePoi
                 -g[None],
                 inner_tol,
                 settings.max_iter,
+                precond=precond,
             )
         except NegativeCurvature as err:
             _raise_indefinite(err, "the unperturbed network refit at the MAP")
@@ -296,6 +306,7 @@ def _newton_corrections(
     curvature,
     refit_grad,
     settings: RefitSettings,
+    precond: Callable[[Tensor], Tensor] | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Start both refits at the first Newton step and correct until converged.
 
@@ -319,6 +330,7 @@ def _newton_corrections(
             -G[idx],
             torch.maximum(1e-3 * g_norm[idx], 0.5 * goal[idx]),
             settings.max_iter,
+            precond=precond,
         )
         iterations[idx] += res.iterations
         D[idx] += res.x
@@ -327,7 +339,11 @@ def _newton_corrections(
 
 
 def _perturbed_chunk(
-    obj: LaplaceObjective, base: BasePoint, V: Tensor, settings: RefitSettings
+    obj: LaplaceObjective,
+    base: BasePoint,
+    V: Tensor,
+    settings: RefitSettings,
+    precond: Callable[[Tensor], Tensor] | None,
 ) -> tuple[Tensor, RefitDiagnostics]:
     m = V.shape[0]
     v_norm = V.norm(dim=1)
@@ -356,6 +372,7 @@ def _perturbed_chunk(
             V,
             settings.rtol * v_norm,
             settings.max_iter,
+            precond=precond,
         )
     except NegativeCurvature as err:
         _raise_indefinite(err, where)
@@ -377,7 +394,15 @@ def _perturbed_chunk(
         eps = scale / var0.sqrt()
         try:
             D, G, W, goal, iterations = _newton_corrections(
-                base, V, u0, eps, first.iterations, curvature, refit_grad, settings
+                base,
+                V,
+                u0,
+                eps,
+                first.iterations,
+                curvature,
+                refit_grad,
+                settings,
+                precond,
             )
             break
         except NegativeCurvature as err:
@@ -411,6 +436,7 @@ def perturbed_refits(
     settings: RefitSettings,
     chunk_size: int = 64,
     progress_bar: bool = False,
+    precond: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, RefitDiagnostics]:
     """Refit under ``-/+ eps_j <v_j, theta>`` for every row ``v_j`` of ``V``.
 
@@ -427,6 +453,8 @@ def perturbed_refits(
         ``chunk_size * P``.
     progress_bar : bool, default=False
         Show a tqdm bar over chunks.
+    precond : callable, optional
+        Preconditioner of the conjugate-gradient solves; speeds convergence only.
 
     Returns
     -------
@@ -451,7 +479,7 @@ def perturbed_refits(
     starts = range(0, nonzero.numel(), chunk_size)
     for start in tqdm.tqdm(starts, disable=not progress_bar, desc="[HFL refits]"):
         idx = nonzero[start : start + chunk_size]
-        U[idx], diag = _perturbed_chunk(obj, base, V[idx], settings)
+        U[idx], diag = _perturbed_chunk(obj, base, V[idx], settings, precond)
         parts.append(diag)
     if parts:
         diag = RefitDiagnostics.concat(parts)

@@ -60,6 +60,7 @@ def batched_cg(
     B: Tensor,
     tol: Tensor,
     max_iter: int,
+    precond: Callable[[Tensor], Tensor] | None = None,
 ) -> CGResult:
     """Solve ``A x_j = b_j`` for every row of ``B`` with conjugate gradients.
 
@@ -75,6 +76,10 @@ def batched_cg(
         Absolute residual-norm tolerance per column ``(m,)``.
     max_iter : int
         Largest number of iterations.
+    precond : callable, optional
+        Symmetric positive definite preconditioner ``M^{-1}`` applied row-wise
+        (e.g. :func:`laplace_hfl.preconditioner.nystrom_apply`). Changes the
+        iteration count, not the solution or the residual tolerance.
 
     Returns
     -------
@@ -85,13 +90,19 @@ def batched_cg(
     NegativeCurvature
         If a search direction has non-positive curvature.
     """
+
+    def M(R: Tensor) -> Tensor:
+        return R if precond is None else precond(R)
+
     m = B.shape[0]
     X = torch.zeros_like(B)
     R = B.clone()
-    Pdir = R.clone()
-    rs = (R * R).sum(-1)
+    Z = M(R)
+    Pdir = Z.clone()
+    rz = (R * Z).sum(-1)
+    res = R.norm(dim=-1)
     iterations = torch.zeros(m, dtype=torch.long, device=B.device)
-    active = rs.sqrt() > tol
+    active = res > tol
     for _ in range(max_iter):
         idx = torch.nonzero(active).flatten()
         if idx.numel() == 0:
@@ -104,14 +115,15 @@ def batched_cg(
         if bool(bad.any()):
             k = int(torch.nonzero(bad)[0])
             raise NegativeCurvature(int(idx[k]), float(pAp[k] / pp[k]))
-        alpha = rs[idx] / pAp
+        alpha = rz[idx] / pAp
         X[idx] += alpha[:, None] * P_a
-        R[idx] -= alpha[:, None] * AP
-        rs_new = (R[idx] * R[idx]).sum(-1)
-        beta = rs_new / rs[idx]
-        Pdir[idx] = R[idx] + beta[:, None] * P_a
-        rs[idx] = rs_new
+        R_a = R[idx] - alpha[:, None] * AP
+        R[idx] = R_a
+        Z_a = M(R_a)
+        rz_new = (R_a * Z_a).sum(-1)
+        Pdir[idx] = Z_a + (rz_new / rz[idx])[:, None] * P_a
+        rz[idx] = rz_new
+        res[idx] = R_a.norm(dim=-1)
         iterations[idx] += 1
-        active = rs.sqrt() > tol
-    res = rs.sqrt()
+        active = res > tol
     return CGResult(X, res, iterations, res <= tol)

@@ -181,7 +181,14 @@ def test_indefinite_hessian_detected():
 def test_unconverged_refits_warn_with_numbers(regression_1d):
     model, X, y = regression_1d
     la = Laplace(
-        model, "regression", "all", "hfl", sigma_noise=0.3, max_iter=2, max_newton=1
+        model,
+        "regression",
+        "all",
+        "hfl",
+        sigma_noise=0.3,
+        max_iter=2,
+        max_newton=1,
+        precondition_rank=0,
     )
     la.fit(loader(X, y))
     with pytest.warns(RefitConvergenceWarning, match=r"did not converge.*max_iter=2"):
@@ -201,3 +208,10 @@ def test_non_stationary_map_warns_for_hessian_target(regression_1d):
     with pytest.warns(NonStationaryMAPWarning, match="target='ggn'"):
         la(X[:2])
     assert la.map_gradient_norm > 1e-3
+
+
+def test_bad_precondition_rank(regression_1d):
+    model, _, _ = regression_1d
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="precondition_rank"):
+            Laplace(model, "regression", "all", "hfl", precondition_rank=bad)
