@@ -42,6 +42,7 @@ HFL_OPTIONS_DOC = """
         Rank ``k`` of the randomised Nyström preconditioner of the refit solves
         (keyword-only): ``k`` GGN-vector products once per fit, ``2 k P``
         memory, typically 5-10x fewer CG iterations. ``None`` picks
-        ``min(256, P // 2, 2**25 // P)``; ``0`` switches it off. It changes how
+        ``min(256, P // 2)`` when that sketch fits in 256 MiB (``P`` up to
+        ~130k) and no preconditioner above; ``0`` switches it off. It changes how
         fast refits converge, never what they converge to.
 """

@@ -40,8 +40,13 @@ class NystromSketch:
 
 
 def default_rank(n_params: int) -> int:
-    """Sketch rank used when none is given: up to 256, within 256 MiB, <= P / 2."""
-    return max(0, min(256, n_params // 2, SKETCH_BUDGET // max(n_params, 1)))
+    """Sketch rank used when none is given.
+
+    ``min(256, P // 2)`` when that sketch holds at most 256 MiB of float64
+    (``P`` up to ~130k), else 0 (off), so that memory stays that of training.
+    """
+    rank = min(256, n_params // 2)
+    return rank if rank * n_params <= SKETCH_BUDGET else 0
 
 
 def nystrom_sketch(

@@ -24,8 +24,27 @@ __all__ = ["METHODS", "build", "timed_fit_predict", "cg_inverse_predictor"]
 
 #: name -> (label, subset, structure, backend name or None, extra kwargs)
 METHODS: dict[str, tuple[str, str, str, str | None, dict[str, Any]]] = {
-    "hfl_naive": ("HFL naive (1 query/refit)", "all", "hfl", None, {"chunk_size": 1}),
-    "hfl_batched": ("HFL batched", "all", "hfl", None, {"chunk_size": 1024}),
+    "hfl_naive": (
+        "HFL naive (1 direction at a time, plain CG)",
+        "all",
+        "hfl",
+        None,
+        {"chunk_size": 1, "precondition_rank": 0},
+    ),
+    "hfl_batched_plain": (
+        "HFL batched, plain CG",
+        "all",
+        "hfl",
+        None,
+        {"chunk_size": 256, "precondition_rank": 0},
+    ),
+    "hfl_batched": (
+        "HFL batched + Nystrom-preconditioned",
+        "all",
+        "hfl",
+        None,
+        {"chunk_size": 256},
+    ),
     "hfl_amortized": ("HFL amortised (S=256)", "all", "hfl", None, {"amortize": 256}),
     "full_ggn": ("FullLaplace GGN", "all", "full", "CurvlinopsGGN", {}),
     "full_hessian": ("FullLaplace Hessian", "all", "full", "CurvlinopsHessian", {}),
