@@ -14,7 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "add_compare_parser", "run_compare", "SUBCOMMANDS"]
+__all__ = [
+    "main",
+    "build_parser",
+    "add_compare_parser",
+    "add_benchmark_parser",
+    "run_compare",
+    "SUBCOMMANDS",
+]
 
 DEFAULT_TASKS = ("inbetween", "moons")
 DEFAULT_OUT = "results/compare"
@@ -132,8 +139,18 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 #: Functions adding a subcommand parser; ``main`` calls each in order.
+def add_benchmark_parser(
+    subparsers: argparse._SubParsersAction,
+) -> argparse.ArgumentParser:
+    """Add the ``benchmark`` subcommand (see :mod:`laplace_hfl.benchmark`)."""
+    from laplace_hfl.benchmark.run import register
+
+    return register(subparsers)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
     add_compare_parser,
+    add_benchmark_parser,
 ]
 
 
