@@ -3,12 +3,11 @@
 :class:`HFLMixin` adapts laplace-torch's ``ParametricLaplace`` interface to the
 pure estimator in :mod:`laplace_hfl.refit`. Concrete classes say *what* is refit
 (the whole network, or the last layer on cached features) through three hooks:
-``_collect_training_data``, ``_refit_module`` and ``_query_inputs``.
+``_fit_pass``, ``_refit_module`` and ``_query_inputs``.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
@@ -22,10 +21,19 @@ from laplace_hfl.amortized import (
     amortized_solve,
     posterior_samples,
 )
+from laplace_hfl.batches import (
+    batch_size,
+    check_targets,
+    eval_mode,
+    merge_batches,
+    slice_batch,
+    split_batch,
+)
 from laplace_hfl.errors import HFLNotFittedError
 from laplace_hfl.functional import (
     LaplaceObjective,
     ParamLayout,
+    batch_loss,
     make_forward,
     output_jacobians,
     to_compute,
@@ -45,7 +53,7 @@ from laplace_hfl.refit import (
     unperturbed_refit,
 )
 
-__all__ = ["HFLMixin", "eval_mode"]
+__all__ = ["HFLMixin"]
 
 _NO_MARGLIK = (
     "HFL never forms the posterior precision, so it has no log-determinant and "
@@ -58,58 +66,6 @@ _NO_WEIGHT_SPACE = (
     "Use la(x, pred_type='glm'), la.functional_samples(x) or "
     "la.predictive_samples(x) (both pred_type='glm')."
 )
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, restoring each flag afterwards.
-
-    Freezes BatchNorm statistics and dropout during refits and predictions
-    without leaving the user's model changed.
-    """
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def split_batch(data: Any, dict_key_y: str) -> tuple[Any, Tensor]:
-    """``(X, y)`` from a tensor pair or a Hugging Face-style dict batch."""
-    if isinstance(data, MutableMapping):
-        return data, data[dict_key_y]
-    X, y = data
-    return X, y
-
-
-def _batch_size(X: Any, dict_key_x: str) -> int:
-    if isinstance(X, MutableMapping):
-        return int(X[dict_key_x].shape[0])
-    return int(X.shape[0])
-
-
-def _check_targets(likelihood: str, out: Tensor, y: Tensor) -> None:
-    if likelihood == "regression":
-        if y.shape != out.shape:
-            raise ValueError(
-                f"Regression targets have shape {tuple(y.shape)} but the model "
-                f"outputs {tuple(out.shape)}; reshape the targets to match "
-                "(e.g. y.unsqueeze(-1) for a single output)."
-            )
-    elif y.ndim == 1:
-        if y.shape[0] != out.shape[0] or torch.is_floating_point(y):
-            raise ValueError(
-                "Classification targets must be class indices of shape "
-                f"({out.shape[0]},) (integer dtype) or class probabilities of "
-                f"shape {tuple(out.shape)}; got {tuple(y.shape)}, {y.dtype}."
-            )
-    elif y.shape != out.shape:
-        raise ValueError(
-            f"Classification targets have shape {tuple(y.shape)} but the model "
-            f"outputs {tuple(out.shape)}."
-        )
 
 
 class HFLMixin:
@@ -263,8 +219,6 @@ class HFLMixin:
         inputs (both in the compute dtype, as the refit batches); ``None``
         caches nothing (the loader is iterated again on every refit pass).
         """
-        from laplace_hfl.functional import batch_loss
-
         device, dtype = self._device, self.compute_dtype
         first_out, loss, n_seen = None, 0.0, 0
         cached: list[tuple[Any, Tensor]] | None = [] if cache else None
@@ -282,7 +236,7 @@ class HFLMixin:
                         f"HFL needs model outputs of shape (batch, outputs); got "
                         f"{tuple(out.shape)}."
                     )
-                _check_targets(self.likelihood, out, y)
+                check_targets(self.likelihood, out, y)
                 batch = batch_loss(
                     self.likelihood,
                     out.to(dtype),
@@ -311,7 +265,7 @@ class HFLMixin:
                 "train_loader yielded no batches; HFL needs the training data "
                 "the MAP was fitted on."
             )
-        return first_out, loss, _merge_batches(cached, self.refit_batch_size)
+        return first_out, loss, merge_batches(cached, self.refit_batch_size)
 
     def fit(
         self,
@@ -470,17 +424,17 @@ class HFLMixin:
 
     @property
     def map_gradient_norm(self) -> float:
-        """``||grad L(theta_MAP)||``: how stationary the MAP is (after a prediction)."""
-        if self._base is None:
-            raise HFLNotFittedError(
-                "Make a prediction first; the norm is computed then."
-            )
-        return self._base.map_grad_norm
+        """``||grad L(theta_MAP)||``: how stationary the MAP is.
+
+        Computed by the first exact prediction; ``nan`` before that (and in
+        amortised mode, which never needs it).
+        """
+        return float("nan") if self._base is None else self._base.map_grad_norm
 
     # ------------------------------------------------------------ predictive
     def _check_ready(self, x: Any) -> None:
         self._check_H_init()
-        if _batch_size(x, self.dict_key_x) == 0:
+        if batch_size(x, self.dict_key_x) == 0:
             raise ValueError("HFL predictions need at least one input.")
 
     def _glm_predictive_distribution(
@@ -508,12 +462,12 @@ class HFLMixin:
         with eval_mode(self.model):
             obj = self._objective()
             theta = obj.theta_map
-            B = _batch_size(Xq, self.dict_key_x)
+            B = batch_size(Xq, self.dict_key_x)
             C = self.n_outputs
             step = max(1, self.chunk_size // max(C, 1)) if not joint else B
             mus, covs, Js_all, U_all = [], [], [], []
             for start in range(0, B, step):
-                Xc = _slice(Xq, start, start + step)
+                Xc = slice_batch(Xq, start, start + step)
                 with torch.set_grad_enabled(backprop):
                     Js, f = output_jacobians(obj.forward, theta, Xc)
                 if not backprop:
@@ -809,29 +763,3 @@ class HFLMixin:
             self._amortized = None
             self._amortized_key = None
         self._fitted = True
-
-
-def _merge_batches(
-    batches: list[tuple[Any, Tensor]] | None, max_rows: int
-) -> list[tuple[Any, Tensor]] | None:
-    """Concatenate consecutive tensor batches into batches of <= ``max_rows``."""
-    if not batches or not all(isinstance(X, Tensor) for X, _ in batches):
-        return batches
-    merged, X_acc, y_acc, rows = [], [], [], 0
-    for X, y in batches:
-        if rows and rows + X.shape[0] > max_rows:
-            merged.append((torch.cat(X_acc), torch.cat(y_acc)))
-            X_acc, y_acc, rows = [], [], 0
-        X_acc.append(X)
-        y_acc.append(y)
-        rows += X.shape[0]
-    merged.append((torch.cat(X_acc), torch.cat(y_acc)))
-    return merged
-
-
-def _slice(X: Any, start: int, stop: int) -> Any:
-    if isinstance(X, MutableMapping):
-        return type(X)(
-            {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in X.items()}
-        )
-    return X[start:stop]

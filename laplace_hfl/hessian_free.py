@@ -12,7 +12,8 @@ from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
 from laplace_hfl._docs import HFL_OPTIONS_DOC
-from laplace_hfl.base import HFLMixin, eval_mode
+from laplace_hfl.base import HFLMixin
+from laplace_hfl.batches import eval_mode
 from laplace_hfl.functional import ParamLayout, to_compute
 
 __all__ = ["HessianFreeLaplace"]

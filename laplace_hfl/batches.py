@@ -1,0 +1,100 @@
+"""Training and query batches: splitting, checking, caching, slicing.
+
+Small helpers shared by the HFL classes; none of them keeps state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "eval_mode",
+    "split_batch",
+    "batch_size",
+    "check_targets",
+    "merge_batches",
+    "slice_batch",
+]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, restoring each flag afterwards.
+
+    Freezes BatchNorm statistics and dropout during refits and predictions
+    without leaving the user's model changed.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def split_batch(data: Any, dict_key_y: str) -> tuple[Any, Tensor]:
+    """``(X, y)`` from a tensor pair or a Hugging Face-style dict batch."""
+    if isinstance(data, MutableMapping):
+        return data, data[dict_key_y]
+    X, y = data
+    return X, y
+
+
+def batch_size(X: Any, dict_key_x: str) -> int:
+    if isinstance(X, MutableMapping):
+        return int(X[dict_key_x].shape[0])
+    return int(X.shape[0])
+
+
+def check_targets(likelihood: str, out: Tensor, y: Tensor) -> None:
+    if likelihood == "regression":
+        if y.shape != out.shape:
+            raise ValueError(
+                f"Regression targets have shape {tuple(y.shape)} but the model "
+                f"outputs {tuple(out.shape)}; reshape the targets to match "
+                "(e.g. y.unsqueeze(-1) for a single output)."
+            )
+    elif y.ndim == 1:
+        if y.shape[0] != out.shape[0] or torch.is_floating_point(y):
+            raise ValueError(
+                "Classification targets must be class indices of shape "
+                f"({out.shape[0]},) (integer dtype) or class probabilities of "
+                f"shape {tuple(out.shape)}; got {tuple(y.shape)}, {y.dtype}."
+            )
+    elif y.shape != out.shape:
+        raise ValueError(
+            f"Classification targets have shape {tuple(y.shape)} but the model "
+            f"outputs {tuple(out.shape)}."
+        )
+
+
+def merge_batches(
+    batches: list[tuple[Any, Tensor]] | None, max_rows: int
+) -> list[tuple[Any, Tensor]] | None:
+    """Concatenate consecutive tensor batches into batches of <= ``max_rows``."""
+    if not batches or not all(isinstance(X, Tensor) for X, _ in batches):
+        return batches
+    merged, X_acc, y_acc, rows = [], [], [], 0
+    for X, y in batches:
+        if rows and rows + X.shape[0] > max_rows:
+            merged.append((torch.cat(X_acc), torch.cat(y_acc)))
+            X_acc, y_acc, rows = [], [], 0
+        X_acc.append(X)
+        y_acc.append(y)
+        rows += X.shape[0]
+    merged.append((torch.cat(X_acc), torch.cat(y_acc)))
+    return merged
+
+
+def slice_batch(X: Any, start: int, stop: int) -> Any:
+    if isinstance(X, MutableMapping):
+        return type(X)(
+            {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in X.items()}
+        )
+    return X[start:stop]
