@@ -14,15 +14,21 @@ from laplace_hfl.evaluation import (
     METHODS,
     TASKS,
     MethodSpec,
+    Prediction,
     brier_score,
     classification_metrics,
     expected_calibration_error,
+    format_header,
     format_table,
     gaussian_nll,
     ood_auroc,
+    plot_confidence_map,
+    plot_predictive_std,
+    predict_inputs,
     probit_probs,
     regression_metrics,
     run_comparison,
+    run_method,
     variance_agreement,
 )
 
@@ -72,10 +78,44 @@ def test_regression_metrics_by_hand():
     assert m["coverage95"] == pytest.approx(0.75)  # |-2.5| > 1.96
     assert m["coverage95_gap"] == pytest.approx(1.0)
     assert m["mean_std_gap"] == pytest.approx((math.sqrt(0.75) + math.sqrt(3)) / 2)
-    assert m["mean_std_data"] == pytest.approx(0.0)
+    assert m["mean_std_outside"] == pytest.approx(0.0)
+    assert "mean_std_data" not in m and "var_ratio_gap_data" not in m
     assert gaussian_nll(mu[:1], torch.ones(1, 1, dtype=DT), mu[:1]) == pytest.approx(
         0.5 * math.log(2 * math.pi)
     )
+
+
+def test_gap_and_data_metrics_by_hand():
+    # 6 points: 2 on the data, 2 in the gap, 2 in the extrapolation region
+    mu = torch.zeros(6, 1, dtype=DT)
+    f_var = torch.tensor([0.25, 1.0, 4.0, 16.0, 100.0, 0.0], dtype=DT)
+    y = torch.tensor([0.5, 3.0, 1.0, 1.0, 0.0, 0.0], dtype=DT)
+    gap = torch.tensor([False, False, True, True, False, False])
+    data = torch.tensor([True, True, False, False, False, False])
+    m = regression_metrics(mu, f_var, y, sigma_noise=0.0, gap_mask=gap, data_mask=data)
+    assert m["mean_std_data"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["mean_std_gap"] == pytest.approx((2.0 + 4.0) / 2)
+    assert m["mean_std_outside"] == pytest.approx((0.5 + 1.0 + 10.0 + 0.0) / 4)
+    # mean variance in gap / on data = ((4 + 16) / 2) / ((0.25 + 1) / 2) = 16
+    assert m["var_ratio_gap_data"] == pytest.approx(16.0)
+    # data: |0.5| <= 1.96 * 0.5 inside, |3| > 1.96 * 1 outside
+    assert m["coverage95_data"] == pytest.approx(0.5)
+    assert m["nll_data"] == pytest.approx(
+        0.5 * (0.5 * math.log(2 * math.pi * 0.25) + 0.5 * 0.25 / 0.25)
+        + 0.5 * (0.5 * math.log(2 * math.pi) + 0.5 * 9.0)
+    )
+    # zero variance on the data (the MAP): ratio undefined
+    m0 = regression_metrics(mu, torch.zeros(6), y, 1.0, gap, data)
+    assert math.isnan(m0["var_ratio_gap_data"])
+
+
+def test_task_masks_follow_intervals(tiny_task):
+    X = torch.tensor([[-1.5], [-1.0], [-0.8], [-0.7], [0.0], [0.5], [0.9], [1.2]])
+    assert tiny_task.data_intervals == ((-1.0, -0.7), (0.5, 1.0))
+    gap = tiny_task.gap_mask(X).tolist()
+    data = tiny_task.data_mask(X).tolist()
+    assert gap == [False, False, False, False, True, False, False, False]
+    assert data == [False, True, True, True, False, True, True, False]
 
 
 def test_variance_agreement_by_hand():
@@ -132,6 +172,60 @@ def test_smoke_run_records_failure(tiny_task, monkeypatch, tmp_path):
     assert (tmp_path / "figures" / "tiny_variance_vs_ggn.png").stat().st_size > 0
     table = format_table(res.rows, "regression")
     assert "broken: NotImplementedError" in table and "hfl_ggn" in table
+    assert "var_gap/data" in table and "cov95_data" in table
+    assert (tmp_path / "figures" / "tiny_std.png").stat().st_size > 0
+    assert rows["full_curvlinops_ggn"]["var_ratio_gap_data"] > 1
+    assert format_header(res.meta).startswith("Task tiny:")
+
+
+def test_predict_inputs_matches_run_method(tiny_task):
+    X = next(iter(tiny_task.test_loader))[0]
+    torch.manual_seed(0)
+    _, ref = run_method(tiny_task, METHODS["full_curvlinops_ggn"])
+    pred = predict_inputs(tiny_task, "full_curvlinops_ggn", X[:7])
+    assert torch.allclose(pred.f_mu, ref.f_mu[:7])
+    assert torch.allclose(pred.f_var, ref.f_var[:7])
+    x_new = torch.tensor([[-3.0], [0.1]], dtype=DT)
+    pred = predict_inputs(tiny_task, METHODS["map"], x_new)
+    assert pred.f_mu.shape == (2, 1) and bool((pred.f_var == 0).all())
+    with pytest.raises(KeyError, match="Unknown method"):
+        predict_inputs(tiny_task, "no_such_method", x_new)
+
+
+def test_std_and_confidence_figures():
+    x = torch.linspace(-2, 2, 11, dtype=DT).reshape(-1, 1)
+    preds = {
+        "a": Prediction(torch.zeros(11, 1), torch.full((11, 1, 1), 0.04)),
+        "b": Prediction(torch.zeros(11, 1), (x**2).reshape(11, 1, 1) + 1e-3),
+        "map": Prediction(torch.zeros(11, 1), torch.zeros(11, 1, 1)),
+    }
+    fig = plot_predictive_std(x, preds, gap=(-0.7, 0.5), train_x=x[:3])
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "log"
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert {"a", "b"} <= set(lines) and "map" not in lines  # zero variance skipped
+    assert lines["a"].get_ydata() == pytest.approx([0.2] * 11)
+    xx, yy = torch.meshgrid(
+        torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 3), indexing="xy"
+    )
+    probs = torch.softmax(
+        torch.randn(12, 2, generator=torch.Generator().manual_seed(0)), -1
+    )
+    cls = {
+        k: Prediction(torch.zeros(12, 2), torch.zeros(12, 2, 2), probs) for k in "pq"
+    }
+    fig = plot_confidence_map(
+        xx, yy, cls, train_xy=torch.zeros(2, 2), train_y=torch.tensor([0, 1])
+    )
+    from matplotlib.collections import QuadMesh
+
+    meshes = [c for a in fig.axes for c in a.collections if isinstance(c, QuadMesh)]
+    meshes = [m for m in meshes if m.get_array().size == 12]  # not the colour bar
+    assert len(meshes) == 2
+    assert {m.get_clim() for m in meshes} == {(0.5, 1.0)}
+    assert meshes[0].get_array().max() == pytest.approx(
+        float(probs.max(-1).values.max())
+    )
 
 
 def test_unknown_method_raises():
@@ -151,7 +245,7 @@ def test_registry_spans_backends_and_structures():
 def test_cli_list_and_help(capsys):
     assert main(["compare", "--list"]) == 0
     out = capsys.readouterr().out
-    assert "inbetween" in out and "hfl_hessian" in out
+    assert "inbetween" in out and "hfl_hessian" in out and "hfl_amortized" in out
     assert main([]) == 2
     assert main(["compare", "--task", "nope"]) == 2
 

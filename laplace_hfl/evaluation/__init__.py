@@ -3,9 +3,10 @@
 Public API (used by ``laplace-hfl compare``, notebooks and the benchmark)::
 
     from laplace_hfl.evaluation import (
-        TASKS, METHODS, run_comparison, regression_metrics,
-        classification_metrics, plot_predictive_bands, plot_reliability,
-        plot_variance_scatter,
+        TASKS, METHODS, run_comparison, run_method, predict_inputs,
+        regression_metrics, classification_metrics, plot_predictive_bands,
+        plot_predictive_std, plot_confidence_map, plot_reliability,
+        plot_variance_scatter, format_table, format_header,
     )
 
 See ``docs/evaluation.md``.
@@ -14,7 +15,9 @@ See ``docs/evaluation.md``.
 from __future__ import annotations
 
 from laplace_hfl.evaluation.figures import (
+    plot_confidence_map,
     plot_predictive_bands,
+    plot_predictive_std,
     plot_reliability,
     plot_variance_scatter,
 )
@@ -39,11 +42,12 @@ from laplace_hfl.evaluation.registry import (
     register_method,
     resolve_methods,
 )
-from laplace_hfl.evaluation.report import format_table, write_results
+from laplace_hfl.evaluation.report import format_header, format_table, write_results
 from laplace_hfl.evaluation.runner import (
     ComparisonResult,
     PeakMemory,
     Prediction,
+    predict_inputs,
     run_comparison,
     run_method,
 )
@@ -62,6 +66,7 @@ __all__ = [
     "resolve_methods",
     "run_comparison",
     "run_method",
+    "predict_inputs",
     "ComparisonResult",
     "Prediction",
     "PeakMemory",
@@ -76,8 +81,11 @@ __all__ = [
     "ood_auroc",
     "variance_agreement",
     "plot_predictive_bands",
+    "plot_predictive_std",
+    "plot_confidence_map",
     "plot_reliability",
     "plot_variance_scatter",
     "format_table",
+    "format_header",
     "write_results",
 ]

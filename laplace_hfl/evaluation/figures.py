@@ -1,4 +1,5 @@
-"""PNG figures of a comparison: predictive bands, reliability, variance scatter.
+"""PNG figures of a comparison: predictive bands and standard deviations,
+confidence maps, reliability, variance scatter.
 
 Every function takes the ``predictions`` dict of a
 :class:`~laplace_hfl.evaluation.ComparisonResult` (method name to
@@ -20,11 +21,18 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
     from laplace_hfl.evaluation.runner import Prediction
 
-__all__ = ["plot_predictive_bands", "plot_reliability", "plot_variance_scatter"]
+__all__ = [
+    "plot_predictive_bands",
+    "plot_predictive_std",
+    "plot_confidence_map",
+    "plot_reliability",
+    "plot_variance_scatter",
+]
 
 
 def _grid(n: int, ncols: int = 5, size: float = 2.6) -> tuple[Figure, list]:
@@ -194,5 +202,143 @@ def plot_variance_scatter(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
+def _intervals(gap: tuple | None) -> tuple[tuple[float, float], ...]:
+    if gap is None:
+        return ()
+    if isinstance(gap[0], (int, float)):
+        return (tuple(gap),)
+    return tuple(tuple(g) for g in gap)
+
+
+def plot_predictive_std(
+    x: Tensor,
+    predictions: dict[str, Prediction],
+    gap: tuple[float, float] | tuple[tuple[float, float], ...] | None = None,
+    ax: Axes | None = None,
+    train_x: Tensor | None = None,
+    path: str | os.PathLike | None = None,
+    title: str = "",
+) -> Figure:
+    """Every method's epistemic standard deviation on ONE axes, log-scale y.
+
+    The curve of a method is ``sqrt(f_var[:, 0, 0])`` (regression, output 0)
+    against ``x``; methods with zero variance everywhere (the MAP) are skipped.
+
+    Parameters
+    ----------
+    x : Tensor
+        Sorted 1-D test inputs ``(N,)`` or ``(N, 1)`` the predictions were
+        made at.
+    predictions : dict of str to Prediction
+        Legend label to prediction.
+    gap : tuple of float or tuple of tuples, optional
+        Input interval(s) without data, shaded grey.
+    ax : matplotlib Axes, optional
+        Draw into this axes (a new 6 x 3.5 in figure otherwise).
+    train_x : Tensor, optional
+        Training inputs, drawn as a rug at the bottom.
+    path : path, optional
+        Where to save the PNG.
+    title : str
+
+    Returns
+    -------
+    Figure
+        The figure holding ``ax``.
+    """
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+    else:
+        fig = ax.figure
+    xs = x.reshape(-1).double().numpy()
+    for lo_hi in _intervals(gap):
+        ax.axvspan(*lo_hi, color="0.92", lw=0, label=None)
+    for name, p in predictions.items():
+        var = p.f_var.reshape(p.f_var.shape[0], -1)[:, 0].double().clamp_min(0)
+        if not bool((var > 0).any()):
+            continue
+        ax.plot(xs, var.sqrt().numpy(), lw=1.2, label=name)
+    ax.set_yscale("log")
+    if train_x is not None:
+        ax.plot(
+            train_x.reshape(-1).double().numpy(),
+            [0.0] * train_x.numel(),
+            "|",
+            color="k",
+            ms=8,
+            transform=ax.get_xaxis_transform(),
+        )
+    ax.set_xlabel("x", fontsize=8)
+    ax.set_ylabel("epistemic sd  sqrt(f_var)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, ncol=2, loc="best")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
+def plot_confidence_map(
+    xx: Tensor,
+    yy: Tensor,
+    predictions: dict[str, Prediction],
+    train_xy: Tensor | None = None,
+    train_y: Tensor | None = None,
+    path: str | os.PathLike | None = None,
+    title: str = "",
+) -> Figure:
+    """Max-probability confidence ``max_k p_k`` on a 2-D grid, one panel per method.
+
+    All panels share one colour scale (from ``1 / C`` to 1) and one colour bar.
+
+    Parameters
+    ----------
+    xx, yy : Tensor
+        Grid coordinates ``(H, W)`` (``torch.meshgrid(..., indexing="xy")``);
+        the predictions were made at ``torch.stack([xx, yy], -1).reshape(-1, 2)``.
+    predictions : dict of str to Prediction
+        Panel title to prediction; each needs ``probs`` of shape ``(H * W, C)``.
+    train_xy : Tensor, optional
+        Training inputs ``(n, 2)``, scattered on every panel.
+    train_y : Tensor, optional
+        Their labels (point colours).
+    path : path, optional
+    title : str
+    """
+    preds = {k: p for k, p in predictions.items() if p.probs is not None}
+    fig, axes = _grid(len(preds), ncols=4, size=3.0)
+    n_cls = max((p.probs.shape[-1] for p in preds.values()), default=2)
+    X, Y = xx.double().numpy(), yy.double().numpy()
+    mesh = None
+    for ax, (name, p) in zip(axes, preds.items()):
+        conf = p.probs.double().max(-1).values.reshape(xx.shape).numpy()
+        mesh = ax.pcolormesh(
+            X, Y, conf, vmin=1.0 / n_cls, vmax=1.0, cmap="viridis", shading="auto"
+        )
+        if train_xy is not None:
+            ax.scatter(
+                train_xy[:, 0].double().numpy(),
+                train_xy[:, 1].double().numpy(),
+                c=None if train_y is None else train_y.numpy(),
+                cmap="coolwarm",
+                s=4,
+                edgecolors="w",
+                linewidths=0.2,
+            )
+        ax.set_title(name, fontsize=8)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if mesh is not None:
+        bar = fig.colorbar(mesh, ax=axes[: len(preds)], shrink=0.8)
+        bar.set_label("max_k p_k", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     _save(fig, path)
     return fig

@@ -62,8 +62,9 @@ def regression_metrics(
     y: Tensor,
     sigma_noise: float,
     gap_mask: Tensor | None = None,
+    data_mask: Tensor | None = None,
 ) -> dict[str, float]:
-    """RMSE, Gaussian NLL and 95% coverage (overall and in the gap).
+    """RMSE, Gaussian NLL and 95% coverage (overall, in the gap, on the data).
 
     Parameters
     ----------
@@ -77,26 +78,45 @@ def regression_metrics(
         Observation noise; the predictive variance is ``f_var + sigma_noise^2``.
     gap_mask : Tensor of bool, optional
         Test points in the gap (no training data); adds ``coverage95_gap``,
-        ``nll_gap``, ``mean_std_gap`` and ``mean_std_data`` (outside the gap).
+        ``nll_gap``, ``mean_std_gap`` and ``mean_std_outside`` (every point
+        outside the gap: data *and* extrapolation region).
+    data_mask : Tensor of bool, optional
+        Test points inside the training-data input intervals; adds
+        ``coverage95_data``, ``nll_data``, ``mean_std_data`` and, with
+        ``gap_mask``, ``var_ratio_gap_data`` = mean ``f_var`` in the gap /
+        mean ``f_var`` on the data (NaN when the latter is 0, e.g. the MAP).
 
     Returns
     -------
     dict of str to float
-        ``rmse``, ``nll``, ``coverage95`` and the gap entries.
+        ``rmse``, ``nll``, ``coverage95`` and the gap / data entries.
     """
     m, fv, t = f_mu.reshape(-1), f_var.reshape(-1), y.reshape(-1)
-    v = fv.double().clamp_min(0) + sigma_noise**2
+    fv = fv.double().clamp_min(0)
+    v = fv + sigma_noise**2
     out = {
         "rmse": float(((m.double() - t.double()) ** 2).mean().sqrt()),
         "nll": gaussian_nll(m, v, t),
         "coverage95": interval_coverage(m, v, t),
     }
-    if gap_mask is not None:
-        g = gap_mask.reshape(-1).bool()
-        out["coverage95_gap"] = interval_coverage(m[g], v[g], t[g])
-        out["nll_gap"] = gaussian_nll(m[g], v[g], t[g]) if g.any() else float("nan")
-        out["mean_std_gap"] = float(fv[g].double().clamp_min(0).sqrt().mean())
-        out["mean_std_data"] = float(fv[~g].double().clamp_min(0).sqrt().mean())
+
+    def mean(a: Tensor) -> float:
+        return float(a.mean()) if a.numel() else float("nan")
+
+    masks = {"gap": gap_mask, "data": data_mask}
+    for key, mask in masks.items():
+        if mask is None:
+            continue
+        g = mask.reshape(-1).bool()
+        out[f"coverage95_{key}"] = interval_coverage(m[g], v[g], t[g])
+        out[f"nll_{key}"] = gaussian_nll(m[g], v[g], t[g]) if g.any() else float("nan")
+        out[f"mean_std_{key}"] = mean(fv[g].sqrt())
+        if key == "gap":
+            out["mean_std_outside"] = mean(fv[~g].sqrt())
+    if gap_mask is not None and data_mask is not None:
+        var_gap = mean(fv[gap_mask.reshape(-1).bool()])
+        var_data = mean(fv[data_mask.reshape(-1).bool()])
+        out["var_ratio_gap_data"] = var_gap / var_data if var_data > 0 else float("nan")
     return out
 
 

@@ -141,6 +141,13 @@ register_method(
         _la("last_layer", "hfl", target="ggn", **_HFL), {"target": "ggn", **_HFL},
     )
 )  # fmt: skip
+register_method(
+    MethodSpec(
+        "hfl_amortized", "hfl", "hfl", "hfl-ggn-amortized",
+        _la("all", "hfl", target="ggn", amortize=256, **_HFL),
+        {"target": "ggn", "amortize": 256, **_HFL},
+    )
+)  # fmt: skip
 for _backend, _kind in [
     (CurvlinopsHessian, "hessian"),
     (AsdlHessian, "hessian"),

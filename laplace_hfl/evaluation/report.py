@@ -29,6 +29,8 @@ _REGRESSION = [
     ("nll", "nll", ".3f"),
     ("coverage95", "cov95", ".3f"),
     ("coverage95_gap", "cov95_gap", ".3f"),
+    ("coverage95_data", "cov95_data", ".3f"),
+    ("var_ratio_gap_data", "var_gap/data", ".3g"),
 ]
 _CLASSIFICATION = [
     ("accuracy", "acc", ".3f"),
@@ -136,6 +138,7 @@ def write_results(
     """
     from laplace_hfl.evaluation.figures import (
         plot_predictive_bands,
+        plot_predictive_std,
         plot_reliability,
         plot_variance_scatter,
     )
@@ -165,6 +168,13 @@ def write_results(
                     X, preds, task.sigma_noise, task.train_xy,
                     task.gap_intervals,
                     p, f"{name}: mean, 95% epistemic (dark) and predictive bands",
+                )  # fmt: skip
+                paths.append(p)
+                p = fig_dir / f"{name}_std.png"
+                train_x = task.train_xy[0] if task.train_xy is not None else None
+                plot_predictive_std(
+                    X, preds, task.gap_intervals, train_x=train_x, path=p,
+                    title=f"{name}: epistemic standard deviation",
                 )  # fmt: skip
                 paths.append(p)
             if task.likelihood == "classification":

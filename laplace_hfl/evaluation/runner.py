@@ -36,6 +36,7 @@ __all__ = [
     "ComparisonResult",
     "PeakMemory",
     "run_method",
+    "predict_inputs",
     "run_comparison",
     "DEFAULT_TUNE_GRID",
 ]
@@ -167,12 +168,10 @@ def _predict(
 
 def _score(task: Task, pred: Prediction, y: Tensor, X: Tensor) -> dict[str, float]:
     if task.likelihood == "regression":
-        gap = None
-        if task.gap_intervals and X.shape[-1] == 1:
-            gap = torch.zeros(X.shape[0], dtype=torch.bool)
-            for lo, hi in task.gap_intervals:
-                gap |= (X[:, 0] > lo) & (X[:, 0] < hi)
-        return regression_metrics(pred.f_mu, pred.f_var, y, task.sigma_noise, gap)
+        return regression_metrics(
+            pred.f_mu, pred.f_var, y, task.sigma_noise, task.gap_mask(X),
+            task.data_mask(X),
+        )  # fmt: skip
     return classification_metrics(pred.probs, y, pred.probs_ood)
 
 
@@ -182,6 +181,94 @@ def _val_nll(task: Task, la: Any, model: torch.nn.Module, batch_size: int) -> fl
     if task.likelihood == "regression":
         return regression_metrics(mu, var, y, task.sigma_noise)["nll"]
     return classification_metrics(probit_probs(mu, var), y)["nll"]
+
+
+def _fit(
+    task: Task,
+    spec: MethodSpec,
+    model: torch.nn.Module,
+    prior: float,
+    tune: bool,
+    tune_grid: tuple[float, ...],
+    batch_size: int,
+) -> tuple[Any, float]:
+    """Build and fit ``spec`` on ``task`` (``model`` is the caller's copy).
+
+    Returns the fitted Laplace object (``None`` for the MAP) and the prior
+    precision in use (tuned on the validation NLL when ``tune``).
+    """
+    if spec.build is None:
+        return None, prior
+    la = spec.build(model, task.likelihood, task.sigma_noise, prior)
+    la.fit(task.train_loader)
+    if tune:
+        scores = []
+        for p in tune_grid:
+            la.prior_precision = p
+            scores.append(_val_nll(task, la, model, batch_size))
+        prior = tune_grid[int(np.nanargmin(scores))]
+        la.prior_precision = prior
+    return la, prior
+
+
+def _prediction(
+    task: Task, la: Any, model: torch.nn.Module, X: Tensor, batch_size: int
+) -> Prediction:
+    """:class:`Prediction` at ``X`` (probit probabilities for classification).
+
+    Raises
+    ------
+    FloatingPointError
+        A non-finite predictive variance.
+    """
+    f_mu, f_var = _predict(la, model, X, batch_size)
+    if not torch.isfinite(f_var).all():
+        raise FloatingPointError("non-finite predictive variance")
+    pred = Prediction(f_mu, f_var)
+    if task.likelihood == "classification":
+        pred.probs = probit_probs(f_mu, f_var)
+    return pred
+
+
+def predict_inputs(
+    task: Task,
+    spec_or_name: MethodSpec | str,
+    X: Tensor,
+    prior_precision: float | None = None,
+    tune: bool = False,
+    tune_grid: tuple[float, ...] = DEFAULT_TUNE_GRID,
+    batch_size: int = 100,
+) -> Prediction:
+    """Fit one method on ``task`` as :func:`run_method` does, then predict at ``X``.
+
+    For figures on arbitrary inputs (e.g. a 2-D grid for
+    :func:`~laplace_hfl.evaluation.plot_confidence_map`). Unlike
+    :func:`run_method` it raises when the method fails.
+
+    Parameters
+    ----------
+    task : Task
+    spec_or_name : MethodSpec or str
+        A spec or a name in :data:`~laplace_hfl.evaluation.METHODS`.
+    X : Tensor
+        Inputs ``(N, D)`` in the dtype of the task's model.
+    prior_precision, tune, tune_grid, batch_size
+        As in :func:`run_method`.
+
+    Returns
+    -------
+    Prediction
+        ``f_mu``, ``f_var`` and, for classification, probit ``probs`` at ``X``.
+    """
+    spec = (
+        resolve_methods([spec_or_name])[0]
+        if isinstance(spec_or_name, str)
+        else spec_or_name
+    )
+    prior = task.prior_precision if prior_precision is None else prior_precision
+    model = copy.deepcopy(task.model)
+    la, _ = _fit(task, spec, model, prior, tune, tune_grid, batch_size)
+    return _prediction(task, la, model, X, batch_size)
 
 
 def run_method(
@@ -235,30 +322,13 @@ def run_method(
         with warnings.catch_warnings(record=True) as caught, PeakMemory() as mem:
             warnings.simplefilter("always")
             t0 = time.perf_counter()
-            la = None
-            if spec.build is not None:
-                la = spec.build(model, task.likelihood, task.sigma_noise, prior)
-                la.fit(task.train_loader)
-                if tune:
-                    scores = []
-                    for p in tune_grid:
-                        la.prior_precision = p
-                        scores.append(_val_nll(task, la, model, batch_size))
-                    best = tune_grid[int(np.nanargmin(scores))]
-                    la.prior_precision = best
-                    row["prior_precision"] = best
+            la, best = _fit(task, spec, model, prior, tune, tune_grid, batch_size)
+            row["prior_precision"] = best
             t1 = time.perf_counter()
-            f_mu, f_var = _predict(la, model, X, batch_size)
+            pred = _prediction(task, la, model, X, batch_size)
             t2 = time.perf_counter()
-            pred = Prediction(f_mu, f_var)
-            if task.likelihood == "classification":
-                pred.probs = probit_probs(f_mu, f_var)
-                if X_ood is not None:
-                    pred.probs_ood = probit_probs(
-                        *_predict(la, model, X_ood, batch_size)
-                    )
-            if not torch.isfinite(f_var).all():
-                raise FloatingPointError("non-finite predictive variance")
+            if task.likelihood == "classification" and X_ood is not None:
+                pred.probs_ood = probit_probs(*_predict(la, model, X_ood, batch_size))
         row.update(_score(task, pred, y, X))
         row["fit_s"] = t1 - t0
         row["predict_s_per_point"] = (t2 - t1) / X.shape[0]

@@ -76,6 +76,10 @@ class Task:
     gap : tuple of float, tuple of such tuples, or None
         ``(lo, hi)`` interval(s) of the 1-D input without training data
         (``coverage95_gap`` is measured there).
+    data_intervals : tuple of ``(lo, hi)`` tuples or None
+        Intervals of the 1-D input that hold the training inputs
+        (``mean_std_data``, ``coverage95_data`` and ``var_ratio_gap_data`` are
+        measured on the test points inside them).
     grid : Tensor or None
         Ordered 1-D test inputs for predictive-band figures (1-D regression).
     train_xy : tuple of Tensor or None
@@ -97,6 +101,7 @@ class Task:
     gap: tuple[float, float] | tuple[tuple[float, float], ...] | None = None
     grid: Tensor | None = None
     train_xy: tuple[Tensor, Tensor] | None = None
+    data_intervals: tuple[tuple[float, float], ...] | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -107,6 +112,30 @@ class Task:
         if isinstance(self.gap[0], (int, float)):
             return (tuple(self.gap),)  # type: ignore[return-value]
         return tuple(tuple(g) for g in self.gap)  # type: ignore[misc]
+
+    @staticmethod
+    def _in_intervals(x: Tensor, intervals: tuple[tuple[float, float], ...]) -> Tensor:
+        mask = torch.zeros(x.shape[0], dtype=torch.bool)
+        for lo, hi in intervals:
+            mask |= (x[:, 0] > lo) & (x[:, 0] < hi)
+        return mask
+
+    def gap_mask(self, X: Tensor) -> Tensor | None:
+        """Boolean mask of the 1-D inputs ``X (N, 1)`` strictly inside the gap
+        (``None`` without a gap or for multi-dimensional inputs)."""
+        if not self.gap_intervals or X.shape[-1] != 1:
+            return None
+        return self._in_intervals(X, self.gap_intervals)
+
+    def data_mask(self, X: Tensor) -> Tensor | None:
+        """Boolean mask of the 1-D inputs ``X (N, 1)`` inside
+        :attr:`data_intervals` (closed intervals; ``None`` if not set)."""
+        if not self.data_intervals or X.shape[-1] != 1:
+            return None
+        mask = torch.zeros(X.shape[0], dtype=torch.bool)
+        for lo, hi in self.data_intervals:
+            mask |= (X[:, 0] >= lo) & (X[:, 0] <= hi)
+        return mask
 
     @property
     def n_params(self) -> int:
@@ -400,6 +429,7 @@ def make_inbetween(seed: int = 0) -> Task:
         map_grad_norm=gn,
         description="Foong in-between 1-D regression, MLP 1-50-1 tanh, float64",
         gap=(-0.7, 0.5),
+        data_intervals=((-1.0, -0.7), (0.5, 1.0)),
         grid=Xt,
         train_xy=(X, Y),
     )
@@ -446,6 +476,7 @@ def make_sinusoid(seed: int = 0) -> Task:
         map_grad_norm=_map_grad_norm(model, X, Y, "regression", sigma, prior),
         description="laplace-torch sinusoid, MLP 1-50-1 tanh, Adam mean MSE + wd",
         gap=((-5.0, 0.0), (8.0, 13.0)),
+        data_intervals=((0.0, 8.0),),
         grid=Xt,
         train_xy=(X, Y),
     )
@@ -618,6 +649,7 @@ def make_tiny(seed: int = 0) -> Task:
         map_grad_norm=gn,
         description="tiny in-between regression, MLP 1-8-1 tanh (smoke tests)",
         gap=(-0.7, 0.5),
+        data_intervals=((-1.0, -0.7), (0.5, 1.0)),
         grid=Xt,
         train_xy=(X, Y),
     )
