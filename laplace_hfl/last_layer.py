@@ -128,13 +128,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
                     "train_loader yielded no batches; HFL needs the training data "
                     "the MAP was fitted on."
                 )
-            self.data = first
-            with eval_mode(self.model):
-                self._find_last_layer(first)
-            self.n_params = len(
-                parameters_to_vector(self.model.last_layer.parameters())
-            )
-            self.n_layers = len(list(self.model.last_layer.parameters()))
+            self._locate_last_layer(first)
             self.prior_precision = self._prior_precision
             self.prior_mean = self._prior_mean
         with eval_mode(self.model):
@@ -188,11 +182,14 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
                     "The state holds no batch to locate the last layer; pass "
                     "last_layer_name=... to the constructor."
                 )
-            self.data = data
-            with eval_mode(self.model):
-                self._find_last_layer(data)
-            self.n_params = len(
-                parameters_to_vector(self.model.last_layer.parameters())
-            )
-            self.n_layers = len(list(self.model.last_layer.parameters()))
+            self._locate_last_layer(data)
         super().load_state_dict(state_dict)
+
+    def _locate_last_layer(self, data: Any) -> None:
+        """Find the last layer with one batch and size the estimator from it."""
+        self.data = data
+        with eval_mode(self.model):
+            self._find_last_layer(data)
+        params = list(self.model.last_layer.parameters())
+        self.n_params = len(parameters_to_vector(params))
+        self.n_layers = len(params)
