@@ -5,7 +5,14 @@ Every message says what went wrong *and* what to do about it.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
 __all__ = [
+    "warn_user",
     "HFLNotFittedError",
     "IndefiniteHessianError",
     "RefitConvergenceWarning",
@@ -45,3 +52,28 @@ class PSDClippingWarning(UserWarning):
 
 class NonStationaryMAPWarning(UserWarning):
     """The network refit moved far from the MAP before any perturbation."""
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """Folders whose frames are library internals (this package, laplace, torch)."""
+    dirs = [Path(__file__).resolve().parent, Path(contextlib.__file__).resolve()]
+    for name in ("laplace", "torch"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin is not None:
+            dirs.append(Path(spec.origin).resolve().parent)
+    return tuple(str(d) for d in dirs)
+
+
+def warn_user(message: str, category: type[Warning]) -> None:
+    """Warn with the location of the first caller outside the libraries.
+
+    The refits run deep inside laplace-hfl, laplace-torch and torch; pointing
+    the warning at the user's ``la(x)`` line makes it actionable.
+    """
+    skip = _library_dirs()
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(
+        Path(frame.f_code.co_filename).resolve()
+    ).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
-from laplace_hfl.errors import PSDClippingWarning
+from laplace_hfl.errors import PSDClippingWarning, warn_user
 
 __all__ = ["symmetric_psd", "marginal_covariance", "joint_covariance"]
 
@@ -41,12 +39,11 @@ def symmetric_psd(M: Tensor) -> Tensor:
     scale = evals.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
     worst = float((-evals / scale).max())
     if worst > CLIP_WARN_FRACTION:
-        warnings.warn(
+        warn_user(
             f"Clipped a negative predictive eigenvalue of {worst:.2e} x the "
             "largest one to zero. The refits are not accurate enough: lower "
             "rtol or raise max_iter.",
             PSDClippingWarning,
-            stacklevel=3,
         )
     return (evecs * evals.clamp_min(0).unsqueeze(-2)) @ evecs.transpose(-1, -2)
 

@@ -31,7 +31,6 @@ Hessian, GGN or Jacobian matrix of the training data is ever formed.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +42,7 @@ from laplace_hfl.errors import (
     IndefiniteHessianError,
     NonStationaryMAPWarning,
     RefitConvergenceWarning,
+    warn_user,
 )
 from laplace_hfl.functional import (
     LaplaceObjective,
@@ -272,24 +272,22 @@ def unperturbed_refit(
         theta, value = theta + step, new_value
         g = objective_grad(obj, theta[None])[0]
     if float(g.norm()) > tol:
-        warnings.warn(
+        warn_user(
             f"The unperturbed network refit stopped after {settings.max_newton} "
             f"Newton steps with gradient norm {float(g.norm()):.3e} > tolerance "
             f"{tol:.3e} (MAP gradient norm {g0_norm:.3e}). Increase max_newton or "
             "use target='ggn'.",
             RefitConvergenceWarning,
-            stacklevel=3,
         )
     displacement = float((theta - theta0).norm())
     if displacement > 1e-3 * (float(theta0.norm()) + 1e-12):
-        warnings.warn(
+        warn_user(
             f"The MAP is not a stationary point of the Laplace objective "
             f"(||grad L|| = {g0_norm:.3e}); the network refit moved "
             f"{displacement:.3e} (relative {displacement / float(theta0.norm()):.2e}) "
             "to a nearby minimum before any perturbation, and target='hessian' "
             "describes that minimum. target='ggn' is exact at any MAP.",
             NonStationaryMAPWarning,
-            stacklevel=3,
         )
     return BasePoint(theta, g, g0_norm, displacement, iterations)
 
@@ -493,7 +491,7 @@ def perturbed_refits(
         )
     if diag.converged.numel() and not bool(diag.converged.all()):
         n_bad = int((~diag.converged).sum())
-        warnings.warn(
+        warn_user(
             f"{n_bad} of {diag.converged.numel()} refits did not converge: largest "
             f"residual gradient {float(diag.residual.max()):.3e} x eps*||J|| "
             f"(tolerance rtol={settings.rtol:.1e}) after at most "
@@ -506,6 +504,5 @@ def perturbed_refits(
                 else " or raise the prior precision (better conditioning)."
             ),
             RefitConvergenceWarning,
-            stacklevel=3,
         )
     return U, diag
