@@ -45,4 +45,12 @@ HFL_OPTIONS_DOC = """
         ``min(256, P // 2)`` when that sketch fits in 256 MiB (``P`` up to
         ~130k) and no preconditioner above; ``0`` switches it off. It changes how
         fast refits converge, never what they converge to.
+    minibatch_epochs : int or None, default=None
+        Minibatch refits (keyword-only, ``target="ggn"``): instead of full-batch
+        CG, run the perturbed refits by preconditioned SGD, one training batch
+        per step, for this many epochs, with iterate averaging over the second
+        half (:mod:`laplace_hfl.stochastic`). For data too large for many full
+        passes; combine with ``fit(..., cache_data=False)`` and a shuffling
+        loader. Converges to the same answer in expectation; the full-batch
+        residual of the result is in ``la.last_diagnostics.residual``.
 """

@@ -52,6 +52,7 @@ from laplace_hfl.refit import (
     perturbed_refits,
     unperturbed_refit,
 )
+from laplace_hfl.stochastic import minibatch_refits
 
 __all__ = ["HFLMixin"]
 
@@ -88,9 +89,11 @@ class HFLMixin:
         progress_bar: bool,
         amortize: int | None = None,
         precondition_rank: int | None = None,
+        minibatch_epochs: int | None = None,
     ) -> None:
         self.amortize = amortize
         self.precondition_rank = precondition_rank
+        self.minibatch_epochs = minibatch_epochs
         self._amortized: AmortizedState | None = None
         self._amortized_key: tuple | None = None
         self.hfl_settings = settings
@@ -118,6 +121,7 @@ class HFLMixin:
         compute_dtype: torch.dtype,
         amortize: int | None = None,
         precondition_rank: int | None = None,
+        minibatch_epochs: int | None = None,
     ) -> RefitSettings:
         if likelihood not in ("regression", "classification"):
             raise ValueError(
@@ -129,6 +133,20 @@ class HFLMixin:
                 "enable_backprop=True (gradients of the predictive w.r.t. inputs) "
                 "is available for exact HFL only; use amortize=None."
             )
+        if minibatch_epochs is not None:
+            if isinstance(minibatch_epochs, bool) or not (
+                isinstance(minibatch_epochs, int) and minibatch_epochs >= 2
+            ):
+                raise ValueError(
+                    "minibatch_epochs must be None (full-batch CG refits) or the "
+                    f"number of epochs (an integer >= 2), got {minibatch_epochs!r}."
+                )
+            if target != "ggn" or amortize is not None:
+                raise ValueError(
+                    "minibatch_epochs (minibatch refits) is available for "
+                    "target='ggn' without amortize: the network refit "
+                    "(target='hessian') needs full-batch Newton steps."
+                )
         if precondition_rank is not None and not (
             isinstance(precondition_rank, int)
             and not isinstance(precondition_rank, bool)
@@ -390,6 +408,16 @@ class HFLMixin:
 
     def _solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
         """``P^{-1} v`` estimates for the rows of ``V`` by perturbed refits."""
+        if self.minibatch_epochs is not None:
+            res = minibatch_refits(
+                obj,
+                V,
+                self.n_data,
+                epochs=self.minibatch_epochs,
+                precond=self._precond(obj),
+            )
+            self.last_diagnostics = res
+            return res.U
         if self.amortize is not None:
             return amortized_solve(self._amortized_state(obj).samples, V)
         U, self.last_diagnostics = perturbed_refits(

@@ -90,11 +90,12 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
         progress_bar: bool = False,
         amortize: int | None = None,
         precondition_rank: int | None = None,
+        minibatch_epochs: int | None = None,
     ) -> None:
         settings = self._validate_hfl_options(
             likelihood, enable_backprop, eps, target, rtol, max_iter,
             max_newton, chunk_size, compute_dtype, amortize=amortize,
-            precondition_rank=precondition_rank,
+            precondition_rank=precondition_rank, minibatch_epochs=minibatch_epochs,
         )  # fmt: skip
         super().__init__(
             model,
@@ -117,6 +118,7 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
             progress_bar,
             amortize=amortize,
             precondition_rank=precondition_rank,
+            minibatch_epochs=minibatch_epochs,
         )
 
     def _fit_pass(self, train_loader: DataLoader) -> tuple:
