@@ -56,15 +56,20 @@ READING_ORDER = (
     "hessian_free", "last_layer",
 )  # fmt: skip
 EXPORTS = ("HessianFreeLaplace", "HessianFreeLLLaplace")
-MODULE_ALL = (
-    "HessianFreeLaplace",
-    "HessianFreeLLLaplace",
-    "HFLNotFittedError",
-    "IndefiniteHessianError",
-    "NonStationaryMAPWarning",
-    "PSDClippingWarning",
-    "RefitConvergenceWarning",
-)
+
+
+def _package_all() -> tuple[str, ...]:
+    """The package's own ``__all__`` (one source of truth for the exports)."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            return tuple(ast.literal_eval(node.value))
+    raise SystemExit(f"{PACKAGE / '__init__.py'} defines no __all__")
+
+
+MODULE_ALL = _package_all()
 
 MODULE_DOCSTRING = '''"""Hessian-free Laplace (HFL): ``hessian_structure="hfl"``.
 
