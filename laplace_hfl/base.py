@@ -9,6 +9,7 @@ pure estimator in :mod:`laplace_hfl.refit`. Concrete classes say *what* is refit
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,6 +70,19 @@ _NO_WEIGHT_SPACE = (
 )
 
 
+@dataclass(frozen=True)
+class HFLOptions:
+    """The validated keyword-only HFL options of a constructor."""
+
+    settings: RefitSettings
+    chunk_size: int
+    compute_dtype: torch.dtype
+    progress_bar: bool
+    amortize: int | None
+    precondition_rank: int | None
+    minibatch_epochs: int | None
+
+
 class HFLMixin:
     """Hessian-free Laplace behaviour on top of laplace-torch's classes.
 
@@ -81,25 +95,16 @@ class HFLMixin:
     _state_holds_data = False
 
     # ------------------------------------------------------------------ options
-    def _set_hfl_options(
-        self,
-        settings: RefitSettings,
-        chunk_size: int,
-        compute_dtype: torch.dtype,
-        progress_bar: bool,
-        amortize: int | None = None,
-        precondition_rank: int | None = None,
-        minibatch_epochs: int | None = None,
-    ) -> None:
-        self.amortize = amortize
-        self.precondition_rank = precondition_rank
-        self.minibatch_epochs = minibatch_epochs
+    def _set_hfl_options(self, options: HFLOptions) -> None:
+        self.hfl_settings = options.settings
+        self.chunk_size = options.chunk_size
+        self.compute_dtype = options.compute_dtype
+        self.progress_bar = options.progress_bar
+        self.amortize = options.amortize
+        self.precondition_rank = options.precondition_rank
+        self.minibatch_epochs = options.minibatch_epochs
         self._amortized: AmortizedState | None = None
         self._amortized_key: tuple | None = None
-        self.hfl_settings = settings
-        self.chunk_size = chunk_size
-        self.compute_dtype = compute_dtype
-        self.progress_bar = progress_bar
         self._fitted = False
         self._training_data: list[tuple[Any, Tensor]] | None = None
         self._train_loader: DataLoader | None = None
@@ -112,6 +117,7 @@ class HFLMixin:
     def _validate_hfl_options(
         likelihood: str,
         enable_backprop: bool,
+        *,
         eps: float,
         target: str,
         rtol: float,
@@ -119,10 +125,11 @@ class HFLMixin:
         max_newton: int,
         chunk_size: int,
         compute_dtype: torch.dtype,
-        amortize: int | None = None,
-        precondition_rank: int | None = None,
-        minibatch_epochs: int | None = None,
-    ) -> RefitSettings:
+        progress_bar: bool,
+        amortize: int | None,
+        precondition_rank: int | None,
+        minibatch_epochs: int | None,
+    ) -> HFLOptions:
         if likelihood not in ("regression", "classification"):
             raise ValueError(
                 f"HFL supports likelihood='regression' or 'classification', not "
@@ -181,7 +188,15 @@ class HFLMixin:
                     "square root of the curvature that the exact Hessian lacks. "
                     "Use target='ggn', or amortize=None for exact Hessian refits."
                 )
-        return RefitSettings(target, eps, rtol, max_iter, max_newton)
+        return HFLOptions(
+            RefitSettings(target, eps, rtol, max_iter, max_newton),
+            chunk_size,
+            compute_dtype,
+            progress_bar,
+            amortize,
+            precondition_rank,
+            minibatch_epochs,
+        )
 
     # ------------------------------------------------------- hooks for classes
     def _fit_pass(

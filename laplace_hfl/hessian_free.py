@@ -92,11 +92,21 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
         precondition_rank: int | None = None,
         minibatch_epochs: int | None = None,
     ) -> None:
-        settings = self._validate_hfl_options(
-            likelihood, enable_backprop, eps, target, rtol, max_iter,
-            max_newton, chunk_size, compute_dtype, amortize=amortize,
-            precondition_rank=precondition_rank, minibatch_epochs=minibatch_epochs,
-        )  # fmt: skip
+        options = self._validate_hfl_options(
+            likelihood,
+            enable_backprop,
+            eps=eps,
+            target=target,
+            rtol=rtol,
+            max_iter=max_iter,
+            max_newton=max_newton,
+            chunk_size=chunk_size,
+            compute_dtype=compute_dtype,
+            progress_bar=progress_bar,
+            amortize=amortize,
+            precondition_rank=precondition_rank,
+            minibatch_epochs=minibatch_epochs,
+        )
         super().__init__(
             model,
             likelihood,
@@ -111,15 +121,7 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
-        self._set_hfl_options(
-            settings,
-            chunk_size,
-            compute_dtype,
-            progress_bar,
-            amortize=amortize,
-            precondition_rank=precondition_rank,
-            minibatch_epochs=minibatch_epochs,
-        )
+        self._set_hfl_options(options)
 
     def _fit_pass(self, train_loader: DataLoader) -> tuple:
         with eval_mode(self.model):

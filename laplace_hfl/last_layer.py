@@ -90,11 +90,21 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         precondition_rank: int | None = None,
         minibatch_epochs: int | None = None,
     ) -> None:
-        settings = self._validate_hfl_options(
-            likelihood, enable_backprop, eps, target, rtol, max_iter,
-            max_newton, chunk_size, compute_dtype, amortize=amortize,
-            precondition_rank=precondition_rank, minibatch_epochs=minibatch_epochs,
-        )  # fmt: skip
+        options = self._validate_hfl_options(
+            likelihood,
+            enable_backprop,
+            eps=eps,
+            target=target,
+            rtol=rtol,
+            max_iter=max_iter,
+            max_newton=max_newton,
+            chunk_size=chunk_size,
+            compute_dtype=compute_dtype,
+            progress_bar=progress_bar,
+            amortize=amortize,
+            precondition_rank=precondition_rank,
+            minibatch_epochs=minibatch_epochs,
+        )
         super().__init__(
             model,
             likelihood,
@@ -112,15 +122,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
         # LLLaplace.__init__ resets cooperative options: set ours afterwards.
-        self._set_hfl_options(
-            settings,
-            chunk_size,
-            compute_dtype,
-            progress_bar,
-            amortize=amortize,
-            precondition_rank=precondition_rank,
-            minibatch_epochs=minibatch_epochs,
-        )
+        self._set_hfl_options(options)
 
     def _fit_pass(self, train_loader: DataLoader) -> tuple:
         if self.model.last_layer is None:
