@@ -52,7 +52,8 @@ SDIST_DIRNAME = "laplace_torch-0.3"
 MODULE_PATH = "laplace/hfl.py"  # the new upstream module
 ROOTS = ("hessian_free", "last_layer")  # modules defining the public classes
 READING_ORDER = (
-    "errors", "functional", "solvers", "refit", "predictive", "_docs", "base",
+    "errors", "functional", "solvers", "refit", "predictive", "_docs", "options",
+    "weight_space", "tuning", "prediction", "state", "base",
     "hessian_free", "last_layer",
 )  # fmt: skip
 EXPORTS = ("HessianFreeLaplace", "HessianFreeLLLaplace")

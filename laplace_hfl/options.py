@@ -1,0 +1,107 @@
+"""Validation of the keyword-only HFL options of the two estimator classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from laplace_hfl.refit import RefitSettings
+
+__all__ = ["HFLOptions", "validate_hfl_options"]
+
+
+@dataclass(frozen=True)
+class HFLOptions:
+    """The validated keyword-only HFL options of a constructor."""
+
+    settings: RefitSettings
+    chunk_size: int
+    compute_dtype: torch.dtype
+    progress_bar: bool
+    amortize: int | None
+    precondition_rank: int | None
+    minibatch_epochs: int | None
+
+
+def validate_hfl_options(
+    likelihood: str,
+    enable_backprop: bool,
+    *,
+    eps: float,
+    target: str,
+    rtol: float,
+    max_iter: int,
+    max_newton: int,
+    chunk_size: int,
+    compute_dtype: torch.dtype,
+    progress_bar: bool,
+    amortize: int | None,
+    precondition_rank: int | None,
+    minibatch_epochs: int | None,
+) -> HFLOptions:
+    if likelihood not in ("regression", "classification"):
+        raise ValueError(
+            f"HFL supports likelihood='regression' or 'classification', not "
+            f"{likelihood!r}."
+        )
+    if enable_backprop and amortize is not None:
+        raise NotImplementedError(
+            "enable_backprop=True (gradients of the predictive w.r.t. inputs) "
+            "is available for exact HFL only; use amortize=None."
+        )
+    if minibatch_epochs is not None:
+        if isinstance(minibatch_epochs, bool) or not (
+            isinstance(minibatch_epochs, int) and minibatch_epochs >= 2
+        ):
+            raise ValueError(
+                "minibatch_epochs must be None (full-batch CG refits) or the "
+                f"number of epochs (an integer >= 2), got {minibatch_epochs!r}."
+            )
+        if target != "ggn" or amortize is not None:
+            raise ValueError(
+                "minibatch_epochs (minibatch refits) is available for "
+                "target='ggn' without amortize: the network refit "
+                "(target='hessian') needs full-batch Newton steps."
+            )
+    if precondition_rank is not None and not (
+        isinstance(precondition_rank, int)
+        and not isinstance(precondition_rank, bool)
+        and precondition_rank >= 0
+    ):
+        raise ValueError(
+            "precondition_rank must be None (automatic), 0 (no preconditioner) "
+            f"or a positive integer, got {precondition_rank!r}."
+        )
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"compute_dtype must be torch.float64 (default) or torch.float32, "
+            f"got {compute_dtype}."
+        )
+    if amortize is not None:
+        if isinstance(amortize, bool) or not (
+            isinstance(amortize, int) and amortize >= 2
+        ):
+            raise ValueError(
+                f"amortize must be None or the number of posterior samples "
+                f"(an integer >= 2), got {amortize!r}."
+            )
+        if target != "ggn":
+            raise ValueError(
+                "amortize is only available with target='ggn': the amortised "
+                "mode draws posterior samples by perturbed refits of the "
+                "linearised network (sample-then-optimise), which needs a "
+                "square root of the curvature that the exact Hessian lacks. "
+                "Use target='ggn', or amortize=None for exact Hessian refits."
+            )
+    return HFLOptions(
+        RefitSettings(target, eps, rtol, max_iter, max_newton),
+        chunk_size,
+        compute_dtype,
+        progress_bar,
+        amortize,
+        precondition_rank,
+        minibatch_epochs,
+    )
