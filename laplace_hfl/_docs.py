@@ -53,4 +53,29 @@ HFL_OPTIONS_DOC = """
         passes; combine with ``fit(..., cache_data=False)`` and a shuffling
         loader. Converges to the same answer in expectation; the full-batch
         residual of the result is in ``la.last_diagnostics.residual``.
+    solver : {"auto", "dense", "cg"}, default="auto"
+        How the refit solves ``(h G + diag(p_0)) u = v`` are done (keyword-only).
+        ``"dense"`` forms the refit curvature once per fit (data GGN from
+        per-example Jacobians of the cached batches; the exact Hessian from
+        Hessian-vector products for ``target="hessian"``; never a curvature
+        backend) and solves by one Cholesky factor, refactored only when the
+        prior precision, ``sigma_noise`` or the temperature change and reused
+        by every query, grid-search step and prediction; it holds ``2 P^2``
+        numbers. ``"cg"`` runs the iterative refits. ``"auto"`` is ``"dense"``
+        when ``2 P^2 <= laplace_hfl.dense.DENSE_BUDGET`` (256 MiB of float64,
+        ``P <= 4096``: always for the last layer of a usual classifier) and
+        ``"cg"`` above. Same answer, to the CG tolerance (and, for
+        ``target="hessian"``, without the ``O(eps^2)`` bias of the central
+        differences). Amortised and minibatch modes keep their own paths.
+    preconditioner : {"auto", "kfac", "nystrom", "none"}, default="auto"
+        Preconditioner of the CG refits (keyword-only). ``"kfac"``: laplace-torch's
+        Kronecker-factored GGN (``CurvlinopsGGN.kron``, on a deep copy of the
+        model) with the prior and ``sigma_noise`` folded in exactly through the
+        factors' eigendecompositions (a diagonal prior enters by its mean per
+        parameter tensor); ``Linear``/``Conv2d`` layers only. ``"nystrom"``: the
+        rank-``precondition_rank`` Nyström sketch. ``"auto"``: KFAC where it
+        covers every refit parameter, else the Nyström sketch (``"nystrom"`` is
+        also chosen when ``precondition_rank`` is given). The choice is in
+        ``la.last_diagnostics.preconditioner``. It changes how fast refits
+        converge, never what they converge to.
 """

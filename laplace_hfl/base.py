@@ -15,7 +15,7 @@ it, one mixin a concern: :mod:`laplace_hfl.prediction` (GLM predictive),
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,12 +38,6 @@ from laplace_hfl.functional import (
     to_compute,
 )
 from laplace_hfl.options import HFLOptions, validate_hfl_options
-from laplace_hfl.preconditioner import (
-    NystromSketch,
-    default_rank,
-    nystrom_apply,
-    nystrom_sketch,
-)
 from laplace_hfl.prediction import PredictionMixin
 from laplace_hfl.refit import (
     BasePoint,
@@ -51,6 +45,7 @@ from laplace_hfl.refit import (
     perturbed_refits,
     unperturbed_refit,
 )
+from laplace_hfl.solver_choice import SolverMixin
 from laplace_hfl.state import StateMixin
 from laplace_hfl.stochastic import minibatch_refits
 from laplace_hfl.tuning import TuningMixin
@@ -59,7 +54,7 @@ from laplace_hfl.weight_space import WeightSpaceMixin
 __all__ = ["HFLMixin"]
 
 
-class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
+class HFLMixin(SolverMixin, PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
     """Hessian-free Laplace behaviour on top of laplace-torch's classes.
 
     Not used on its own: see :class:`laplace_hfl.HessianFreeLaplace` and
@@ -79,6 +74,8 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
         self.amortize = options.amortize
         self.precondition_rank = options.precondition_rank
         self.minibatch_epochs = options.minibatch_epochs
+        self.solver = options.solver
+        self.preconditioner = options.preconditioner
         self._amortized: AmortizedState | None = None
         self._amortized_key: tuple | None = None
         self._fitted = False
@@ -86,7 +83,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
         self._train_loader: DataLoader | None = None
         self._base: BasePoint | None = None
         self._base_key: tuple | None = None
-        self._sketch: NystromSketch | None = None
+        self._reset_solver_caches()
         self.last_diagnostics: RefitDiagnostics | None = None
 
     _validate_hfl_options = staticmethod(validate_hfl_options)
@@ -254,7 +251,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
         self._train_loader = train_loader if cached is None else None
         self._base = None
         self._base_key = None
-        self._sketch = None
+        self._reset_solver_caches()
         self._amortized = None
         self._amortized_key = None
         self._fitted = True
@@ -328,7 +325,9 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
             return res.U
         if self.amortize is not None:
             return amortized_solve(self._amortized_state(obj).samples, V)
-        U, self.last_diagnostics = perturbed_refits(
+        if self._uses_dense(obj):
+            return self._dense_solve(obj, V)
+        U, diag = perturbed_refits(
             obj,
             self._base_point(obj),
             V,
@@ -337,26 +336,8 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
             progress_bar=self.progress_bar,
             precond=self._precond(obj),
         )
+        self.last_diagnostics = self._with_preconditioner_name(diag)
         return U
-
-    def _precond(self, obj: LaplaceObjective) -> Callable[[Tensor], Tensor] | None:
-        """Nyström preconditioner for the current hyperparameters.
-
-        The sketch of the data GGN is built once per fit (it does not depend on
-        the prior, ``sigma_noise`` or the temperature).
-        """
-        P = obj.theta_map.numel()
-        rank = (
-            default_rank(P)
-            if self.precondition_rank is None
-            else self.precondition_rank
-        )
-        rank = min(rank, P)
-        if rank == 0:
-            return None
-        if self._sketch is None or self._sketch.U.shape[1] != rank:
-            self._sketch = nystrom_sketch(obj, rank, chunk_size=self.chunk_size)
-        return nystrom_apply(self._sketch, obj.h_factor, obj.prior_precision)
 
     @property
     def map_gradient_norm(self) -> float:

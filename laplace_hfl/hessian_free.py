@@ -91,6 +91,8 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
         amortize: int | None = None,
         precondition_rank: int | None = None,
         minibatch_epochs: int | None = None,
+        solver: str = "auto",
+        preconditioner: str = "auto",
     ) -> None:
         options = self._validate_hfl_options(
             likelihood,
@@ -106,6 +108,8 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
             amortize=amortize,
             precondition_rank=precondition_rank,
             minibatch_epochs=minibatch_epochs,
+            solver=solver,
+            preconditioner=preconditioner,
         )
         super().__init__(
             model,

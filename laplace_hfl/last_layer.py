@@ -89,6 +89,8 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         amortize: int | None = None,
         precondition_rank: int | None = None,
         minibatch_epochs: int | None = None,
+        solver: str = "auto",
+        preconditioner: str = "auto",
     ) -> None:
         options = self._validate_hfl_options(
             likelihood,
@@ -104,6 +106,8 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             amortize=amortize,
             precondition_rank=precondition_rank,
             minibatch_epochs=minibatch_epochs,
+            solver=solver,
+            preconditioner=preconditioner,
         )
         super().__init__(
             model,

@@ -8,7 +8,7 @@ import torch
 
 from laplace_hfl.refit import RefitSettings
 
-__all__ = ["HFLOptions", "validate_hfl_options"]
+__all__ = ["HFLOptions", "SOLVERS", "PRECONDITIONERS", "validate_hfl_options"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,12 @@ class HFLOptions:
     amortize: int | None
     precondition_rank: int | None
     minibatch_epochs: int | None
+    solver: str = "auto"
+    preconditioner: str = "auto"
+
+
+SOLVERS = ("auto", "dense", "cg")
+PRECONDITIONERS = ("auto", "kfac", "nystrom", "none")
 
 
 def validate_hfl_options(
@@ -39,7 +45,32 @@ def validate_hfl_options(
     amortize: int | None,
     precondition_rank: int | None,
     minibatch_epochs: int | None,
+    solver: str = "auto",
+    preconditioner: str = "auto",
 ) -> HFLOptions:
+    if not (isinstance(solver, str) and solver in SOLVERS):
+        raise ValueError(
+            f"solver must be one of {SOLVERS}, got {solver!r}: 'auto' solves "
+            "densely (one Cholesky factor) when the refit curvature fits "
+            "laplace_hfl.dense.DENSE_BUDGET and by conjugate gradients above."
+        )
+    if not (isinstance(preconditioner, str) and preconditioner in PRECONDITIONERS):
+        raise ValueError(
+            f"preconditioner must be one of {PRECONDITIONERS}, got "
+            f"{preconditioner!r}: 'auto' uses KFAC where it covers every refit "
+            "parameter (Linear/Conv2d) and the Nystrom sketch elsewhere."
+        )
+    if solver == "dense" and (amortize is not None or minibatch_epochs is not None):
+        raise ValueError(
+            "solver='dense' cannot be combined with amortize or minibatch_epochs "
+            "(those modes never form the curvature); use solver='auto'."
+        )
+    if preconditioner in ("kfac", "none") and precondition_rank not in (None, 0):
+        raise ValueError(
+            f"precondition_rank={precondition_rank!r} sets the rank of the Nystrom "
+            f"sketch, which preconditioner={preconditioner!r} does not use; use "
+            "preconditioner='nystrom' or 'auto', or leave precondition_rank=None."
+        )
     if likelihood not in ("regression", "classification"):
         raise ValueError(
             f"HFL supports likelihood='regression' or 'classification', not "
@@ -104,4 +135,6 @@ def validate_hfl_options(
         amortize,
         precondition_rank,
         minibatch_epochs,
+        solver,
+        preconditioner,
     )

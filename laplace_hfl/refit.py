@@ -162,12 +162,20 @@ class RefitDiagnostics:
         Conjugate-gradient iterations per refit ``(2, m)``.
     converged : Tensor
         Whether each refit met ``rtol`` ``(2, m)``.
+    solver : {"cg", "dense"}
+        How the refits were solved: conjugate gradients, or one Cholesky
+        factor of the dense curvature (:mod:`laplace_hfl.dense`; then ``eps`` is
+        0, ``iterations`` 0 and ``residual`` the relative linear residual).
+    preconditioner : {"kfac", "nystrom", "none"}
+        Preconditioner of the CG solves.
     """
 
     eps: Tensor
     residual: Tensor
     iterations: Tensor
     converged: Tensor
+    solver: str = "cg"
+    preconditioner: str = "none"
 
     @staticmethod
     def concat(parts: list[RefitDiagnostics]) -> RefitDiagnostics:
@@ -176,6 +184,8 @@ class RefitDiagnostics:
             torch.cat([p.residual for p in parts], dim=1),
             torch.cat([p.iterations for p in parts], dim=1),
             torch.cat([p.converged for p in parts], dim=1),
+            parts[0].solver,
+            parts[0].preconditioner,
         )
 
 

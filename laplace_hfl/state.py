@@ -99,7 +99,7 @@ class StateMixin:
         self._train_loader = None
         self._base = None
         self._base_key = None
-        self._sketch = None
+        self._reset_solver_caches()
         amortized = state_dict.get("amortized")
         if amortized is not None and self.amortize is not None:
             self._amortized = AmortizedState(

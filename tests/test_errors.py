@@ -189,6 +189,7 @@ def test_unconverged_refits_warn_with_numbers(regression_1d):
         max_iter=2,
         max_newton=1,
         precondition_rank=0,
+        solver="cg",
     )
     la.fit(loader(X, y))
     with pytest.warns(RefitConvergenceWarning, match=r"did not converge.*max_iter=2"):

@@ -38,7 +38,7 @@ def test_preconditioning_keeps_answer_and_cuts_iterations(classification):
     for rank in (0, 16):
         la = Laplace(
             model, "classification", "all", "hfl", prior_precision=PRIOR,
-            precondition_rank=rank,
+            precondition_rank=rank, solver="cg",
         )  # fmt: skip
         la.fit(loader(X, y))
         _, f_var = la._glm_predictive_distribution(Xq)

@@ -1,0 +1,231 @@
+"""Dense refit solves for small parameter counts: one Cholesky factor per prior.
+
+Where the refit has few parameters (the last layer; any ``P`` up to a few
+thousand) its whole curvature fits in memory, and every refit solve
+``(h G + diag(p_0)) u = v`` is exactly one triangular solve pair with a
+Cholesky factor. This module forms
+
+``target="ggn"``
+    the data GGN ``G = sum_n J_n^T Lambda_n J_n`` once per fit, from per-example
+    Jacobians of the refit module over the cached refit batches (features for
+    the last layer), ``Lambda_n`` the Hessian of the loss in the outputs. ``G``
+    does not depend on the prior precision, ``sigma_noise`` or the temperature;
+    only the factorisation of ``h G + diag(p_0)`` does.
+``target="hessian"``
+    the exact data Hessian at the refit's base point, from Hessian-vector
+    products (``P / chunk_size`` passes over the data). A failed Cholesky
+    factorisation means the Hessian + prior is not positive definite:
+    :class:`~laplace_hfl.errors.IndefiniteHessianError`.
+
+No curvature backend is used. The answer is what the iterative refits converge
+to, without the solver tolerance (and, for ``"hessian"``, without the
+``O(eps^2)`` bias of the central differences).
+
+Memory: ``G`` and its factor hold ``2 P^2`` numbers, at most :data:`DENSE_BUDGET`
+(:func:`dense_fits`); the per-example Jacobians are formed a sub-batch at a time
+within the same budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from laplace_hfl.batches import slice_batch
+from laplace_hfl.errors import IndefiniteHessianError
+from laplace_hfl.functional import (
+    LaplaceObjective,
+    hessian_matvec,
+    objective_grad,
+    output_jacobians,
+)
+from laplace_hfl.refit import BasePoint
+
+__all__ = [
+    "DENSE_BUDGET",
+    "DenseFactor",
+    "dense_fits",
+    "data_ggn",
+    "data_hessian",
+    "factorize",
+    "dense_base_point",
+]
+
+#: Largest number of entries the dense solver may hold (256 MiB of float64):
+#: the curvature ``P x P`` and its Cholesky factor, so ``P <= 4096``.
+DENSE_BUDGET = 2**25
+
+
+def dense_fits(n_params: int, budget: int = DENSE_BUDGET) -> bool:
+    """Whether the curvature and its factor (``2 P^2`` entries) fit ``budget``."""
+    return 2 * n_params * n_params <= budget
+
+
+def _data_only(obj: LaplaceObjective) -> LaplaceObjective:
+    return dataclasses.replace(
+        obj, h_factor=1.0, prior_precision=torch.zeros_like(obj.prior_precision)
+    )
+
+
+def _n_rows(X) -> int:
+    if isinstance(X, Tensor):
+        return X.shape[0]
+    return next(v.shape[0] for v in X.values() if isinstance(v, Tensor))
+
+
+def data_ggn(obj: LaplaceObjective, budget: int = DENSE_BUDGET) -> Tensor:
+    """The data GGN ``sum_n J_n^T Lambda_n J_n`` at the MAP, ``(P, P)``.
+
+    Independent of ``obj.h_factor`` and ``obj.prior_precision``. Jacobians are
+    formed for sub-batches of at most ``budget / (2 C P)`` examples.
+
+    Parameters
+    ----------
+    obj : LaplaceObjective
+    budget : int, default=DENSE_BUDGET
+        Largest number of Jacobian entries held at once (at least one example).
+
+    Returns
+    -------
+    Tensor
+        Symmetric positive semi-definite ``(P, P)``.
+    """
+    theta = obj.theta_map
+    P = theta.numel()
+    G = torch.zeros(P, P, dtype=theta.dtype, device=theta.device)
+    step = None
+    for X, _ in obj.batches():
+        if step is None:  # sub-batch size from the number of outputs
+            with torch.no_grad():
+                C = obj.forward(theta, slice_batch(X, 0, 1)).shape[-1]
+            step = max(1, budget // (2 * C * P))
+        for start in range(0, _n_rows(X), step):
+            J, f = output_jacobians(
+                obj.forward, theta, slice_batch(X, start, start + step)
+            )
+            J, f = J.detach(), f.detach()
+            if obj.likelihood == "regression":
+                Jf = J.reshape(-1, P)
+                G.addmm_(Jf.T, Jf)
+            else:
+                p = torch.softmax(f, dim=-1)
+                A = (p.sqrt()[:, :, None] * J).reshape(-1, P)
+                pJ = torch.einsum("bc,bcp->bp", p, J)
+                G.addmm_(A.T, A).addmm_(pJ.T, pJ, alpha=-1.0)
+    return 0.5 * (G + G.T)
+
+
+def data_hessian(obj: LaplaceObjective, theta: Tensor, chunk_size: int = 64) -> Tensor:
+    """Exact Hessian of the data term ``sum_n factor * loss_n`` at ``theta``.
+
+    Built from ``P`` Hessian-vector products, ``chunk_size`` per pass over the
+    data; independent of ``obj.h_factor`` and ``obj.prior_precision``.
+
+    Returns
+    -------
+    Tensor
+        Symmetric ``(P, P)``.
+    """
+    data_only = _data_only(obj)
+    P = theta.numel()
+    eye = torch.eye(P, dtype=theta.dtype, device=theta.device)
+    H = torch.cat(
+        [
+            hessian_matvec(
+                data_only,
+                theta.expand(min(chunk_size, P - i), -1).clone(),
+                eye[i : i + chunk_size],
+            )
+            for i in range(0, P, chunk_size)
+        ]
+    )
+    return 0.5 * (H + H.T)
+
+
+@dataclass(frozen=True)
+class DenseFactor:
+    """Cholesky factor ``L`` of ``A = h C + diag(p_0)`` and ``A`` itself."""
+
+    A: Tensor
+    L: Tensor
+
+    def solve(self, V: Tensor) -> tuple[Tensor, Tensor]:
+        """``A^{-1} v`` for the rows of ``V`` and the relative residuals.
+
+        Returns
+        -------
+        U : Tensor
+            ``(m, P)``.
+        residual : Tensor
+            ``||A u - v|| / ||v||`` per row ``(m,)`` (0 for ``v = 0``).
+        """
+        U = torch.cholesky_solve(V.T, self.L).T
+        v_norm = V.norm(dim=1)
+        res = (U @ self.A - V).norm(dim=1) / torch.where(v_norm > 0, v_norm, 1.0)
+        return U, res
+
+
+def factorize(
+    curvature: Tensor, h_factor: float, prior_precision: Tensor, target: str
+) -> DenseFactor:
+    """Factor ``h_factor * curvature + diag(prior_precision)`` by Cholesky.
+
+    Parameters
+    ----------
+    curvature : Tensor
+        ``(P, P)`` data GGN or data Hessian.
+    h_factor : float
+        ``1 / (sigma_noise^2 T)``.
+    prior_precision : Tensor
+        ``(P,)`` diagonal prior precision.
+    target : {"ggn", "hessian"}
+        Chooses the error raised when the matrix is not positive definite.
+
+    Returns
+    -------
+    DenseFactor
+
+    Raises
+    ------
+    IndefiniteHessianError
+        ``target="hessian"`` and the Hessian + prior is not positive definite.
+    ValueError
+        ``target="ggn"`` and GGN + prior is singular (zero prior precision on
+        directions the data does not determine).
+    """
+    A = h_factor * curvature + torch.diag(prior_precision.to(curvature))
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        if target == "hessian":
+            raise IndefiniteHessianError(
+                "The exact Hessian of the Laplace objective plus the prior is not "
+                f"positive definite (Cholesky failed at pivot {int(info)} of "
+                f"{A.shape[0]}), so the network refit (target='hessian') has no "
+                "minimum. Use target='ggn' (GGN + prior, positive definite by "
+                "construction), or train the MAP to a minimum of the Laplace "
+                "objective (summed loss, weight decay equal to the prior precision)."
+            )
+        raise ValueError(
+            "GGN + prior precision is singular (Cholesky failed at pivot "
+            f"{int(info)} of {A.shape[0]}): the prior precision is zero on "
+            "directions the training data does not determine. Use a positive "
+            "prior precision."
+        )
+    return DenseFactor(A, L)
+
+
+def dense_base_point(obj: LaplaceObjective, factor: DenseFactor) -> BasePoint:
+    """Minimiser of the Gauss-Newton model at the MAP (``target="ggn"``), by
+    the dense factor: ``theta_MAP - A^{-1} grad L(theta_MAP)``.
+
+    The dense counterpart of :func:`laplace_hfl.refit.unperturbed_refit`; it
+    records how stationary the MAP is (``map_grad_norm``).
+    """
+    theta0 = obj.theta_map
+    g0 = objective_grad(obj, theta0[None])[0]
+    delta = -torch.cholesky_solve(g0[:, None], factor.L)[:, 0]
+    residual = g0 + factor.A @ delta
+    return BasePoint(theta0 + delta, residual, float(g0.norm()), float(delta.norm()), 0)

@@ -1,0 +1,142 @@
+"""Which solver and which preconditioner a refit uses, and their caches.
+
+:class:`SolverMixin` is part of the HFL shell (:class:`laplace_hfl.base.HFLMixin`):
+
+* ``solver="auto"`` solves densely (:mod:`laplace_hfl.dense`: one Cholesky
+  factor per prior, reused by every query, grid-search step and prediction)
+  when the refit's curvature and its factor fit :data:`~laplace_hfl.dense.DENSE_BUDGET`
+  (``P <= 4096``), and by iterative refits (conjugate gradients) above. Amortised
+  and minibatch modes keep their own paths.
+* ``preconditioner="auto"`` preconditions the CG refits by KFAC
+  (:mod:`laplace_hfl.kfac`) where KFAC covers every refit parameter (``Linear``
+  and ``Conv2d`` layers), else by the Nyström sketch
+  (:mod:`laplace_hfl.preconditioner`, rank ``precondition_rank`` or its default,
+  off when the sketch would not fit its budget). Setting ``precondition_rank``
+  with ``preconditioner="auto"`` selects the Nyström sketch (``0``: none), as
+  before this option existed.
+
+The data curvature (dense ``G``, KFAC factors, Nyström sketch) is computed once
+per fit; only its combination with the prior precision, ``sigma_noise`` and the
+temperature is redone when those change. The choice made is recorded in
+``la.last_diagnostics.solver`` / ``.preconditioner``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from laplace_hfl.dense import (
+    data_ggn,
+    data_hessian,
+    dense_base_point,
+    dense_fits,
+    factorize,
+)
+from laplace_hfl.functional import LaplaceObjective
+from laplace_hfl.kfac import kfac_apply, kfac_factors, kfac_supported
+from laplace_hfl.preconditioner import default_rank, nystrom_apply, nystrom_sketch
+from laplace_hfl.refit import RefitDiagnostics
+
+__all__ = ["SolverMixin"]
+
+
+class SolverMixin:
+    """Solver and preconditioner choice with per-fit caches (see module doc)."""
+
+    def _reset_solver_caches(self) -> None:
+        self._sketch = None
+        self._kfac = None
+        self._dense_curv = None
+        self._dense_curv_key: tuple | None = None
+        self._dense_factor = None
+        self._dense_key: tuple | None = None
+
+    # ----------------------------------------------------------------- solver
+    def _uses_dense(self, obj: LaplaceObjective) -> bool:
+        if self.amortize is not None or self.minibatch_epochs is not None:
+            return False
+        if self.solver == "dense":
+            return True
+        return self.solver == "auto" and dense_fits(obj.theta_map.numel())
+
+    def _dense_solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
+        """``(h C + diag(p_0))^{-1} v`` for the rows of ``V`` by one Cholesky
+        factor, cached per hyperparameters (``C`` cached per fit for ``"ggn"``)."""
+        target = self.hfl_settings.target
+        key = self._hyper_key()
+        if self._dense_factor is None or self._dense_key != key:
+            if target == "ggn":
+                if self._dense_curv is None:
+                    self._dense_curv = data_ggn(obj)
+                curv = self._dense_curv
+            else:  # the exact Hessian at the refit's base point (depends on prior)
+                theta = self._base_point(obj).theta
+                curv = data_hessian(obj, theta, self.chunk_size)
+            self._dense_factor = factorize(
+                curv, obj.h_factor, obj.prior_precision, target
+            )
+            self._dense_key = key
+            if target == "ggn":  # records how stationary the MAP is
+                self._base = dense_base_point(obj, self._dense_factor)
+                self._base_key = key
+        U, res = self._dense_factor.solve(V)
+        m = V.shape[0]
+        residual = res[None].expand(2, m).clone()
+        self.last_diagnostics = RefitDiagnostics(
+            eps=torch.zeros(m, dtype=V.dtype, device=V.device),
+            residual=residual,
+            iterations=torch.zeros(2, m, dtype=torch.long, device=V.device),
+            converged=residual <= self.hfl_settings.rtol,
+            solver="dense",
+            preconditioner="none",
+        )
+        return U
+
+    def _with_preconditioner_name(self, diag: RefitDiagnostics) -> RefitDiagnostics:
+        return dataclasses.replace(diag, preconditioner=self._precond_name)
+
+    # --------------------------------------------------------- preconditioner
+    def _precond_choice(self, obj: LaplaceObjective) -> tuple[str, int]:
+        """``("kfac" | "nystrom" | "none", nystrom_rank)`` for this refit."""
+        P = obj.theta_map.numel()
+        rank = (
+            default_rank(P)
+            if self.precondition_rank is None
+            else self.precondition_rank
+        )
+        rank = min(rank, P)
+        choice = self.preconditioner
+        if choice == "auto":
+            # amortised and minibatch modes keep their Nystrom preconditioner
+            classic = self.amortize is not None or self.minibatch_epochs is not None
+            if self.precondition_rank is None and not classic:
+                module, layout, _ = self._refit_module()
+                if kfac_supported(module, layout):
+                    return "kfac", 0
+            choice = "nystrom"
+        if choice == "nystrom":
+            return ("nystrom", rank) if rank > 0 else ("none", 0)
+        return choice, 0
+
+    def _precond(self, obj: LaplaceObjective) -> Callable[[Tensor], Tensor] | None:
+        """The preconditioner of the CG refits for the current hyperparameters.
+
+        Its data part (KFAC factors or Nyström sketch) is built once per fit
+        (it does not depend on the prior, ``sigma_noise`` or the temperature).
+        """
+        name, rank = self._precond_choice(obj)
+        self._precond_name = name
+        if name == "kfac":
+            if self._kfac is None:
+                module, layout, _ = self._refit_module()
+                self._kfac = kfac_factors(obj, module, layout)
+            return kfac_apply(self._kfac, obj.h_factor, obj.prior_precision)
+        if name == "nystrom":
+            if self._sketch is None or self._sketch.U.shape[1] != rank:
+                self._sketch = nystrom_sketch(obj, rank, chunk_size=self.chunk_size)
+            return nystrom_apply(self._sketch, obj.h_factor, obj.prior_precision)
+        return None
