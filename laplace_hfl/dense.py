@@ -59,8 +59,10 @@ __all__ = [
 DENSE_BUDGET = 2**25
 
 
-def dense_fits(n_params: int, budget: int = DENSE_BUDGET) -> bool:
-    """Whether the curvature and its factor (``2 P^2`` entries) fit ``budget``."""
+def dense_fits(n_params: int, budget: int | None = None) -> bool:
+    """Whether the curvature and its factor (``2 P^2`` entries) fit ``budget``
+    (default :data:`DENSE_BUDGET`)."""
+    budget = DENSE_BUDGET if budget is None else budget
     return 2 * n_params * n_params <= budget
 
 
