@@ -21,9 +21,10 @@ No curvature backend is used. The answer is what the iterative refits converge
 to, without the solver tolerance (and, for ``"hessian"``, without the
 ``O(eps^2)`` bias of the central differences).
 
-Memory: ``G`` and its factor hold ``2 P^2`` numbers, at most :data:`DENSE_BUDGET`
-(:func:`dense_fits`); the per-example Jacobians are formed a sub-batch at a time
-within the same budget.
+Memory: ``A`` and its inverse hold ``2 P^2`` numbers, at most :data:`DENSE_BUDGET`
+(:func:`dense_fits`); while ``G`` is formed, ``G`` itself and per-example
+Jacobians of a sub-batch (at most ``P^2`` numbers) add ``2 P^2``: peak ``4 P^2``
+numbers on top of the cached refit batches.
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ __all__ = [
     "data_hessian",
     "factorize",
     "dense_base_point",
+    "query_rows",
 ]
 
 #: Largest number of entries the dense solver may hold (256 MiB of float64):
-#: the curvature ``P x P`` and its Cholesky factor, so ``P <= 4096``.
+#: ``A = h C + diag(p_0)`` and its inverse (from the Cholesky factor), so
+#: ``P <= 4096``.
 DENSE_BUDGET = 2**25
 
 
@@ -78,17 +81,20 @@ def _n_rows(X) -> int:
     return next(v.shape[0] for v in X.values() if isinstance(v, Tensor))
 
 
-def data_ggn(obj: LaplaceObjective, budget: int = DENSE_BUDGET) -> Tensor:
+def data_ggn(obj: LaplaceObjective, budget: int | None = None) -> Tensor:
     """The data GGN ``sum_n J_n^T Lambda_n J_n`` at the MAP, ``(P, P)``.
 
     Independent of ``obj.h_factor`` and ``obj.prior_precision``. Jacobians are
-    formed for sub-batches of at most ``budget / (2 C P)`` examples.
+    formed for sub-batches of at most ``budget / (2 C P)`` examples, so the
+    Jacobians and their weighted copy hold at most ``budget`` numbers.
 
     Parameters
     ----------
     obj : LaplaceObjective
-    budget : int, default=DENSE_BUDGET
-        Largest number of Jacobian entries held at once (at least one example).
+    budget : int, optional
+        Largest number of Jacobian entries held at once (at least one
+        example); default ``P^2``, so that forming ``G`` holds no more than the
+        solver's own ``2 P^2``.
 
     Returns
     -------
@@ -98,6 +104,7 @@ def data_ggn(obj: LaplaceObjective, budget: int = DENSE_BUDGET) -> Tensor:
     theta = obj.theta_map
     P = theta.numel()
     G = torch.zeros(P, P, dtype=theta.dtype, device=theta.device)
+    budget = P * P if budget is None else budget
     step = None
     for X, _ in obj.batches():
         if step is None:  # sub-batch size from the number of outputs
@@ -149,10 +156,11 @@ def data_hessian(obj: LaplaceObjective, theta: Tensor, chunk_size: int = 64) -> 
 
 @dataclass(frozen=True)
 class DenseFactor:
-    """Cholesky factor ``L`` of ``A = h C + diag(p_0)`` and ``A`` itself."""
+    """``A = h C + diag(p_0)`` and its inverse ``Sigma`` (from its Cholesky
+    factor): ``2 P^2`` numbers, and every solve is one matrix product."""
 
     A: Tensor
-    L: Tensor
+    Sigma: Tensor
 
     def solve(self, V: Tensor) -> tuple[Tensor, Tensor]:
         """``A^{-1} v`` for the rows of ``V`` and the relative residuals.
@@ -164,7 +172,7 @@ class DenseFactor:
         residual : Tensor
             ``||A u - v|| / ||v||`` per row ``(m,)`` (0 for ``v = 0``).
         """
-        U = torch.cholesky_solve(V.T, self.L).T
+        U = V @ self.Sigma
         v_norm = V.norm(dim=1)
         res = (U @ self.A - V).norm(dim=1) / torch.where(v_norm > 0, v_norm, 1.0)
         return U, res
@@ -216,7 +224,8 @@ def factorize(
             "directions the training data does not determine. Use a positive "
             "prior precision."
         )
-    return DenseFactor(A, L)
+    Sigma = torch.cholesky_inverse(L)
+    return DenseFactor(A, 0.5 * (Sigma + Sigma.T))
 
 
 def dense_base_point(obj: LaplaceObjective, factor: DenseFactor) -> BasePoint:
@@ -228,6 +237,13 @@ def dense_base_point(obj: LaplaceObjective, factor: DenseFactor) -> BasePoint:
     """
     theta0 = obj.theta_map
     g0 = objective_grad(obj, theta0[None])[0]
-    delta = -torch.cholesky_solve(g0[:, None], factor.L)[:, 0]
+    delta = -factor.Sigma @ g0
     residual = g0 + factor.A @ delta
     return BasePoint(theta0 + delta, residual, float(g0.norm()), float(delta.norm()), 0)
+
+
+def query_rows(n_params: int, n_outputs: int, budget: int | None = None) -> int:
+    """Query points predicted together by the dense solver: their Jacobians
+    and solutions (``2 B C P`` numbers) stay within half the budget."""
+    budget = DENSE_BUDGET if budget is None else budget
+    return max(1, budget // (4 * n_outputs * n_params))

@@ -57,7 +57,7 @@ class PredictionMixin:
             theta = obj.theta_map
             B = batch_size(Xq, self.dict_key_x)
             C = self.n_outputs
-            step = max(1, self.chunk_size // max(C, 1)) if not joint else B
+            step = self._query_step(obj, C) if not joint else B
             mus, covs, Js_all, U_all = [], [], [], []
             for start in range(0, B, step):
                 Xc = slice_batch(Xq, start, start + step)

@@ -35,6 +35,7 @@ from laplace_hfl.dense import (
     dense_base_point,
     dense_fits,
     factorize,
+    query_rows,
 )
 from laplace_hfl.functional import LaplaceObjective
 from laplace_hfl.kfac import kfac_apply, kfac_factors, kfac_supported
@@ -62,6 +63,13 @@ class SolverMixin:
         if self.solver == "dense":
             return True
         return self.solver == "auto" and dense_fits(obj.theta_map.numel())
+
+    def _query_step(self, obj: LaplaceObjective, n_outputs: int) -> int:
+        """Query points per prediction chunk: ``chunk_size`` directions for the
+        refits; for the dense solver as many as its memory budget allows."""
+        if self._uses_dense(obj):
+            return query_rows(obj.theta_map.numel(), max(n_outputs, 1))
+        return max(1, self.chunk_size // max(n_outputs, 1))
 
     def _dense_solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
         """``(h C + diag(p_0))^{-1} v`` for the rows of ``V`` by one Cholesky

@@ -103,7 +103,7 @@ def test_data_ggn_is_the_jacobian_ggn(regression_multi):
     J = jacrev(obj.forward)(obj.theta_map, X)
     G_ref = torch.einsum("ncp,ncq->pq", J, J)
     P = obj.theta_map.numel()
-    for budget in (dense.DENSE_BUDGET, 2 * 3 * P):  # whole batches / 1 example
+    for budget in (None, dense.DENSE_BUDGET, 2 * 3 * P):  # P^2 / whole / 1 example
         G = data_ggn(obj, budget=budget)
         assert torch.allclose(G, G_ref, atol=1e-12 * G_ref.abs().max())
 

@@ -1,0 +1,320 @@
+"""Solver benchmark on LeNet / MNIST: dense last layer, preconditioned all-weights CG.
+
+``python -m laplace_hfl.benchmark.solvers [--n-train 4000] [--aw-n-train 4000]``
+writes ``benchmarks/results/solvers.json`` and ``solvers.png``:
+
+(a) last-layer HFL (``solver="auto"`` -> dense Cholesky) per query against
+    last-layer KFAC per query, same model, same run; its variances against
+    ``FullLLLaplace`` (CurvlinopsGGN);
+(b) all-weights exact HFL (``target="ggn"``, ``solver="cg"``): CG iterations to
+    ``rtol`` with no preconditioner, the Nyström sketch and KFAC, at equal
+    accuracy against a tight-tolerance reference solve; per-query time beside
+    all-weights KFAC's. The reference solve itself is checked against
+    ``FullLaplace`` on a small CNN where ``FullLaplace`` fits;
+(c) peak RSS of each mode (``VmHWM`` reset through ``/proc/self/clear_refs``)
+    against its documented budget.
+
+Everything is measured in one process, one run; timings are wall-clock on
+whatever machine runs it (ratios are the result, not absolute times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from laplace import Laplace
+from laplace.curvature import CurvlinopsGGN
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from laplace_hfl.dense import DENSE_BUDGET
+from laplace_hfl.evaluation.networks import LeNet, mnist_split, train_classifier
+from laplace_hfl.preconditioner import default_rank
+
+__all__ = ["main", "run"]
+
+PRIOR = 1.0
+
+
+def _rss_mb(field: str = "VmHWM") -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _reset_peak() -> float:
+    """Reset the peak RSS to the current RSS (Linux); returns the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    return _rss_mb("VmRSS")
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def _diag_var(f_var: torch.Tensor) -> torch.Tensor:
+    return torch.diagonal(f_var, dim1=-2, dim2=-1).double()
+
+
+def last_layer_case(model, split, n_query: int) -> dict:
+    """(a) last-layer HFL (dense) vs last-layer KFAC vs FullLLLaplace."""
+    train = split.loader("train", 1000)
+    Xq = split.X_test[:n_query]
+    out: dict = {"n_query": n_query}
+    base = _reset_peak()
+    la = Laplace(model, "classification", "last_layer", "hfl", prior_precision=PRIOR)
+    _, out["hfl_fit_s"] = _timed(lambda: la.fit(train))
+    _, out["hfl_first_call_s"] = _timed(lambda: la(Xq[:1]))  # forms G, factor
+    (_, v_hfl), t = _timed(lambda: la._glm_predictive_distribution(Xq))
+    out["hfl_per_query_s"] = t / n_query
+    out["hfl_solver"] = la.last_diagnostics.solver
+    P = la.n_params
+    out["n_params"] = P
+    out["hfl_peak_rss_mb"] = _rss_mb() - base
+    out["dense_budget_mb"] = 4 * P * P * 8 / 2**20  # documented peak, 4 P^2
+    out["dense_budget_cap_mb"] = DENSE_BUDGET * 8 / 2**20
+
+    kron = Laplace(model, "classification", "last_layer", "kron", prior_precision=PRIOR)
+    _, out["ll_kron_fit_s"] = _timed(lambda: kron.fit(train))
+    kron._glm_predictive_distribution(Xq[:1])
+    _, t = _timed(lambda: kron._glm_predictive_distribution(Xq))
+    out["ll_kron_per_query_s"] = t / n_query
+
+    # FullLLLaplace (CurvlinopsGGN) on the float32 model and on a float64 copy
+    for tag, net, dtype in (
+        ("", model, torch.float32),
+        ("_f64", copy.deepcopy(model).double(), torch.float64),
+    ):
+        full = Laplace(
+            net, "classification", "last_layer", "full", prior_precision=PRIOR,
+            backend=CurvlinopsGGN,
+        )  # fmt: skip
+        loader = DataLoader(
+            TensorDataset(split.X_train.to(dtype), split.y_train), batch_size=1000
+        )
+        _, out[f"full_ll{tag}_fit_s"] = _timed(lambda: full.fit(loader))
+        _, v_full = full._glm_predictive_distribution(Xq.to(dtype))
+        rel = (_diag_var(v_hfl) - _diag_var(v_full)).abs() / _diag_var(v_full)
+        out[f"rel_err_vs_full_ll{tag}_max"] = float(rel.max())
+        out[f"rel_err_vs_full_ll{tag}_median"] = float(rel.median())
+    out["hfl_over_ll_kron_per_query"] = (
+        out["hfl_per_query_s"] / out["ll_kron_per_query_s"]
+    )
+    return out
+
+
+def _small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 5, stride=3), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10)
+    )  # fmt: skip
+
+
+def reference_check(split, n_train: int, rtol: float) -> dict:
+    """Tight-tolerance CG refits against FullLaplace on a CNN where it fits."""
+    torch.manual_seed(0)
+    X, y = split.X_train[:n_train], split.y_train[:n_train]
+    model = train_classifier(_small_cnn(), X, y, epochs=4)
+    loader = DataLoader(TensorDataset(X, y), batch_size=n_train)
+    Xq = split.X_test[:8]
+    la = Laplace(
+        model, "classification", "all", "hfl", prior_precision=PRIOR, solver="cg",
+        rtol=rtol, max_iter=5000,
+    )  # fmt: skip
+    la.fit(loader)
+    _, v = la._glm_predictive_distribution(Xq)
+    full = Laplace(
+        model, "classification", "all", "full", prior_precision=PRIOR,
+        backend=CurvlinopsGGN,
+    )  # fmt: skip
+    full.fit(loader)
+    _, v_full = full._glm_predictive_distribution(Xq)
+    rel = (_diag_var(v) - _diag_var(v_full)).abs() / _diag_var(v_full)
+    return {
+        "n_params": la.n_params,
+        "n_train": n_train,
+        "rtol": rtol,
+        "rel_err_vs_full_max": float(rel.max()),
+        "rel_err_vs_full_median": float(rel.median()),
+    }
+
+
+def all_weights_case(
+    model, split, n_train: int, n_dirs: int, rtol: float, max_iter: int, rank: int
+) -> dict:
+    """(b) CG iterations with none / Nyström / KFAC; per-query time vs KFAC."""
+    X, y = split.X_train[:n_train], split.y_train[:n_train]
+    train = DataLoader(TensorDataset(X, y), batch_size=1000)
+    xq = split.X_test[:1]
+    out: dict = {"n_train": n_train, "rtol": rtol, "n_directions": n_dirs}
+
+    def hfl(**kw):
+        la = Laplace(
+            model, "classification", "all", "hfl", prior_precision=PRIOR,
+            solver="cg", max_iter=max_iter, compute_dtype=torch.float32, **kw,
+        )  # fmt: skip
+        la.fit(train)
+        return la
+
+    def refit(la):
+        """Refits of the first n_dirs outputs of one query image."""
+        obj = la._objective()
+        from laplace_hfl.functional import output_jacobians
+
+        Js, _ = output_jacobians(obj.forward, obj.theta_map, la._query_inputs(xq))
+        V = Js.detach().reshape(-1, Js.shape[-1])[:n_dirs]
+        la._precond(obj)  # build the preconditioner outside the timed solve
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            U, t = _timed(lambda: la._solve(obj, V))
+        return (V * U).sum(1).double(), t
+
+    ref_la = hfl(rtol=rtol * 1e-3, preconditioner="kfac")
+    ref_var, _ = refit(ref_la)
+    out["n_params"] = ref_la.n_params
+    runs = {}
+    for name, kw in (
+        ("none", {"preconditioner": "none"}),
+        ("nystrom", {"preconditioner": "nystrom", "precondition_rank": rank}),
+        ("kfac", {"preconditioner": "kfac"}),
+    ):
+        base = _reset_peak()
+        la = hfl(rtol=rtol, **kw)
+        (var, t_solve) = refit(la)
+        d = la.last_diagnostics
+        runs[name] = {
+            "iterations_mean": float(d.iterations.float().mean()),
+            "iterations_max": int(d.iterations.max()),
+            "converged": bool(d.converged.all()),
+            "rel_err_vs_reference_max": float(((var - ref_var).abs() / ref_var).max()),
+            "solve_s": t_solve,
+            "peak_rss_mb": _rss_mb() - base,
+            "preconditioner": d.preconditioner,
+        }
+    P = out["n_params"]
+    runs["nystrom"]["budget_mb"] = rank * P * 4 / 2**20  # float32 compute
+    runs["nystrom"]["rank"] = rank
+    out["runs"] = runs
+    out["kfac_iteration_reduction"] = (
+        runs["none"]["iterations_mean"] / runs["kfac"]["iterations_mean"]
+    )
+    out["nystrom_iteration_reduction"] = (
+        runs["none"]["iterations_mean"] / runs["nystrom"]["iterations_mean"]
+    )
+    kron = Laplace(model, "classification", "all", "kron", prior_precision=PRIOR)
+    _, out["kron_fit_s"] = _timed(lambda: kron.fit(train))
+    kron._glm_predictive_distribution(xq)
+    _, out["kron_per_query_s"] = _timed(lambda: kron._glm_predictive_distribution(xq))
+    # per query = all C outputs of one image; the solves above did n_dirs of them
+    C = 10
+    out["hfl_kfac_per_query_s_est"] = runs["kfac"]["solve_s"] * C / n_dirs
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    split = mnist_split(n_train=args.n_train)
+    model, t_train = _timed(
+        lambda: train_classifier(LeNet(), split.X_train, split.y_train, epochs=8)
+    )
+    result: dict = {
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "n_train": args.n_train,
+        "map_train_8_epochs_s": t_train,
+        "command": "python -m laplace_hfl.benchmark.solvers " + " ".join(args.argv),
+    }
+    print("trained LeNet in %.1f s" % t_train, flush=True)
+    result["last_layer"] = last_layer_case(model, split, args.n_query)
+    print(json.dumps(result["last_layer"], indent=1), flush=True)
+    if args.aw_n_train > 0:
+        result["reference_check"] = reference_check(split, args.ref_n_train, 1e-10)
+        print(json.dumps(result["reference_check"], indent=1), flush=True)
+        rank = args.rank or default_rank(sum(p.numel() for p in model.parameters()))
+        result["all_weights"] = all_weights_case(
+            model, split, args.aw_n_train, args.n_dirs, args.rtol, args.max_iter, rank
+        )
+        print(json.dumps(result["all_weights"], indent=1), flush=True)
+    return result
+
+
+def _figure(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    ll = result["last_layer"]
+    axes[0].bar(
+        ["LL HFL\n(dense)", "LL KFAC"],
+        [ll["hfl_per_query_s"] * 1e3, ll["ll_kron_per_query_s"] * 1e3],
+    )
+    axes[0].set_ylabel("ms per query image")
+    axes[0].set_title(f"(a) last layer, n={result['n_train']}")
+    if "all_weights" in result:
+        runs = result["all_weights"]["runs"]
+        names = list(runs)
+        axes[1].bar(names, [runs[n]["iterations_mean"] for n in names])
+        axes[1].set_ylabel(f"CG iterations to rtol={result['all_weights']['rtol']:g}")
+        axes[1].set_title(f"(b) all weights, n={result['all_weights']['n_train']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--n-query", type=int, default=64)
+    p.add_argument(
+        "--aw-n-train",
+        type=int,
+        default=4000,
+        help="training images of the all-weights case (0: skip)",
+    )
+    p.add_argument("--ref-n-train", type=int, default=200)
+    p.add_argument(
+        "--n-dirs",
+        type=int,
+        default=10,
+        help="outputs of one query image refit in case (b)",
+    )
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--max-iter", type=int, default=2000)
+    p.add_argument("--rank", type=int, default=0, help="Nystrom rank (0: default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/solvers.json")
+    args = p.parse_args(argv)  # fmt: skip
+    args.argv = argv
+    result = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    _figure(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
