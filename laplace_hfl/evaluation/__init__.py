@@ -21,6 +21,7 @@ from laplace_hfl.evaluation.figures import (
     plot_reliability,
     plot_variance_scatter,
 )
+from laplace_hfl.evaluation.memory import PeakMemory
 from laplace_hfl.evaluation.metrics import (
     brier_score,
     classification_metrics,
@@ -43,10 +44,8 @@ from laplace_hfl.evaluation.registry import (
     resolve_methods,
 )
 from laplace_hfl.evaluation.report import format_header, format_table, write_results
+from laplace_hfl.evaluation.results import ComparisonResult, Prediction
 from laplace_hfl.evaluation.runner import (
-    ComparisonResult,
-    PeakMemory,
-    Prediction,
     predict_inputs,
     run_comparison,
     run_method,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from laplace_hfl.evaluation.runner import Prediction
+    from laplace_hfl.evaluation.results import Prediction
 
 __all__ = [
     "plot_predictive_bands",

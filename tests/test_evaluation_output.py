@@ -1,0 +1,106 @@
+"""What ``laplace-hfl compare`` prints and measures explains itself: a legend
+for every column, a memory column that measures the method, no import cycles
+in the package (issue 13, item 5 and the layout rules)."""
+
+from __future__ import annotations
+
+import ast
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import laplace_hfl
+from laplace_hfl.evaluation import PeakMemory, format_table
+from laplace_hfl.evaluation.report import LEGEND
+
+ROW = {
+    "method": "hfl_ggn",
+    "structure": "hfl-ggn",
+    "status": "ok",
+    "peak_mem_mb": 1.5,
+}
+
+
+@pytest.mark.parametrize("likelihood", ["regression", "classification"])
+def test_table_has_a_legend_line_for_every_column(likelihood):
+    text = format_table([ROW], likelihood)
+    lines = text.splitlines()
+    header = lines[0].split()
+    legend = lines[lines.index("legend:") + 1 :]
+    explained = [ln.split()[0] for ln in legend]
+    assert explained == header
+    assert all(len(ln.split()) > 3 for ln in legend)  # a sentence, not a name
+    assert "legend:" not in format_table([ROW], likelihood, legend=False)
+
+
+def test_legend_covers_every_possible_column():
+    from laplace_hfl.evaluation import report
+
+    names = [c[1] for c in report._COMMON_HEAD + report._COMMON_TAIL]
+    names += [c[1] for c in report._REGRESSION + report._CLASSIFICATION]
+    assert set(names) | {"status"} <= set(LEGEND)
+
+
+@pytest.mark.skipif(PeakMemory().mode != "heap", reason="needs glibc mallinfo2")
+def test_peak_memory_sees_memory_freed_and_reused_in_the_process():
+    """8e6 bytes (7.63 MiB) allocated in the block, twice: the second time the
+    pages are reused from the first, which the resident set size cannot see."""
+    expected = 1000 * 1000 * 8 / 2**20
+    for _ in range(2):
+        with PeakMemory() as mem:
+            x = torch.ones(1000, 1000, dtype=torch.float64)
+            time.sleep(0.02)  # several sampling intervals
+            del x
+        assert expected * 0.95 <= mem.peak_mb <= expected + 1.0, mem.peak_mb
+    with PeakMemory() as mem:
+        pass
+    assert 0.0 <= mem.peak_mb < 0.5
+
+
+def _internal_imports() -> dict[str, set[str]]:
+    root = Path(laplace_hfl.__file__).parent
+    mods = {}
+    for f in root.rglob("*.py"):
+        parts = f.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = f
+    graph = {}
+    for name, f in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):  # lazy imports included
+            if isinstance(node, ast.ImportFrom) and node.module:
+                deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        # a package's __init__ is imported before its modules: not an edge back
+        graph[name] = {
+            d
+            for d in deps
+            if d in mods and d != name and not name.startswith(d + ".")
+        }
+    return graph
+
+
+def test_no_import_cycles_in_the_package():
+    graph = _internal_imports()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(u: str, stack: list[str]) -> None:
+        state[u] = 1
+        stack.append(u)
+        for v in sorted(graph[u]):
+            if state.get(v) == 1:
+                cycles.append(" -> ".join(stack[stack.index(v) :] + [v]))
+            elif v not in state:
+                visit(v, stack)
+        stack.pop()
+        state[u] = 2
+
+    for u in sorted(graph):
+        if u not in state:
+            visit(u, [])
+    assert cycles == []
