@@ -77,9 +77,7 @@ def _internal_imports() -> dict[str, set[str]]:
                 deps |= {a.name for a in node.names}
         # a package's __init__ is imported before its modules: not an edge back
         graph[name] = {
-            d
-            for d in deps
-            if d in mods and d != name and not name.startswith(d + ".")
+            d for d in deps if d in mods and d != name and not name.startswith(d + ".")
         }
     return graph
 
@@ -104,3 +102,20 @@ def test_no_import_cycles_in_the_package():
         if u not in state:
             visit(u, [])
     assert cycles == []
+
+
+def test_ood_auroc_variance_hand_computed():
+    from laplace_hfl.evaluation import classification_metrics, ood_auroc_variance
+
+    var_in = torch.tensor([1.0, 2.0, 3.0]).diag_embed()[:, :1, :1]  # (3, 1, 1)
+    var_out = torch.tensor([[[2.5]], [[4.0]]])
+    # pairs (out > in): 2.5 beats 1, 2; 4 beats all three -> 5 of 6
+    assert ood_auroc_variance(var_in, var_out) == pytest.approx(5 / 6)
+    zeros = torch.zeros(3, 2, 2)
+    assert ood_auroc_variance(zeros, zeros[:2]) == pytest.approx(0.5)  # the MAP
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    m = classification_metrics(
+        probs, torch.tensor([0, 1, 1]), probs[:2], var=var_in, var_ood=var_out
+    )
+    assert m["ood_auroc_var"] == pytest.approx(5 / 6)
+    assert "ood_auroc_var" not in classification_metrics(probs, torch.tensor([0, 1, 1]))

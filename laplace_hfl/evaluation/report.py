@@ -45,6 +45,7 @@ _CLASSIFICATION = [
     ("ece", "ece", ".3f"),
     ("brier", "brier", ".3f"),
     ("ood_auroc", "ood_auroc", ".3f"),
+    ("ood_auroc_var", "ood_auroc_var", ".3f"),
 ]
 
 
@@ -68,8 +69,11 @@ LEGEND = {
     "acc": "fraction of test points classified correctly (higher is better)",
     "ece": "expected calibration error, 15 bins (lower is better)",
     "brier": "Brier score (lower is better)",
-    "ood_auroc": "AUROC of telling OOD inputs from test inputs by 1 - max_k p_k (0.5: "
-    "no better than chance; see docs/evaluation.md for the OOD set)",
+    "ood_auroc": "AUROC of telling OOD inputs from test inputs by low confidence "
+    "1 - max_k p_k (0.5: chance; below 0.5 when test points near the class "
+    "boundary are less confident than off-data points, see docs/evaluation.md)",
+    "ood_auroc_var": "AUROC of telling OOD inputs from test inputs by epistemic "
+    "(latent) variance alone (1: perfect; the MAP has none and scores 0.5)",
     "relerr_H": "median relative error of the latent variances against full "
     "exact-Hessian Laplace (REFERENCE_HESSIAN; 0 is exact)",
     "rho_H": "Spearman rank correlation of the variances with the same reference "

@@ -26,12 +26,15 @@ class Prediction:
         Test means ``(N, C)`` and functional covariances ``(N, C, C)``.
     probs, probs_ood : Tensor or None
         Probit class probabilities on test / OOD inputs (classification).
+    f_var_ood : Tensor or None
+        Latent covariances ``(N_ood, C, C)`` on the OOD inputs.
     """
 
     f_mu: Tensor
     f_var: Tensor
     probs: Tensor | None = None
     probs_ood: Tensor | None = None
+    f_var_ood: Tensor | None = None
 
     @property
     def variances(self) -> Tensor:

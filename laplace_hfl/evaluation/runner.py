@@ -74,7 +74,9 @@ def _score(task: Task, pred: Prediction, y: Tensor, X: Tensor) -> dict[str, floa
             pred.f_mu, pred.f_var, y, task.sigma_noise, task.gap_mask(X),
             task.data_mask(X),
         )  # fmt: skip
-    return classification_metrics(pred.probs, y, pred.probs_ood)
+    return classification_metrics(
+        pred.probs, y, pred.probs_ood, var=pred.f_var, var_ood=pred.f_var_ood
+    )
 
 
 def _val_nll(task: Task, la: Any, model: torch.nn.Module, batch_size: int) -> float:
@@ -230,7 +232,8 @@ def run_method(
             pred = _prediction(task, la, model, X, batch_size)
             t2 = time.perf_counter()
             if task.likelihood == "classification" and X_ood is not None:
-                pred.probs_ood = probit_probs(*_predict(la, model, X_ood, batch_size))
+                mu_ood, pred.f_var_ood = _predict(la, model, X_ood, batch_size)
+                pred.probs_ood = probit_probs(mu_ood, pred.f_var_ood)
         row.update(_score(task, pred, y, X))
         row["fit_s"] = t1 - t0
         row["predict_s_per_point"] = (t2 - t1) / X.shape[0]
