@@ -107,7 +107,7 @@ def test_no_import_cycles_in_the_package():
 def test_ood_auroc_variance_hand_computed():
     from laplace_hfl.evaluation import classification_metrics, ood_auroc_variance
 
-    var_in = torch.tensor([1.0, 2.0, 3.0]).diag_embed()[:, :1, :1]  # (3, 1, 1)
+    var_in = torch.tensor([[[1.0]], [[2.0]], [[3.0]]])  # (3, 1, 1)
     var_out = torch.tensor([[[2.5]], [[4.0]]])
     # pairs (out > in): 2.5 beats 1, 2; 4 beats all three -> 5 of 6
     assert ood_auroc_variance(var_in, var_out) == pytest.approx(5 / 6)
