@@ -16,13 +16,19 @@ from typing import TypeVar
 
 import tqdm
 
-__all__ = ["AUTO_PROGRESS_AFTER_S", "progress", "format_seconds"]
+__all__ = ["AUTO_PROGRESS_AFTER_S", "progress", "format_seconds", "is_long"]
 
 #: A loop whose first step predicts more than this many seconds in total
 #: shows a progress bar (``float("inf")``: never unless asked for).
 AUTO_PROGRESS_AFTER_S = 10.0
 
 T = TypeVar("T")
+
+
+def is_long(seconds: float) -> bool:
+    """Whether an expected duration deserves a bar or a notice
+    (``seconds > AUTO_PROGRESS_AFTER_S``, read at call time)."""
+    return seconds > AUTO_PROGRESS_AFTER_S
 
 
 def format_seconds(seconds: float) -> str:
@@ -67,7 +73,7 @@ def progress(items: Sequence[T], *, desc: str, always: bool = False) -> Iterator
             yield item  # the caller's loop body runs here
             if i == 0:
                 first = time.perf_counter() - t0
-                if first * n > AUTO_PROGRESS_AFTER_S:
+                if is_long(first * n):
                     bar = tqdm.tqdm(
                         total=n,
                         initial=1,
