@@ -82,7 +82,11 @@ def add_compare_parser(
         "--no-figures", action="store_true",
         help="skip the PNG figures (default: written to OUT/figures/)",
     )  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true",
+        help="no progress bars (default: a bar over methods, and HFL's own bar "
+        "when a prediction is expected to take over 10 s)",
+    )  # fmt: skip
     p.add_argument("--list", action="store_true", help="list tasks and methods")
     p.set_defaults(func=run_compare)
     return p
@@ -99,6 +103,10 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.list:
         print(format_listing(TASKS, METHODS))
         return 0
+    if args.no_progress:  # HFL's automatic bars on long predictions too
+        import laplace_hfl.progress
+
+        laplace_hfl.progress.AUTO_PROGRESS_AFTER_S = float("inf")
     tasks = args.task or list(DEFAULT_TASKS)
     unknown = [t for t in tasks if t not in TASKS]
     bad = [m for m in (args.methods or []) if m not in METHODS]

@@ -51,3 +51,17 @@ def test_compare_list_has_column_headers(capsys):
     i = heads.index(["method", "family", "backend", "structure"])
     assert set(lines[i + 1].replace(" ", "")) == {"-"}
     assert lines[i + 2].split()[:2] == ["map", "map"]
+
+
+def test_no_progress_silences_hfl_automatic_bars(tmp_path, capsys, monkeypatch):
+    import laplace_hfl.progress
+
+    monkeypatch.setattr(laplace_hfl.progress, "AUTO_PROGRESS_AFTER_S", 0.0)
+    code = main(
+        ["compare", "--task", "tiny", "--methods", "map", "hfl_ggn",
+         "--out", str(tmp_path), "--no-progress", "--no-figures"]
+    )  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "[HFL" not in captured.err
+    assert "legend:" in captured.out
