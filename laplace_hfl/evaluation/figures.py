@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the CLI writes files only
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from laplace_hfl.evaluation.registry import (  # noqa: E402
@@ -102,9 +103,13 @@ def _colors(n: int) -> list:
 
 
 def _family_grid(
-    groups: dict[str, list[str]], max_cols: int = 6, size: float = 2.6
+    groups: dict[str, list[str]],
+    max_cols: int = 6,
+    size: float = 2.6,
+    share: bool = False,
 ) -> tuple[Figure, dict[str, Axes]]:
-    """One row per family (wrapped after ``max_cols``), family named on the left."""
+    """One row per family (wrapped after ``max_cols``), the family named as the
+    y label of the row's first panel; ``share``: common x and y axes."""
     rows: list[tuple[str, list[str]]] = []
     for fam, names in groups.items():
         for i in range(0, len(names), max_cols):
@@ -112,7 +117,7 @@ def _family_grid(
     ncols = max((len(r[1]) for r in rows), default=1)
     fig, axes = plt.subplots(
         max(len(rows), 1), ncols, figsize=(size * ncols, size * 0.85 * max(len(rows), 1)),
-        squeeze=False,
+        squeeze=False, sharex=share, sharey=share,
     )  # fmt: skip
     out: dict[str, Axes] = {}
     for r, (fam, names) in enumerate(rows):
@@ -121,11 +126,9 @@ def _family_grid(
                 out[names[c]] = axes[r, c]
             else:
                 axes[r, c].axis("off")
-        axes[r, 0].annotate(
-            FAMILY_TITLES.get(fam, fam), xy=(0, 0.5), xytext=(-0.32, 0.5),
-            xycoords="axes fraction", textcoords="axes fraction", rotation=90,
-            ha="center", va="center", fontsize=9, fontweight="bold",
-        )  # fmt: skip
+        axes[r, 0].set_ylabel(
+            FAMILY_TITLES.get(fam, fam), fontsize=9, fontweight="bold"
+        )
     return fig, out
 
 
@@ -277,8 +280,7 @@ def plot_variance_scatter(
         for k, p in predictions.items()
         if k != reference and bool((p.variances != 0).any())
     }
-    fig, by_name = _family_grid(group_by_family(list(others), families))
-    axes = list(by_name.values())
+    fig, by_name = _family_grid(group_by_family(list(others), families), share=True)
     lo, hi = float(ref.min()), float(ref.max())
     for name, ax in by_name.items():
         p = others[name]
@@ -286,9 +288,10 @@ def plot_variance_scatter(
         ax.loglog(ref.numpy(), v.numpy(), ".", ms=2)
         ax.plot([lo, hi], [lo, hi], "r--", lw=0.8)
         ax.set_title(name, fontsize=8)
-        ax.tick_params(labelsize=6)
-    for ax in axes:
-        ax.set_ylabel("method variance", fontsize=7)
+        ax.tick_params(which="both", labelsize=6)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    fig.supylabel("method variance", fontsize=8)
     fig.supxlabel(f"reference variance ({reference})", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -407,8 +410,10 @@ def plot_predictive_std(
     ref_styles = dict(zip(references, ("--", ":", "-.")))
     for a, (fam, names) in zip(axes.flat, panels.items()):
         own = [n for n in names if n not in references]
-        for name, color in zip(own, _colors(len(own))):
-            a.plot(xs, sds[name], lw=1.5, color=color, label=name)
+        for i, (name, color) in enumerate(zip(own, _colors(len(own)))):
+            # thinner each time: identical curves (same method, other backend)
+            # stay visible as nested stripes
+            a.plot(xs, sds[name], lw=max(3.2 - 0.8 * i, 0.8), color=color, label=name)
         for ref in references:
             a.plot(xs, sds[ref], lw=1.1, color="k", ls=ref_styles[ref],
                    label=f"{ref} (reference)")  # fmt: skip
