@@ -119,3 +119,53 @@ def test_ood_auroc_variance_hand_computed():
     )
     assert m["ood_auroc_var"] == pytest.approx(5 / 6)
     assert "ood_auroc_var" not in classification_metrics(probs, torch.tensor([0, 1, 1]))
+
+
+def _preds(names, n=9):
+    from laplace_hfl.evaluation import Prediction
+
+    x = torch.linspace(-2, 2, n, dtype=torch.float64).reshape(-1, 1)
+    out = {}
+    for i, name in enumerate(names):
+        var = (x**2 + 0.1 * (i + 1)).reshape(n, 1, 1)
+        out[name] = Prediction(torch.zeros(n, 1), var)
+    return x, out
+
+
+def test_std_figure_groups_any_family_into_panels_with_legends_outside():
+    from laplace_hfl.evaluation import plot_predictive_std
+    from laplace_hfl.evaluation.registry import REFERENCE_GGN, REFERENCE_HESSIAN
+
+    names = ["hfl_ggn", "hfl_ll", "kron_backpack_ggn", "kron_asdl_ggn",
+             "diag_asdl_ggn", "newfam_a", "newfam_b", "newfam_c",
+             REFERENCE_GGN, REFERENCE_HESSIAN]  # fmt: skip
+    x, preds = _preds(names)
+    fig = plot_predictive_std(x, preds, families={"newfam_c": "newfam"})
+    fig.canvas.draw()
+    panels = [a for a in fig.axes if a.axison]
+    titles = sorted(a.get_title() for a in panels)
+    # the references alone make no "full" panel; they appear in every panel
+    assert titles == sorted(["HFL (this package)", "KFAC", "diagonal", "newfam"])
+    r = fig.canvas.get_renderer()
+    for a in panels:
+        labels = [t.get_text() for t in a.get_legend().get_texts()]
+        assert f"{REFERENCE_GGN} (reference)" in labels
+        colors = [ln.get_color() for ln in a.get_lines() if ln.get_color() != "k"]
+        colors = [c for c in colors if isinstance(c, tuple)]
+        assert len(set(colors)) == len(colors)  # distinct within a panel
+        assert not a.get_legend().get_window_extent(r).overlaps(a.get_window_extent(r))
+
+
+def test_std_figure_single_axes_legend_right_of_plot():
+    from laplace_hfl.evaluation import plot_predictive_std
+
+    x, preds = _preds(["hfl_ggn", "kron_asdl_ggn", "diag_asdl_ggn"])
+    fig = plot_predictive_std(x, preds)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    r = fig.canvas.get_renderer()
+    assert ax.get_legend().get_window_extent(r).x0 >= ax.get_window_extent(r).x1
+    styles = {ln.get_label(): ln.get_linestyle() for ln in ax.get_lines()}
+    assert (
+        len({styles["hfl_ggn"], styles["kron_asdl_ggn"], styles["diag_asdl_ggn"]}) == 3
+    )
