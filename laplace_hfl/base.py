@@ -258,6 +258,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
         self._amortized = None
         self._amortized_key = None
         self._fitted = True
+        self.H = self._curvature_operator()
         self.progress_bar = self.progress_bar or progress_bar
         if self.amortize is not None:
             with eval_mode(self.model):
