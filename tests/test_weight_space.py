@@ -405,3 +405,61 @@ def test_float32_model(regression_1d):
     mu, var = la32(X[:3].float(), pred_type="nn", link_approx="mc", n_samples=8)
     assert mu.dtype == var.dtype == torch.float32
     assert_unchanged(m32, snap)
+
+
+def _outputs_at(model, names, draws, X):
+    """Independent evaluation of ``model`` at flat weight draws."""
+    with torch.no_grad():
+        base = {n: p for n, p in model.named_parameters()}
+        sizes = [base[n].numel() for n in names]
+        outs = []
+        for theta in draws:
+            params = dict(base)
+            for n, c in zip(names, torch.split(theta, sizes)):
+                params[n] = c.reshape(base[n].shape)
+            outs.append(functional_call(model, params, (X,)))
+        return torch.stack(outs)
+
+
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_nn_on_awkward_model(subset):
+    """BatchNorm, dropout, a frozen layer, stale .grad, train mode: nn samples
+    are the eval-mode network at the draws, and the model is untouched."""
+    from test_side_effects import awkward_model
+
+    model, X, y = awkward_model()
+    snap = snapshot(model)
+    la = Laplace(model, "regression", subset, "hfl", prior_precision=5.0)
+    la.fit(loader(X, y))
+    draws = la.sample(6, generator=torch.Generator().manual_seed(0))
+    f = la.functional_samples(
+        X[:4], pred_type="nn", n_samples=6, generator=torch.Generator().manual_seed(0)
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    names = trainable if subset == "all" else trainable[-2:]
+    model.eval()
+    expect = _outputs_at(model, names, draws, X[:4])
+    model.train()
+    assert torch.allclose(f, expect, rtol=1e-12, atol=1e-12)
+    la.posterior_covariance @ torch.ones(la.n_params, dtype=DT)
+    la.H.to_dense()
+    assert_unchanged(model, snap)
+
+
+def test_nn_on_dict_batches(classification):
+    from test_api import DictData, DictModel
+    from torch.utils.data import DataLoader
+
+    _, X, y = classification
+    torch.manual_seed(1)
+    model = DictModel().to(DT)
+    la = Laplace(model, "classification", "all", "hfl", prior_precision=PRIOR)
+    la.fit(DataLoader(DictData(X, y), batch_size=16))
+    q = {"input_ids": X[:4]}
+    p = la.predictive_samples(
+        q, pred_type="nn", n_samples=5, generator=torch.Generator().manual_seed(0)
+    )
+    draws = la.sample(5, generator=torch.Generator().manual_seed(0))
+    names = [n for n, _ in model.named_parameters()]
+    expect = torch.softmax(_outputs_at(model, names, draws, q), -1)
+    assert torch.allclose(p, expect, rtol=1e-12, atol=1e-12)
