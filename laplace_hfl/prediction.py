@@ -150,7 +150,9 @@ class PredictionMixin:
             Unknown ``pred_type`` or ``link_approx``; ``pred_type="nn"`` with
             ``link_approx`` other than ``"mc"``; invalid ``generator``.
         NotImplementedError
-            ``pred_type="gp"``; ``pred_type="nn"`` with ``target="hessian"``.
+            ``pred_type="gp"``.
+        IndefiniteHessianError
+            ``pred_type="nn"``, ``target="hessian"`` and an indefinite ``P``.
         """
         self._check_pred_type(pred_type)
         if pred_type == PredType.NN:

@@ -35,13 +35,14 @@ _NO_WEIGHT_SPACE = (
     "la.predictive_samples(x) (both pred_type='glm')."
 )
 
-_NO_SQRT = (
-    "{what} draws weights by sample-then-optimise, which needs a square-root "
-    "factorisation of the posterior precision; the exact Hessian of a network "
-    "(target='hessian') has none. Use target='ggn' (the posterior of FullLaplace "
-    "with a GGN backend), or pred_type='glm', or laplace-torch's FullLaplace with "
-    "a Hessian backend where a dense P x P matrix fits in memory."
-)
+
+def _indefinite(what: str, err: NegativeCurvature) -> IndefiniteHessianError:
+    return IndefiniteHessianError(
+        f"{what}: the posterior precision (target='hessian') has non-positive "
+        f"curvature {err.curvature:.3e}, so N(theta_MAP, P^-1) does not exist. "
+        "Use target='ggn' (positive definite by construction) or train the MAP "
+        "to a minimum of the Laplace objective."
+    )
 
 
 def check_n_samples(n_samples: object) -> int:
@@ -137,12 +138,7 @@ class WeightSpaceMixin:
                     obj, s.target, V, s.rtol, s.max_iter, self._precond(obj)
                 )
             except NegativeCurvature as err:
-                raise IndefiniteHessianError(
-                    f"posterior_covariance: the posterior precision has negative "
-                    f"curvature {err.curvature:.3e}, so it has no inverse "
-                    "covariance. Use target='ggn' (positive definite by "
-                    "construction)."
-                ) from err
+                raise _indefinite("posterior_covariance", err) from err
 
         return self._operator("posterior_covariance", solve)
 
@@ -184,31 +180,36 @@ class WeightSpaceMixin:
         self._check_H_init()
         n = check_n_samples(n_samples)
         self._check_generator(generator)
-        if self.hfl_settings.target != "ggn":
-            raise NotImplementedError(_NO_SQRT.format(what="Weight sampling"))
+        target = self.hfl_settings.target
         with eval_mode(self.model):
             obj = self._objective()
-            draws = weight_samples(
-                obj,
-                n,
-                generator=generator,
-                rtol=self.hfl_settings.rtol,
-                max_iter=self.hfl_settings.max_iter,
-                chunk_size=self.chunk_size,
-                precond=self._precond(obj),
-            )
+            try:
+                draws = weight_samples(
+                    obj,
+                    n,
+                    target=target,
+                    generator=generator,
+                    rtol=self.hfl_settings.rtol,
+                    max_iter=self.hfl_settings.max_iter,
+                    chunk_size=self.chunk_size,
+                    precond=self._precond(obj) if target == "ggn" else None,
+                )
+            except NegativeCurvature as err:
+                raise _indefinite("sample()", err) from err
         return obj.theta_map, obj.theta_map + draws.deviations
 
     def sample(
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Exact draws of ``N(theta_MAP, P^{-1})`` by sample-then-optimise.
+        """Exact draws of ``N(theta_MAP, P^{-1})`` without forming ``P``.
 
-        Each draw solves ``P delta = b`` with a random right-hand side of
-        covariance ``P`` (batched, preconditioned CG to ``rtol``), so
-        ``theta_MAP + delta`` has covariance ``P^{-1}`` exactly up to the CG
-        tolerance. Costs CG iterations x passes over the training data, for
-        ``chunk_size`` draws at a time.
+        ``target="ggn"``: sample-then-optimise; each draw solves
+        ``P delta = b`` with a random right-hand side of covariance ``P``
+        (batched, preconditioned CG to ``rtol``), so ``theta_MAP + delta`` has
+        covariance ``P^{-1}`` exactly up to the CG tolerance.
+        ``target="hessian"`` (no square-root factorisation of ``P``):
+        ``delta = P^{-1/2} z`` by batched Lanczos. Costs solver iterations x
+        passes over the training data, for ``chunk_size`` draws at a time.
 
         Parameters
         ----------
@@ -228,8 +229,8 @@ class WeightSpaceMixin:
             Before ``fit``.
         TypeError, ValueError
             ``n_samples`` not a positive integer; invalid ``generator``.
-        NotImplementedError
-            ``target="hessian"`` (no square-root factorisation).
+        IndefiniteHessianError
+            ``target="hessian"`` and ``P`` is not positive definite.
 
         Warns
         -----
