@@ -4,7 +4,8 @@
 laplace-torch's ``FullLaplace``, but never formed: ``posterior_precision``,
 ``posterior_covariance`` and ``H`` are matrix-free
 :class:`~laplace_hfl.operators.SymmetricOperator` objects, and ``sample``
-draws exactly by sample-then-optimise. The math lives in
+draws exactly (sample-then-optimise for the GGN, Lanczos ``P^{-1/2} z`` for
+the exact Hessian). The math lives in
 :mod:`laplace_hfl.weight_posterior`; this mixin only wires it to the estimator.
 """
 
