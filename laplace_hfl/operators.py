@@ -3,7 +3,7 @@
 :class:`SymmetricOperator` stands in where laplace-torch hands out a dense
 ``(P, P)`` tensor (``posterior_precision``, ``posterior_covariance``, ``H``):
 it supports ``A @ v`` for vectors ``(P,)`` and matrices ``(P, k)`` (and
-``v @ A``, ``A`` being symmetric), ``.shape``, ``.dtype``, ``.device`` and
+``v @ A``, ``A`` being symmetric; ``torch.matmul``/``mm``/``mv``), ``.shape``, ``.dtype``, ``.device`` and
 ``.T``, and builds the dense matrix only when ``to_dense()`` is called. Every
 other tensor operation fails with a message that names what works.
 
@@ -203,7 +203,11 @@ class SymmetricOperator:
         args: tuple = (),
         kwargs: dict | None = None,
     ) -> Any:
-        matmuls = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+        matmuls = (
+            torch.matmul, torch.mm, torch.mv,
+            torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.mv,
+            torch.Tensor.__matmul__,
+        )  # fmt: skip
         if func in matmuls and len(args) == 2 and not kwargs:
             a, b = args
             if isinstance(a, SymmetricOperator):

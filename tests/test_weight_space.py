@@ -92,6 +92,8 @@ def test_operators_match_dense_full_laplace(request, case, likelihood, subset):
     assert _max_err(v @ P, v @ P_ref) < 1e-10
     assert _max_err(V.T @ P, V.T @ P_ref) < 1e-10
     assert _max_err(torch.matmul(P, V), P_ref @ V) < 1e-10
+    assert _max_err(torch.mm(P, V), P_ref @ V) < 1e-10
+    assert _max_err(torch.mv(P, v), P_ref @ v) < 1e-10
     assert _max_err(P.to_dense(), P_ref) < 1e-10
     # Hyperparameters are read at access, as laplace-torch's dense property.
     diag = torch.rand(n, generator=g, dtype=DT) + 0.1
@@ -421,6 +423,8 @@ def test_state_dict_keeps_operators(regression_1d, subset):
         assert la2.H is not None
         with pytest.raises(HFLNotFittedError, match="fit"):
             la2.posterior_precision @ v
+        with pytest.raises(HFLNotFittedError, match="fit"):
+            la2.sample(2)
 
 
 @pytest.mark.parametrize("subset", SUBSETS)
