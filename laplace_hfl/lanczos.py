@@ -125,6 +125,8 @@ def lanczos_inv_sqrt(
             if bool(bad.any()):
                 col = int(torch.nonzero(bad)[0])
                 raise NegativeCurvature(col, float(ritz_min[col]))
+            if y_prev is None and k > 1:  # stopped before the first check
+                y_prev = _coefficients(alphas[:-1], betas[:-1])[0]
             if y_prev is not None:
                 pad = torch.nn.functional.pad(y_prev, (0, k - y_prev.shape[1]))
                 change = torch.where(

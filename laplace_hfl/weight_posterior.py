@@ -103,7 +103,8 @@ def _warn_unconverged(
         f"right-hand sides (largest relative residual or change "
         f"{float(rel_residual[bad].max()):.3e} > rtol={rtol:.1e} after "
         f"{int(iterations.max())} iterations). The "
-        "result is inexact; increase max_iter or precondition_rank.",
+        "result is inexact; increase max_iter"
+        + ("." if what.endswith("Lanczos") else " or precondition_rank."),
         RefitConvergenceWarning,
     )
 

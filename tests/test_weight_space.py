@@ -524,3 +524,14 @@ def test_nn_on_dict_batches(classification):
     names = [n for n, _ in model.named_parameters()]
     expect = torch.softmax(_outputs_at(model, names, draws, q), -1)
     assert torch.allclose(p, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_lanczos_sample_unconverged_warns(regression_1d):
+    model, X, y = regression_1d
+    la = Laplace(
+        model, "regression", "all", "hfl", sigma_noise=SIGMA, target="hessian",
+        max_iter=2,
+    )  # fmt: skip
+    la.fit(loader(X, y))
+    with pytest.warns(RefitConvergenceWarning, match=r"Lanczos did not converge.*e-01"):
+        la.sample(3)
