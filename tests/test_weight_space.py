@@ -27,7 +27,11 @@ from laplace import Laplace
 from laplace.curvature import AsdlGGN, CurvlinopsGGN
 from torch.func import functional_call, hessian
 
-from laplace_hfl import HFLNotFittedError, RefitConvergenceWarning
+from laplace_hfl import (
+    HFLNotFittedError,
+    IndefiniteHessianError,
+    RefitConvergenceWarning,
+)
 from laplace_hfl.amortized import perturbed_rhs
 from laplace_hfl.batches import eval_mode
 from laplace_hfl.lanczos import lanczos_inv_sqrt
@@ -535,3 +539,24 @@ def test_lanczos_sample_unconverged_warns(regression_1d):
     la.fit(loader(X, y))
     with pytest.warns(RefitConvergenceWarning, match=r"Lanczos did not converge.*e-01"):
         la.sample(3)
+
+
+def test_indefinite_hessian_is_refused(regression_1d):
+    """An untrained network with a weak prior: P has a negative eigenvalue
+    (checked densely), so neither P^-1 nor N(theta, P^-1) exists."""
+    model, X, y = regression_1d
+    torch.manual_seed(3)
+    for p in model.parameters():  # far from any minimum
+        torch.nn.init.normal_(p, std=2.0)
+    snap = snapshot(model)
+    la, _, P_ref = _hessian_setup(model, X, 5 * y, rtol=1e-10)
+    la.prior_precision = 1e-4
+    shift = (PRIOR - 1e-4) * torch.eye(len(P_ref), dtype=DT)
+    assert float(torch.linalg.eigvalsh(P_ref - shift)[0]) < 0
+    with pytest.raises(IndefiniteHessianError, match="target='ggn'"):
+        la.posterior_covariance @ torch.ones(la.n_params, dtype=DT)
+    with pytest.raises(IndefiniteHessianError, match="target='ggn'"):
+        la.sample(4)
+    with pytest.raises(IndefiniteHessianError, match="target='ggn'"):
+        la(X[:2], pred_type="nn", link_approx="mc")
+    assert_unchanged(model, snap)
