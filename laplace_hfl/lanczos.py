@@ -132,9 +132,9 @@ def lanczos_inv_sqrt(
                 change = torch.where(
                     active, (y - pad).norm(dim=1) / y.norm(dim=1), change
                 )
-            exact = invariant | (active & torch.tensor(k == P))
+            exact = invariant | (active & (k == P))
             change = torch.where(exact, torch.zeros_like(change), change)
-            done = active & (exact | (change <= rtol) | torch.tensor(last))
+            done = active & (exact | (change <= rtol) | last)
             if bool(done.any()):
                 X[done] = beta0[done, None] * torch.einsum(
                     "mk,kmp->mp", y[done], Q[:, done]
