@@ -103,14 +103,33 @@ def _collective_device(like: Tensor | None = None) -> torch.device:
     return torch.device("cpu") if like is None else like.device
 
 
+def _collective(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a collective; a backend failure becomes :class:`HFLDistributedError`."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as err:  # DistBackendError: timeout, closed peer
+        raise HFLDistributedError(
+            "A collective of HFL failed: another rank failed or stopped calling "
+            "(its own error says why); every rank must make the same HFL calls. "
+            "Backend error: " + str(err)
+        ) from err
+
+
 class AllReduce:
     """``reduce`` hook of :class:`~laplace_hfl.functional.LaplaceObjective`:
-    sums a data term over all ranks (``all_reduce(SUM)``), in place."""
+    sums a data term over all ranks (``all_reduce(SUM)``), in place.
+
+    Raises
+    ------
+    HFLDistributedError
+        The collective failed (a peer closed its connection, or the process
+        group's timeout expired while a rank was missing).
+    """
 
     def __call__(self, total: Tensor) -> Tensor:
         buf = total.contiguous()
         start = time.perf_counter()
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        _collective(dist.all_reduce, buf, op=dist.ReduceOp.SUM)
         if buf.is_cuda:
             torch.cuda.synchronize(buf.device)
         STATS.calls += 1
@@ -344,7 +363,7 @@ def fit_shard(
         error = err
         summary = {"error": f"{type(err).__name__}: {err}"}
     summaries: list[dict[str, Any]] = [{}] * size
-    dist.all_gather_object(summaries, summary)
+    _collective(dist.all_gather_object, summaries, summary)
     failed = [(r, s["error"]) for r, s in enumerate(summaries) if "error" in s]
     if failed:
         if error is not None:
@@ -403,7 +422,7 @@ def check_same(x: Any, what: str) -> None:
     tensors = _tensors(x)
     f = torch.tensor(_fingerprint(tensors), dtype=torch.float64)
     buf = torch.cat([f, -f]).to(_collective_device(tensors[0] if tensors else None))
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    _collective(dist.all_reduce, buf, op=dist.ReduceOp.MAX)
     hi, lo = buf[: f.numel()], -buf[f.numel() :]
     if not bool(torch.equal(hi, lo)):
         raise HFLDistributedError(

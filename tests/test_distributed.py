@@ -1,0 +1,133 @@
+"""Data-parallel HFL: 2 gloo processes on unequal shards give the answer of one
+process on the full data (float64, 1e-10 relative), and failures raise on every
+rank in bounded time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed_cases import (
+    CASES,
+    build_model,
+    equality_worker,
+    exit_worker,
+    failure_worker,
+    make_laplace,
+    make_problems,
+    run_case,
+    spawn,
+)
+from torch.utils.data import DataLoader, TensorDataset
+
+TOL = 1e-10
+TIMEOUT = 3.0  # process-group timeout of the failure test (seconds)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.fixture(scope="module")
+def problems(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist_problems")
+    probs = make_problems()
+    torch.save(probs, tmp / "problems.pt")
+    return tmp, probs
+
+
+@pytest.fixture(scope="module")
+def sharded(problems, tmp_path_factory):
+    """All cases once in 2 gloo processes (one spawn: interpreter start-up
+    dominates)."""
+    src, probs = problems
+    tmp = tmp_path_factory.mktemp("dist_equal")
+    torch.save(probs, tmp / "problems.pt")
+    codes = spawn(equality_worker, 2, str(tmp), list(CASES), limit=300)
+    assert codes == [0, 0], f"worker exit codes {codes} (tracebacks above)"
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return tmp, ranks
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_match_one(name, problems, sharded, tmp_path):
+    _, probs = problems
+    _, ranks = sharded
+    ref = run_case(name, probs, 0, 1, str(tmp_path))
+    for rank, out in enumerate(ranks):
+        got = out[name]
+        assert got["n_data"] == ref["n_data"] == len(probs[CASES[name][0]]["X"])
+        assert abs(got["loss"] - ref["loss"]) <= TOL * abs(ref["loss"])
+        for key in ("f_mu", "f_var", "samples", "prior_precision"):
+            if key in ref:
+                err = _rel(got[key], ref[key])
+                assert err <= TOL, f"rank {rank} {key}: relative error {err:.2e}"
+        assert float(ref["f_var"].abs().max()) > 0
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "amortize" in CASES[n][2]])
+def test_amortized_state_saved_on_rank0_loads_on_one_process(name, problems, sharded):
+    _, probs = problems
+    tmp, ranks = sharded
+    problem, subset, opts, _, _ = CASES[name]
+    state = torch.load(tmp / f"{name}.state.pt", weights_only=False)
+    model = build_model(problem)
+    model.load_state_dict(probs[problem]["state"])
+    la = make_laplace(problem, subset, opts, model)
+    la.load_state_dict(state)
+    f_mu, f_var = la._glm_predictive_distribution(probs[problem]["Xq"])
+    assert _rel(f_var, ranks[0][name]["f_var"]) <= TOL
+    assert _rel(f_mu, ranks[0][name]["f_mu"]) <= TOL
+
+
+def test_failures_raise_on_every_rank_in_bounded_time(problems, tmp_path):
+    _, probs = problems
+    torch.save(probs, tmp_path / "problems.pt")
+    codes = spawn(failure_worker, 2, str(tmp_path), TIMEOUT, limit=120)
+    assert codes == [0, 0], f"worker exit codes {codes} (tracebacks above)"
+    res = [torch.load(tmp_path / f"fail{r}.pt", weights_only=False) for r in range(2)]
+    for r in range(2):
+        for case in ("query", "query_shape"):
+            assert res[r][case]["type"] == "HFLDistributedError", res[r][case]
+            assert "different query inputs" in res[r][case]["message"]
+            assert res[r][case]["seconds"] < TIMEOUT  # detected, not timed out
+        assert res[r]["map"]["type"] == "HFLDistributedError"
+        assert "different MAP" in res[r]["map"]["message"]
+        assert res[r]["minibatch"]["type"] == "NotImplementedError"
+        assert res[r]["after"]["type"] is None, res[r]["after"]
+    # the failing rank raises its own error, the other names it
+    assert res[1]["fit_nan"]["type"] == "ValueError"
+    assert "not finite" in res[1]["fit_nan"]["message"]
+    assert res[0]["fit_nan"]["type"] == "HFLDistributedError"
+    assert "rank 1: ValueError" in res[0]["fit_nan"]["message"]
+    for r in range(2):
+        assert res[r]["fit_nan"]["seconds"] < TIMEOUT
+    # a rank failing inside a data pass: its own error at once, the other's
+    # collective errors at the process group's timeout, not later
+    assert res[1]["midpass"]["type"] == "RuntimeError"
+    assert "injected" in res[1]["midpass"]["message"]
+    assert res[0]["midpass"]["type"] == "HFLDistributedError", res[0]["midpass"]
+    assert "another rank" in res[0]["midpass"]["message"]
+    assert res[0]["midpass"]["seconds"] < TIMEOUT + 10
+
+
+def test_rank_that_exits_fails_the_others_fast(problems, tmp_path):
+    _, probs = problems
+    torch.save(probs, tmp_path / "problems.pt")
+    codes = spawn(exit_worker, 2, str(tmp_path), 60.0, limit=120)
+    assert codes == [0, 3], f"worker exit codes {codes} (tracebacks above)"
+    res = torch.load(tmp_path / "exit0.pt", weights_only=False)
+    assert res["type"] == "HFLDistributedError", res
+    assert res["seconds"] < 30  # the closed connection, not the 60 s timeout
+
+
+def test_one_process_without_group_unchanged(problems):
+    """No process group: no reduce hook, no collectives, the usual errors."""
+    _, probs = problems
+    model = build_model("reg")
+    model.load_state_dict(probs["reg"]["state"])
+    la = make_laplace("reg", "all", {}, model)
+    empty = DataLoader(TensorDataset(probs["reg"]["X"][:0], probs["reg"]["y"][:0]))
+    with pytest.raises(ValueError, match="yielded no batches"):
+        la.fit(empty)
+    la.fit(DataLoader(TensorDataset(probs["reg"]["X"], probs["reg"]["y"])))
+    assert la._objective().reduce is None
