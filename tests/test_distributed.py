@@ -4,6 +4,11 @@ rank in bounded time."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from distributed_cases import (
@@ -131,3 +136,25 @@ def test_one_process_without_group_unchanged(problems):
         la.fit(empty)
     la.fit(DataLoader(TensorDataset(probs["reg"]["X"], probs["reg"]["y"])))
     assert la._objective().reduce is None
+
+
+@pytest.mark.slow
+def test_example_runs_under_torchrun(tmp_path):
+    """examples/distributed.py with torchrun, 2 CPU processes (fresh
+    interpreters: ~20-40 s on 2 shared cores)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "state.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += [str(root / "examples/distributed.py"), "--steps", "30", "--out", str(out)]
+    proc = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("rank ")]
+    assert len(lines) == 2
+    # both ranks print the same numbers (after their rank prefix and timings)
+    assert lines[0].split("std")[1:] == lines[1].split("std")[1:]
+    state = torch.load(out, weights_only=False)
+    assert state["amortized"]["samples"].shape[0] == 64
+    assert state["n_data"] == 751
