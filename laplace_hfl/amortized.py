@@ -126,7 +126,7 @@ def perturbed_rhs(
         ``k`` (shape ``(S, B, C)``) from an integer ``key`` drawn from
         ``generator``; keyed by example (not by batch or process) it makes the
         result independent of how the data is batched or sharded (see
-        :func:`laplace_hfl.distributed.example_noise`). None draws ``xi`` from
+        :func:`laplace_hfl.example_noise.example_noise`). None draws ``xi`` from
         ``generator`` batch after batch.
 
     Returns

@@ -31,12 +31,12 @@ from laplace_hfl.batches import (
 )
 from laplace_hfl.distributed import (
     DistributedMixin,
-    batch_noise,
     data_reducer,
     fit_shard,
     is_distributed,
 )
 from laplace_hfl.errors import HFLNotFittedError
+from laplace_hfl.example_noise import batch_noise
 from laplace_hfl.functional import (
     LaplaceObjective,
     ParamLayout,

@@ -24,7 +24,7 @@ What this module guarantees beside the sums:
   the process group's own error when its connection closes or its timeout
   (``init_process_group(timeout=...)``) expires.
 * Amortised right-hand sides draw the noise of example ``n`` from a generator
-  keyed by ``n``'s global index (:func:`example_noise`), so the samples equal
+  keyed by ``n``'s global index (:mod:`laplace_hfl.example_noise`), so the samples equal
   those of one process on the full data.
 """
 
@@ -55,13 +55,8 @@ __all__ = [
     "unwrap_model",
     "fit_shard",
     "check_same",
-    "example_noise",
-    "batch_noise",
     "DistributedMixin",
 ]
-
-#: Examples per noise block of :func:`example_noise`.
-NOISE_BLOCK = 256
 
 
 class HFLDistributedError(RuntimeError):
@@ -153,12 +148,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------- shards
-def _rows(data: Any) -> int:
+def _batch_rows(data: Any) -> int:
     if isinstance(data, Tensor):
         return int(data.shape[0])
     if isinstance(data, MutableMapping):
         return int(next(v for v in data.values() if isinstance(v, Tensor)).shape[0])
-    return _rows(data[0])
+    return _batch_rows(data[0])
 
 
 def _take(data: Any, keep: Tensor, n: int) -> Any:
@@ -220,7 +215,7 @@ class ShardLoader:
             n_total, step = len(self.sampler.dataset), self.sampler.num_replicas
         indices, pos = [], 0
         for data in self.loader:
-            n = _rows(data)
+            n = _batch_rows(data)
             k = torch.arange(pos, pos + n)
             pos += n
             if order is not None:
@@ -430,54 +425,6 @@ def check_same(x: Any, what: str) -> None:
             "call them on every rank with identical inputs (e.g. broadcast them "
             "from rank 0), or use amortize=..., whose predictions are local."
         )
-
-
-# ---------------------------------------------------------------------- noise
-def _block_seed(key: int, block: int) -> int:
-    return (key ^ (block * 0x9E3779B97F4A7C15)) % 2**63
-
-
-def example_noise(key: int, index: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Standard normals ``(S, B, C)`` whose column ``b`` depends only on
-    ``(key, index[b], S, C)``.
-
-    Examples are grouped in blocks of :data:`NOISE_BLOCK` global indices; each
-    block's ``(S, NOISE_BLOCK, C)`` normals come from a CPU generator seeded by
-    ``(key, block)``. So the noise of an example is the same whichever rank,
-    batch or position holds it. Costs at most ``S * NOISE_BLOCK * C`` draws per
-    block a batch touches (contiguous shards touch few blocks).
-    """
-    S, B, *rest = shape
-    if index.numel() != B:
-        raise RuntimeError(
-            f"Training batch of {B} rows but {index.numel()} recorded indices; "
-            "the training loader must yield the same batches on every pass."
-        )
-    out = torch.empty(S, B, *rest, dtype=torch.float64)
-    blocks = torch.div(index, NOISE_BLOCK, rounding_mode="floor")
-    for block in torch.unique(blocks).tolist():
-        g = torch.Generator(device="cpu").manual_seed(_block_seed(key, block))
-        z = torch.randn(S, NOISE_BLOCK, *rest, generator=g, dtype=torch.float64)
-        sel = blocks == block
-        out[:, sel] = z[:, index[sel] % NOISE_BLOCK]
-    return out
-
-
-def batch_noise(
-    index: list[Tensor] | None, batches: list[tuple[Any, Tensor]] | None
-) -> Callable[[int, int, tuple[int, ...]], Tensor]:
-    """The ``noise`` argument of :func:`~laplace_hfl.amortized.perturbed_rhs`
-    for refit batches with global indices ``index`` (positions in ``batches``
-    when None, e.g. after ``load_state_dict``)."""
-    if index is None:
-        sizes = [_rows(X) for X, _ in batches or []]
-        starts = [sum(sizes[:k]) for k in range(len(sizes))]
-        index = [torch.arange(s, s + n) for s, n in zip(starts, sizes)]
-
-    def noise(key: int, k: int, shape: tuple[int, ...]) -> Tensor:
-        return example_noise(key, index[k], shape)
-
-    return noise
 
 
 # ---------------------------------------------------------------------- shell

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from distributed_cases import (
     CASES,
     build_model,
@@ -22,7 +23,9 @@ from distributed_cases import (
     run_case,
     spawn,
 )
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from laplace_hfl.example_noise import example_noise
 
 TOL = 1e-10
 TIMEOUT = 3.0  # process-group timeout of the failure test (seconds)
@@ -158,3 +161,35 @@ def test_example_runs_under_torchrun(tmp_path):
     state = torch.load(out, weights_only=False)
     assert state["amortized"]["samples"].shape[0] == 64
     assert state["n_data"] == 751
+
+
+def test_example_noise_depends_on_the_example_only():
+    """The noise of an example is the same in any batch, at any position."""
+    shape = (500, 3, 2)
+    a = example_noise(7, torch.tensor([3, 700, 255]), shape)
+    b = example_noise(7, torch.tensor([255, 3]), (500, 2, 2))
+    assert torch.equal(a[:, 0], b[:, 1]) and torch.equal(a[:, 2], b[:, 0])
+    assert not torch.equal(a, example_noise(8, torch.tensor([3, 700, 255]), shape))
+    # standard normal and independent across examples (3-4 s.e. bounds)
+    assert float(a.mean().abs()) < 4 / (a.numel() ** 0.5)
+    assert abs(float(a.var()) - 1) < 4 * (2 / a.numel()) ** 0.5
+    assert abs(float(torch.corrcoef(a[:, :, 0].T)[0, 1])) < 4 / 500**0.5
+    with pytest.raises(RuntimeError, match="same batches on every pass"):
+        example_noise(7, torch.tensor([1, 2]), shape)
+
+
+def test_shard_loader_refuses_samplers_that_lose_or_overlap_examples(problems):
+    _, probs = problems
+    ds = TensorDataset(probs["reg"]["X"], probs["reg"]["y"])
+    model = build_model("reg")
+    model.load_state_dict(probs["reg"]["state"])
+    snap = snapshot(model)
+    la = make_laplace("reg", "all", {}, model)
+    dropping = DistributedSampler(ds, num_replicas=1, rank=0, drop_last=True)
+    with pytest.raises(ValueError, match="drop_last=False"):
+        la.fit(DataLoader(ds, sampler=dropping))
+    other = DistributedSampler(ds, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="rank 0 of 2"):
+        la.fit(DataLoader(ds, sampler=other))
+    assert not la._fitted
+    assert_unchanged(model, snap)
