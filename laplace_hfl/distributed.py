@@ -447,6 +447,20 @@ class DistributedMixin:
             check_same(Js, "Jacobians")
         return super()._solve_jacobians(Js)
 
+    def state_dict(self) -> dict[str, Any]:
+        """As on one process, but never a shard's cached training batches.
+
+        A state saved in a distributed job (e.g. on rank 0) holds the global
+        ``n_data`` and loss and the amortised samples, which load and predict
+        on one process; a last-layer state drops its cached features (they
+        are this rank's shard only), so exact predictions after loading need
+        ``fit`` again, as for all-weights HFL.
+        """
+        state = super().state_dict()
+        if is_distributed():
+            state["training_features"] = None
+        return state
+
     def _amortized_stale(self) -> bool:
         """Whether the next amortised prediction redraws samples (collective)."""
         key = self._hyper_key() + (int(self.amortize),)

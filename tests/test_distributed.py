@@ -70,6 +70,9 @@ def test_two_processes_match_one(name, problems, sharded, tmp_path):
                 err = _rel(got[key], ref[key])
                 assert err <= TOL, f"rank {rank} {key}: relative error {err:.2e}"
         assert float(ref["f_var"].abs().max()) > 0
+        # a shard's cached last-layer features are never saved
+        assert ref["state_has_data"] == (CASES[name][1] == "last_layer")
+        assert got["state_has_data"] is False
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if "amortize" in CASES[n][2]])
