@@ -47,6 +47,13 @@ CASES = {
     "ll_reg_empty": ("reg", "last_layer", {"target": "hessian"}, "empty", {}),
     "amortized_reg_shuffled": ("reg", "all", {"amortize": 16}, "shuffled", {}),
     "amortized_cls_uneven": ("cls", "all", {"amortize": 16}, "uneven", {}),
+    "amortized_reg_uncached": (
+        "reg",
+        "all",
+        {"amortize": 16},
+        "shuffled",
+        {"cache_data": False},
+    ),
     "gridsearch_reg_uneven": ("reg", "all", {}, "uneven", {"grid": True}),
 }
 

@@ -4,6 +4,7 @@ rank in bounded time."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,7 +26,17 @@ from distributed_cases import (
 )
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from laplace_hfl.amortized import perturbed_rhs
 from laplace_hfl.example_noise import example_noise
+from laplace_hfl.functional import (
+    LaplaceObjective,
+    ParamLayout,
+    ggn_matvec,
+    hessian_matvec,
+    make_forward,
+    objective_grad,
+    objective_value,
+)
 
 TOL = 1e-10
 TIMEOUT = 3.0  # process-group timeout of the failure test (seconds)
@@ -196,3 +207,57 @@ def test_shard_loader_refuses_samplers_that_lose_or_overlap_examples(problems):
         la.fit(DataLoader(ds, sampler=other))
     assert not la._fitted
     assert_unchanged(model, snap)
+
+
+def test_reduce_hook_applied_once_per_pass_to_the_data_term_only(problems):
+    """Two identical 'ranks' (reduce = 2x) equal one process on the data twice;
+    every function calls the hook once per pass, whatever the batch count."""
+    _, probs = problems
+    model = build_model("cls")
+    model.load_state_dict(probs["cls"]["state"])
+    X, y = probs["cls"]["X"], probs["cls"]["y"]
+    named = list(model.named_parameters())
+    layout = ParamLayout(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
+    theta = torch.cat([p.detach().flatten() for _, p in named])
+    calls = []
+
+    def twice(t):
+        calls.append(t.shape)
+        return 2 * t
+
+    def objective(batches, reduce=None):
+        return LaplaceObjective(
+            forward=make_forward(model, layout, {}),
+            batches=lambda: batches,
+            likelihood="classification",
+            h_factor=1.0,
+            prior_precision=torch.full_like(theta, 0.5),
+            prior_mean=torch.zeros((), dtype=theta.dtype),
+            theta_map=theta,
+            reduce=reduce,
+        )
+
+    shard = [(X[:20], y[:20]), (X[20:45], y[20:45]), (X[45:], y[45:])]
+    doubled = objective(shard + shard)
+    sharded = objective(shard, twice)
+    V = torch.randn(4, theta.numel(), dtype=theta.dtype)
+    thetas = theta + 0.01 * V
+    pairs = [
+        (objective_value(sharded, theta), objective_value(doubled, theta)),
+        (objective_grad(sharded, thetas), objective_grad(doubled, thetas)),
+        (ggn_matvec(sharded, V), ggn_matvec(doubled, V)),
+        (hessian_matvec(sharded, thetas, V), hessian_matvec(doubled, thetas, V)),
+    ]
+    for got, ref in pairs:
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    assert calls == [(), (4, theta.numel()), (4, theta.numel()), (4, theta.numel())]
+    # amortised right-hand sides: the prior noise is added once, after the reduce
+    calls.clear()
+    one = objective(shard)
+    rhs = [
+        perturbed_rhs(o, 3, torch.Generator().manual_seed(0))
+        for o in (one, dataclasses.replace(one, reduce=twice))
+    ]
+    prior = perturbed_rhs(objective([]), 3, torch.Generator().manual_seed(0))
+    assert torch.allclose(rhs[1] - prior, 2 * (rhs[0] - prior), rtol=1e-12)
+    assert calls == [(3, theta.numel())]
