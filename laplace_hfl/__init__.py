@@ -17,6 +17,7 @@ with warnings.catch_warnings():
     )
     import laplace  # noqa: F401
 
+from laplace_hfl.distributed import HFLDistributedError
 from laplace_hfl.errors import (
     HFLNotFittedError,
     IndefiniteHessianError,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HessianFreeLaplace",
     "HessianFreeLLLaplace",
+    "HFLDistributedError",
     "HFLNotFittedError",
     "IndefiniteHessianError",
     "NonStationaryMAPWarning",
