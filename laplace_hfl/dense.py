@@ -42,6 +42,7 @@ from laplace_hfl.functional import (
     hessian_matvec,
     objective_grad,
     output_jacobians,
+    reduce_data,
 )
 from laplace_hfl.refit import BasePoint
 
@@ -124,6 +125,7 @@ def data_ggn(obj: LaplaceObjective, budget: int | None = None) -> Tensor:
                 A = (p.sqrt()[:, :, None] * J).reshape(-1, P)
                 pJ = torch.einsum("bc,bcp->bp", p, J)
                 G.addmm_(A.T, A).addmm_(pJ.T, pJ, alpha=-1.0)
+    G = reduce_data(obj, G)  # summed over processes in a distributed fit
     return 0.5 * (G + G.T)
 
 

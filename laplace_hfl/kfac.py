@@ -34,7 +34,7 @@ from laplace.curvature import CurvlinopsGGN
 from laplace.utils.matrix import Kron, KronDecomposed
 from torch import Tensor, nn
 
-from laplace_hfl.functional import LaplaceObjective, ParamLayout
+from laplace_hfl.functional import LaplaceObjective, ParamLayout, reduce_data
 
 __all__ = ["kfac_supported", "kfac_factors", "kfac_apply"]
 
@@ -121,12 +121,15 @@ def kfac_factors(
         for name, value in layout.unflatten(theta).items():
             params[name].copy_(value)
     batches = list(obj.batches())
-    N = sum(int(y.shape[0]) for _, y in batches)
+    n_local = torch.tensor(float(sum(int(y.shape[0]) for _, y in batches)))
+    N = int(reduce_data(obj, n_local.to(theta)))  # all processes' data
     backend = CurvlinopsGGN(clone, obj.likelihood)
     total: Kron | None = None
     for X, y in batches:
         _, kron = backend.kron(X, y, N=N)
         total = kron if total is None else total + kron
+    if obj.reduce is not None:  # sum each factor over processes
+        total = Kron([[reduce_data(obj, F) for F in block] for block in total.kfacs])
     return total.decompose()
 
 
