@@ -128,6 +128,9 @@ def kfac_factors(
     for X, y in batches:
         _, kron = backend.kron(X, y, N=N)
         total = kron if total is None else total + kron
+    if total is None:  # no local batches (an empty shard): zero factors
+        params = [p for p in clone.parameters() if p.requires_grad]
+        total = Kron.init_from_model(params, theta.device, theta.dtype)
     if obj.reduce is not None:  # sum each factor over processes
         total = Kron([[reduce_data(obj, F) for F in block] for block in total.kfacs])
     return total.decompose()

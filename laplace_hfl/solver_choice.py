@@ -144,7 +144,7 @@ class SolverMixin:
                 self._kfac = kfac_factors(obj, module, layout)
             return kfac_apply(self._kfac, obj.h_factor, obj.prior_precision)
         if name == "nystrom":
-            if self._sketch is None or self._sketch.rank != rank:
+            if self._sketch is None or self._sketch.U.shape[1] != rank:
                 self._sketch = nystrom_sketch(obj, rank, chunk_size=self.chunk_size)
             return nystrom_apply(self._sketch, obj.h_factor, obj.prior_precision)
         return None

@@ -227,7 +227,9 @@ def failure_worker(rank: int, world: int, tmp: str, timeout: float) -> None:
     def fitted(y=None):
         model = build_model("reg")
         model.load_state_dict(data["state"])
-        la = make_laplace("reg", "all", {}, model)
+        # CG refits: every prediction passes over the data (the dense solver
+        # would answer from its cached factor, with no pass to fail in)
+        la = make_laplace("reg", "all", {"solver": "cg"}, model)
         d = TensorDataset(data["X"], data["y"] if y is None else y)
         la.fit(shard_loader(d, "uneven", rank, world))
         return la

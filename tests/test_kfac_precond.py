@@ -141,10 +141,18 @@ def test_unsupported_layers_fall_back_to_nystrom(classification):
         net, "classification", "all", "hfl", prior_precision=PRIOR, solver="cg"
     )
     la.fit(loader(X, y))
-    la._glm_predictive_distribution(X[:2])
-    assert la.last_diagnostics.preconditioner == "nystrom"
     module, layout, _ = la._refit_module()
     assert not kfac_supported(module, layout)
+    assert la._precond_choice(la._objective())[0] == "nystrom"  # the fallback
+    # (a small rank: the sketch of main needs rank <= rank of the data GGN)
+    la = Laplace(
+        net, "classification", "all", "hfl", prior_precision=PRIOR, solver="cg",
+        precondition_rank=8,
+    )  # fmt: skip
+    la.fit(loader(X, y))
+    la._glm_predictive_distribution(X[:2])
+    assert la.last_diagnostics.preconditioner == "nystrom"
+    assert la.last_diagnostics.converged.all()
     la = Laplace(
         net, "classification", "all", "hfl", prior_precision=PRIOR, solver="cg",
         preconditioner="kfac",

@@ -26,8 +26,7 @@ def test_full_rank_sketch_reproduces_ggn(regression_multi):
     A = obj.h_factor * G + PRIOR * torch.eye(P, dtype=DT)
     apply = nystrom_apply(sk, obj.h_factor, torch.full((P,), PRIOR, dtype=DT))
     R = torch.randn(3, P, dtype=DT)
-    # (directions the sketch leaves out have lam = 0: the floor is then p0)
-    lam_k = PRIOR if sk.U.shape[1] < P else obj.h_factor * sk.lam[-1] + PRIOR
+    lam_k = obj.h_factor * sk.lam[-1] + PRIOR
     assert torch.allclose(apply(R) @ A / lam_k, R, atol=1e-8)
 
 
