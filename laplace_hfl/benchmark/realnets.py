@@ -58,6 +58,8 @@ __all__ = ["Case", "build_case", "run_case", "run_all", "plot_realnets", "main"]
 CASES = ("lenet", "bn_cnn", "text")
 ANGLES = tuple(range(0, 181, 15))
 #: Prior precisions of the validation grid search.
+#: Test images per level whose variances are kept (for agreement checks).
+VAR_HEAD = 8
 GRID = (1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
 
 
@@ -214,7 +216,7 @@ def run_method(spec: RealMethod, case: Case, n_tune: int,
         row["levels"] = levels
         row["predict_s_per_query"] = t_pred / n_q
         row["peak_mem_mb"] = mem.peak_mb
-        row["_var"] = variances
+        row["var_head"] = [v[:VAR_HEAD] for v in variances]
     except Exception as err:  # noqa: BLE001 - every failure becomes a row
         row["status"] = "failed"
         msg = str(err).splitlines()[0][:300] if str(err) else ""
@@ -222,7 +224,8 @@ def run_method(spec: RealMethod, case: Case, n_tune: int,
     row["warnings"] = ";".join(sorted({w.category.__name__ for w in caught}))
     ref = done.get(spec.reference or "", {})
     if row["status"] == "ok" and ref.get("status") == "ok":
-        pairs = list(zip(row["_var"], ref["_var"], strict=True))
+        refv = [torch.as_tensor(r, dtype=torch.float64) for r in ref["var_head"]]
+        pairs = list(zip(row["var_head"], refv, strict=True))
         k = [min(v.shape[0], r.shape[0]) for v, r in pairs]
         a = torch.cat([v[:n].reshape(-1) for (v, _), n in zip(pairs, k, strict=True)])
         b = torch.cat([r[:n].reshape(-1) for (_, r), n in zip(pairs, k, strict=True)])
@@ -233,17 +236,24 @@ def run_method(spec: RealMethod, case: Case, n_tune: int,
 
 
 def run_case(case: Case, methods: list[RealMethod], n_tune: int,
-             progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
-    """Every method on ``case``, in order (donors of borrowed priors first)."""
-    done: dict[str, dict] = {}
+             progress: bool = True,
+             previous: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Every method on ``case``, in order (donors of borrowed priors first).
+
+    ``previous`` rows (from an earlier run's JSON) are kept for methods not in
+    ``methods`` and serve as prior donors and variance references.
+    """
+    done: dict[str, dict] = {r["method"]: r for r in previous or []}
     for spec in methods:
         torch.manual_seed(0)
         row = run_method(spec, case, n_tune, done)
+        row["run"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         done[spec.name] = row
         if progress:
             print(_summary(row), flush=True)
     for row in done.values():
-        row.pop("_var", None)
+        if "var_head" in row:
+            row["var_head"] = [torch.as_tensor(v).tolist() for v in row["var_head"]]
     return list(done.values())
 
 
@@ -263,32 +273,50 @@ def _summary(row: dict[str, Any]) -> str:
 
 
 def run_all(cases: list[str], quick: bool, out: Path, progress: bool = True,
-            method_kw: dict | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run ``cases``, write ``realnets.json`` and ``realnets.png`` under ``out``."""
-    n_test = 40 if quick else 100
-    n_tune = 100 if quick else 200
-    results: dict[str, Any] = {
-        "protocol": {
-            "n_test_per_level": n_test, "n_val_tune": n_tune, "grid": list(GRID),
-            "angles": list(ANGLES), "predictive": "probit (linearised)",
-            "ece": "15 bins, L1 (torchmetrics)", "quick": quick,
-            "threads": torch.get_num_threads(),
-        },
-        "cases": {},
+            method_kw: dict | None = None,
+            only: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run ``cases``, write ``realnets.json`` and ``realnets.png`` under ``out``.
+
+    With ``only`` (method names), rerun just those methods and keep every
+    other row of the existing ``realnets.json`` (same protocol required).
+
+    Raises
+    ------
+    ValueError
+        ``only`` without an existing ``realnets.json`` of the same protocol.
+    """
+    n_test = 40 if quick else 50
+    n_tune = 100
+    protocol = {
+        "n_test_per_level": n_test, "n_val_tune": n_tune, "grid": list(GRID),
+        "angles": list(ANGLES), "predictive": "probit (linearised)",
+        "ece": "15 bins, L1 (torchmetrics)", "quick": quick,
+        "threads": torch.get_num_threads(),
     }  # fmt: skip
+    path = out / "realnets.json"
+    results: dict[str, Any] = {"protocol": protocol, "cases": {}}
+    if only:
+        if not path.exists():
+            raise ValueError(f"--methods needs an existing {path} to update.")
+        results = json.loads(path.read_text())
+        if results["protocol"]["n_test_per_level"] != n_test:
+            raise ValueError(f"{path} was written with another protocol (--quick?).")
     for name in cases:
         t0 = time.perf_counter()
         case = build_case(name, n_test, quick)
-        kw = dict(method_kw or {})
-        methods = real_methods(dict_inputs=name == "text", **kw)
-        rows = run_case(case, methods, n_tune, progress)
+        methods = real_methods(dict_inputs=name == "text", **(method_kw or {}))
+        prev = None
+        if only:
+            methods = [m for m in methods if m.name in only]
+            prev = results["cases"].get(name, {}).get("rows", [])
+        rows = run_case(case, methods, n_tune, progress, prev)
         results["cases"][name] = {
             "description": case.description, "n_params": case.n_params,
             "map_train_s": case.train_s, "rows": rows,
             "wall_s": time.perf_counter() - t0,
         }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    (out / "realnets.json").write_text(json.dumps(results, indent=1))
+    path.write_text(json.dumps(results, indent=1))
     plot_realnets(results, out / "realnets.png")
     return results
 
@@ -349,12 +377,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="test images per level for last-layer HFL")  # fmt: skip
     parser.add_argument("--n-hfl-all", type=int, default=1,
                         help="test images per level for all-weights exact HFL")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="rerun only these methods, keeping the other rows "
+                        "of the existing realnets.json")  # fmt: skip
     parser.add_argument("--amortize", type=int, default=16)
     parser.add_argument("--amortize-max-iter", type=int, default=100)
     args = parser.parse_args(argv)
     kw = {"n_hfl_ll": args.n_hfl_ll, "n_hfl_all": args.n_hfl_all,
           "amortize": args.amortize, "amortize_max_iter": args.amortize_max_iter}  # fmt: skip
-    run_all(args.cases, args.quick, Path(args.out), method_kw=kw)
+    run_all(args.cases, args.quick, Path(args.out), method_kw=kw, only=args.methods)
     return 0
 
 
