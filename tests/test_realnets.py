@@ -15,7 +15,7 @@ from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
 from torch.utils.data import DataLoader
 
-from laplace_hfl.benchmark.realnets import Case, plot_realnets, run_case
+from laplace_hfl.benchmark.realnets import GRID, Case, plot_realnets, run_case
 from laplace_hfl.benchmark.realnets_methods import RealMethod, real_methods
 from laplace_hfl.evaluation import METHODS, TASKS, run_comparison
 from laplace_hfl.evaluation.networks import BNConvNet, LeNet
@@ -145,10 +145,15 @@ def test_realnets_harness_rows_agreement_and_failures(tmp_path):
     by_name = {m.name: m for m in real_methods(n_hfl_ll=3)}
     methods = [by_name[n] for n in ("map", "ll_full", "kron", "hfl_ll")]
     methods.append(RealMethod("hfl_borrow_failed", None, tune="from:kron"))
+    methods.append(RealMethod("ll_kron_grid", by_name["ll_kron"].build, tune="grid"))
     snap = snapshot(model)
     rows = {r["method"]: r for r in run_case(case, methods, n_tune=16, progress=False)}
     assert_unchanged(model, snap)
     assert rows["kron"]["status"] == "failed"  # KFAC refuses BatchNorm
+    assert "un-supported layers" in rows["kron"]["error"]
+    assert rows["ll_full"]["tuning"] == "marglik"
+    assert rows["ll_kron_grid"]["prior_precision"] in GRID
+    assert rows["ll_kron_grid"]["tuning"] == "grid on 16 val images"
     assert rows["hfl_borrow_failed"]["error"].startswith("RuntimeError: prior donor")
     hfl, ref = rows["hfl_ll"], rows["ll_full"]
     assert hfl["status"] == ref["status"] == "ok"

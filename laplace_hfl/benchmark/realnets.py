@@ -158,6 +158,9 @@ def _tune(spec: RealMethod, la: Any, model: nn.Module, case: Case, n_tune: int,
     if spec.build is None or spec.tune == "own":
         p = None if la is None else float(torch.as_tensor(la.prior_precision).mean())
         return p, "own objective" if la is not None else "-"
+    if spec.tune == "marglik":
+        la.optimize_prior_precision(method="marglik", pred_type="glm")
+        return float(torch.as_tensor(la.prior_precision).mean()), "marglik"
     val = (_take(case.val[0], n_tune), case.val[1][:n_tune])
     scores = []
     for p in GRID:

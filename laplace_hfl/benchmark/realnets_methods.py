@@ -3,13 +3,16 @@
 Every method is built on a deep copy of the same trained model. ``tune`` says
 how its prior precision is chosen (the protocol is written to the results):
 
+- ``"marglik"``: laplace-torch's marginal-likelihood optimisation (scalar
+  prior; the Laplace Redux protocol), for every method that has one;
 - ``"grid"``: grid search on the validation NLL (probit predictive, unrotated
-  validation images), the same grid and images for every such method;
+  validation images), for methods without a marginal likelihood (ELLA);
 - ``"from:<name>"``: the prior chosen by ``<name>``'s grid search. Used for
   the exact HFL modes, whose per-query refits make a validation grid search
   too slow on this CPU, borrowed from the method with the same posterior
   target (``ll_full`` for last-layer HFL, exactly the same posterior) or
-  the closest affordable one (all-weights KFAC for all-weights HFL);
+  the closest affordable one (all-weights KFAC for all-weights HFL; HFL has
+  no log-determinant, hence no marginal likelihood of its own);
 - ``"own"``: the method optimises it itself (VaLLA's variational objective).
 """
 
@@ -43,7 +46,8 @@ class RealMethod:
     fit_kwargs : dict
         Extra keyword arguments of ``fit`` (VaLLA's iterations).
     tune : str
-        ``"grid"``, ``"from:<name>"`` or ``"own"`` (see the module docstring).
+        ``"marglik"``, ``"grid"``, ``"from:<name>"`` or ``"own"`` (see the
+        module docstring).
     max_test : int or None
         Test images per shift level (``None``: the case's number); the
         per-method budget of methods whose queries are expensive.
@@ -56,7 +60,7 @@ class RealMethod:
     name: str
     build: Build | None
     fit_kwargs: dict = field(default_factory=dict)
-    tune: str = "grid"
+    tune: str = "marglik"
     max_test: int | None = None
     reference: str | None = None
     label: str = ""
@@ -124,6 +128,7 @@ def real_methods(
                 **ggn,
                 **dk,
             ),
+            tune="grid",
             label=f"ELLA (M={ella_subsample}, K={ella_eigen})",
         ),  # fmt: skip
         RealMethod(
