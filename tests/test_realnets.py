@@ -15,7 +15,13 @@ from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
 from torch.utils.data import DataLoader
 
-from laplace_hfl.benchmark.realnets import GRID, Case, plot_realnets, run_case
+from laplace_hfl.benchmark.realnets import (
+    GRID,
+    Case,
+    markdown_table,
+    plot_realnets,
+    run_case,
+)
 from laplace_hfl.benchmark.realnets_methods import RealMethod, real_methods
 from laplace_hfl.evaluation import METHODS, TASKS, run_comparison
 from laplace_hfl.evaluation.networks import BNConvNet, LeNet
@@ -167,6 +173,9 @@ def test_realnets_harness_rows_agreement_and_failures(tmp_path):
         assert math.isfinite(r["levels"]["90"]["ece"])
     results = {"cases": {"bn_cnn": {"rows": list(rows.values())}}}
     json.dumps(results)
+    table = markdown_table(results)
+    assert "| bn_cnn | kron | failed: NotImplementedError" in table
+    assert "| bn_cnn | hfl_ll |" in table
     plot_realnets(results, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 0
 

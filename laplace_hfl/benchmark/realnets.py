@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from laplace_hfl.benchmark.realnets_methods import RealMethod, real_methods
+from laplace_hfl.benchmark.realnets_report import markdown_table, plot_realnets
 from laplace_hfl.evaluation.metrics import (
     classification_metrics,
     probit_probs,
@@ -53,7 +54,8 @@ from laplace_hfl.evaluation.runner import PeakMemory
 from laplace_hfl.evaluation.text import DictDataset, synthetic_text
 from laplace_hfl.evaluation.text import train_text_classifier as _train_text
 
-__all__ = ["Case", "build_case", "run_case", "run_all", "plot_realnets", "main"]
+__all__ = ["Case", "build_case", "run_case", "run_all", "plot_realnets",
+           "markdown_table", "main"]  # fmt: skip
 
 CASES = ("lenet", "bn_cnn", "text")
 ANGLES = tuple(range(0, 181, 15))
@@ -324,48 +326,6 @@ def run_all(cases: list[str], quick: bool, out: Path, progress: bool = True,
     return results
 
 
-def plot_realnets(results: dict[str, Any], path: Path) -> None:
-    """Accuracy / NLL / ECE vs rotation (LeNet and BN CNN) and a cost panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    img = [c for c in ("lenet", "bn_cnn") if c in results["cases"]]
-    fig, axes = plt.subplots(max(len(img), 1), 4, figsize=(20, 4.5 * max(len(img), 1)),
-                             squeeze=False)  # fmt: skip
-    for i, cname in enumerate(img):
-        case = results["cases"][cname]
-        rows = [r for r in case["rows"] if r["status"] == "ok"]
-        for j, key in enumerate(("accuracy", "nll", "ece")):
-            ax = axes[i, j]
-            for r in rows:
-                lv = r["levels"]
-                ang = [int(a) for a in lv]
-                style = "o-" if r["method"].startswith("hfl") else ".-"
-                n = min(x["n"] for x in lv.values())
-                lab = r["label"] + (f" (n={n}/angle)" if n < 20 else "")
-                ax.plot(ang, [lv[a][key] for a in lv], style, label=lab, ms=4)
-            ax.set(xlabel="rotation (degrees)", ylabel=key,
-                   title=f"{cname}: {key} vs rotation")  # fmt: skip
-            if j == 0:
-                ax.legend(fontsize=6)
-        ax = axes[i, 3]
-        names = [r["method"] for r in rows if r["method"] != "map"]
-        pq = [r["predict_s_per_query"] for r in rows if r["method"] != "map"]
-        fit = [r["fit_s"] for r in rows if r["method"] != "map"]
-        y = np.arange(len(names))
-        ax.barh(y - 0.2, pq, 0.4, label="predict s / query")
-        ax.barh(y + 0.2, fit, 0.4, label="fit s")
-        ax.set_xscale("log")
-        ax.set_yticks(y, names, fontsize=7)
-        ax.set(title=f"{cname}: cost (same run, CPU)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(
@@ -385,10 +345,20 @@ def main(argv: list[str] | None = None) -> int:
                         "of the existing realnets.json")  # fmt: skip
     parser.add_argument("--amortize", type=int, default=16)
     parser.add_argument("--amortize-max-iter", type=int, default=100)
+    parser.add_argument("--table", action="store_true",
+                        help="print the markdown table of OUT/realnets.json and exit")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.table:
+        print(
+            markdown_table(json.loads((Path(args.out) / "realnets.json").read_text()))
+        )
+        return 0
     kw = {"n_hfl_ll": args.n_hfl_ll, "n_hfl_all": args.n_hfl_all,
           "amortize": args.amortize, "amortize_max_iter": args.amortize_max_iter}  # fmt: skip
-    run_all(args.cases, args.quick, Path(args.out), method_kw=kw, only=args.methods)
+    res = run_all(
+        args.cases, args.quick, Path(args.out), method_kw=kw, only=args.methods
+    )
+    print(markdown_table(res))
     return 0
 
 
