@@ -27,6 +27,7 @@ import copy
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,18 @@ def _predict(la: Any, model: nn.Module, X: Any, bs: int = 50) -> tuple[Tensor, T
     return torch.cat(mus), torch.cat(vs)
 
 
+def _level_order(levels: list[Any], spread: bool) -> list[Any]:
+    """``levels`` in order, or (``spread``) ends and middle first, then the rest.
+
+    A method with a prediction budget that stops early has then still seen the
+    extremes of the shift.
+    """
+    if not spread or len(levels) < 3:
+        return list(levels)
+    first = [levels[0], levels[len(levels) // 2], levels[-1]]
+    return first + [lv for lv in levels if lv not in first]
+
+
 def _val_nll(la: Any, model: nn.Module, val: tuple[Any, Tensor]) -> float:
     mu, v = _predict(la, model, val[0])
     return classification_metrics(probit_probs(mu, v), val[1])["nll"]
@@ -202,8 +215,11 @@ def run_method(spec: RealMethod, case: Case, n_tune: int,
                     spec, la, model, case, n_tune, done
                 )
             row["tune_s"] = time.perf_counter() - t0 - row["fit_s"]
-            levels, n_q, t_pred, variances = {}, 0, 0.0, []
-            for level, (X, y) in case.shifts.items():
+            levels, n_q, t_pred, variances = {}, 0, 0.0, {}
+            for level in _level_order(list(case.shifts), spec.budget_s is not None):
+                if spec.budget_s is not None and t_pred > spec.budget_s:
+                    break  # over its prediction budget: remaining levels skipped
+                X, y = case.shifts[level]
                 n = _len(X) if spec.max_test is None else min(spec.max_test, _len(X))
                 t1 = time.perf_counter()
                 mu, v = _predict(la, model, _take(X, n))
@@ -217,11 +233,13 @@ def run_method(spec: RealMethod, case: Case, n_tune: int,
                 m["mean_var"] = float(v.diagonal(dim1=-2, dim2=-1).mean())
                 m["n"] = n
                 levels[str(level)] = m
-                variances.append(v.diagonal(dim1=-2, dim2=-1))
-        row["levels"] = levels
+                variances[str(level)] = v.diagonal(dim1=-2, dim2=-1)[:VAR_HEAD].tolist()
+        order = [str(lv) for lv in case.shifts]
+        row["levels"] = {k: levels[k] for k in order if k in levels}
+        row["levels_skipped"] = [k for k in order if k not in levels]
         row["predict_s_per_query"] = t_pred / n_q
         row["peak_mem_mb"] = mem.peak_mb
-        row["var_head"] = [v[:VAR_HEAD] for v in variances]
+        row["var_head"] = variances
     except Exception as err:  # noqa: BLE001 - every failure becomes a row
         row["status"] = "failed"
         msg = str(err).splitlines()[0][:300] if str(err) else ""
@@ -229,8 +247,11 @@ def run_method(spec: RealMethod, case: Case, n_tune: int,
     row["warnings"] = ";".join(sorted({w.category.__name__ for w in caught}))
     ref = done.get(spec.reference or "", {})
     if row["status"] == "ok" and ref.get("status") == "ok":
-        refv = [torch.as_tensor(r, dtype=torch.float64) for r in ref["var_head"]]
-        pairs = list(zip(row["var_head"], refv, strict=True))
+        common = [k for k in row["var_head"] if k in ref["var_head"]]
+        pairs = [
+            (torch.as_tensor(row["var_head"][k]), torch.as_tensor(ref["var_head"][k]))
+            for k in common
+        ]
         k = [min(v.shape[0], r.shape[0]) for v, r in pairs]
         a = torch.cat([v[:n].reshape(-1) for (v, _), n in zip(pairs, k, strict=True)])
         b = torch.cat([r[:n].reshape(-1) for (_, r), n in zip(pairs, k, strict=True)])
@@ -242,11 +263,13 @@ def run_method(spec: RealMethod, case: Case, n_tune: int,
 
 def run_case(case: Case, methods: list[RealMethod], n_tune: int,
              progress: bool = True,
-             previous: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+             previous: list[dict[str, Any]] | None = None,
+             on_row: Callable[[list[dict]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Every method on ``case``, in order (donors of borrowed priors first).
 
     ``previous`` rows (from an earlier run's JSON) are kept for methods not in
-    ``methods`` and serve as prior donors and variance references.
+    ``methods`` and serve as prior donors and variance references;
+    ``on_row(rows)`` is called after every method (incremental saving).
     """
     done: dict[str, dict] = {r["method"]: r for r in previous or []}
     for spec in methods:
@@ -256,9 +279,8 @@ def run_case(case: Case, methods: list[RealMethod], n_tune: int,
         done[spec.name] = row
         if progress:
             print(_summary(row), flush=True)
-    for row in done.values():
-        if "var_head" in row:
-            row["var_head"] = [torch.as_tensor(v).tolist() for v in row["var_head"]]
+        if on_row is not None:
+            on_row(list(done.values()))
     return list(done.values())
 
 
@@ -314,12 +336,16 @@ def run_all(cases: list[str], quick: bool, out: Path, progress: bool = True,
         if only:
             methods = [m for m in methods if m.name in only]
             prev = results["cases"].get(name, {}).get("rows", [])
-        rows = run_case(case, methods, n_tune, progress, prev)
-        results["cases"][name] = {
-            "description": case.description, "n_params": case.n_params,
-            "map_train_s": case.train_s, "rows": rows,
-            "wall_s": time.perf_counter() - t0,
-        }  # fmt: skip
+        info = {"description": case.description, "n_params": case.n_params,
+                "map_train_s": case.train_s}  # fmt: skip
+
+        def save(rows: list[dict], name: str = name, info: dict = info) -> None:
+            results["cases"][name] = {**info, "rows": rows,
+                                      "wall_s": time.perf_counter() - t0}  # fmt: skip
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=1))
+
+        save(run_case(case, methods, n_tune, progress, prev, on_row=save))
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     plot_realnets(results, out / "realnets.png")
@@ -343,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=None,
                         help="rerun only these methods, keeping the other rows "
                         "of the existing realnets.json")  # fmt: skip
+    parser.add_argument("--hfl-budget", type=float, default=120.0,
+                        help="prediction seconds per exact HFL mode")  # fmt: skip
     parser.add_argument("--amortize", type=int, default=16)
     parser.add_argument("--amortize-max-iter", type=int, default=100)
     parser.add_argument("--table", action="store_true",
@@ -354,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     kw = {"n_hfl_ll": args.n_hfl_ll, "n_hfl_all": args.n_hfl_all,
+          "hfl_budget_s": args.hfl_budget,
           "amortize": args.amortize, "amortize_max_iter": args.amortize_max_iter}  # fmt: skip
     res = run_all(
         args.cases, args.quick, Path(args.out), method_kw=kw, only=args.methods
