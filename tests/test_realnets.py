@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from laplace_hfl.benchmark.realnets import (
     GRID,
     Case,
+    _level_order,
     markdown_table,
     plot_realnets,
     run_case,
@@ -152,6 +153,7 @@ def test_realnets_harness_rows_agreement_and_failures(tmp_path):
     methods = [by_name[n] for n in ("map", "ll_full", "kron", "hfl_ll")]
     methods.append(RealMethod("hfl_borrow_failed", None, tune="from:kron"))
     methods.append(RealMethod("ll_kron_grid", by_name["ll_kron"].build, tune="grid"))
+    methods.append(RealMethod("ll_kron_budget", by_name["ll_kron"].build, budget_s=0.0))
     snap = snapshot(model)
     rows = {r["method"]: r for r in run_case(case, methods, n_tune=16, progress=False)}
     assert_unchanged(model, snap)
@@ -160,6 +162,8 @@ def test_realnets_harness_rows_agreement_and_failures(tmp_path):
     assert rows["ll_full"]["tuning"] == "marglik"
     assert rows["ll_kron_grid"]["prior_precision"] in GRID
     assert rows["ll_kron_grid"]["tuning"] == "grid on 16 val images"
+    assert list(rows["ll_kron_budget"]["levels"]) == ["0"]  # budget spent
+    assert rows["ll_kron_budget"]["levels_skipped"] == ["90"]
     assert rows["hfl_borrow_failed"]["error"].startswith("RuntimeError: prior donor")
     hfl, ref = rows["hfl_ll"], rows["ll_full"]
     assert hfl["status"] == ref["status"] == "ok"
@@ -178,6 +182,11 @@ def test_realnets_harness_rows_agreement_and_failures(tmp_path):
     assert "| bn_cnn | hfl_ll |" in table
     plot_realnets(results, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_level_order_spreads_budgeted_levels():
+    assert _level_order([0, 15, 30, 45, 60], True) == [0, 30, 60, 15, 45]
+    assert _level_order([0, 15, 30], False) == [0, 15, 30]
 
 
 def test_lenet_parameter_count_unchanged_and_bn_count():
