@@ -11,8 +11,8 @@ how its prior precision is chosen (the protocol is written to the results):
   the exact HFL modes, whose per-query refits make a validation grid search
   too slow on this CPU, borrowed from the method with the same posterior
   target (``ll_full`` for last-layer HFL, exactly the same posterior) or
-  the closest affordable one (all-weights KFAC for all-weights HFL; HFL has
-  no log-determinant, hence no marginal likelihood of its own);
+  the closest affordable one (all-weights KFAC for all-weights HFL), so that
+  an HFL row differs from its donor only by the estimator;
 - ``"own"``: the method optimises it itself (VaLLA's variational objective).
 """
 
