@@ -288,7 +288,9 @@ def posterior_logdet(
         A Ritz value (or a CG curvature) of ``A`` is not positive.
     """
     at = dataclasses.replace(
-        obj, h_factor=float(h), prior_precision=p0.detach().to(obj.theta_map.dtype)
+        obj,
+        h_factor=float(h.detach()),
+        prior_precision=p0.detach().to(obj.theta_map.dtype),
     )
     probes = _probes(at, settings)
     quad = lanczos_quadrature(

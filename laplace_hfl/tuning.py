@@ -65,7 +65,8 @@ class TuningMixin:
     # ------------------------------------------------------------ internals
     def _marglik_objective(self) -> LaplaceObjective:
         with eval_mode(self.model):
-            return self._objective()
+            obj = self._objective()
+        return dataclasses.replace(obj, prior_precision=obj.prior_precision.detach())
 
     def _curvature_rules(self, obj: LaplaceObjective) -> Quadrature:
         """Lanczos rules of the data curvature, built once per fit."""
@@ -114,7 +115,7 @@ class TuningMixin:
             lam = self.prior_precision.reshape(()).to(dtype)
             value, stderr = isotropic_logdet(rules, h, lam)
             self.last_logdet = LogDetEstimate(
-                float(value),
+                float(value.detach()),
                 stderr,
                 rules.nodes.shape[0],
                 int(rules.steps.max()),
