@@ -445,7 +445,7 @@ def test_evaluation_tune_marglik_matches_full():
         assert rows[name]["status"] == "ok", rows[name]["error"]
         assert rows[name]["hyper"] == "marglik"
     for hfl, full in (
-        ("hfl_ggn", "full_curvlinops_ggn"),
+        ("hfl_ggn", "full_backpack_ggn"),
         ("hfl_ll", "ll_full_curvlinops_ggn"),
     ):
         ratio = rows[hfl]["prior_precision"] / rows[full]["prior_precision"]
