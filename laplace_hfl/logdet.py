@@ -23,8 +23,8 @@ Two paths:
   ``diag(A^-1) ~= scale * sum_j z_j * A^-1 z_j`` from batched CG on the same
   probes (:func:`diag_inverse`).
 
-With ``P <= n_probes`` the probes are the basis vectors and everything is exact
-(to CG tolerance). See ``docs/marglik.md``.
+With ``P <= max(n_probes, exact_max)`` the probes are the basis vectors and
+everything is exact (to CG tolerance). See ``docs/marglik.md``.
 """
 
 from __future__ import annotations
@@ -71,8 +71,12 @@ class MarglikSettings:
     Parameters
     ----------
     n_probes : int, default=64
-        Rademacher probes; models with ``P <= n_probes`` use the ``P`` basis
-        vectors instead and are exact.
+        Rademacher probes; models with ``P <= max(n_probes, exact_max)`` use
+        the ``P`` basis vectors instead and are exact.
+    exact_max : int, default=256
+        Largest ``P`` run in exact mode even above ``n_probes`` (``P`` probes,
+        up to ``P`` Lanczos steps each: ``P^2`` curvature-vector products
+        instead of ``n_probes * lanczos_steps``). 0 disables it.
     lanczos_steps : int, default=64
         Lanczos steps per probe for random probes (exact mode runs until each
         Krylov space is exhausted, at most ``P``).
@@ -85,6 +89,7 @@ class MarglikSettings:
     """
 
     n_probes: int = 64
+    exact_max: int = 256
     lanczos_steps: int = 64
     seed: int = 0
     cg_rtol: float = 1e-8
@@ -95,6 +100,12 @@ class MarglikSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if isinstance(self.exact_max, bool) or not (
+            isinstance(self.exact_max, int) and self.exact_max >= 0
+        ):
+            raise ValueError(
+                f"exact_max must be a non-negative integer, got {self.exact_max!r}."
+            )
         if not (isinstance(self.cg_rtol, float | int) and 0 < self.cg_rtol < 1):
             raise ValueError(f"cg_rtol must lie in (0, 1), got {self.cg_rtol!r}.")
 
@@ -146,9 +157,9 @@ def curvature_matvec(obj: LaplaceObjective, target: str) -> Callable[[Tensor], T
 
 def _probes(obj: LaplaceObjective, settings: MarglikSettings) -> Probes:
     theta = obj.theta_map
-    return make_probes(
-        theta.numel(), settings.n_probes, settings.seed, theta.dtype, theta.device
-    )
+    P = theta.numel()
+    n_probes = P if P <= settings.exact_max else settings.n_probes
+    return make_probes(P, n_probes, settings.seed, theta.dtype, theta.device)
 
 
 def _steps(probes: Probes, settings: MarglikSettings) -> int:
