@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +275,7 @@ def posterior_logdet(
     p0: Tensor,
     settings: MarglikSettings,
     precond: Callable[[Tensor], Tensor] | None = None,
+    backward_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[Tensor, LogDetEstimate]:
     """``log det(h G + diag(p_0))`` for any (layer-wise, diagonal) prior.
 
@@ -292,6 +294,9 @@ def posterior_logdet(
     settings : MarglikSettings
     precond : callable, optional
         Preconditioner of the CG solves for these ``h``, ``p_0``.
+    backward_context : callable, optional
+        Context the backward pass's solves run in (e.g. the model's eval
+        mode: the backward runs after the caller's own context has closed).
 
     Raises
     ------
@@ -315,7 +320,8 @@ def posterior_logdet(
 
     def diag_fn() -> Tensor:
         if not cache:
-            cache.append(diag_inverse(at, target, settings, precond))
+            with backward_context():
+                cache.append(diag_inverse(at, target, settings, precond))
         return cache[0].to(p0.dtype)
 
     out = _PosteriorLogDet.apply(h, p0, value.to(p0.dtype), diag_fn)

@@ -131,6 +131,7 @@ class TuningMixin:
                     p0,
                     settings,
                     precond=self._precond(obj),
+                    backward_context=lambda: eval_mode(self.model),
                 )
         return value.to(self._dtype)
 

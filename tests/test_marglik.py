@@ -200,6 +200,32 @@ def test_hessian_target_matches_full_hessian(request, kind):
     assert _rel(gp_h, gp_f) < 1e-5
 
 
+def test_train_mode_batchnorm_model_is_left_alone():
+    """The gradient's solves run in the backward pass, after the forward's
+    eval-mode context: BatchNorm statistics and train flags stay untouched and
+    the result is that of the model in eval mode."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(32, 2, generator=g, dtype=DT)
+    y = X.sum(1, keepdim=True).sin()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+        torch.nn.Dropout(0.3), torch.nn.Linear(6, 1),
+    ).to(DT)  # fmt: skip
+    model(X)  # non-trivial running statistics
+    grads = []
+    for train in (True, False):
+        model.train(train)
+        snap = snapshot(model)
+        la = Laplace(model, "regression", "all", "hfl", sigma_noise=0.5)
+        la.fit(loader(X, y))
+        log_prior = torch.linspace(-1, 1, la.n_layers, dtype=DT).requires_grad_(True)
+        la.log_marginal_likelihood(log_prior.exp()).backward()
+        grads.append(log_prior.grad)
+        assert_unchanged(model, snap)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
 def test_random_probes_within_standard_error(request):
     """n_probes < P: Rademacher SLQ, estimate within 4 standard errors."""
     hfl, full, *_ = _pair(request, "classification")
