@@ -4,6 +4,11 @@ Rerunnable source of the numbers in ``docs/marglik.md``::
 
     OMP_NUM_THREADS=2 python scripts/marglik_benchmark.py          # ~5 min, 2 cores
     python scripts/marglik_benchmark.py --skip-wide               # small models only
+    python scripts/marglik_benchmark.py --float64-check           # seconds
+
+The benchmark models are float32, so FullLaplace forms and factorises its
+matrix in float32 while HFL computes in float64; ``--float64-check`` reruns the
+in-between case with the model in float64, where the two agree.
 
 For every model it fits each method, runs laplace-torch's default tuning
 ``optimize_prior_precision(method="marglik")`` (Adam, 100 steps, scalar prior)
@@ -74,7 +79,12 @@ def _case_rows(case: C.Case, dense_limit_gb: float) -> dict:
     P = case.n_params
     dense_gb = P * P * 8 / 2**30
     rows = []
-    for structure, fp in (("hfl", False), ("hfl", True), ("full", False), ("kron", False)):
+    for structure, fp in (
+        ("hfl", False),
+        ("hfl", True),
+        ("full", False),
+        ("kron", False),
+    ):
         if structure == "full" and dense_gb > dense_limit_gb:
             rows.append(
                 {
@@ -86,11 +96,38 @@ def _case_rows(case: C.Case, dense_limit_gb: float) -> dict:
             continue
         print(f"  {case.name}: {structure}{' fixed point' if fp else ''}", flush=True)
         rows.append(_run(case, structure, fp))
-    ref = next((r for r in rows if r["method"] == "full" and "prior_precision" in r), None)
+    ref = next(
+        (r for r in rows if r["method"] == "full" and "prior_precision" in r), None
+    )
     for r in rows:
         if ref is not None and "prior_precision" in r:
             r["prior_rel_to_full"] = r["prior_precision"] / ref["prior_precision"] - 1
     return {"case": case.name, "n_params": P, "n_data": len(case.X), "rows": rows}
+
+
+def float64_check() -> None:
+    """In-between case in float32 and float64: FullLaplace vs HFL marglik prior."""
+    import copy
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    case = C.in_between()
+    m64 = copy.deepcopy(case.model).double()
+    data64 = TensorDataset(case.X.double(), case.y.double())
+    for model, data, tag in (
+        (case.model, case.loader(), "float32"),
+        (m64, DataLoader(data64, batch_size=len(case.X)), "float64"),
+    ):
+        for structure in ("full", "hfl"):
+            kw = {"backend": BackPackGGN} if structure == "full" else {}
+            la = Laplace(model, "regression", "all", structure, sigma_noise=0.1, **kw)
+            la.fit(data)
+            la.optimize_prior_precision()
+            lml = float(la.log_marginal_likelihood().detach())
+            print(
+                f"{tag} {structure:4s} marglik prior {float(la.prior_precision):.8f}"
+                f"  log marglik {lml:.8f}"
+            )
 
 
 def main() -> None:
@@ -99,8 +136,12 @@ def main() -> None:
     p.add_argument("--skip-wide", action="store_true", help="skip the ~94k model")
     p.add_argument("--width", type=int, default=300, help="wide MLP width")
     p.add_argument("--dense-limit-gb", type=float, default=4.0)
+    p.add_argument("--float64-check", action="store_true")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
+    if args.float64_check:
+        float64_check()
+        return
     torch.manual_seed(0)
     cases = [C.in_between(), C.digits()]
     if not args.skip_wide:
