@@ -1,35 +1,13 @@
-"""Stochastic Lanczos quadrature (SLQ) over batched matrix-vector products.
+"""``A^{-1/2} z`` for a symmetric positive definite ``A`` known by products.
 
-For a symmetric matrix ``A`` available only through products, ``z^T f(A) z`` is
-approximated by the Gauss quadrature that ``k`` Lanczos steps from ``z`` define
-(Golub & Meurant; Ubaru, Chen & Saad, *Fast estimation of tr(f(A)) via
-stochastic Lanczos quadrature*, SIAM J. Matrix Anal. Appl. 2017)::
-
-    z^T f(A) z  ~=  sum_j  w_j f(theta_j),   theta_j = eig(T_k),
-                                            w_j = ||z||^2 (first entry of eigvec j)^2
-
-and ``tr f(A) = E[z^T f(A) z]`` over Rademacher probes. All probes run in *one*
-vectorised Lanczos: every step is one call of ``matvec`` on the stacked
-still-active probes (one shared pass over the training data).
-
-**Exact mode.** With the ``P`` basis vectors as probes and Lanczos run until the
-Krylov space of each is exhausted (with full reorthogonalisation), the
-quadrature is exact for every ``f``: ``sum_i e_i^T f(A) e_i = tr f(A)``.
-:func:`make_probes` switches to it automatically when ``P <= n_probes``, so
-small models get deterministic, exact results.
-
-**Why not linear_operator.** ``linear_operator`` (installed with laplace-torch)
-has ``inv_quad_logdet`` and ``utils.lanczos.lanczos_tridiag``. Its logdet uses a
-dense Cholesky below ``max_cholesky_size`` (800: every small model would be
-densified through ``P`` products), 20 Lanczos steps and 10 Gaussian probes by
-global setting, no cache across hyperparameters, and gradients by autograd
-through the operator's matmul; ``lanczos_tridiag`` always stores and
-reorthogonalises against all Lanczos vectors (``m k P`` memory), stops only when
-*every* probe breaks down (absolute tolerance 1e-6, dividing the others by
-their tiny norms), and ``lanczos_tridiag_to_diag`` silently drops negative Ritz
-values, which would hide an indefinite Hessian. The recurrence below is short,
-handles breakdown per probe, reorthogonalises only within a memory budget and
-returns the raw Ritz values.
+Batched Lanczos (one product of ``A`` serves every right-hand side) with full
+reorthogonalisation: after ``k`` steps ``A^{-1/2} z ~ ||z|| Q_k T_k^{-1/2} e_1``
+with ``Q_k`` the Krylov basis and ``T_k`` the tridiagonal Lanczos matrix; the
+approximation is exact once the Krylov space is invariant (``k <= P``) and
+converges like CG on ``A`` before that. With ``z ~ N(0, I)`` the result is a
+draw of ``N(0, A^{-1})`` for any positive definite ``A``, so it samples the
+exact-Hessian Laplace posterior, which has no square-root factorisation for
+sample-then-optimise. Memory: the basis, ``k * m * P`` numbers.
 """
 
 from __future__ import annotations
@@ -40,187 +18,134 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = [
-    "Probes",
-    "Quadrature",
-    "make_probes",
-    "lanczos_quadrature",
-    "quadrature_estimate",
-]
+from laplace_hfl.solvers import NegativeCurvature
 
-#: Largest number of entries the stored Lanczos vectors may hold for full
-#: reorthogonalisation (float64: 256 MiB). Above it the plain three-term
-#: recurrence runs (standard SLQ; loss of orthogonality only duplicates Ritz
-#: values, which the quadrature tolerates).
-REORTH_BUDGET = 2**25
+__all__ = ["LanczosResult", "lanczos_inv_sqrt"]
 
 
-@dataclass(frozen=True)
-class Probes:
-    """Probe vectors ``Z`` ``(m, P)`` with ``scale * sum_j z_j z_j^T ~= I``.
-
-    ``exact`` probes are the ``P`` basis vectors (``scale=1``, equality holds);
-    otherwise Rademacher vectors with ``scale = 1/m`` (equality in expectation).
-    """
-
-    Z: Tensor
-    scale: float
-    exact: bool
-
-
-@dataclass(frozen=True)
-class Quadrature:
-    """Gauss quadrature rules of a matrix, one per probe.
+@dataclass
+class LanczosResult:
+    """Solutions and diagnostics of :func:`lanczos_inv_sqrt`.
 
     Attributes
     ----------
-    nodes : Tensor
-        Ritz values ``(m, k)``.
-    weights : Tensor
-        Quadrature weights ``(m, k)``; each row sums to ``||z||^2``.
-    steps : Tensor
-        Lanczos steps taken per probe ``(m,)`` (fewer than ``k`` after breakdown).
-    scale : float
-        Probe scale of :class:`Probes`.
-    exact : bool
-        Basis probes with every Krylov space exhausted: the rule is exact.
+    x : Tensor
+        ``A^{-1/2} z`` per row ``(m, P)``.
+    change : Tensor
+        Relative change of each row's iterate over the last check ``(m,)``
+        (0 when the Krylov space became invariant: exact).
+    iterations : Tensor
+        Lanczos steps per row ``(m,)``.
+    converged : Tensor
+        ``change <= rtol`` per row ``(m,)``.
     """
 
-    nodes: Tensor
-    weights: Tensor
-    steps: Tensor
-    scale: float
-    exact: bool
+    x: Tensor
+    change: Tensor
+    iterations: Tensor
+    converged: Tensor
 
 
-def make_probes(
-    n_params: int,
-    n_probes: int,
-    seed: int,
-    dtype: torch.dtype,
-    device: torch.device | str = "cpu",
-) -> Probes:
-    """Basis probes when ``n_params <= n_probes`` (exact), else Rademacher.
-
-    Parameters
-    ----------
-    n_params : int
-        Dimension ``P``.
-    n_probes : int
-        Number of random probes ``m`` (and the threshold of the exact mode).
-    seed : int
-        Seed of the probes (fixed probes: smooth objectives across
-        hyperparameters, reproducible results).
-    dtype, device
-        Of the returned probes.
-
-    Returns
-    -------
-    Probes
-    """
-    if n_params <= n_probes:
-        Z = torch.eye(n_params, dtype=dtype, device=device)
-        return Probes(Z, 1.0, True)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    Z = torch.randint(0, 2, (n_probes, n_params), generator=g).to(dtype) * 2 - 1
-    return Probes(Z.to(device), 1.0 / n_probes, False)
+def _coefficients(alphas: list[Tensor], betas: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``T_k^{-1/2} e_1`` per row ``(m, k)`` and the smallest Ritz value ``(m,)``."""
+    T = torch.diag_embed(torch.stack(alphas, dim=1))
+    if betas:
+        off = torch.diag_embed(torch.stack(betas, dim=1), offset=1)
+        T = T + off + off.transpose(1, 2)
+    evals, evecs = torch.linalg.eigh(T)
+    inv_sqrt = evals.clamp_min(torch.finfo(evals.dtype).tiny).rsqrt()
+    y = torch.einsum("mij,mj->mi", evecs, inv_sqrt * evecs[:, 0, :])
+    return y, evals[:, 0]
 
 
-def lanczos_quadrature(
+def lanczos_inv_sqrt(
     matvec: Callable[[Tensor], Tensor],
-    probes: Probes,
-    max_steps: int,
-    *,
-    reorth_budget: int = REORTH_BUDGET,
-    breakdown_rtol: float = 1e-10,
-) -> Quadrature:
-    """Run Lanczos from every probe at once and return its quadrature rules.
+    Z: Tensor,
+    rtol: float = 1e-6,
+    max_iter: int = 1000,
+    check_every: int = 4,
+) -> LanczosResult:
+    """``A^{-1/2} z`` for every row ``z`` of ``Z`` (``(m, P)``) by batched Lanczos.
 
     Parameters
     ----------
     matvec : callable
-        Maps rows ``(r, P)`` to ``A`` applied to each row (symmetric ``A``).
-        Called once per step on the probes whose recursion is still running.
-    probes : Probes
-    max_steps : int
-        Largest number of Lanczos steps ``k`` (``P`` for exact probes).
-    reorth_budget : int, default=REORTH_BUDGET
-        Full reorthogonalisation (twice, classical Gram-Schmidt) when the
-        stored vectors ``m k P`` fit in this many entries.
-    breakdown_rtol : float, default=1e-10
-        A probe's recursion stops when its next ``beta`` falls below this
-        fraction of the largest ``|alpha|, beta`` it has seen (its Krylov
-        space is exhausted: the rule is exact for that probe).
+        ``matvec(V)`` returns ``A v`` for each row of ``V`` (``(m, P)``).
+    Z : Tensor
+        ``(m, P)`` non-zero right-hand sides.
+    rtol : float, default=1e-6
+        A row has converged when its iterate changed by at most ``rtol``
+        (relative) over the last ``check_every`` steps.
+    max_iter : int, default=1000
+        Steps at most (never more than ``P``, where the result is exact).
+    check_every : int, default=4
+        Steps between convergence checks (each costs an ``m x k x k``
+        eigendecomposition).
 
     Returns
     -------
-    Quadrature
+    LanczosResult
+
+    Raises
+    ------
+    laplace_hfl.solvers.NegativeCurvature
+        A Ritz value of ``A`` is not positive: ``A`` is not positive definite.
     """
-    Z = probes.Z
     m, P = Z.shape
-    k = max(1, min(int(max_steps), P))
-    reorth = m * k * P <= reorth_budget
-    norms = Z.norm(dim=-1)
-    q = Z / norms[:, None]
-    q_prev = torch.zeros_like(q)
-    b_prev = torch.zeros(m, dtype=Z.dtype, device=Z.device)
-    alpha = torch.zeros(m, k, dtype=Z.dtype, device=Z.device)
-    beta = torch.zeros(m, k, dtype=Z.dtype, device=Z.device)
-    scale = torch.zeros(m, dtype=Z.dtype, device=Z.device)
-    steps = torch.zeros(m, dtype=torch.long, device=Z.device)
+    beta0 = Z.norm(dim=1)
+    q = Z / beta0[:, None]
+    q_prev = torch.zeros_like(Z)
+    b_prev = Z.new_zeros(m)
+    basis: list[Tensor] = []
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    X = torch.zeros_like(Z)
+    change = torch.full((m,), float("inf"), dtype=Z.dtype, device=Z.device)
+    iterations = torch.zeros(m, dtype=torch.long, device=Z.device)
     active = torch.ones(m, dtype=torch.bool, device=Z.device)
-    basis = [q] if reorth else None
-    for j in range(k):
-        idx = torch.nonzero(active).flatten()
-        if idx.numel() == 0:
+    y_prev: Tensor | None = None
+    scale = Z.new_zeros(m)
+    k_max = max(1, min(int(max_iter), P))
+    for k in range(1, k_max + 1):
+        basis.append(q)
+        w = matvec(q) - b_prev[:, None] * q_prev
+        a = (q * w).sum(1)
+        w = w - a[:, None] * q
+        Q = torch.stack(basis)  # (k, m, P)
+        for _ in range(2):  # full reorthogonalisation, twice is enough
+            w = w - torch.einsum("km,kmp->mp", torch.einsum("kmp,mp->km", Q, w), Q)
+        b = w.norm(dim=1)
+        alphas.append(a)
+        scale = torch.maximum(scale, a.abs() + b)
+        invariant = active & (b <= 1e-10 * scale)
+        last = k == k_max
+        if last or bool(invariant.any()) or k % check_every == 0:
+            y, ritz_min = _coefficients(alphas, betas)
+            bad = active & (ritz_min <= 0)
+            if bool(bad.any()):
+                col = int(torch.nonzero(bad)[0])
+                raise NegativeCurvature(col, float(ritz_min[col]))
+            if y_prev is None and k > 1:  # stopped before the first check
+                y_prev = _coefficients(alphas[:-1], betas[:-1])[0]
+            if y_prev is not None:
+                pad = torch.nn.functional.pad(y_prev, (0, k - y_prev.shape[1]))
+                change = torch.where(
+                    active, (y - pad).norm(dim=1) / y.norm(dim=1), change
+                )
+            exact = invariant | (active & (k == P))
+            change = torch.where(exact, torch.zeros_like(change), change)
+            done = active & (exact | (change <= rtol) | last)
+            if bool(done.any()):
+                X[done] = beta0[done, None] * torch.einsum(
+                    "mk,kmp->mp", y[done], Q[:, done]
+                )
+                iterations[done] = k
+                active = active & ~done
+            y_prev = y
+        if not bool(active.any()):
             break
-        w = torch.zeros_like(q)
-        w[idx] = matvec(q[idx])
-        a = (q * w).sum(-1)
-        w = w - a[:, None] * q - b_prev[:, None] * q_prev
-        if reorth:
-            Q = torch.stack(basis, dim=1)  # (m, j+1, P)
-            for _ in range(2):
-                w = w - torch.einsum("mjp,mj->mp", Q, torch.einsum("mjp,mp->mj", Q, w))
-        b = w.norm(dim=-1)
-        alpha[:, j] = torch.where(active, a, alpha[:, j])
-        steps += active.long()
-        scale = torch.maximum(scale, torch.where(active, a.abs(), scale))
-        scale = torch.maximum(scale, torch.where(active, b, scale))
-        if j == k - 1:
-            break
-        active = active & (b > breakdown_rtol * scale)
-        beta[:, j] = torch.where(active, b, torch.zeros_like(b))
-        q_prev, b_prev = q, beta[:, j]
-        q = torch.where(active[:, None], w / b.clamp_min(1e-300)[:, None], 0.0)
-        if reorth:
-            basis.append(q)
-    # Pad each probe's matrix beyond its own steps with a value above every
-    # Ritz value (Gershgorin bound): decoupled by beta = 0, weight zero.
-    pad = (alpha.abs().amax(-1) + 2 * beta.abs().amax(-1) + 1.0)[:, None]
-    used = torch.arange(k, device=Z.device)[None, :] < steps[:, None]
-    diag = torch.where(used, alpha, pad.expand(-1, k))
-    T = torch.diag_embed(diag) + torch.diag_embed(beta[:, :-1], 1)
-    T = T + torch.diag_embed(beta[:, :-1], -1)
-    nodes, vecs = torch.linalg.eigh(T)
-    weights = norms[:, None].square() * vecs[:, 0, :].square()
-    exact = probes.exact and reorth
-    return Quadrature(nodes, weights, steps, probes.scale, exact)
-
-
-def quadrature_estimate(quad: Quadrature, values: Tensor) -> tuple[Tensor, float]:
-    """``tr f(A)`` from the rules, given ``values = f(nodes)`` ``(m, k)``.
-
-    Returns
-    -------
-    estimate : Tensor
-        Scalar (differentiable through ``values``).
-    stderr : float
-        Standard error over the probes (0 for exact rules).
-    """
-    per_probe = (quad.weights * values).sum(-1)
-    estimate = quad.scale * per_probe.sum()
-    m = per_probe.numel()
-    if quad.exact or m < 2:
-        return estimate, 0.0
-    return estimate, float(per_probe.detach().std() / m**0.5)
+        betas.append(b)
+        q_prev, b_prev = q, b
+        safe = torch.where(active, b, torch.ones_like(b))
+        q = torch.where(active[:, None], w / safe[:, None], torch.zeros_like(w))
+    return LanczosResult(X, change, iterations, change <= rtol)

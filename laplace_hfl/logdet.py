@@ -5,7 +5,7 @@ laplace-torch's posterior precision is ``A = h G + diag(p_0)`` with
 the exact data Hessian (``target="hessian"``) at the MAP, and ``p_0`` the
 diagonal prior precision. ``log det A`` enters the Laplace marginal likelihood;
 this module estimates it and its gradients from curvature-vector products only,
-by stochastic Lanczos quadrature (:mod:`laplace_hfl.lanczos`).
+by stochastic Lanczos quadrature (:mod:`laplace_hfl.slq`).
 
 Two paths:
 
@@ -43,7 +43,7 @@ from laplace_hfl.errors import (
     warn_user,
 )
 from laplace_hfl.functional import LaplaceObjective, ggn_matvec, hessian_matvec
-from laplace_hfl.lanczos import (
+from laplace_hfl.slq import (
     Probes,
     Quadrature,
     lanczos_quadrature,

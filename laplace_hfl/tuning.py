@@ -20,7 +20,6 @@ from torch import Tensor
 
 from laplace_hfl.batches import eval_mode
 from laplace_hfl.functional import LaplaceObjective
-from laplace_hfl.lanczos import Quadrature
 from laplace_hfl.logdet import (
     LogDetEstimate,
     MarglikSettings,
@@ -31,6 +30,7 @@ from laplace_hfl.logdet import (
     posterior_logdet,
 )
 from laplace_hfl.mackay import FixedPointResult, mackay_fixed_point
+from laplace_hfl.slq import Quadrature
 
 __all__ = ["TuningMixin"]
 

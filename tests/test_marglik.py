@@ -30,8 +30,8 @@ from torch.func import functional_call, jacrev
 
 from laplace_hfl import HFLNotFittedError, IndefiniteHessianError
 from laplace_hfl.errors import RefitConvergenceWarning
-from laplace_hfl.lanczos import lanczos_quadrature, make_probes, quadrature_estimate
 from laplace_hfl.logdet import MarglikSettings
+from laplace_hfl.slq import lanczos_quadrature, make_probes, quadrature_estimate
 
 CASES = ["regression_1d", "regression_multi", "classification"]
 
