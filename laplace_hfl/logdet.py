@@ -33,6 +33,7 @@ import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -42,7 +43,7 @@ from laplace_hfl.errors import (
     RefitConvergenceWarning,
     warn_user,
 )
-from laplace_hfl.functional import LaplaceObjective, ggn_matvec, hessian_matvec
+from laplace_hfl.functional import LaplaceObjective
 from laplace_hfl.slq import (
     Probes,
     Quadrature,
@@ -51,11 +52,12 @@ from laplace_hfl.slq import (
     quadrature_estimate,
 )
 from laplace_hfl.solvers import NegativeCurvature, batched_cg
+from laplace_hfl.weight_posterior import precision_matvec
 
 __all__ = [
     "MarglikSettings",
     "LogDetEstimate",
-    "curvature_matvec",
+    "posterior_rows",
     "curvature_quadrature",
     "isotropic_logdet",
     "isotropic_trace_inverse",
@@ -141,19 +143,13 @@ def _data_objective(obj: LaplaceObjective) -> LaplaceObjective:
     )
 
 
-def curvature_matvec(obj: LaplaceObjective, target: str) -> Callable[[Tensor], Tensor]:
+def posterior_rows(obj: LaplaceObjective, target: str) -> Callable[[Tensor], Tensor]:
     """``V -> (h G + diag(p_0)) v`` row-wise at the MAP, for ``obj``'s ``h`` and ``p_0``.
 
-    ``target="ggn"`` uses the GGN, ``"hessian"`` the exact Hessian.
+    ``target="ggn"`` uses the GGN, ``"hessian"`` the exact Hessian
+    (:func:`laplace_hfl.weight_posterior.precision_matvec`).
     """
-    if target == "ggn":
-        return lambda V: ggn_matvec(obj, V)
-    theta = obj.theta_map
-
-    def hvp(V: Tensor) -> Tensor:
-        return hessian_matvec(obj, theta.expand(V.shape[0], -1), V)
-
-    return hvp
+    return partial(precision_matvec, obj, target)
 
 
 def _probes(obj: LaplaceObjective, settings: MarglikSettings) -> Probes:
@@ -176,11 +172,11 @@ def curvature_quadrature(
     evaluate :func:`isotropic_logdet` at any ``(h, lambda)``.
     """
     probes = _probes(obj, settings)
-    matvec = curvature_matvec(_data_objective(obj), target)
+    matvec = posterior_rows(_data_objective(obj), target)
     return lanczos_quadrature(matvec, probes, _steps(probes, settings))
 
 
-def _indefinite(ritz: float) -> IndefiniteHessianError:
+def _indefinite_posterior(ritz: float) -> IndefiniteHessianError:
     return IndefiniteHessianError(
         "The posterior precision (exact Hessian + prior) is not positive "
         f"definite at the MAP (Lanczos found the Ritz value {ritz:.3e}), so it "
@@ -201,7 +197,7 @@ def isotropic_logdet(quad: Quadrature, h: Tensor, lam: Tensor) -> tuple[Tensor, 
     shifted = h * quad.nodes + lam
     low = float(shifted.detach().min())
     if not low > 0:
-        raise _indefinite(low)
+        raise _indefinite_posterior(low)
     return quadrature_estimate(quad, shifted.log())
 
 
@@ -226,7 +222,7 @@ def diag_inverse(
         CG met non-positive curvature (``target="hessian"``).
     """
     probes = _probes(obj, settings)
-    matvec = curvature_matvec(obj, target)
+    matvec = posterior_rows(obj, target)
     Z = probes.Z
     tol = settings.cg_rtol * Z.norm(dim=-1)
     try:
@@ -234,7 +230,7 @@ def diag_inverse(
             lambda idx, V: matvec(V), Z, tol, settings.cg_max_iter, precond=precond
         )
     except NegativeCurvature as err:
-        raise _indefinite(err.curvature) from err
+        raise _indefinite_posterior(err.curvature) from err
     if not bool(res.converged.all()):
         warn_user(
             f"{int((~res.converged).sum())} of {Z.shape[0]} CG solves behind the "
@@ -310,11 +306,11 @@ def posterior_logdet(
     )
     probes = _probes(at, settings)
     quad = lanczos_quadrature(
-        curvature_matvec(at, target), probes, _steps(probes, settings)
+        posterior_rows(at, target), probes, _steps(probes, settings)
     )
     low = float(quad.nodes.min())
     if not low > 0:
-        raise _indefinite(low)
+        raise _indefinite_posterior(low)
     value, stderr = quadrature_estimate(quad, quad.nodes.log())
     cache: list[Tensor] = []
 
@@ -333,4 +329,4 @@ def posterior_logdet(
 
 def precision_quadratic(obj: LaplaceObjective, target: str, delta: Tensor) -> Tensor:
     """``delta_i^T A delta_i`` for each row of ``delta`` ``(n, P)`` (one data pass)."""
-    return (delta * curvature_matvec(obj, target)(delta)).sum(-1)
+    return (delta * posterior_rows(obj, target)(delta)).sum(-1)
