@@ -277,7 +277,8 @@ def posterior_logdet(
 
     Lanczos on the posterior precision itself; the result is differentiable
     w.r.t. ``h`` (0-dim) and ``p_0`` (``(P,)``): the backward pass runs
-    :func:`diag_inverse` on the same probes (only when a gradient is asked for).
+    :func:`diag_inverse` on the same probes (only when a gradient is asked for;
+    in exact mode the Lanczos rules give ``diag(A^-1)`` without a solve).
 
     Parameters
     ----------
@@ -316,8 +317,13 @@ def posterior_logdet(
 
     def diag_fn() -> Tensor:
         if not cache:
-            with backward_context():
-                cache.append(diag_inverse(at, target, settings, precond))
+            if quad.exact:
+                # Basis probe i: [A^-1]_ii = sum_j w_ij / theta_ij, exact once the
+                # Krylov space is exhausted; no solve needed.
+                cache.append((quad.weights / quad.nodes).sum(-1))
+            else:
+                with backward_context():
+                    cache.append(diag_inverse(at, target, settings, precond))
         return cache[0].to(p0.dtype)
 
     out = _PosteriorLogDet.apply(h, p0, value.to(p0.dtype), diag_fn)

@@ -446,7 +446,7 @@ def test_indefinite_hessian_raises(regression_1d):
 
 def test_unconverged_gradient_solves_warn(request):
     hfl, *_ = _pair(request, "classification")
-    hfl.marglik_settings = MarglikSettings(cg_max_iter=1)
+    hfl.marglik_settings = MarglikSettings(n_probes=16, exact_max=0, cg_max_iter=1)
     log_prior = torch.linspace(-3, 3, hfl.n_layers, dtype=DT).requires_grad_(True)
     with pytest.warns(RefitConvergenceWarning, match="cg_max_iter"):
         hfl.log_marginal_likelihood(log_prior.exp()).backward()
