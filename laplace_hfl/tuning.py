@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 from laplace.utils import fix_prior_prec_structure
+from laplace.utils.utils import validate
 from torch import Tensor
+from torch.linalg import LinAlgError
 
 from laplace_hfl.batches import eval_mode
 from laplace_hfl.functional import LaplaceObjective
+from laplace_hfl.gridsearch import check_loss, run_gridsearch
 from laplace_hfl.logdet import (
     LogDetEstimate,
     MarglikSettings,
@@ -194,7 +197,10 @@ class TuningMixin:
             unused). See ``docs/marglik.md``.
         **kwargs
             laplace-torch's options (``n_steps``, ``lr``, ``init_prior_prec``,
-            ``prior_structure``, ``val_loader``, ``grid_size``, ...).
+            ``prior_structure``, ``val_loader``, ``grid_size``, ...). For grid
+            search in regression pass a loss that scores the variance,
+            ``loss=laplace_hfl.gridsearch.gaussian_nll_loss(la.sigma_noise)``:
+            laplace-torch's default (MSE of the mean) ignores the prior.
 
         Raises
         ------
@@ -205,6 +211,13 @@ class TuningMixin:
         IndefiniteHessianError
             ``target="hessian"`` and the posterior precision is not positive
             definite.
+
+        Warns
+        -----
+        VarianceBlindLossWarning
+            Grid search for regression with a loss that ignores the variance.
+        GridSearchCostWarning
+            The first grid value predicts a long search (estimate given).
         """
         if method == "marglik":
             self._check_H_init()
@@ -227,10 +240,38 @@ class TuningMixin:
                     "Grid search needs validation data: pass "
                     "val_loader=DataLoader(...)."
                 )
+            check_loss(self.likelihood, kwargs.get("loss"))
         with eval_mode(self.model):
             super().optimize_prior_precision(
                 pred_type=pred_type, method=method, **kwargs
             )
+
+    def _gridsearch(
+        self,
+        loss: Any,
+        interval: Tensor,
+        val_loader: Any,
+        pred_type: str,
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        progress_bar: bool = False,
+    ) -> Tensor:
+        """laplace-torch's grid search, timed: warns with the expected total
+        when it will take long (see :mod:`laplace_hfl.gridsearch`)."""
+
+        def score() -> float:
+            try:
+                return validate(
+                    self, val_loader, loss, pred_type=pred_type,
+                    link_approx=link_approx, n_samples=n_samples,
+                    dict_key_y=self.dict_key_y,
+                )  # fmt: skip
+            except LinAlgError:
+                return float("inf")
+
+        return run_gridsearch(
+            self, list(interval), score, progress_bar or self.progress_bar
+        )
 
     def _fixed_point_prior(
         self,

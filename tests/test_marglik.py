@@ -30,6 +30,7 @@ from torch.func import functional_call, jacrev
 
 from laplace_hfl import HFLNotFittedError, IndefiniteHessianError
 from laplace_hfl.errors import RefitConvergenceWarning
+from laplace_hfl.gridsearch import gaussian_nll_loss
 from laplace_hfl.logdet import MarglikSettings
 from laplace_hfl.slq import lanczos_quadrature, make_probes, quadrature_estimate
 
@@ -379,7 +380,10 @@ def test_gridsearch_keeps_working(request):
     hfl, *_ = _pair(request, "regression_1d")
     _, X, y = request.getfixturevalue("regression_1d")
     hfl.optimize_prior_precision(
-        method="gridsearch", val_loader=loader(X, y), grid_size=5
+        method="gridsearch",
+        val_loader=loader(X, y),
+        grid_size=5,
+        loss=gaussian_nll_loss(hfl.sigma_noise),
     )
     assert hfl.prior_precision.numel() == 1
 

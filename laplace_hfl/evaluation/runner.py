@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 import time
-import tracemalloc
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from laplace_hfl.evaluation.memory import PeakMemory
 from laplace_hfl.evaluation.metrics import (
     classification_metrics,
     probit_probs,
@@ -29,6 +27,8 @@ from laplace_hfl.evaluation.registry import (
     MethodSpec,
     resolve_methods,
 )
+from laplace_hfl.evaluation.report import write_results
+from laplace_hfl.evaluation.results import ComparisonResult, Prediction
 from laplace_hfl.evaluation.tasks import TASKS, Task
 
 __all__ = [
@@ -43,104 +43,6 @@ __all__ = [
 
 #: Prior precisions tried by ``tune=True`` (log-spaced 1e-2 ... 1e2).
 DEFAULT_TUNE_GRID = tuple(float(p) for p in np.logspace(-2, 2, 9))
-
-
-@dataclass
-class Prediction:
-    """Predictions of one method on one task (kept for figures).
-
-    Attributes
-    ----------
-    f_mu, f_var : Tensor
-        Test means ``(N, C)`` and functional covariances ``(N, C, C)``.
-    probs, probs_ood : Tensor or None
-        Probit class probabilities on test / OOD inputs (classification).
-    """
-
-    f_mu: Tensor
-    f_var: Tensor
-    probs: Tensor | None = None
-    probs_ood: Tensor | None = None
-
-    @property
-    def variances(self) -> Tensor:
-        """Per-point (per-class) latent variances, flattened ``(N*C,)``."""
-        return self.f_var.diagonal(dim1=-2, dim2=-1).reshape(-1)
-
-
-@dataclass
-class ComparisonResult:
-    """Rows and predictions of :func:`run_comparison` for one task.
-
-    Attributes
-    ----------
-    task : Task
-    rows : list of dict
-        One tidy row per method (see ``docs/evaluation.md`` for the columns).
-    predictions : dict of str to Prediction
-        Successful methods only.
-    meta : dict
-        Hyperparameters, MAP protocol and gradient norm, seed, settings.
-    """
-
-    task: Task
-    rows: list[dict[str, Any]]
-    predictions: dict[str, Prediction]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-class PeakMemory:
-    """Context manager measuring peak memory of the enclosed block, in MiB.
-
-    On CUDA: ``torch.cuda.max_memory_allocated`` above the value at entry. On
-    CPU (Linux): peak resident set size above the value at entry, sampled every
-    2 ms by a background thread (allocator caching can hide reuse of memory
-    freed by earlier methods, so small values are lower bounds). Elsewhere:
-    ``tracemalloc`` (Python allocations only).
-    """
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.peak_mb = float("nan")
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._mode = "cuda"
-        elif os.path.exists("/proc/self/statm"):
-            self._mode = "rss"
-            self._base = self._peak = self._rss()
-            self._stop = threading.Event()
-
-            def sample() -> None:
-                while not self._stop.wait(0.002):
-                    self._peak = max(self._peak, self._rss())
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        else:
-            self._mode = "tracemalloc"
-            tracemalloc.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._mode == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        elif self._mode == "rss":
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, self._rss()) - self._base
-        else:
-            peak = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-        self.peak_mb = peak / 2**20
 
 
 def _cat_loader(loader: DataLoader) -> tuple[Tensor, Tensor]:
@@ -172,7 +74,9 @@ def _score(task: Task, pred: Prediction, y: Tensor, X: Tensor) -> dict[str, floa
             pred.f_mu, pred.f_var, y, task.sigma_noise, task.gap_mask(X),
             task.data_mask(X),
         )  # fmt: skip
-    return classification_metrics(pred.probs, y, pred.probs_ood)
+    return classification_metrics(
+        pred.probs, y, pred.probs_ood, var=pred.f_var, var_ood=pred.f_var_ood
+    )
 
 
 def _val_nll(task: Task, la: Any, model: torch.nn.Module, batch_size: int) -> float:
@@ -337,7 +241,8 @@ def run_method(
             pred = _prediction(task, la, model, X, batch_size)
             t2 = time.perf_counter()
             if task.likelihood == "classification" and X_ood is not None:
-                pred.probs_ood = probit_probs(*_predict(la, model, X_ood, batch_size))
+                mu_ood, pred.f_var_ood = _predict(la, model, X_ood, batch_size)
+                pred.probs_ood = probit_probs(mu_ood, pred.f_var_ood)
         row.update(_score(task, pred, y, X))
         row["fit_s"] = t1 - t0
         row["predict_s_per_point"] = (t2 - t1) / X.shape[0]
@@ -451,7 +356,5 @@ def run_comparison(
     }
     result = ComparisonResult(task, rows, preds, meta)
     if out is not None:
-        from laplace_hfl.evaluation.report import write_results
-
         write_results(result, out, figures=figures)
     return result
