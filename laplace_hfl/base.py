@@ -29,7 +29,14 @@ from laplace_hfl.batches import (
     merge_batches,
     split_batch,
 )
+from laplace_hfl.distributed import (
+    DistributedMixin,
+    data_reducer,
+    fit_shard,
+    is_distributed,
+)
 from laplace_hfl.errors import HFLNotFittedError
+from laplace_hfl.example_noise import batch_noise
 from laplace_hfl.functional import (
     LaplaceObjective,
     ParamLayout,
@@ -59,7 +66,9 @@ from laplace_hfl.weight_space import WeightSpaceMixin
 __all__ = ["HFLMixin"]
 
 
-class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
+class HFLMixin(
+    DistributedMixin, PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin
+):
     """Hessian-free Laplace behaviour on top of laplace-torch's classes.
 
     Not used on its own: see :class:`laplace_hfl.HessianFreeLaplace` and
@@ -84,6 +93,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
         self._fitted = False
         self._training_data: list[tuple[Any, Tensor]] | None = None
         self._train_loader: DataLoader | None = None
+        self._training_index: list[Tensor] | None = None
         self._base: BasePoint | None = None
         self._base_key: tuple | None = None
         self._sketch: NystromSketch | None = None
@@ -186,7 +196,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
                             to_compute(y, device, dtype),
                         )
                     )
-        if n_seen == 0:
+        if n_seen == 0 and not is_distributed():  # empty shards are fine
             raise ValueError(
                 "train_loader yielded no batches; HFL needs the training data "
                 "the MAP was fitted on."
@@ -212,6 +222,11 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
         train_loader : torch.utils.data.DataLoader
             Batches ``(X, y)`` or dict batches with ``dict_key_y``; must be the
             data the MAP was trained on. ``train_loader.dataset`` gives ``N``.
+            In a distributed fit (a default process group of several
+            processes), this rank's shard: a ``DistributedSampler`` loader
+            (its padding is dropped; ``N`` is then ``len(dataset)``) or any
+            per-rank subset (``N`` is the sum over ranks); see
+            :mod:`laplace_hfl.distributed`.
             It is iterated again at prediction time (all-weights HFL), so it
             must be deterministic (no random augmentation).
         override : bool, default=True
@@ -232,6 +247,10 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
         ValueError
             Empty loader, target shape mismatch, non-finite loss at the MAP,
             ``override=False``.
+        NotImplementedError
+            ``minibatch_epochs`` in a distributed fit.
+        laplace_hfl.distributed.HFLDistributedError
+            Another rank's fit failed, or the ranks hold different MAPs.
         """
         if not override:
             raise ValueError(
@@ -242,22 +261,31 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
             raise ValueError(
                 f"refit_batch_size must be a positive integer, got {refit_batch_size!r}."
             )
+        if self.minibatch_epochs is not None and is_distributed():
+            raise NotImplementedError(
+                "minibatch_epochs is not available in a distributed fit (ranks "
+                "would take different numbers of steps); use the full-batch "
+                "refits, whose data passes are split across the ranks."
+            )
         self.refit_batch_size = refit_batch_size
         self.cache_data = cache_data
-        first_out, loss, cached, mean = self._fit_pass(train_loader)
+        # This rank's shard; totals agreed across ranks (see distributed.py).
+        shard = fit_shard(self._fit_pass, train_loader, refit_batch_size)
         # Commit state only after every check passed.
-        self.loss = loss
-        self.n_outputs = int(first_out.shape[-1])
-        self.n_data = len(train_loader.dataset)
-        self.mean = mean
-        self._training_data = cached
-        self._train_loader = train_loader if cached is None else None
+        self.loss = shard.loss
+        self.n_outputs = shard.n_outputs
+        self.n_data = shard.n_data
+        self.mean = shard.mean
+        self._training_data = shard.cached
+        self._train_loader = shard.loader if shard.cached is None else None
+        self._training_index = shard.index
         self._base = None
         self._base_key = None
         self._sketch = None
         self._amortized = None
         self._amortized_key = None
         self._fitted = True
+        self.H = self._curvature_operator()
         self.progress_bar = self.progress_bar or progress_bar
         if self.amortize is not None:
             with eval_mode(self.model):
@@ -271,10 +299,11 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
             forward=make_forward(module, layout, fixed),
             batches=self._training_batches,
             likelihood=self.likelihood,
-            h_factor=float(self._H_factor),
+            h_factor=float(self._H_factor.detach()),
             prior_precision=self.prior_precision_diag.to(dtype),
             prior_mean=self.prior_mean.to(dtype),
             theta_map=self.mean.detach().to(dtype),
+            reduce=data_reducer(),
         )
 
     def _hyper_key(self) -> tuple:
@@ -310,6 +339,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
                 rtol=self.hfl_settings.rtol,
                 max_iter=self.hfl_settings.max_iter,
                 precond=self._precond(obj),
+                noise=batch_noise(self._training_index, self._training_data),
             )
             self._amortized_key = key
         return self._amortized
