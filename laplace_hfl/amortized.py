@@ -19,7 +19,18 @@ exactly: ``delta_s`` is the minimiser of the Gauss-Newton objective with
 randomly perturbed targets and prior mean (sample-then-optimise; Papandreou &
 Yuille 2010, Matthews et al. 2017, Antoran et al. 2023). All ``S`` solves share
 one :func:`~laplace_hfl.solvers.batched_cg` call, i.e. one pass over the data per
-CG iteration.
+CG iteration (:func:`posterior_samples`, exact to ``rtol``).
+
+At training cost (:func:`sgd_posterior_samples`): the same objectives
+``1/2 d^T A d - b_s^T d`` minimised by averaged minibatch SGD
+(:func:`laplace_hfl.stochastic.averaged_sgd`), started at the prior sample
+``d_0 = p_0^{-1/2} zeta_s`` (exact where the data say nothing), each step an
+unbiased estimate from one minibatch. The per-example noise ``xi_{s,n}`` must be
+the same in every epoch: it is regenerated for each minibatch from a generator
+seeded by ``(seed, sample chunk, minibatch key)`` instead of being stored
+(``S x N x C`` numbers). Samples are processed ``chunk_size`` at a time, so
+memory is ``~6 chunk_size P`` whatever ``S``. The full-batch relative residual of
+each sample is measured at the end (one extra pass) and warned about.
 
 What it converges to: ``Sigma_S(x) = 1/S sum_s J(x) delta_s delta_s^T J(x)^T``
 is an unbiased estimate of ``J(x) (GGN + diag(p_0))^{-1} J(x)^T`` (the mean of
@@ -38,14 +49,17 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
+from laplace_hfl.errors import RefitConvergenceWarning, warn_user
 from laplace_hfl.functional import Forward, LaplaceObjective, ggn_matvec
 from laplace_hfl.solvers import batched_cg
+from laplace_hfl.stochastic import MINIBATCH_RTOL, averaged_sgd, warn_unconverged
 
 __all__ = [
     "AmortizedState",
     "loss_hessian_sqrt_apply",
     "perturbed_rhs",
     "posterior_samples",
+    "sgd_posterior_samples",
     "sample_jvps",
     "amortized_covariance",
     "amortized_solve",
@@ -159,6 +173,16 @@ def posterior_samples(
     Returns
     -------
     AmortizedState
+
+    Raises
+    ------
+    ValueError
+        ``n_samples`` is not an integer >= 2.
+
+    Warns
+    -----
+    RefitConvergenceWarning
+        Some sample's relative CG residual exceeds ``rtol`` after ``max_iter``.
     """
     if not (isinstance(n_samples, int) and n_samples >= 2):
         raise ValueError(f"n_samples must be an integer >= 2, got {n_samples!r}.")
@@ -177,7 +201,108 @@ def posterior_samples(
         parts.append(res.x)
         res_parts.append(res.residual_norm / b_norm)
         it_parts.append(res.iterations)
-    return AmortizedState(torch.cat(parts), torch.cat(res_parts), torch.cat(it_parts))
+    state = AmortizedState(torch.cat(parts), torch.cat(res_parts), torch.cat(it_parts))
+    bad = state.residual > rtol
+    if bool(bad.any()):
+        warn_user(
+            f"{int(bad.sum())} of {n_samples} amortised posterior samples did not "
+            f"converge: relative CG residual max {float(state.residual.max()):.3g}, "
+            f"median {float(state.residual.median()):.3g} > rtol={rtol:.3g} after "
+            f"max_iter={max_iter} iterations. Their variances are biased low; "
+            "increase max_iter (or precondition_rank).",
+            RefitConvergenceWarning,
+        )
+    return state
+
+
+def _noise_seed(seed: int, chunk: int, key: tuple[int, int]) -> int:
+    return hash((seed, chunk, *key)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def sgd_posterior_samples(
+    obj: LaplaceObjective,
+    n_samples: int,
+    n_data: int,
+    epochs: int,
+    batch_rows: int | None = None,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    precond: Callable[[Tensor], Tensor] | None = None,
+    rtol: float = MINIBATCH_RTOL,
+    step_scale: float = 0.1,
+) -> AmortizedState:
+    """``S`` posterior samples by sample-then-optimise over minibatches.
+
+    Sample ``s`` minimises ``1/2 d^T A d - b_s^T d`` (module docstring) by
+    :func:`~laplace_hfl.stochastic.averaged_sgd`, started at the prior sample.
+
+    Parameters
+    ----------
+    obj : LaplaceObjective
+    n_samples : int
+        ``S``.
+    n_data : int
+        Number of training points ``N``.
+    epochs : int
+        Passes over the minibatches (iterates averaged over the second half).
+    batch_rows : int, optional
+        Rows per minibatch (the loader's batch size).
+    chunk_size : int or None
+        Samples optimised together (memory ``~6 * chunk_size * P``).
+    seed : int, default=0
+    precond : callable, optional
+        Preconditioner ``M^{-1}`` of the SGD steps.
+    rtol : float, default=MINIBATCH_RTOL
+        Warn above this full-batch relative residual.
+    step_scale : float, default=0.1
+        ``eta = step_scale / lambda_max(M^{-1} A_b)``.
+
+    Returns
+    -------
+    AmortizedState
+        ``residual`` is the full-batch relative residual ``||b_s - A d_s|| /
+        ||b_s||``; ``iterations`` the SGD steps per sample.
+
+    Raises
+    ------
+    ValueError
+        ``n_samples`` is not an integer >= 2.
+
+    Warns
+    -----
+    RefitConvergenceWarning
+        Some sample's full-batch relative residual exceeds ``rtol``.
+    """
+    if not (isinstance(n_samples, int) and n_samples >= 2):
+        raise ValueError(f"n_samples must be an integer >= 2, got {n_samples!r}.")
+    theta = obj.theta_map
+    dtype, device = theta.dtype, theta.device
+    scale = float(obj.h_factor) ** 0.5
+    step = chunk_size or n_samples
+    parts, res_parts, steps = [], [], 0
+    for chunk, start in enumerate(range(0, n_samples, step)):
+        m = min(step, n_samples - start)
+        gen = torch.Generator(device="cpu").manual_seed(
+            _noise_seed(seed, chunk, (-1, -1))
+        )
+        zeta = torch.randn(m, theta.numel(), generator=gen, dtype=dtype).to(device)
+
+        def out_rhs(key: tuple[int, int], out: Tensor, chunk: int = chunk, m: int = m):
+            g = torch.Generator(device="cpu").manual_seed(_noise_seed(seed, chunk, key))
+            xi = torch.randn((m, *out.shape), generator=g, dtype=dtype).to(device)
+            return scale * loss_hessian_sqrt_apply(obj.likelihood, out, xi)
+
+        res = averaged_sgd(
+            obj, obj.prior_precision.sqrt() * zeta, n_data, epochs, precond,
+            batch_rows, out_rhs, step_scale=step_scale, seed=seed + chunk,
+        )  # fmt: skip
+        parts.append(res.U)
+        res_parts.append(res.residual)
+        steps = res.steps
+    residual = torch.cat(res_parts)
+    warn_unconverged(residual, rtol, "Amortised posterior samples", steps, epochs)
+    iterations = torch.full((n_samples,), steps, dtype=torch.long, device=device)
+    return AmortizedState(torch.cat(parts), residual, iterations)
 
 
 def sample_jvps(forward: Forward, theta: Tensor, X: Any, samples: Tensor) -> Tensor:

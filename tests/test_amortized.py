@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
 from laplace_hfl.amortized import loss_hessian_sqrt_apply
+from laplace_hfl.errors import RefitConvergenceWarning
 
 DT = torch.float64
 SIGMA, PRIOR = 0.3, 0.5
@@ -165,3 +166,15 @@ def test_amortize_rejects_hessian_target_and_bad_values(regression):
     for bad in (1, 2.5, True):
         with pytest.raises(ValueError, match="amortize"):
             Laplace(model, "regression", "all", "hfl", amortize=bad)
+
+
+def test_unconverged_amortized_cg_warns_with_numbers(regression):
+    """max_iter=1 leaves a large CG residual: warn with it, never pass silently."""
+    model, X, y, _, likelihood = regression
+    la = Laplace(
+        model, likelihood, "all", "hfl", sigma_noise=SIGMA, prior_precision=PRIOR,
+        amortize=8, max_iter=1, precondition_rank=0,
+    )  # fmt: skip
+    with pytest.warns(RefitConvergenceWarning, match=r"residual.*max_iter"):
+        la.fit(_loader(X, y))
+    assert la._amortized.residual.max().item() > 1e-3
