@@ -25,10 +25,11 @@ At training cost (:func:`sgd_posterior_samples`): the same objectives
 ``1/2 d^T A d - b_s^T d`` minimised by averaged minibatch SGD
 (:func:`laplace_hfl.stochastic.averaged_sgd`), started at the prior sample
 ``d_0 = p_0^{-1/2} zeta_s`` (exact where the data say nothing), each step an
-unbiased estimate from one minibatch. The per-example noise ``xi_{s,n}`` must be
-the same in every epoch: it is regenerated for each minibatch from a generator
-seeded by ``(seed, sample chunk, minibatch key)`` instead of being stored
-(``S x N x C`` numbers). Samples are processed ``chunk_size`` at a time, so
+unbiased estimate from one minibatch. The right-hand sides ``b_s`` are drawn in
+one pass (one VJP per batch for the chunk) and kept, so the per-example noise
+``xi_{s,n}`` is the same in every epoch without storing ``S x N x C`` numbers
+and the minibatch gradients carry no noise from it (only from the curvature:
+``(N/n_b) G_b d - G d``). Samples are processed ``chunk_size`` at a time, so
 memory is ``~6 chunk_size P`` whatever ``S``. The full-batch relative residual of
 each sample is measured at the end (one extra pass) and warned about.
 
@@ -113,11 +114,24 @@ def loss_hessian_sqrt_apply(likelihood: str, f: Tensor, xi: Tensor) -> Tensor:
 
 
 def perturbed_rhs(
-    obj: LaplaceObjective, n_samples: int, generator: torch.Generator | None = None
+    obj: LaplaceObjective,
+    n_samples: int,
+    generator: torch.Generator | None = None,
+    *,
+    prior_noise: Tensor | None = None,
 ) -> Tensor:
     """Random right-hand sides ``b_s`` with ``Cov[b_s] = GGN + diag(p_0)``.
 
     One VJP per training batch, vectorised over the ``S`` samples.
+
+    Parameters
+    ----------
+    obj : LaplaceObjective
+    n_samples : int
+    generator : torch.Generator, optional
+    prior_noise : Tensor, optional
+        The standard normal ``zeta`` ``(S, P)`` of the prior term (drawn from
+        ``generator`` when None).
 
     Returns
     -------
@@ -126,9 +140,12 @@ def perturbed_rhs(
     """
     theta = obj.theta_map
     dtype, device = theta.dtype, theta.device
-    zeta = torch.randn(
-        n_samples, theta.numel(), dtype=dtype, device=device, generator=generator
-    )
+    if prior_noise is not None:
+        zeta = prior_noise
+    else:
+        zeta = torch.randn(
+            n_samples, theta.numel(), dtype=dtype, device=device, generator=generator
+        )
     total = obj.prior_precision.sqrt() * zeta
     scale = float(obj.h_factor) ** 0.5
     for X, _ in obj.batches():
@@ -215,14 +232,9 @@ def posterior_samples(
     return state
 
 
-def _noise_seed(seed: int, chunk: int, key: tuple[int, int]) -> int:
-    return hash((seed, chunk, *key)) & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def sgd_posterior_samples(
     obj: LaplaceObjective,
     n_samples: int,
-    n_data: int,
     epochs: int,
     batch_rows: int | None = None,
     chunk_size: int | None = None,
@@ -233,16 +245,16 @@ def sgd_posterior_samples(
 ) -> AmortizedState:
     """``S`` posterior samples by sample-then-optimise over minibatches.
 
-    Sample ``s`` minimises ``1/2 d^T A d - b_s^T d`` (module docstring) by
-    :func:`~laplace_hfl.stochastic.averaged_sgd`, started at the prior sample.
+    Per chunk of samples: one pass draws ``b_s`` (:func:`perturbed_rhs`, the
+    same draw as :func:`posterior_samples` for the same seed and chunks), then
+    :func:`~laplace_hfl.stochastic.averaged_sgd` minimises
+    ``1/2 d^T A d - b_s^T d`` from the prior sample ``p_0^{-1/2} zeta_s``.
 
     Parameters
     ----------
     obj : LaplaceObjective
     n_samples : int
         ``S``.
-    n_data : int
-        Number of training points ``N``.
     epochs : int
         Passes over the minibatches (iterates averaged over the second half).
     batch_rows : int, optional
@@ -277,24 +289,19 @@ def sgd_posterior_samples(
         raise ValueError(f"n_samples must be an integer >= 2, got {n_samples!r}.")
     theta = obj.theta_map
     dtype, device = theta.dtype, theta.device
-    scale = float(obj.h_factor) ** 0.5
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
     step = chunk_size or n_samples
     parts, res_parts, steps = [], [], 0
     for chunk, start in enumerate(range(0, n_samples, step)):
         m = min(step, n_samples - start)
-        gen = torch.Generator(device="cpu").manual_seed(
-            _noise_seed(seed, chunk, (-1, -1))
-        )
-        zeta = torch.randn(m, theta.numel(), generator=gen, dtype=dtype).to(device)
-
-        def out_rhs(key: tuple[int, int], out: Tensor, chunk: int = chunk, m: int = m):
-            g = torch.Generator(device="cpu").manual_seed(_noise_seed(seed, chunk, key))
-            xi = torch.randn((m, *out.shape), generator=g, dtype=dtype).to(device)
-            return scale * loss_hessian_sqrt_apply(obj.likelihood, out, xi)
-
+        zeta = torch.randn(m, theta.numel(), dtype=dtype, device=device, generator=gen)
+        B = perturbed_rhs(obj, m, gen, prior_noise=zeta)
+        # Start at the prior sample: exact where the data say nothing.
+        U0 = zeta / obj.prior_precision.sqrt()
         res = averaged_sgd(
-            obj, obj.prior_precision.sqrt() * zeta, n_data, epochs, precond,
-            batch_rows, out_rhs, step_scale=step_scale, seed=seed + chunk,
+            obj, B, epochs, precond, batch_rows, U0,
+            step_scale=step_scale, seed=seed + chunk,
         )  # fmt: skip
         parts.append(res.U)
         res_parts.append(res.residual)

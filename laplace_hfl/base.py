@@ -316,7 +316,6 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
                 self._amortized = sgd_posterior_samples(
                     obj,
                     int(self.amortize),
-                    self.n_data,
                     self.minibatch_epochs,
                     batch_rows=self._minibatch_rows,
                     chunk_size=self.chunk_size,

@@ -8,9 +8,9 @@ signs of a refit see the same minibatches (common random numbers), so the MAP
 gradient cancels in their difference exactly, and the central difference
 ``u = (theta_+ - theta_-) / (2 eps)`` follows the stochastic linear iteration::
 
-    u <- u - eta M^{-1} (A_b u - v),     A_b = (N / n_b) H_factor J_b^T Lambda_b J_b + P_0
+    u <- u - eta M^{-1} (A_b u - v),     A_b = K H_factor J_b^T Lambda_b J_b + P_0
 
-whose fixed point in expectation is ``A^{-1} v`` (``A`` = GGN + prior). The
+(``K`` minibatches per epoch) whose fixed point in expectation is ``A^{-1} v`` (``A`` = GGN + prior). The
 iteration starts at the prior solution ``u_0 = P_0^{-1} v`` (exact in the
 directions the data do not inform) and the iterates are averaged over the last
 half of the steps (Polyak-Ruppert tail averaging), which reduces the minibatch
@@ -18,8 +18,8 @@ noise as the number of steps grows. ``M`` is the Nyström preconditioner of the
 exact path (optional); ``eta`` is set from the largest eigenvalue of
 ``M^{-1} A_b`` found by power iteration on a few minibatches.
 
-The same engine (:func:`averaged_sgd`) draws amortised posterior samples with a
-per-example output-space right-hand side (:mod:`laplace_hfl.amortized`).
+The same engine (:func:`averaged_sgd`) draws amortised posterior samples
+(:mod:`laplace_hfl.amortized`), started at a given point.
 
 Each step touches one minibatch, so memory and time per step do not depend on
 the data set size. The answer converges to the same ``J A^{-1} J^T`` as the
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from math import inf
 from typing import Any
 
 import torch
@@ -47,7 +48,6 @@ from laplace_hfl.functional import LaplaceObjective, _loss_hessian_out, ggn_matv
 __all__ = [
     "MINIBATCH_RTOL",
     "MinibatchResult",
-    "OutputRHS",
     "averaged_sgd",
     "minibatch_refits",
     "minibatches",
@@ -56,10 +56,6 @@ __all__ = [
 #: Full-batch relative residual above which minibatch results are warned about
 #: (the variance is biased low by about this fraction).
 MINIBATCH_RTOL = 0.05
-
-#: ``out_rhs(key, out)``: output-space right-hand side ``(m, B, C)`` of the
-#: minibatch ``key`` with MAP outputs ``out`` (already scaled, not by ``N/n_b``).
-OutputRHS = Callable[[tuple[int, int], Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -120,13 +116,8 @@ def minibatches(
                 yield (block, k), (slice_batch(X, lo, hi), y[lo:hi])
 
 
-def _batch_terms(
-    obj: LaplaceObjective,
-    X: Any,
-    U: Tensor,
-    rhs: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """``J_b^T H_b J_b u`` and (if ``rhs``) ``J_b^T rhs(out)`` for the rows of ``U``."""
+def _batch_ggn(obj: LaplaceObjective, X: Any, U: Tensor) -> Tensor:
+    """``H_factor J_b^T Lambda_b J_b u`` on one minibatch for the rows of ``U``."""
     theta = obj.theta_map
 
     def f(th: Tensor) -> Tensor:
@@ -135,16 +126,13 @@ def _batch_terms(
     out, vjp_fn = vjp(f, theta)
     Jv = vmap(lambda v: jvp(f, (theta,), (v,))[1])(U)
     HJv = obj.h_factor * _loss_hessian_out(obj.likelihood, out.detach(), Jv)
-    if rhs is None:
-        return vmap(vjp_fn)(HJv)[0].detach(), None
-    both = vmap(vjp_fn)(torch.cat([HJv, rhs(out.detach())]))[0].detach()
-    return both[: U.shape[0]], both[U.shape[0] :]
+    return vmap(vjp_fn)(HJv)[0].detach()
 
 
 def _step_size(
     obj: LaplaceObjective,
     pieces: list[tuple[Any, Tensor]],
-    n_data: int,
+    weight: float,
     M: Callable[[Tensor], Tensor],
     P: int,
     power_iterations: int,
@@ -155,11 +143,11 @@ def _step_size(
     g = torch.Generator(device="cpu").manual_seed(seed)
     lam = 0.0
     for X, _ in pieces:
-        scale = n_data / _rows(X)
+        scale = weight
         x = torch.randn(1, P, generator=g, dtype=like.dtype).to(like.device)
         lam_b = 0.0
         for _ in range(power_iterations):
-            Ax = scale * _batch_terms(obj, X, x)[0] + obj.prior_precision * x
+            Ax = scale * _batch_ggn(obj, X, x) + obj.prior_precision * x
             y = M(Ax)
             lam_b = float(y.norm() / x.norm())
             x = y / y.norm()
@@ -170,28 +158,26 @@ def _step_size(
 def averaged_sgd(
     obj: LaplaceObjective,
     V: Tensor,
-    n_data: int,
     epochs: int,
     precond: Callable[[Tensor], Tensor] | None = None,
     batch_rows: int | None = None,
-    out_rhs: OutputRHS | None = None,
+    U0: Tensor | None = None,
     power_iterations: int = 20,
     power_batches: int = 8,
     step_scale: float = 0.1,
     seed: int = 0,
+    step_decay: bool = True,
 ) -> MinibatchResult:
-    """Minimise ``1/2 u^T A u - b^T u`` per row by averaged minibatch SGD.
+    """Minimise ``1/2 u^T A u - v^T u`` per row of ``V`` by averaged minibatch SGD.
 
-    ``b = v + sum_n J_n^T r_n`` with ``r`` the optional per-example output-space
-    term ``out_rhs``; each step uses one minibatch, scaled by ``N / n_b``.
+    Each step uses one minibatch ``b`` of the ``K`` per epoch:
+    ``grad = K G_b u + P_0 u - v``, an unbiased estimate of ``A u - v``.
 
     Parameters
     ----------
     obj : LaplaceObjective
     V : Tensor
-        Parameter-space part ``v`` of the right-hand sides ``(m, P)``.
-    n_data : int
-        Number of training points ``N``.
+        Right-hand sides ``(m, P)``.
     epochs : int
         Passes over the minibatches (averaging over the second half).
     precond : callable, optional
@@ -199,20 +185,22 @@ def averaged_sgd(
     batch_rows : int, optional
         Rows per minibatch (the loader's batch size); the batches of
         ``obj.batches()`` as they are when None.
-    out_rhs : callable, optional
-        ``out_rhs(key, out) -> (m, B, C)`` (see :data:`OutputRHS`); must give
-        the same tensor for the same key in every epoch.
+    U0 : Tensor, optional
+        Starting point ``(m, P)``; the prior solution ``P_0^{-1} v`` when None.
     power_iterations, power_batches : int
         Power-iteration steps, and minibatches they run on, for the step size.
     step_scale : float, default=0.1
         ``eta = step_scale / lambda_max(M^{-1} A_b)``.
     seed : int, default=0
         Seed of the power-iteration start and of the minibatch order.
+    step_decay : bool, default=True
+        In the averaging phase the step decays as ``eta / sqrt(1 + t / K)``
+        (``t`` steps averaged): removes the ``O(eta)`` bias of constant steps.
 
     Returns
     -------
     MinibatchResult
-        ``residual`` is ``||b - A u|| / ||b||`` over the full data.
+        ``residual`` is ``||v - A u|| / ||v||`` over the full data.
     """
 
     def M(R: Tensor) -> Tensor:
@@ -224,39 +212,36 @@ def averaged_sgd(
         first.append((X, y))
         if len(first) >= power_batches:
             break
-    eta = step_scale / _step_size(obj, first, n_data, M, P, power_iterations, seed, V)
+    # Each minibatch is weighted by the number K of minibatches per epoch (not
+    # N / n_b, which is biased when the last minibatch is smaller): the K
+    # steps of an epoch then sum to K full-batch gradients exactly.
+    n_pieces = sum(1 for _ in minibatches(obj, batch_rows))
+    eta = step_scale / _step_size(obj, first, n_pieces, M, P, power_iterations, seed, V)
 
     order = torch.Generator(device="cpu").manual_seed(seed + 1)
     prior = obj.prior_precision
-    # Start at the prior solution: exact in the directions the data do not inform.
-    U = torch.where(prior > 0, V / prior.clamp_min(torch.finfo(V.dtype).tiny), 0.0)
+    if U0 is None:
+        # The prior solution: exact in the directions the data do not inform.
+        tiny = torch.finfo(V.dtype).tiny
+        U = torch.where(prior > 0, V / prior.clamp_min(tiny), 0.0)
+    else:
+        U = U0.clone()
     U_avg = torch.zeros_like(V)
     n_avg, steps = 0, 0
+    decay = n_pieces if step_decay else inf
     for epoch in range(epochs):
-        for key, (X, _) in minibatches(obj, batch_rows, order):
-            scale = n_data / _rows(X)
-            if out_rhs is None:
-                AU, _ = _batch_terms(obj, X, U)
-                grad = scale * AU + prior * U - V
-            else:
-                AU, Jr = _batch_terms(obj, X, U, lambda o, k=key: out_rhs(k, o))
-                grad = scale * (AU - Jr) + prior * U - V
-            U = U - eta * M(grad)
+        for _, (X, _) in minibatches(obj, batch_rows, order):
+            grad = n_pieces * _batch_ggn(obj, X, U) + prior * U - V
+            # The step decays as 1/sqrt(t) in the averaging phase: the bias
+            # of constant steps (iterates correlated with their minibatch)
+            # vanishes, and the average converges to the solution.
+            U = U - eta / (1 + n_avg / decay) ** 0.5 * M(grad)
             steps += 1
             if epoch >= epochs // 2:  # tail averaging over the second half
                 n_avg += 1
                 U_avg += (U - U_avg) / n_avg
-
     # Full-batch residual of the averaged iterate: one more pass.
-    if out_rhs is None:
-        B = V
-        AU = ggn_matvec(obj, U_avg)
-    else:
-        B, AU = V.clone(), prior * U_avg
-        for key, (X, _) in minibatches(obj, batch_rows):
-            AU_b, Jr = _batch_terms(obj, X, U_avg, lambda o, k=key: out_rhs(k, o))
-            AU, B = AU + AU_b, B + Jr
-    residual = (AU - B).norm(dim=1) / B.norm(dim=1)
+    residual = (ggn_matvec(obj, U_avg) - V).norm(dim=1) / V.norm(dim=1)
     return MinibatchResult(U_avg, residual, steps, eta)
 
 
@@ -301,7 +286,9 @@ def minibatch_refits(
     V : Tensor
         Perturbation directions ``(m, P)``.
     n_data : int
-        Number of training points ``N`` (minibatch terms are scaled by ``N/n_b``).
+        Number of training points ``N`` (kept for compatibility: minibatch
+        terms are weighted by the number of minibatches per epoch, which is
+        ``N / n_b`` for equal batches and unbiased for a smaller last one).
     epochs : int, default=100
         Passes over the minibatches.
     precond : callable, optional
@@ -329,7 +316,7 @@ def minibatch_refits(
         The full-batch relative residual of some column exceeds ``rtol``.
     """
     res = averaged_sgd(
-        obj, V, n_data, epochs, precond, batch_rows,
+        obj, V, epochs, precond, batch_rows,
         power_iterations=power_iterations, step_scale=step_scale, seed=seed,
     )  # fmt: skip
     warn_unconverged(res.residual, rtol, "Minibatch refits", res.steps, epochs)
