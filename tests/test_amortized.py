@@ -242,3 +242,19 @@ def test_unconverged_minibatch_amortized_warns(regression):
         la.fit(_loader(X, y))
     assert la._amortized.residual.max().item() > 0.05
     assert_unchanged(model, snap)
+
+
+def test_benchmark_dual_reference_matches_dense():
+    """The benchmark's exact reference (dense dual/Woodbury form) vs the
+    independent dense GGN inverse of conftest, float64: 1e-10 relative."""
+    from conftest import PRIOR as P0
+    from conftest import dense_reference, make_classification, train_stationary
+
+    from laplace_hfl.benchmark.amortized import dual_variances
+
+    model, X, y = make_classification()
+    model = train_stationary(model, X, y, "classification")
+    Xq = 1.3 * X[:5]
+    ref, _ = dense_reference(model, X, y, Xq, "classification", "ggn")
+    got = dual_variances(model, X, Xq, P0)
+    torch.testing.assert_close(got, ref.diagonal(0, 1, 2), rtol=1e-10, atol=0)
