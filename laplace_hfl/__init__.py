@@ -6,6 +6,7 @@ Importing this package registers ``hessian_structure="hfl"`` with
 
 from __future__ import annotations
 
+from laplace_hfl.distributed import HFLDistributedError
 from laplace_hfl.errors import (
     HFLNotFittedError,
     IndefiniteHessianError,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HessianFreeLaplace",
     "HessianFreeLLLaplace",
+    "HFLDistributedError",
     "HFLNotFittedError",
     "IndefiniteHessianError",
     "NonStationaryMAPWarning",

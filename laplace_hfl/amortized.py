@@ -51,9 +51,17 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from laplace_hfl.errors import RefitConvergenceWarning, warn_user
-from laplace_hfl.functional import Forward, LaplaceObjective, ggn_matvec
+from laplace_hfl.functional import (
+    Forward,
+    LaplaceObjective,
+    ggn_matvec,
+    reduce_data,
+)
 from laplace_hfl.solvers import batched_cg
 from laplace_hfl.stochastic import MINIBATCH_RTOL, averaged_sgd, warn_unconverged
+
+#: ``noise(key, k, shape)``: standard normals of training batch ``k``.
+ExampleNoise = Callable[[int, int, tuple[int, ...]], Tensor]
 
 __all__ = [
     "AmortizedState",
@@ -117,6 +125,7 @@ def perturbed_rhs(
     obj: LaplaceObjective,
     n_samples: int,
     generator: torch.Generator | None = None,
+    noise: ExampleNoise | None = None,
     *,
     prior_noise: Tensor | None = None,
 ) -> Tensor:
@@ -129,6 +138,13 @@ def perturbed_rhs(
     obj : LaplaceObjective
     n_samples : int
     generator : torch.Generator, optional
+    noise : callable, optional
+        ``noise(key, k, shape)`` returns the standard normals ``xi`` of batch
+        ``k`` (shape ``(S, B, C)``) from an integer ``key`` drawn from
+        ``generator``; keyed by example (not by batch or process) it makes the
+        result independent of how the data is batched or sharded (see
+        :func:`laplace_hfl.example_noise.example_noise`). None draws ``xi`` from
+        ``generator`` batch after batch.
     prior_noise : Tensor, optional
         The standard normal ``zeta`` ``(S, P)`` of the prior term (drawn from
         ``generator`` when None).
@@ -146,20 +162,25 @@ def perturbed_rhs(
         zeta = torch.randn(
             n_samples, theta.numel(), dtype=dtype, device=device, generator=generator
         )
-    total = obj.prior_precision.sqrt() * zeta
+    key = None
+    if noise is not None:
+        key = int(torch.randint(2**62, (), generator=generator, device=device))
+    total = torch.zeros_like(zeta)
     scale = float(obj.h_factor) ** 0.5
-    for X, _ in obj.batches():
+    for k, (X, _) in enumerate(obj.batches()):
 
         def f(th: Tensor, X: Any = X) -> Tensor:
             return obj.forward(th, X)
 
         out, vjp_fn = vjp(f, theta)
-        xi = torch.randn(
-            (n_samples, *out.shape), dtype=dtype, device=device, generator=generator
-        )
+        shape = (n_samples, *out.shape)
+        if noise is None:
+            xi = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        else:
+            xi = noise(key, k, shape).to(dtype=dtype, device=device)
         Z = scale * loss_hessian_sqrt_apply(obj.likelihood, out.detach(), xi)
         total = total + vmap(vjp_fn)(Z)[0].detach()
-    return total
+    return obj.prior_precision.sqrt() * zeta + reduce_data(obj, total)
 
 
 def posterior_samples(
@@ -170,6 +191,7 @@ def posterior_samples(
     chunk_size: int | None = None,
     seed: int = 0,
     precond: Callable[[Tensor], Tensor] | None = None,
+    noise: ExampleNoise | None = None,
 ) -> AmortizedState:
     """Draw ``S`` exact linearised-Laplace posterior samples by perturbed refits.
 
@@ -186,6 +208,10 @@ def posterior_samples(
         when None.
     seed : int, default=0
         Seed of the private generator (results are reproducible).
+    precond : callable, optional
+        Preconditioner of the CG solves.
+    noise : callable, optional
+        Per-example noise of the right-hand sides (see :func:`perturbed_rhs`).
 
     Returns
     -------
@@ -210,7 +236,7 @@ def posterior_samples(
     parts, res_parts, it_parts = [], [], []
     for start in range(0, n_samples, step):
         m = min(step, n_samples - start)
-        B = perturbed_rhs(obj, m, gen)
+        B = perturbed_rhs(obj, m, gen, noise)
         b_norm = B.norm(dim=1)
         res = batched_cg(
             lambda idx, V: ggn_matvec(obj, V), B, rtol * b_norm, max_iter, precond
@@ -242,6 +268,7 @@ def sgd_posterior_samples(
     precond: Callable[[Tensor], Tensor] | None = None,
     rtol: float = MINIBATCH_RTOL,
     step_scale: float = 0.1,
+    noise: ExampleNoise | None = None,
 ) -> AmortizedState:
     """``S`` posterior samples by sample-then-optimise over minibatches.
 
@@ -268,6 +295,8 @@ def sgd_posterior_samples(
         Warn above this full-batch relative residual.
     step_scale : float, default=0.1
         ``eta = step_scale / lambda_max(M^{-1} A_b)``.
+    noise : callable, optional
+        Per-example noise of the right-hand sides (see :func:`perturbed_rhs`).
 
     Returns
     -------
@@ -296,7 +325,7 @@ def sgd_posterior_samples(
     for chunk, start in enumerate(range(0, n_samples, step)):
         m = min(step, n_samples - start)
         zeta = torch.randn(m, theta.numel(), dtype=dtype, device=device, generator=gen)
-        B = perturbed_rhs(obj, m, gen, prior_noise=zeta)
+        B = perturbed_rhs(obj, m, gen, noise, prior_noise=zeta)
         # Start at the prior sample: exact where the data say nothing.
         U0 = zeta / obj.prior_precision.sqrt()
         res = averaged_sgd(

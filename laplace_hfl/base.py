@@ -34,7 +34,14 @@ from laplace_hfl.batches import (
     merge_batches,
     split_batch,
 )
+from laplace_hfl.distributed import (
+    DistributedMixin,
+    data_reducer,
+    fit_shard,
+    is_distributed,
+)
 from laplace_hfl.errors import HFLNotFittedError
+from laplace_hfl.example_noise import batch_noise
 from laplace_hfl.functional import (
     LaplaceObjective,
     ParamLayout,
@@ -64,7 +71,9 @@ from laplace_hfl.weight_space import WeightSpaceMixin
 __all__ = ["HFLMixin"]
 
 
-class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
+class HFLMixin(
+    DistributedMixin, PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin
+):
     """Hessian-free Laplace behaviour on top of laplace-torch's classes.
 
     Not used on its own: see :class:`laplace_hfl.HessianFreeLaplace` and
@@ -90,6 +99,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
         self._minibatch_rows: int | None = None
         self._training_data: list[tuple[Any, Tensor]] | None = None
         self._train_loader: DataLoader | None = None
+        self._training_index: list[Tensor] | None = None
         self._base: BasePoint | None = None
         self._base_key: tuple | None = None
         self._sketch: NystromSketch | None = None
@@ -192,7 +202,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
                             to_compute(y, device, dtype),
                         )
                     )
-        if n_seen == 0:
+        if n_seen == 0 and not is_distributed():  # empty shards are fine
             raise ValueError(
                 "train_loader yielded no batches; HFL needs the training data "
                 "the MAP was fitted on."
@@ -218,6 +228,11 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
         train_loader : torch.utils.data.DataLoader
             Batches ``(X, y)`` or dict batches with ``dict_key_y``; must be the
             data the MAP was trained on. ``train_loader.dataset`` gives ``N``.
+            In a distributed fit (a default process group of several
+            processes), this rank's shard: a ``DistributedSampler`` loader
+            (its padding is dropped; ``N`` is then ``len(dataset)``) or any
+            per-rank subset (``N`` is the sum over ranks); see
+            :mod:`laplace_hfl.distributed`.
             It is iterated again at prediction time (all-weights HFL), so it
             must be deterministic (no random augmentation).
         override : bool, default=True
@@ -238,6 +253,10 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
         ValueError
             Empty loader, target shape mismatch, non-finite loss at the MAP,
             ``override=False``.
+        NotImplementedError
+            ``minibatch_epochs`` in a distributed fit.
+        laplace_hfl.distributed.HFLDistributedError
+            Another rank's fit failed, or the ranks hold different MAPs.
         """
         if not override:
             raise ValueError(
@@ -248,24 +267,33 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
             raise ValueError(
                 f"refit_batch_size must be a positive integer, got {refit_batch_size!r}."
             )
+        if self.minibatch_epochs is not None and is_distributed():
+            raise NotImplementedError(
+                "minibatch_epochs is not available in a distributed fit (ranks "
+                "would take different numbers of steps); use the full-batch "
+                "refits, whose data passes are split across the ranks."
+            )
         self.refit_batch_size = refit_batch_size
         self.cache_data = cache_data
-        first_out, loss, cached, mean = self._fit_pass(train_loader)
+        # This rank's shard; totals agreed across ranks (see distributed.py).
+        shard = fit_shard(self._fit_pass, train_loader, refit_batch_size)
         # Commit state only after every check passed.
-        self.loss = loss
-        self.n_outputs = int(first_out.shape[-1])
-        self.n_data = len(train_loader.dataset)
+        self.loss = shard.loss
+        self.n_outputs = shard.n_outputs
+        self.n_data = shard.n_data
         # Minibatch refits step over the loader's batches, cached or not.
-        self._minibatch_rows = train_loader.batch_size or int(first_out.shape[0])
-        self.mean = mean
-        self._training_data = cached
-        self._train_loader = train_loader if cached is None else None
+        self._minibatch_rows = getattr(train_loader, "batch_size", None)
+        self.mean = shard.mean
+        self._training_data = shard.cached
+        self._train_loader = shard.loader if shard.cached is None else None
+        self._training_index = shard.index
         self._base = None
         self._base_key = None
         self._sketch = None
         self._amortized = None
         self._amortized_key = None
         self._fitted = True
+        self.H = self._curvature_operator()
         self.progress_bar = self.progress_bar or progress_bar
         if self.amortize is not None:
             with eval_mode(self.model):
@@ -283,6 +311,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
             prior_precision=self.prior_precision_diag.to(dtype),
             prior_mean=self.prior_mean.to(dtype),
             theta_map=self.mean.detach().to(dtype),
+            reduce=data_reducer(),
         )
 
     def _hyper_key(self) -> tuple:
@@ -312,6 +341,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
                     "since they were drawn) and this estimator has no training data "
                     "to redraw them: call la.fit(train_loader) again."
                 )
+            noise = batch_noise(self._training_index, self._training_data)
             if self.minibatch_epochs is not None:
                 self._amortized = sgd_posterior_samples(
                     obj,
@@ -321,6 +351,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
                     chunk_size=self.chunk_size,
                     precond=self._precond(obj),
                     rtol=max(self.hfl_settings.rtol, MINIBATCH_RTOL),
+                    noise=noise,
                 )
             else:
                 self._amortized = posterior_samples(
@@ -330,6 +361,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
                     max_iter=self.hfl_settings.max_iter,
                     chunk_size=self.chunk_size,
                     precond=self._precond(obj),
+                    noise=noise,
                 )
             self._amortized_key = key
         return self._amortized

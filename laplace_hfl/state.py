@@ -110,3 +110,4 @@ class StateMixin:
             self._amortized = None
             self._amortized_key = None
         self._fitted = True
+        self.H = self._curvature_operator()
