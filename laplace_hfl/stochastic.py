@@ -257,7 +257,7 @@ def warn_unconverged(
         f"{what}: {bad} of {residual.numel()} did not converge "
         f"after {epochs} epochs ({steps} steps): full-batch relative residual "
         f"max {worst:.3g}, median {float(residual.median()):.3g} > {rtol:.3g}. "
-        f"Variances are off (usually too low) by about that fraction. Increase "
+        f"Variances may be off by about that fraction. Increase "
         f"minibatch_epochs, or use minibatch_epochs=None (full-batch CG, exact "
         f"to rtol).",
         RefitConvergenceWarning,
