@@ -48,7 +48,7 @@ HFL_OPTIONS_DOC = """
         ``chunk_size`` at a time in both cases (memory ``~6 chunk_size P``,
         not ``S P``, besides the ``S P`` samples kept). Unconverged samples
         (CG residual above ``rtol``, or SGD full-batch residual above
-        ``max(rtol, 0.05)``) raise a ``RefitConvergenceWarning`` with the
+        ``max(rtol, 0.1)``) raise a ``RefitConvergenceWarning`` with the
         numbers. See :mod:`laplace_hfl.amortized`.
     precondition_rank : int or None, default=None
         Rank ``k`` of the randomised Nyström preconditioner of the refit solves
@@ -68,6 +68,6 @@ HFL_OPTIONS_DOC = """
         batches). Converges to the same answer in expectation; the full-batch
         relative residual of the result is in ``la.last_diagnostics.residual``
         and a ``RefitConvergenceWarning`` names it when it exceeds
-        ``max(rtol, 0.05)`` (the variances are then biased low by about that
+        ``max(rtol, 0.1)`` (the variances are then biased low by about that
         fraction). With ``amortize=S``: draw the ``S`` samples this way.
 """

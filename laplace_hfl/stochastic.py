@@ -55,7 +55,7 @@ __all__ = [
 
 #: Full-batch relative residual above which minibatch results are warned about
 #: (the variance is biased low by about this fraction).
-MINIBATCH_RTOL = 0.05
+MINIBATCH_RTOL = 0.1
 
 
 @dataclass(frozen=True)

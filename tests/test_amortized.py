@@ -206,9 +206,7 @@ def test_minibatch_amortized_matches_full_ggn(case, request):
     d, d_ref = torch.diagonal(var, 0, 1, 2), torch.diagonal(var_ref, 0, 1, 2)
     assert _rel_err(d, d_ref) < 0.10
     assert la._amortized.residual.max().item() < 0.05
-    assert int(la._amortized.iterations[0]) == 200 * len(X) // 16 + 200 * (
-        len(X) % 16 > 0
-    )
+    assert int(la._amortized.iterations[0]) == 200 * -(-len(X) // 16)
 
 
 def test_minibatch_amortized_converges_and_is_reproducible(regression):
@@ -227,7 +225,9 @@ def test_minibatch_amortized_converges_and_is_reproducible(regression):
             st = sgd_posterior_samples(obj, 8, epochs, batch_rows=16, seed=3)
         res.append(st.residual.max().item())
     assert res[1] < res[0] / 3
-    a = sgd_posterior_samples(obj, 8, 40, batch_rows=16, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RefitConvergenceWarning)
+        a = sgd_posterior_samples(obj, 8, 40, batch_rows=16, seed=3)
     torch.testing.assert_close(a.samples, st.samples, rtol=0, atol=0)
 
 
@@ -240,7 +240,7 @@ def test_unconverged_minibatch_amortized_warns(regression):
     )  # fmt: skip
     with pytest.warns(RefitConvergenceWarning, match=r"residual.*minibatch_epochs"):
         la.fit(_loader(X, y))
-    assert la._amortized.residual.max().item() > 0.05
+    assert la._amortized.residual.max().item() > 0.1
     assert_unchanged(model, snap)
 
 
