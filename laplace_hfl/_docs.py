@@ -27,7 +27,11 @@ HFL_OPTIONS_DOC = """
         Precision of the refits. Float32 models are refit in float64 so that
         their variances stay accurate; results are returned in the model's dtype.
     progress_bar : bool, default=False
-        Show tqdm progress bars over refit chunks.
+        Show tqdm bars over prediction and refit chunks from the start. When
+        False, a bar still appears, labelled with the expected total time,
+        once the first chunk shows that the call will take longer than
+        ``laplace_hfl.progress.AUTO_PROGRESS_AFTER_S`` (10 s); short calls
+        stay quiet.
     amortize : int or None, default=None
         Amortised mode (keyword-only, ``target="ggn"`` only): the number ``S`` of
         posterior samples drawn once in :meth:`fit` by sample-then-optimise

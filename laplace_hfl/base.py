@@ -307,7 +307,7 @@ class HFLMixin(
             forward=make_forward(module, layout, fixed),
             batches=self._training_batches,
             likelihood=self.likelihood,
-            h_factor=float(self._H_factor),
+            h_factor=float(self._H_factor.detach()),
             prior_precision=self.prior_precision_diag.to(dtype),
             prior_mean=self.prior_mean.to(dtype),
             theta_map=self.mean.detach().to(dtype),

@@ -14,6 +14,7 @@ from laplace_hfl.amortized import amortized_covariance
 from laplace_hfl.batches import batch_size, eval_mode, slice_batch
 from laplace_hfl.functional import output_jacobians
 from laplace_hfl.predictive import joint_covariance, marginal_covariance
+from laplace_hfl.progress import progress
 
 __all__ = ["PredictionMixin"]
 
@@ -59,7 +60,10 @@ class PredictionMixin:
             C = self.n_outputs
             step = max(1, self.chunk_size // max(C, 1)) if not joint else B
             mus, covs, Js_all, U_all = [], [], [], []
-            for start in range(0, B, step):
+            starts = range(0, B, step)
+            for start in progress(
+                starts, desc="[HFL predict]", always=self.progress_bar
+            ):
                 Xc = slice_batch(Xq, start, start + step)
                 with torch.set_grad_enabled(backprop):
                     Js, f = output_jacobians(obj.forward, theta, Xc)
