@@ -22,7 +22,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from laplace_hfl.amortized import AmortizedState, amortized_solve, posterior_samples
+from laplace_hfl.amortized import (
+    AmortizedState,
+    amortized_solve,
+    posterior_samples,
+    sgd_posterior_samples,
+)
 from laplace_hfl.batches import (
     check_targets,
     eval_mode,
@@ -54,7 +59,7 @@ from laplace_hfl.refit import (
 )
 from laplace_hfl.solver_choice import SolverMixin
 from laplace_hfl.state import StateMixin
-from laplace_hfl.stochastic import minibatch_refits
+from laplace_hfl.stochastic import MINIBATCH_RTOL, minibatch_refits
 from laplace_hfl.tuning import TuningMixin
 from laplace_hfl.weight_space import WeightSpaceMixin
 
@@ -93,6 +98,7 @@ class HFLMixin(
         self._amortized: AmortizedState | None = None
         self._amortized_key: tuple | None = None
         self._fitted = False
+        self._minibatch_rows: int | None = None
         self._training_data: list[tuple[Any, Tensor]] | None = None
         self._train_loader: DataLoader | None = None
         self._training_index: list[Tensor] | None = None
@@ -277,6 +283,8 @@ class HFLMixin(
         self.loss = shard.loss
         self.n_outputs = shard.n_outputs
         self.n_data = shard.n_data
+        # Minibatch refits step over the loader's batches, cached or not.
+        self._minibatch_rows = getattr(train_loader, "batch_size", None)
         self.mean = shard.mean
         self._training_data = shard.cached
         self._train_loader = shard.loader if shard.cached is None else None
@@ -301,7 +309,7 @@ class HFLMixin(
             forward=make_forward(module, layout, fixed),
             batches=self._training_batches,
             likelihood=self.likelihood,
-            h_factor=float(self._H_factor),
+            h_factor=float(self._H_factor.detach()),
             prior_precision=self.prior_precision_diag.to(dtype),
             prior_mean=self.prior_mean.to(dtype),
             theta_map=self.mean.detach().to(dtype),
@@ -335,26 +343,42 @@ class HFLMixin(
                     "since they were drawn) and this estimator has no training data "
                     "to redraw them: call la.fit(train_loader) again."
                 )
-            self._amortized = posterior_samples(
-                obj,
-                int(self.amortize),
-                rtol=self.hfl_settings.rtol,
-                max_iter=self.hfl_settings.max_iter,
-                precond=self._precond(obj),
-                noise=batch_noise(self._training_index, self._training_data),
-            )
+            noise = batch_noise(self._training_index, self._training_data)
+            if self.minibatch_epochs is not None:
+                self._amortized = sgd_posterior_samples(
+                    obj,
+                    int(self.amortize),
+                    self.minibatch_epochs,
+                    batch_rows=self._minibatch_rows,
+                    chunk_size=self.chunk_size,
+                    precond=self._precond(obj),
+                    rtol=max(self.hfl_settings.rtol, MINIBATCH_RTOL),
+                    noise=noise,
+                )
+            else:
+                self._amortized = posterior_samples(
+                    obj,
+                    int(self.amortize),
+                    rtol=self.hfl_settings.rtol,
+                    max_iter=self.hfl_settings.max_iter,
+                    chunk_size=self.chunk_size,
+                    precond=self._precond(obj),
+                    noise=noise,
+                )
             self._amortized_key = key
         return self._amortized
 
     def _solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
         """``P^{-1} v`` estimates for the rows of ``V`` by perturbed refits."""
-        if self.minibatch_epochs is not None:
+        if self.minibatch_epochs is not None and self.amortize is None:
             res = minibatch_refits(
                 obj,
                 V,
                 self.n_data,
                 epochs=self.minibatch_epochs,
                 precond=self._precond(obj),
+                batch_rows=self._minibatch_rows,
+                rtol=max(self.hfl_settings.rtol, MINIBATCH_RTOL),
             )
             self.last_diagnostics = res
             return res.U

@@ -69,10 +69,12 @@ def add_compare_parser(
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument(
-        "--tune", action="store_true",
-        help="tune each method's prior precision by grid search on the validation "
-        "NLL instead of the fixed shared value (slow: HFL predicts the validation "
-        "set once per grid value)",
+        "--tune", nargs="?", const="gridsearch", default=None,
+        choices=["gridsearch", "marglik"],
+        help="tune each method's prior precision instead of the fixed shared "
+        "value: 'gridsearch' (default when given alone) on the validation NLL (slow: "
+        "HFL predicts the validation set once per grid value), or 'marglik' by "
+        "laplace-torch's marginal-likelihood loop",
     )  # fmt: skip
     p.add_argument(
         "--prior-precision", type=float, default=None,
@@ -117,7 +119,7 @@ def run_compare(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.tune:
+    if args.tune == "gridsearch":
         print("note: --tune grid-searches the prior precision per method (slow).")
     t0 = time.perf_counter()
     results = []

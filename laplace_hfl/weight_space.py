@@ -11,6 +11,7 @@ the exact Hessian). The math lives in
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from laplace_hfl.batches import eval_mode
 from laplace_hfl.errors import IndefiniteHessianError
+from laplace_hfl.logdet import precision_quadratic
 from laplace_hfl.operators import SymmetricOperator
 from laplace_hfl.solvers import NegativeCurvature
 from laplace_hfl.weight_posterior import (
@@ -242,8 +244,62 @@ class WeightSpaceMixin:
 
     # -------------------------------------------------------------- density
     def square_norm(self, value: Tensor) -> Tensor:
-        raise NotImplementedError(_NO_WEIGHT_SPACE)
+        """``(value - theta_MAP)^T P (value - theta_MAP)``, one curvature product.
+
+        Raises
+        ------
+        HFLNotFittedError
+            Not fitted (or no training data).
+        ValueError
+            ``value`` is not of shape ``(P,)`` or ``(n, P)``, or not finite.
+        """
+        return -2 * self.log_prob(value, normalized=False)
 
     def log_prob(self, value: Tensor, normalized: bool = True) -> Tensor:
-        """Not available: no weight-space density in HFL."""
-        raise NotImplementedError(_NO_WEIGHT_SPACE)
+        """Log density of the Laplace posterior ``N(theta_MAP, P^-1)`` at ``value``.
+
+        The quadratic form ``(v - theta)^T P (v - theta)`` takes one batched
+        curvature-vector product; the normaliser uses
+        :attr:`log_det_posterior_precision` (stochastic Lanczos quadrature,
+        exact for small models).
+
+        Parameters
+        ----------
+        value : Tensor
+            Weights ``(P,)`` or a batch ``(n, P)``.
+        normalized : bool, default=True
+            Include ``-P/2 log(2 pi) + 1/2 log det P``.
+
+        Returns
+        -------
+        Tensor
+            Scalar for ``(P,)``, ``(n,)`` for a batch.
+
+        Raises
+        ------
+        HFLNotFittedError
+            Not fitted (or no training data).
+        ValueError
+            ``value`` is not of shape ``(P,)`` or ``(n, P)``, or not finite.
+        """
+        self._check_H_init()
+        value = torch.as_tensor(value)
+        if value.ndim not in (1, 2) or value.shape[-1] != self.n_params:
+            raise ValueError(
+                f"log_prob needs weights of shape ({self.n_params},) or "
+                f"(n, {self.n_params}); got {tuple(value.shape)}."
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError("log_prob got non-finite weights (NaN/inf).")
+        dtype = self.compute_dtype
+        delta = (value.detach().to(self._device, dtype) - self.mean.to(dtype)).reshape(
+            -1, self.n_params
+        )
+        with eval_mode(self.model):
+            obj = self._objective()
+            quad = precision_quadratic(obj, self.hfl_settings.target, delta)
+        quad = quad.to(self._dtype).reshape(value.shape[:-1])
+        if not normalized:
+            return -quad / 2
+        const = -self.n_params / 2 * math.log(2 * math.pi)
+        return const + self.log_det_posterior_precision / 2 - quad / 2

@@ -92,7 +92,7 @@ def _fit(
     spec: MethodSpec,
     model: torch.nn.Module,
     prior: float,
-    tune: bool,
+    tune: bool | str,
     tune_grid: tuple[float, ...],
     batch_size: int,
 ) -> tuple[Any, float]:
@@ -105,7 +105,12 @@ def _fit(
         return None, prior
     la = spec.build(model, task.likelihood, task.sigma_noise, prior)
     la.fit(task.train_loader)
-    if tune:
+    if tune == "marglik":
+        # laplace-torch's default tuning (Adam on the Laplace marginal
+        # likelihood, scalar prior); no validation data.
+        la.optimize_prior_precision(method="marglik")
+        prior = float(la.prior_precision)
+    elif tune:
         scores = []
         for p in tune_grid:
             la.prior_precision = p
@@ -139,7 +144,7 @@ def predict_inputs(
     spec_or_name: MethodSpec | str,
     X: Tensor,
     prior_precision: float | None = None,
-    tune: bool = False,
+    tune: bool | str = False,
     tune_grid: tuple[float, ...] = DEFAULT_TUNE_GRID,
     batch_size: int = 100,
 ) -> Prediction:
@@ -179,7 +184,7 @@ def run_method(
     task: Task,
     spec: MethodSpec,
     prior_precision: float | None = None,
-    tune: bool = False,
+    tune: bool | str = False,
     tune_grid: tuple[float, ...] = DEFAULT_TUNE_GRID,
     batch_size: int = 100,
 ) -> tuple[dict[str, Any], Prediction | None]:
@@ -191,9 +196,11 @@ def run_method(
     spec : MethodSpec
     prior_precision : float, optional
         Overrides ``task.prior_precision``.
-    tune : bool, default=False
+    tune : bool or {"gridsearch", "marglik"}, default=False
         Choose the prior precision from ``tune_grid`` by validation NLL (the
-        method's own predictive), instead of keeping it fixed.
+        method's own predictive; ``True`` or ``"gridsearch"``), or by
+        laplace-torch's marginal-likelihood loop (``"marglik"``), instead of
+        keeping it fixed.
     tune_grid : tuple of float
     batch_size : int, default=100
         Prediction batch size.
@@ -216,7 +223,9 @@ def run_method(
         "error": "",
         "sigma_noise": task.sigma_noise,
         "prior_precision": prior,
-        "hyper": "tuned" if tune and spec.build is not None else "fixed",
+        "hyper": ("marglik" if tune == "marglik" else "tuned")
+        if tune and spec.build is not None
+        else "fixed",
     }
     model = copy.deepcopy(task.model)
     X, y = _cat_loader(task.test_loader)
@@ -262,7 +271,7 @@ def run_comparison(
     methods: list[str] | None = None,
     seed: int = 0,
     out: str | os.PathLike | None = None,
-    tune: bool = False,
+    tune: bool | str = False,
     prior_precision: float | None = None,
     progress: bool = True,
     figures: bool = True,
@@ -280,9 +289,10 @@ def run_comparison(
     out : path, optional
         Directory for ``results.csv``, ``results.json`` and ``figures/``
         (nothing is written when ``None``).
-    tune : bool, default=False
-        Tune each method's prior precision on the validation NLL (slow for
-        HFL: one prediction pass per grid value). Sigma stays fixed.
+    tune : bool or {"gridsearch", "marglik"}, default=False
+        Tune each method's prior precision on the validation NLL (``True`` /
+        ``"gridsearch"``; slow for HFL: one prediction pass per grid value) or
+        by the Laplace marginal likelihood (``"marglik"``). Sigma stays fixed.
     prior_precision : float, optional
         Overrides the task's fixed prior precision.
     progress : bool, default=True
@@ -334,9 +344,11 @@ def run_comparison(
         "prior_precision": task.prior_precision
         if prior_precision is None
         else prior_precision,
-        "hyperparameters": "tuned per method on validation NLL (prior precision; sigma fixed)"
-        if tune
-        else "fixed, shared by all methods",
+        "hyperparameters": "fixed, shared by all methods"
+        if not tune
+        else "tuned per method by the marginal likelihood (prior precision; sigma fixed)"
+        if tune == "marglik"
+        else "tuned per method on validation NLL (prior precision; sigma fixed)",
         "map_protocol": task.map_protocol,
         "map_grad_norm": task.map_grad_norm,
         "task_build_s": t_build,
