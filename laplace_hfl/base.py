@@ -37,6 +37,7 @@ from laplace_hfl.functional import (
     make_forward,
     to_compute,
 )
+from laplace_hfl.hyperparameters import HyperparameterMixin
 from laplace_hfl.options import HFLOptions, validate_hfl_options
 from laplace_hfl.preconditioner import (
     NystromSketch,
@@ -54,12 +55,15 @@ from laplace_hfl.refit import (
 from laplace_hfl.state import StateMixin
 from laplace_hfl.stochastic import minibatch_refits
 from laplace_hfl.tuning import TuningMixin
+from laplace_hfl.validation import check_finite_batch
 from laplace_hfl.weight_space import WeightSpaceMixin
 
 __all__ = ["HFLMixin"]
 
 
-class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
+class HFLMixin(
+    HyperparameterMixin, PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin
+):
     """Hessian-free Laplace behaviour on top of laplace-torch's classes.
 
     Not used on its own: see :class:`laplace_hfl.HessianFreeLaplace` and
@@ -153,6 +157,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
                 X, y = split_batch(data, self.dict_key_y)
                 X = to_compute(X, device, self._dtype)
                 y = to_compute(y, device, self._dtype)
+                check_finite_batch(X, y, n_seen)
                 if cache == "features":
                     out, phi = module.forward_with_features(X)
                 else:
@@ -265,6 +270,7 @@ class HFLMixin(PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin):
 
     # ---------------------------------------------------------------- refits
     def _objective(self) -> LaplaceObjective:
+        self._check_hyperparameters()
         module, layout, fixed = self._refit_module()
         dtype = self.compute_dtype
         return LaplaceObjective(

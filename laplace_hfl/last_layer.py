@@ -16,6 +16,7 @@ from laplace_hfl._docs import HFL_OPTIONS_DOC
 from laplace_hfl.base import HFLMixin
 from laplace_hfl.batches import eval_mode
 from laplace_hfl.functional import ParamLayout, to_compute
+from laplace_hfl.validation import check_prior_precision
 
 __all__ = ["HessianFreeLLLaplace"]
 
@@ -105,6 +106,9 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             precondition_rank=precondition_rank,
             minibatch_epochs=minibatch_epochs,
         )
+        # LLLaplace stores the prior bypassing its setter until the last layer
+        # is found: check it here.
+        check_prior_precision(prior_precision)
         super().__init__(
             model,
             likelihood,

@@ -13,6 +13,7 @@ from laplace_hfl.amortized import amortized_covariance
 from laplace_hfl.batches import batch_size, eval_mode, slice_batch
 from laplace_hfl.functional import output_jacobians
 from laplace_hfl.predictive import joint_covariance, marginal_covariance
+from laplace_hfl.validation import check_finite_result, check_query_rows
 from laplace_hfl.weight_space import _NO_WEIGHT_SPACE
 
 __all__ = ["PredictionMixin"]
@@ -29,6 +30,7 @@ class PredictionMixin:
         self._check_H_init()
         if batch_size(x, self.dict_key_x) == 0:
             raise ValueError("HFL predictions need at least one input.")
+        check_query_rows(x)
 
     def _glm_predictive_distribution(
         self,
@@ -65,7 +67,9 @@ class PredictionMixin:
                     Js, f = output_jacobians(obj.forward, theta, Xc)
                 if not backprop:
                     Js, f = Js.detach(), f.detach()
+                check_finite_result(Js.detach(), "query Jacobians")
                 U = self._solve(obj, Js.detach().reshape(-1, Js.shape[-1]))
+                check_finite_result(U, "refit displacements P^-1 J^T")
                 mus.append(f)
                 if joint:
                     Js_all.append(Js)
@@ -80,12 +84,14 @@ class PredictionMixin:
             f_var = torch.cat(covs)
             if diagonal_output:
                 f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+        check_finite_result(f_var, "predictive covariances")
         out_dtype = self._dtype
         return f_mu.to(out_dtype), f_var.to(out_dtype)
 
     def _solve_jacobians(self, Js: Tensor) -> tuple[Tensor, Tensor]:
         self._check_H_init()
         self._check_jacobians(Js)
+        check_query_rows(Js, "Jacobians")
         Jc = Js.detach().to(self.compute_dtype)
         with eval_mode(self.model):
             U = self._solve(self._objective(), Jc.reshape(-1, Jc.shape[-1]))

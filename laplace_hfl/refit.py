@@ -376,6 +376,22 @@ def _perturbed_chunk(
         _raise_indefinite(err, where)
     u0 = first.x
     var0 = (V * u0).sum(1)
+    finite = torch.isfinite(var0) & torch.isfinite(first.residual_norm)
+    if not bool(finite.all()):
+        raise FloatingPointError(
+            "The first refit solve returned NaN/inf (v^T A^-1 v): the query "
+            "Jacobians or the training Jacobian products overflow. Check the "
+            "network for exploding activations at these inputs."
+        )
+    if settings.target == "ggn" and bool((var0 <= 0).any()):
+        j = int(torch.nonzero(var0 <= 0)[0])
+        raise FloatingPointError(
+            f"The first GGN refit solve returned v^T A^-1 v = "
+            f"{float(var0[j]):.3e} <= 0 for column {j}, although GGN + prior is "
+            "positive semi-definite: the solve is too inaccurate. Lower rtol "
+            f"(now {settings.rtol:g}) or raise max_iter; with a zero prior "
+            "precision the GGN may be singular: use a positive prior."
+        )
     if bool((var0 <= 0).any()):
         j = int(torch.nonzero(var0 <= 0)[0])
         raise IndefiniteHessianError(

@@ -1,0 +1,194 @@
+"""Issue 11: every bad input, option and state gives a clear error or a
+correct answer (items 2-16); the model is never changed by a failed call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DT, PRIOR, SIGMA, assert_unchanged, loader, snapshot
+from laplace import Laplace
+from torch import nn
+
+from laplace_hfl.preconditioner import NystromSketch, nystrom_apply
+
+
+def _linear_problem(n=40, d=3, seed=0):
+    """A linear model: its GGN is X^T X (full rank), so a zero prior is proper."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    y = X @ torch.randn(d, 1, generator=g, dtype=DT)
+    y = y + 0.1 * torch.randn(n, 1, generator=g, dtype=DT)
+    torch.manual_seed(seed)
+    return nn.Linear(d, 1).to(DT), X, y
+
+
+def _linear_reference(X, Xq, prior):
+    """Dense J P^{-1} J^T for a linear model: J = [x, 1], P = J^T J / s^2 + p I."""
+    A = torch.cat([X, torch.ones(len(X), 1, dtype=DT)], 1)
+    Aq = torch.cat([Xq, torch.ones(len(Xq), 1, dtype=DT)], 1)
+    P = A.T @ A / SIGMA**2 + prior * torch.eye(A.shape[1], dtype=DT)
+    return torch.einsum("bp,pq,bq->b", Aq, torch.linalg.inv(P), Aq)
+
+
+# ----------------------------------------------------------------- item 2
+BAD_HYPERPARAMETERS = [
+    ("prior_precision", -1.0),
+    ("prior_precision", float("nan")),
+    ("prior_precision", float("inf")),
+    ("prior_precision", torch.tensor([0.5, -0.1])),
+    ("sigma_noise", 0.0),
+    ("sigma_noise", -0.3),
+    ("sigma_noise", float("nan")),
+    ("temperature", 0.0),
+    ("temperature", -1.0),
+    ("temperature", float("inf")),
+]
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize(("name", "value"), BAD_HYPERPARAMETERS)
+def test_bad_hyperparameters_rejected_at_construction(
+    regression_1d, subset, name, value
+):
+    model, _, _ = regression_1d
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=name):
+        Laplace(model, "regression", subset, "hfl", **{name: value})
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_HYPERPARAMETERS)
+def test_bad_hyperparameters_rejected_at_assignment(regression_1d, name, value):
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", "all", "hfl", sigma_noise=SIGMA)
+    la.fit(loader(X, y))
+    snap = snapshot(model)
+    before = la(X[:3])[1]
+    with pytest.raises(ValueError, match=name):
+        setattr(la, name, value)
+    # the estimator keeps its previous, valid value and answer
+    assert torch.equal(la(X[:3])[1], before)
+    assert_unchanged(model, snap)
+
+
+def test_hyperparameters_checked_at_use(regression_1d):
+    """An in-place edit of the stored prior bypasses the setter: caught at use."""
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", "all", "hfl", sigma_noise=SIGMA)
+    la.fit(loader(X, y))
+    snap = snapshot(model)
+    la.prior_precision.fill_(float("nan"))
+    with pytest.raises(ValueError, match="prior_precision must be finite"):
+        la(X[:3])
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        ({"eps": float("inf")}, "eps must be in"),
+        ({"eps": float("nan")}, "eps must be in"),
+        ({"eps": 1e6}, "eps must be in"),
+        ({"rtol": 1.0}, "rtol must be in"),
+        ({"rtol": float("nan")}, "rtol must be in"),
+    ],
+)
+def test_bad_numeric_options(regression_1d, kw, fragment):
+    model, _, _ = regression_1d
+    with pytest.raises(ValueError, match=fragment):
+        Laplace(model, "regression", "all", "hfl", **kw)
+
+
+@pytest.mark.parametrize("rank", [None, 4, 0])
+def test_zero_prior_is_exact_with_and_without_preconditioner(rank):
+    """Prior 0 (flat prior) on a model whose GGN is full rank: the Nyström
+    preconditioner changes the speed, never the answer (was NaN)."""
+    model, X, y = _linear_problem()
+    snap = snapshot(model)
+    la = Laplace(
+        model, "regression", "all", "hfl", sigma_noise=SIGMA, prior_precision=0.0,
+        precondition_rank=rank,
+    )  # fmt: skip
+    la.fit(loader(X, y))
+    _, f_var = la(X[:5])
+    ref = _linear_reference(X, X[:5], 0.0)
+    torch.testing.assert_close(f_var.flatten(), ref, rtol=1e-6, atol=0)
+    assert_unchanged(model, snap)
+
+
+def test_nystrom_apply_with_zero_prior_and_rank_deficient_sketch():
+    """The preconditioner stays finite and SPD when h*lam + mu has zeros."""
+    U, _ = torch.linalg.qr(torch.randn(6, 3, dtype=DT))
+    sketch = NystromSketch(U, torch.tensor([2.0, 0.5, 0.0], dtype=DT))
+    M = nystrom_apply(sketch, 1.0, torch.zeros(6, dtype=DT))
+    dense = M(torch.eye(6, dtype=DT))
+    assert torch.isfinite(dense).all()
+    torch.testing.assert_close(dense, dense.T)
+    assert float(torch.linalg.eigvalsh(dense).min()) > 0
+
+
+# ----------------------------------------------------------------- item 3
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("cache_data", [True, False])
+def test_non_finite_training_inputs_named(regression_1d, subset, cache_data):
+    """+inf into tanh keeps the loss finite; it used to reach Cholesky or NaN."""
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", subset, "hfl", sigma_noise=SIGMA)
+    la.fit(loader(X, y))
+    before = la(X[:3])[1]
+    snap = snapshot(model)
+    X_bad = X.clone()
+    X_bad[21] = float("inf")  # batch 1 (batch size 16), row 5
+    kw = {"cache_data": cache_data} if subset == "all" else {}
+    with pytest.raises(
+        ValueError,
+        match=r"batch 1 has inputs that are not finite \(NaN/inf\) in rows \[5\]",
+    ):
+        la.fit(loader(X_bad, y), **kw)
+    assert torch.equal(la(X[:3])[1], before)
+    assert_unchanged(model, snap)
+
+
+def test_non_finite_jacobian_products_raise():
+    """A network that overflows at finite inputs gives a clear error, not NaN."""
+    model, X, y = _linear_problem()
+    la = Laplace(model, "regression", "all", "hfl", sigma_noise=SIGMA)
+    la.fit(loader(X, y))
+    snap = snapshot(model)
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        la(torch.full((2, 3), 1e300, dtype=DT))
+    assert_unchanged(model, snap)
+
+
+# ----------------------------------------------------------------- item 5
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("task", ["regression_1d", "classification"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_query_rows_named(request, subset, task, bad):
+    model, X, y = request.getfixturevalue(task)
+    likelihood = "regression" if task.startswith("regression") else "classification"
+    la = Laplace(model, likelihood, subset, "hfl")
+    la.fit(loader(X, y))
+    snap = snapshot(model)
+    Xq = X[:4].clone()
+    Xq[1, 0] = bad
+    Xq[3, -1] = bad
+    with pytest.raises(
+        ValueError, match=r"Query inputs have NaN/inf entries in rows \[1, 3\]"
+    ):
+        la(Xq)
+    with pytest.raises(ValueError, match=r"rows \[1, 3\]"):
+        la.predictive_samples(Xq, n_samples=3)
+    assert_unchanged(model, snap)
+
+
+def test_non_finite_jacobian_rows_named(regression_1d):
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", "all", "hfl")
+    la.fit(loader(X, y))
+    Js = torch.zeros(3, 1, la.n_params, dtype=DT)
+    Js[2, 0, 4] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"Jacobians have NaN/inf entries in rows \[2\]"
+    ):
+        la.functional_variance(Js)
