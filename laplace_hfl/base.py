@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from laplace_hfl.amortized import AmortizedState, amortized_solve, posterior_samples
 from laplace_hfl.batches import (
+    check_output,
     check_targets,
     eval_mode,
     merge_batches,
@@ -55,7 +56,7 @@ from laplace_hfl.refit import (
 from laplace_hfl.state import StateMixin
 from laplace_hfl.stochastic import minibatch_refits
 from laplace_hfl.tuning import TuningMixin
-from laplace_hfl.validation import check_finite_batch
+from laplace_hfl.validation import as_bool, as_int, check_finite_batch, dataset_size
 from laplace_hfl.weight_space import WeightSpaceMixin
 
 __all__ = ["HFLMixin"]
@@ -162,11 +163,7 @@ class HFLMixin(
                     out, phi = module.forward_with_features(X)
                 else:
                     out = module(X)
-                if out.ndim != 2:
-                    raise ValueError(
-                        f"HFL needs model outputs of shape (batch, outputs); got "
-                        f"{tuple(out.shape)}."
-                    )
+                check_output(out)
                 check_targets(self.likelihood, out, y)
                 batch = batch_loss(
                     self.likelihood,
@@ -183,6 +180,7 @@ class HFLMixin(
                 n_seen += 1
                 if first_out is None:
                     first_out = out
+                    input_ndim = X.ndim if isinstance(X, Tensor) else None
                 if cached is not None:
                     inputs = phi if cache == "features" else X
                     cached.append(
@@ -196,6 +194,7 @@ class HFLMixin(
                 "train_loader yielded no batches; HFL needs the training data "
                 "the MAP was fitted on."
             )
+        self._input_ndim = input_ndim
         return first_out, loss, merge_batches(cached, self.refit_batch_size)
 
     def fit(
@@ -243,17 +242,17 @@ class HFLMixin(
                 "HFL does not accumulate curvature across calls (override=False); "
                 "pass all training data in one DataLoader."
             )
-        if not (isinstance(refit_batch_size, int) and refit_batch_size >= 1):
-            raise ValueError(
-                f"refit_batch_size must be a positive integer, got {refit_batch_size!r}."
-            )
+        refit_batch_size = as_int("refit_batch_size", refit_batch_size, 1)
+        cache_data = as_bool("cache_data", cache_data)
+        progress_bar = as_bool("progress_bar", progress_bar)
+        n_data = dataset_size(train_loader)
         self.refit_batch_size = refit_batch_size
         self.cache_data = cache_data
         first_out, loss, cached, mean = self._fit_pass(train_loader)
         # Commit state only after every check passed.
         self.loss = loss
         self.n_outputs = int(first_out.shape[-1])
-        self.n_data = len(train_loader.dataset)
+        self.n_data = n_data
         self.mean = mean
         self._training_data = cached
         self._train_loader = train_loader if cached is None else None

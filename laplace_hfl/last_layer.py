@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from laplace_hfl._docs import HFL_OPTIONS_DOC
 from laplace_hfl.base import HFLMixin
-from laplace_hfl.batches import eval_mode
+from laplace_hfl.batches import eval_mode, split_batch
 from laplace_hfl.functional import ParamLayout, to_compute
 from laplace_hfl.validation import check_prior_precision
 
@@ -195,6 +196,9 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
 
     def _locate_last_layer(self, data: Any) -> None:
         """Find the last layer with one batch and size the estimator from it."""
+        X, y = split_batch(data, self.dict_key_y)
+        if not isinstance(data, Mapping):
+            data = (to_compute(X, self._device, self._dtype), y)
         self.data = data
         with eval_mode(self.model):
             self._find_last_layer(data)

@@ -3,7 +3,7 @@ samples of the linearised predictive."""
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,11 +30,18 @@ class PredictionMixin:
         self._check_H_init()
         if batch_size(x, self.dict_key_x) == 0:
             raise ValueError("HFL predictions need at least one input.")
+        ndim = getattr(self, "_input_ndim", None)
+        if isinstance(x, Tensor) and ndim is not None and x.ndim != ndim:
+            raise ValueError(
+                f"Query inputs have shape {tuple(x.shape)} ({x.ndim}-D) but the "
+                f"training inputs were {ndim}-D (batch first). For one input use "
+                "x.unsqueeze(0)."
+            )
         check_query_rows(x)
 
     def _glm_predictive_distribution(
         self,
-        X: Tensor | MutableMapping[str, Any],
+        X: Tensor | Mapping[str, Any],
         joint: bool = False,
         diagonal_output: bool = False,
     ) -> tuple[Tensor, Tensor]:
@@ -131,7 +138,7 @@ class PredictionMixin:
 
     def __call__(
         self,
-        x: Tensor | MutableMapping[str, Any],
+        x: Tensor | Mapping[str, Any],
         pred_type: str = "glm",
         joint: bool = False,
         link_approx: str = "probit",
@@ -145,8 +152,10 @@ class PredictionMixin:
 
         Raises
         ------
+        ValueError
+            Unknown ``pred_type`` (neither ``"glm"`` nor ``"nn"``).
         NotImplementedError
-            For ``pred_type`` other than ``"glm"``.
+            ``pred_type="nn"``.
         """
         self._require_glm(pred_type)
         return super().__call__(
@@ -163,6 +172,11 @@ class PredictionMixin:
 
     @staticmethod
     def _require_glm(pred_type: str) -> None:
+        if pred_type not in ("glm", "nn"):
+            raise ValueError(
+                f"Unknown pred_type={pred_type!r}: laplace-torch knows 'glm' and "
+                "'nn'; HFL gives pred_type='glm'."
+            )
         if pred_type != "glm":
             raise NotImplementedError(
                 f"pred_type={pred_type!r} is not available with HFL: "
@@ -171,7 +185,7 @@ class PredictionMixin:
 
     def functional_samples(
         self,
-        x: Tensor | MutableMapping[str, Any],
+        x: Tensor | Mapping[str, Any],
         pred_type: str = "glm",
         n_samples: int = 100,
         diagonal_output: bool = False,
@@ -185,7 +199,7 @@ class PredictionMixin:
 
     def predictive_samples(
         self,
-        x: Tensor | MutableMapping[str, Any],
+        x: Tensor | Mapping[str, Any],
         pred_type: str = "glm",
         n_samples: int = 100,
         diagonal_output: bool = False,

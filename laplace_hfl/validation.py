@@ -11,6 +11,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,6 +26,7 @@ __all__ = [
     "check_query_rows",
     "check_finite_result",
     "nonfinite_rows",
+    "dataset_size",
     "MAX_EPS",
 ]
 
@@ -45,7 +47,7 @@ def as_number(name: str, value: Any) -> float:
         if value.dtype == torch.bool:
             raise ValueError(f"{name} must be a number, got the boolean {value!r}.")
         return float(value.detach().cpu().reshape(()))
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool | np.bool_):
         raise ValueError(
             f"{name} must be a number, got the boolean {value!r} "
             "(True/False are not accepted for numeric options)."
@@ -63,7 +65,7 @@ def as_int(name: str, value: Any, minimum: int) -> int:
     ValueError
         Booleans, floats, other non-integers and integers below ``minimum``.
     """
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool | np.bool_):
         raise ValueError(
             f"{name} must be an integer >= {minimum}, got the boolean {value!r}."
         )
@@ -82,7 +84,7 @@ def as_bool(name: str, value: Any) -> bool:
     ValueError
         Anything else, e.g. ``"yes"`` or ``1``.
     """
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool | np.bool_):
         return bool(value)
     raise ValueError(f"{name} must be True or False, got {value!r}.")
 
@@ -224,3 +226,23 @@ def check_finite_result(value: Tensor, what: str) -> None:
             "exploding activations; a larger prior precision or "
             "compute_dtype=torch.float64 can help)."
         )
+
+
+def dataset_size(loader: Any) -> int:
+    """``N = len(loader.dataset)``, checked before any pass over the data.
+
+    Raises
+    ------
+    ValueError
+        Datasets without a length (``IterableDataset``) or no ``dataset``.
+    """
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            f"HFL needs the number of training points N = len(train_loader.dataset), "
+            f"but {type(dataset).__name__} has no length (an IterableDataset?). "
+            "Use a map-style Dataset (e.g. TensorDataset) or give the dataset a "
+            "__len__."
+        ) from None

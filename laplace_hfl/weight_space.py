@@ -25,6 +25,22 @@ class WeightSpaceMixin:
             "predictive covariances come from la(x) or la.functional_variance(Js)."
         )
 
+    @property
+    def posterior_covariance(self) -> Tensor:
+        """Not available: HFL never forms the posterior covariance."""
+        raise NotImplementedError(
+            "HFL never forms the posterior covariance; predictive covariances "
+            "come from la(x) or la.functional_variance(Js)."
+        )
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        """Not available: HFL never forms the posterior variance."""
+        raise NotImplementedError(
+            "HFL never forms the posterior (co)variance in weight space; "
+            "predictive variances come from la(x) or la.functional_variance(Js)."
+        )
+
     def square_norm(self, value: Tensor) -> Tensor:
         raise NotImplementedError(_NO_WEIGHT_SPACE)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DT, PRIOR, SIGMA, assert_unchanged, loader, snapshot
+from conftest import DT, SIGMA, assert_unchanged, loader, snapshot
 from laplace import Laplace
 from torch import nn
 
@@ -192,3 +192,207 @@ def test_non_finite_jacobian_rows_named(regression_1d):
         ValueError, match=r"Jacobians have NaN/inf entries in rows \[2\]"
     ):
         la.functional_variance(Js)
+
+
+# ----------------------------------------------------------------- item 8
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_pred_type_invalid_vs_unsupported(regression_1d, subset):
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", subset, "hfl")
+    la.fit(loader(X, y))
+    snap = snapshot(model)
+    for call in (
+        lambda p: la(X[:2], pred_type=p),
+        lambda p: la.functional_samples(X[:2], pred_type=p, n_samples=2),
+        lambda p: la.predictive_samples(X[:2], pred_type=p, n_samples=2),
+    ):
+        with pytest.raises(ValueError, match="Unknown pred_type='linear'"):
+            call("linear")
+        with pytest.raises(NotImplementedError, match="pred_type='nn'"):
+            call("nn")
+    for name in ("posterior_covariance", "posterior_variance"):
+        with pytest.raises(NotImplementedError, match="never forms the posterior"):
+            getattr(la, name)
+    assert_unchanged(model, snap)
+
+
+# ----------------------------------------------------------------- item 9
+class _TupleOut(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x), x
+
+
+def test_model_returning_tuple(regression_1d):
+    model, X, y = regression_1d
+    wrapped = _TupleOut(model)
+    snap = snapshot(wrapped)
+    la = Laplace(wrapped, "regression", "all", "hfl")
+    with pytest.raises(ValueError, match="returned a tuple"):
+        la.fit(loader(X, y))
+    assert_unchanged(wrapped, snap)
+
+
+def test_all_parameters_frozen(regression_1d):
+    model, _, _ = regression_1d
+    for p in model.parameters():
+        p.requires_grad_(False)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        Laplace(model, "regression", "all", "hfl")
+    assert_unchanged(model, snap)
+
+
+class _Triples(torch.utils.data.Dataset):
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i], self.y[i], i
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __iter__(self):
+        return iter(zip(self.X, self.y))
+
+
+class _DictData(torch.utils.data.Dataset):
+    def __init__(self, X, y, key="labels"):
+        self.X, self.y, self.key = X, y, key
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.X[i], self.key: self.y[i]}
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_malformed_loaders(regression_1d, subset):
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", subset, "hfl")
+    la.fit(loader(X, y))
+    before = la(X[:3])[1]
+    snap = snapshot(model)
+    DL = torch.utils.data.DataLoader
+    cases = [
+        (DL(_Triples(X, y), batch_size=8), r"\(X, y\) pairs.*got 3 elements"),
+        (DL(_Stream(X, y), batch_size=8), "has no length"),
+        (DL(_DictData(X, y, key="target"), batch_size=8), "dict_key_y='labels'"),
+    ]
+    for bad, fragment in cases:
+        with pytest.raises(ValueError, match=fragment):
+            la.fit(bad)
+        assert torch.equal(la(X[:3])[1], before)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_one_dimensional_query(regression_multi, subset):
+    model, X, y = regression_multi
+    la = Laplace(model, "regression", subset, "hfl")
+    la.fit(loader(X, y))
+    with pytest.raises(ValueError, match=r"x.unsqueeze\(0\)"):
+        la(X[0])
+
+
+def test_last_layer_float32_batches_for_float64_model(regression_1d):
+    """A float32 loader for a float64 model: cast, same answer as float64."""
+    model, X, y = regression_1d
+    la64 = Laplace(model, "regression", "last_layer", "hfl", sigma_noise=SIGMA)
+    la64.fit(loader(X, y))
+    la32 = Laplace(model, "regression", "last_layer", "hfl", sigma_noise=SIGMA)
+    la32.fit(loader(X.float(), y.float()))
+    ref = la64(X[:4])[1]
+    torch.testing.assert_close(la32(X[:4])[1], ref, rtol=1e-5, atol=0)
+
+
+def test_numpy_scalars_accepted_booleans_and_strings_rejected(regression_1d):
+    np = pytest.importorskip("numpy")
+    model, X, y = regression_1d
+    la = Laplace(
+        model, "regression", "all", "hfl", sigma_noise=np.float64(SIGMA),
+        prior_precision=np.float32(0.5), eps=np.float64(1e-3), rtol=np.float32(1e-6),
+        max_iter=np.int64(500), chunk_size=np.int32(8), amortize=None,
+        progress_bar=np.bool_(False),
+    )  # fmt: skip
+    la.fit(loader(X, y), refit_batch_size=np.int64(64))
+    ref = Laplace(
+        model, "regression", "all", "hfl", sigma_noise=SIGMA, prior_precision=0.5,
+        max_iter=500, chunk_size=8,
+    )  # fmt: skip
+    ref.fit(loader(X, y))
+    torch.testing.assert_close(la(X[:3])[1], ref(X[:3])[1], rtol=1e-5, atol=0)
+    for kw, fragment in [
+        ({"max_iter": True}, "max_iter must be an integer >= 1, got the boolean"),
+        ({"eps": True}, "eps must be a number, got the boolean"),
+        ({"chunk_size": 8.0}, "chunk_size must be an integer"),
+        ({"progress_bar": "yes"}, "progress_bar must be True or False"),
+        ({"amortize": True}, "amortize must be an integer"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            Laplace(model, "regression", "all", "hfl", **kw)
+    with pytest.raises(ValueError, match="cache_data must be True or False"):
+        la.fit(loader(X, y), cache_data="no")
+
+
+# ----------------------------------------------------------------- item 10
+class _DictModel(nn.Module):
+    """A model of Hugging Face style batches: reads ``x["input_ids"]``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, batch):
+        assert not isinstance(batch, dict) or type(batch) is dict
+        return self.inner(batch["input_ids"])
+
+
+class _UserDictData(_DictData):
+    def __getitem__(self, i):
+        from collections import UserDict
+
+        return UserDict(super().__getitem__(i))
+
+
+def _user_dict_collate(items):
+    from collections import UserDict
+
+    return UserDict(
+        {k: torch.stack([it[k] for it in items]) for k in items[0]} | {"note": "x"}
+    )
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("joint", [False, True])
+def test_user_dict_batches_match_tensor_batches(regression_1d, subset, joint):
+    """collections.UserDict (what Hugging Face's BatchEncoding is) in fit and
+    predict, through the torch.func.vmap Jacobians: same answer as tensors."""
+    from collections import UserDict
+
+    model, X, y = regression_1d
+    ref = Laplace(model, "regression", subset, "hfl", sigma_noise=SIGMA)
+    ref.fit(loader(X, y))
+    wrapped = _DictModel(model)
+    snap = snapshot(wrapped)
+    la = Laplace(wrapped, "regression", subset, "hfl", sigma_noise=SIGMA)
+    data = torch.utils.data.DataLoader(
+        _UserDictData(X, y), batch_size=16, collate_fn=_user_dict_collate
+    )
+    la.fit(data)
+    Xq = UserDict({"input_ids": X[:4], "note": "query"})
+    f_mu, f_var = la(Xq, joint=joint)
+    r_mu, r_var = ref(X[:4], joint=joint)
+    torch.testing.assert_close(f_mu, r_mu)
+    torch.testing.assert_close(f_var, r_var, rtol=1e-6, atol=1e-12)
+    assert_unchanged(wrapped, snap)
