@@ -56,7 +56,13 @@ from laplace_hfl.refit import (
 from laplace_hfl.state import StateMixin
 from laplace_hfl.stochastic import minibatch_refits
 from laplace_hfl.tuning import TuningMixin
-from laplace_hfl.validation import as_bool, as_int, check_finite_batch, dataset_size
+from laplace_hfl.validation import (
+    as_bool,
+    as_int,
+    check_finite_batch,
+    curvature_likelihood,
+    dataset_size,
+)
 from laplace_hfl.weight_space import WeightSpaceMixin
 
 __all__ = ["HFLMixin"]
@@ -164,9 +170,9 @@ class HFLMixin(
                 else:
                     out = module(X)
                 check_output(out)
-                check_targets(self.likelihood, out, y)
+                check_targets(curvature_likelihood(self.likelihood), out, y)
                 batch = batch_loss(
-                    self.likelihood,
+                    curvature_likelihood(self.likelihood),
                     out.to(dtype),
                     y.to(dtype) if torch.is_floating_point(y) else y,
                 )
@@ -254,6 +260,7 @@ class HFLMixin(
         self.n_outputs = int(first_out.shape[-1])
         self.n_data = n_data
         self.mean = mean
+        self._fit_likelihood = self.likelihood
         self._training_data = cached
         self._train_loader = train_loader if cached is None else None
         self._base = None
@@ -270,12 +277,19 @@ class HFLMixin(
     # ---------------------------------------------------------------- refits
     def _objective(self) -> LaplaceObjective:
         self._check_hyperparameters()
+        if self.likelihood != self._fit_likelihood:
+            raise ValueError(
+                f"la.likelihood was changed from {self._fit_likelihood!r} (used "
+                f"for the curvature at fit) to {self.likelihood!r}. The curvature "
+                "is fixed at fit: create a new Laplace with the new likelihood "
+                "and fit it."
+            )
         module, layout, fixed = self._refit_module()
         dtype = self.compute_dtype
         return LaplaceObjective(
             forward=make_forward(module, layout, fixed),
             batches=self._training_batches,
-            likelihood=self.likelihood,
+            likelihood=curvature_likelihood(self._fit_likelihood),
             h_factor=float(self._H_factor),
             prior_precision=self.prior_precision_diag.to(dtype),
             prior_mean=self.prior_mean.to(dtype),

@@ -107,6 +107,12 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             precondition_rank=precondition_rank,
             minibatch_epochs=minibatch_epochs,
         )
+        if likelihood == "reward_modeling":
+            raise NotImplementedError(
+                "likelihood='reward_modeling' is available for "
+                "subset_of_weights='all' HFL; the last-layer features of "
+                "preference pairs are not separable from the pair axis."
+            )
         # LLLaplace stores the prior bypassing its setter until the last layer
         # is found: check it here.
         check_prior_precision(prior_precision)

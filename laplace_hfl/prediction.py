@@ -31,7 +31,12 @@ class PredictionMixin:
         if batch_size(x, self.dict_key_x) == 0:
             raise ValueError("HFL predictions need at least one input.")
         ndim = getattr(self, "_input_ndim", None)
-        if isinstance(x, Tensor) and ndim is not None and x.ndim != ndim:
+        if (
+            isinstance(x, Tensor)
+            and ndim is not None
+            and x.ndim != ndim
+            and self.likelihood != "reward_modeling"  # pairs at fit, points later
+        ):
             raise ValueError(
                 f"Query inputs have shape {tuple(x.shape)} ({x.ndim}-D) but the "
                 f"training inputs were {ndim}-D (batch first). For one input use "

@@ -95,6 +95,7 @@ class StateMixin:
         self.n_data = state_dict["n_data"]
         self.n_outputs = state_dict["n_outputs"]
         self.temperature = state_dict["temperature"]
+        self._fit_likelihood = state_dict["likelihood"]
         self._training_data = state_dict.get("training_features")
         self._train_loader = None
         self._base = None

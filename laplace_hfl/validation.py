@@ -27,6 +27,7 @@ __all__ = [
     "check_finite_result",
     "nonfinite_rows",
     "dataset_size",
+    "curvature_likelihood",
     "MAX_EPS",
 ]
 
@@ -246,3 +247,10 @@ def dataset_size(loader: Any) -> int:
             "Use a map-style Dataset (e.g. TensorDataset) or give the dataset a "
             "__len__."
         ) from None
+
+
+def curvature_likelihood(likelihood: str) -> str:
+    """The likelihood of the curvature: laplace-torch fits ``"reward_modeling"``
+    with the classification likelihood (preference pairs) and predicts as
+    regression."""
+    return "classification" if likelihood == "reward_modeling" else likelihood

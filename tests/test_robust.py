@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DT, SIGMA, assert_unchanged, loader, snapshot
+from conftest import DT, PRIOR, SIGMA, assert_unchanged, loader, snapshot
 from laplace import Laplace
 from torch import nn
 
@@ -396,3 +396,63 @@ def test_user_dict_batches_match_tensor_batches(regression_1d, subset, joint):
     torch.testing.assert_close(f_mu, r_mu)
     torch.testing.assert_close(f_var, r_var, rtol=1e-6, atol=1e-12)
     assert_unchanged(wrapped, snap)
+
+
+# ----------------------------------------------------------------- item 11
+def test_likelihood_fixed_at_fit(classification):
+    model, X, y = classification
+    la = Laplace(model, "classification", "all", "hfl")
+    la.fit(loader(X, y))
+    snap = snapshot(model)
+    la.likelihood = "regression"
+    with pytest.raises(ValueError, match="curvature is fixed at fit"):
+        la(X[:2])
+    la.likelihood = "classification"
+    la(X[:2])  # restored: works again
+    assert_unchanged(model, snap)
+
+
+class _RewardModel(nn.Module):
+    """r(x) -> (B, 1) on points, logits (B, 2) on preference pairs (B, 2, d)."""
+
+    def __init__(self, d=2, hidden=6):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, x):
+        out = self.net(x)
+        return out.squeeze(-1) if x.ndim == 3 else out
+
+
+def test_reward_modeling_matches_full_laplace():
+    """Curvature of the classification likelihood on pairs, regression-style
+    predictive on points: against laplace-torch's FullLaplace (GGN backend)."""
+    from laplace.curvature import CurvlinopsGGN
+
+    g = torch.Generator().manual_seed(3)
+    pairs = torch.randn(30, 2, 2, generator=g, dtype=DT)
+    prefer = (pairs[:, 1, 0] > pairs[:, 0, 0]).long()
+    torch.manual_seed(3)
+    model = _RewardModel().to(DT)
+    snap = snapshot(model)
+    data = loader(pairs, prefer, batch_size=8)
+    la = Laplace(model, "reward_modeling", "all", "hfl", prior_precision=PRIOR)
+    la.fit(data)
+    Xq = torch.randn(5, 2, generator=g, dtype=DT)
+    f_mu, f_var = la(Xq)
+    assert_unchanged(model, snap)  # before laplace-torch's fit flips eval mode
+    ref = Laplace(
+        model, "reward_modeling", "all", "full", prior_precision=PRIOR,
+        backend=CurvlinopsGGN,
+    )  # fmt: skip
+    ref.fit(data)
+    r_mu, r_var = ref(Xq)
+    assert f_var.shape == (5, 1, 1)
+    torch.testing.assert_close(f_mu, r_mu)
+    torch.testing.assert_close(f_var, r_var, rtol=1e-6, atol=0)
+
+
+def test_reward_modeling_last_layer_refused(regression_1d):
+    model, _, _ = regression_1d
+    with pytest.raises(NotImplementedError, match="subset_of_weights='all'"):
+        Laplace(model, "reward_modeling", "last_layer", "hfl")
