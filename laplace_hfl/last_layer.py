@@ -182,14 +182,30 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["data"] = getattr(self, "data", None)
+        data = getattr(self, "data", None)
+        # Flat values only (weights_only loading): a pair becomes a list, a
+        # UserDict/BatchEncoding a dict.
+        if isinstance(data, Mapping):
+            data = dict(data)
+        elif data is not None:
+            data = list(data)
+        state["data"] = data
         state["_last_layer_name"] = self._last_layer_name
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_state_class(state_dict)
+        if "_last_layer_name" not in state_dict or "data" not in state_dict:
+            raise ValueError(
+                "The state is missing the keys 'data'/'_last_layer_name' of a "
+                "last-layer HFL state; save it again with la.state_dict()."
+            )
         if self._last_layer_name != state_dict["_last_layer_name"]:
-            raise ValueError("Different `last_layer_name` detected!")
+            raise ValueError(
+                f"State was fitted with last_layer_name="
+                f"{state_dict['_last_layer_name']!r}, this estimator uses "
+                f"{self._last_layer_name!r}."
+            )
         if self.model.last_layer is None:
             data = state_dict.get("data")
             if data is None:

@@ -456,3 +456,79 @@ def test_reward_modeling_last_layer_refused(regression_1d):
     model, _, _ = regression_1d
     with pytest.raises(NotImplementedError, match="subset_of_weights='all'"):
         Laplace(model, "reward_modeling", "last_layer", "hfl")
+
+
+# ----------------------------------------------------------------- item 12
+STATE_MODES = [
+    ("all", {}),
+    ("all", {"amortize": 8}),
+    ("all", {"target": "hessian"}),
+    ("last_layer", {}),
+    ("last_layer", {"amortize": 8}),
+]
+
+
+@pytest.mark.parametrize(("subset", "kw"), STATE_MODES)
+def test_state_dict_loads_with_weights_only(regression_1d, tmp_path, subset, kw):
+    """Every mode saves flat values: torch.load(weights_only=True) restores an
+    estimator that predicts exactly as the saved one (all-weights exact mode
+    after fit again, as documented)."""
+    import copy
+
+    model, X, y = regression_1d
+    la = Laplace(
+        model, "regression", subset, "hfl", sigma_noise=SIGMA, prior_precision=PRIOR,
+        **kw,
+    )  # fmt: skip
+    la.fit(loader(X, y))
+    expected = la(X[:4])[1]
+    path = tmp_path / "state.pt"
+    torch.save(la.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    fresh_model = copy.deepcopy(model)
+    snap = snapshot(fresh_model)
+    fresh = Laplace(fresh_model, "regression", subset, "hfl", **kw)
+    fresh.load_state_dict(state)
+    if subset == "all" and "amortize" not in kw:
+        fresh.fit(loader(X, y))
+    torch.testing.assert_close(fresh(X[:4])[1], expected, rtol=1e-12, atol=0)
+    assert float(fresh.sigma_noise) == SIGMA
+    assert_unchanged(fresh_model, snap)
+
+
+def test_state_dict_restores_numerical_settings(regression_1d):
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", "all", "hfl", eps=1e-2, rtol=1e-8, max_iter=77)
+    la.fit(loader(X, y))
+    fresh = Laplace(model, "regression", "all", "hfl")
+    fresh.load_state_dict(la.state_dict())
+    assert fresh.hfl_settings == la.hfl_settings
+
+
+def test_state_dict_rejects_other_architecture_and_missing_keys(regression_1d):
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", "all", "hfl")
+    la.fit(loader(X, y))
+    state = la.state_dict()
+    # same parameter count (31), different shapes: 1-10-1 vs 2-7-1-1
+    other = nn.Sequential(
+        nn.Linear(2, 7), nn.Tanh(), nn.Linear(7, 1), nn.Linear(1, 1)
+    ).to(DT)
+    assert sum(p.numel() for p in other.parameters()) == la.n_params
+    with pytest.raises(ValueError, match="different architecture"):
+        Laplace(other, "regression", "all", "hfl").load_state_dict(state)
+    frozen = Laplace(model, "regression", "all", "hfl")
+    model[0].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match="different architecture"):
+        frozen.load_state_dict(state)
+    model[0].bias.requires_grad_(True)
+    for key in ("architecture", "hfl_eps", "mean"):
+        broken = {k: v for k, v in state.items() if k != key}
+        with pytest.raises(ValueError, match=f"missing the keys \\['{key}'\\]"):
+            Laplace(model, "regression", "all", "hfl").load_state_dict(broken)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        Laplace(
+            model, "regression", "all", "hfl", compute_dtype=torch.float32
+        ).load_state_dict(state)
+    with pytest.raises(ValueError, match="amortize"):
+        Laplace(model, "regression", "all", "hfl", amortize=4).load_state_dict(state)
