@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from laplace.utils.enums import PredType
 from torch import Tensor
 
 from laplace_hfl.amortized import amortized_covariance
@@ -158,9 +159,9 @@ class PredictionMixin:
         Raises
         ------
         ValueError
-            Unknown ``pred_type`` (neither ``"glm"`` nor ``"nn"``).
+            Unknown ``pred_type`` (not one of laplace-torch's ``PredType``).
         NotImplementedError
-            ``pred_type="nn"``.
+            ``pred_type="nn"`` or ``"gp"``.
         """
         self._require_glm(pred_type)
         return super().__call__(
@@ -177,10 +178,11 @@ class PredictionMixin:
 
     @staticmethod
     def _require_glm(pred_type: str) -> None:
-        if pred_type not in ("glm", "nn"):
+        known = [p.value for p in PredType]
+        if pred_type not in known:
             raise ValueError(
-                f"Unknown pred_type={pred_type!r}: laplace-torch knows 'glm' and "
-                "'nn'; HFL gives pred_type='glm'."
+                f"Unknown pred_type={pred_type!r}: laplace-torch knows {known}; "
+                "HFL gives pred_type='glm'."
             )
         if pred_type != "glm":
             raise NotImplementedError(
