@@ -109,6 +109,21 @@ def check_targets(likelihood: str, out: Tensor, y: Tensor) -> None:
                 f"({out.shape[0]},) (integer dtype) or class probabilities of "
                 f"shape {tuple(out.shape)}; got {tuple(y.shape)}, {y.dtype}."
             )
+        outside = (y < 0) | (y >= out.shape[-1])
+        if bool(outside.any()):
+            rows = outside.nonzero().flatten()[:10].tolist()
+            ignored = bool((y == -100).any())
+            raise ValueError(
+                f"Class targets must lie in [0, {out.shape[-1]}); rows {rows} "
+                f"have {y[outside][:10].tolist()}."
+                + (
+                    " -100 is cross-entropy's ignore_index: the loss would drop "
+                    "those rows but the curvature would keep them, so HFL refuses "
+                    "them. Remove the ignored rows from the training data."
+                    if ignored
+                    else ""
+                )
+            )
     elif y.shape != out.shape:
         raise ValueError(
             f"Classification targets have shape {tuple(y.shape)} but the model "

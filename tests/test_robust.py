@@ -532,3 +532,40 @@ def test_state_dict_rejects_other_architecture_and_missing_keys(regression_1d):
         ).load_state_dict(state)
     with pytest.raises(ValueError, match="amortize"):
         Laplace(model, "regression", "all", "hfl", amortize=4).load_state_dict(state)
+
+
+# ----------------------------------------------------------------- item 6
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_ignore_index_refused(classification, subset):
+    """-100 labels: dropped by the loss, kept by the curvature -> refused."""
+    model, X, y = classification
+    la = Laplace(model, "classification", subset, "hfl")
+    la.fit(loader(X, y))
+    before = la(X[:3])
+    snap = snapshot(model)
+    y_bad = y.clone()
+    y_bad[[2, 7]] = -100
+    with pytest.raises(ValueError, match=r"rows \[2, 7\].*ignore_index"):
+        la.fit(loader(X, y_bad, batch_size=60))
+    y_bad[[2, 7]] = 3  # out of range for 3 classes
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\); rows \[2, 7\]"):
+        la.fit(loader(X, y_bad, batch_size=60))
+    assert torch.equal(la(X[:3]), before)
+    assert_unchanged(model, snap)
+
+
+# ----------------------------------------------------------------- item 13
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_override_false_refused_before_any_change(regression_1d, subset):
+    """laplace-torch accumulates curvature with override=False; HFL refits on
+    one data set, so it refuses (like laplace-torch's LowRankLaplace)."""
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", subset, "hfl")
+    la.fit(loader(X, y))
+    before = la(X[:3])[1]
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="override=False.*one DataLoader"):
+        la.fit(loader(X[:8], y[:8]), override=False)
+    assert torch.equal(la(X[:3])[1], before)
+    assert la.n_data == len(X)
+    assert_unchanged(model, snap)
