@@ -569,3 +569,36 @@ def test_override_false_refused_before_any_change(regression_1d, subset):
     assert torch.equal(la(X[:3])[1], before)
     assert la.n_data == len(X)
     assert_unchanged(model, snap)
+
+
+# ----------------------------------------------------------------- item 14
+def test_verify_venv_sees_packages_of_a_calling_venv(tmp_path):
+    """upstream/verify.sh from a venv: the venv it makes must see the calling
+    venv's packages (plain `venv --system-site-packages` sees only the base
+    interpreter's, hence ModuleNotFoundError: torch)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    outer = tmp_path / "outer"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(outer)], check=True
+    )
+    outer_py = outer / "bin" / "python"
+    purelib = subprocess.run(
+        [outer_py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(purelib) / "only_in_outer_venv.py").write_text("VALUE = 42\n")
+    script = Path(__file__).parents[1] / "upstream" / "make_venv.py"
+    inner_py = subprocess.run(
+        [outer_py, script, tmp_path / "inner", "--without-pip"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip().splitlines()[-1]  # fmt: skip
+    got = subprocess.run(
+        [inner_py, "-c", "import only_in_outer_venv as m, torch; print(m.VALUE)"],
+        check=False, capture_output=True, text=True,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "42"
+    assert "make_venv.py" in (script.parent / "verify.sh").read_text()
