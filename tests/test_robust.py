@@ -602,3 +602,41 @@ def test_verify_venv_sees_packages_of_a_calling_venv(tmp_path):
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip() == "42"
     assert "make_venv.py" in (script.parent / "verify.sh").read_text()
+
+
+# ----------------------------------------------------------------- item 16
+class _Recorder(nn.Module):
+    """Records its training flag at every forward; can fail on demand."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen, self.fail = inner, [], False
+
+    def forward(self, x):
+        self.seen.append(self.training)
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.inner(x)
+
+
+def test_eval_mode_is_documented_and_always_restored(regression_1d):
+    """Documented behaviour (README "Errors and guarantees"): during a call HFL
+    puts the user's modules in eval mode, so another thread using the model at
+    that moment sees eval mode; every flag is restored afterwards, also when
+    the call raises."""
+    model, X, y = regression_1d
+    rec = _Recorder(model)
+    rec.train()
+    snap = snapshot(rec)
+    la = Laplace(rec, "regression", "all", "hfl", sigma_noise=SIGMA)
+    la.fit(loader(X, y))
+    la(X[:2])
+    assert rec.seen and not any(rec.seen)  # eval mode inside every forward
+    assert rec.training  # restored
+    rec.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        la.fit(loader(X, y))
+    rec.fail = False
+    assert_unchanged(rec, snap)
+    readme = (__import__("pathlib").Path(__file__).parents[1] / "README.md").read_text()
+    assert "another thread" in readme
