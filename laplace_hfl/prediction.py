@@ -60,8 +60,9 @@ class PredictionMixin:
                 obj = self._objective()
                 samples = self._amortized_state(obj).samples
                 f_mu, f_var = amortized_covariance(
-                    obj.forward, obj.theta_map, Xq, samples, joint=joint
-                )
+                    obj.forward, obj.theta_map, Xq, samples, joint=joint,
+                    chunk_size=self.chunk_size,
+                )  # fmt: skip
             if joint:
                 f_mu = f_mu.flatten()
             elif diagonal_output:

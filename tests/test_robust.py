@@ -666,3 +666,29 @@ def test_hessian_eps_outside_quadratic_regime_is_refined(classification):
     assert_unchanged(model, snap)
     with pytest.raises(ValueError, match=r"eps must be in \(0, 1.0\]"):
         Laplace(model, "classification", "all", "hfl", target="hessian", eps=1e6)
+
+
+# ----------------------------------------------------------------- item 15
+def test_amortize_pushforward_bounded_by_chunk_size(regression_1d, monkeypatch):
+    """Stored amortised samples are pushed through the network chunk_size at a
+    time (memory ~ chunk_size * B * C plus activations, was all S at once);
+    same answer."""
+    import laplace_hfl.amortized as amortized
+
+    model, X, y = regression_1d
+    widths = []
+    real_jvps = amortized.sample_jvps
+
+    def jvps(forward, theta, X, samples):
+        widths.append(samples.shape[0])
+        return real_jvps(forward, theta, X, samples)
+
+    monkeypatch.setattr(amortized, "sample_jvps", jvps)
+    kw = dict(sigma_noise=SIGMA, prior_precision=PRIOR, amortize=40)
+    small = Laplace(model, "regression", "all", "hfl", chunk_size=8, **kw)
+    small.fit(loader(X, y))
+    v_small = small(X[:4])[1]
+    assert widths and max(widths) <= 8
+    large = Laplace(model, "regression", "all", "hfl", chunk_size=64, **kw)
+    large.fit(loader(X, y))
+    torch.testing.assert_close(v_small, large(X[:4])[1], rtol=1e-12, atol=0)
