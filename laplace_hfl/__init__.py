@@ -6,6 +6,18 @@ Importing this package registers ``hessian_structure="hfl"`` with
 
 from __future__ import annotations
 
+import warnings
+
+with warnings.catch_warnings():
+    # asdl (a laplace-torch backend) calls the deprecated ``torch.jit.script``
+    # when laplace-torch is imported; the FutureWarning is not actionable for
+    # users of this package (or of the ``laplace-hfl`` CLI, ``--help`` included).
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+    )
+    import laplace  # noqa: F401
+
+from laplace_hfl.distributed import HFLDistributedError
 from laplace_hfl.errors import (
     HFLNotFittedError,
     IndefiniteHessianError,
@@ -21,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HessianFreeLaplace",
     "HessianFreeLLLaplace",
+    "HFLDistributedError",
     "HFLNotFittedError",
     "IndefiniteHessianError",
     "NonStationaryMAPWarning",

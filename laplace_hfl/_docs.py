@@ -27,7 +27,11 @@ HFL_OPTIONS_DOC = """
         Precision of the refits. Float32 models are refit in float64 so that
         their variances stay accurate; results are returned in the model's dtype.
     progress_bar : bool, default=False
-        Show tqdm progress bars over refit chunks.
+        Show tqdm bars over prediction and refit chunks from the start. When
+        False, a bar still appears, labelled with the expected total time,
+        once the first chunk shows that the call will take longer than
+        ``laplace_hfl.progress.AUTO_PROGRESS_AFTER_S`` (10 s); short calls
+        stay quiet.
     amortize : int or None, default=None
         Amortised mode (keyword-only, ``target="ggn"`` only): the number ``S`` of
         posterior samples drawn once in :meth:`fit` by sample-then-optimise
@@ -36,8 +40,20 @@ HFL_OPTIONS_DOC = """
         over the training data, and ``state_dict()`` holds the samples, so a
         loaded estimator predicts without the data. The covariance is an
         unbiased Monte Carlo estimate of ``J (GGN + prior)^{-1} J^T`` with
-        relative standard error ``sqrt(2 / S)`` per variance. See
-        :mod:`laplace_hfl.amortized`.
+        relative standard error ``sqrt(2 / S)`` per variance. How the samples
+        are drawn: with ``minibatch_epochs=None`` (default) by full-batch CG,
+        exact to ``rtol`` (each CG iteration is one pass over the data for
+        ``chunk_size`` samples; right for small data or when exactness
+        matters); with ``minibatch_epochs=E`` by minibatch sample-then-optimise
+        at training cost: one pass to draw the right-hand sides, ``E`` epochs
+        of preconditioned SGD over the loader's batches started at the prior
+        sample, one pass to measure the full-batch residual (use it when the
+        data or ``P`` make full-batch CG too slow). Samples are processed
+        ``chunk_size`` at a time in both cases (memory ``~6 chunk_size P``,
+        not ``S P``, besides the ``S P`` samples kept). Unconverged samples
+        (CG residual above ``rtol``, or SGD full-batch residual above
+        ``max(rtol, 0.1)``) raise a ``RefitConvergenceWarning`` with the
+        numbers. See :mod:`laplace_hfl.amortized`.
     precondition_rank : int or None, default=None
         Rank ``k`` of the randomised Nyström preconditioner of the refit solves
         (keyword-only): ``k`` GGN-vector products once per fit, ``2 k P``
@@ -51,6 +67,11 @@ HFL_OPTIONS_DOC = """
         per step, for this many epochs, with iterate averaging over the second
         half (:mod:`laplace_hfl.stochastic`). For data too large for many full
         passes; combine with ``fit(..., cache_data=False)`` and a shuffling
-        loader. Converges to the same answer in expectation; the full-batch
-        residual of the result is in ``la.last_diagnostics.residual``.
+        loader. One step is one batch of the loader (also with
+        ``cache_data=True``: cached blocks are cut back into the loader's
+        batches). Converges to the same answer in expectation; the full-batch
+        relative residual of the result is in ``la.last_diagnostics.residual``
+        and a ``RefitConvergenceWarning`` names it when it exceeds
+        ``max(rtol, 0.1)`` (the variances are then biased low by about that
+        fraction). With ``amortize=S``: draw the ``S`` samples this way.
 """

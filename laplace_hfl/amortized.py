@@ -19,7 +19,19 @@ exactly: ``delta_s`` is the minimiser of the Gauss-Newton objective with
 randomly perturbed targets and prior mean (sample-then-optimise; Papandreou &
 Yuille 2010, Matthews et al. 2017, Antoran et al. 2023). All ``S`` solves share
 one :func:`~laplace_hfl.solvers.batched_cg` call, i.e. one pass over the data per
-CG iteration.
+CG iteration (:func:`posterior_samples`, exact to ``rtol``).
+
+At training cost (:func:`sgd_posterior_samples`): the same objectives
+``1/2 d^T A d - b_s^T d`` minimised by averaged minibatch SGD
+(:func:`laplace_hfl.stochastic.averaged_sgd`), started at the prior sample
+``d_0 = p_0^{-1/2} zeta_s`` (exact where the data say nothing), each step an
+unbiased estimate from one minibatch. The right-hand sides ``b_s`` are drawn in
+one pass (one VJP per batch for the chunk) and kept, so the per-example noise
+``xi_{s,n}`` is the same in every epoch without storing ``S x N x C`` numbers
+and the minibatch gradients carry no noise from it (only from the curvature:
+``(N/n_b) G_b d - G d``). Samples are processed ``chunk_size`` at a time, so
+memory is ``~6 chunk_size P`` whatever ``S``. The full-batch relative residual of
+each sample is measured at the end (one extra pass) and warned about.
 
 What it converges to: ``Sigma_S(x) = 1/S sum_s J(x) delta_s delta_s^T J(x)^T``
 is an unbiased estimate of ``J(x) (GGN + diag(p_0))^{-1} J(x)^T`` (the mean of
@@ -38,14 +50,25 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from laplace_hfl.functional import Forward, LaplaceObjective, ggn_matvec
+from laplace_hfl.errors import RefitConvergenceWarning, warn_user
+from laplace_hfl.functional import (
+    Forward,
+    LaplaceObjective,
+    ggn_matvec,
+    reduce_data,
+)
 from laplace_hfl.solvers import batched_cg
+from laplace_hfl.stochastic import MINIBATCH_RTOL, averaged_sgd, warn_unconverged
+
+#: ``noise(key, k, shape)``: standard normals of training batch ``k``.
+ExampleNoise = Callable[[int, int, tuple[int, ...]], Tensor]
 
 __all__ = [
     "AmortizedState",
     "loss_hessian_sqrt_apply",
     "perturbed_rhs",
     "posterior_samples",
+    "sgd_posterior_samples",
     "sample_jvps",
     "amortized_covariance",
     "amortized_solve",
@@ -99,11 +122,32 @@ def loss_hessian_sqrt_apply(likelihood: str, f: Tensor, xi: Tensor) -> Tensor:
 
 
 def perturbed_rhs(
-    obj: LaplaceObjective, n_samples: int, generator: torch.Generator | None = None
+    obj: LaplaceObjective,
+    n_samples: int,
+    generator: torch.Generator | None = None,
+    noise: ExampleNoise | None = None,
+    *,
+    prior_noise: Tensor | None = None,
 ) -> Tensor:
     """Random right-hand sides ``b_s`` with ``Cov[b_s] = GGN + diag(p_0)``.
 
     One VJP per training batch, vectorised over the ``S`` samples.
+
+    Parameters
+    ----------
+    obj : LaplaceObjective
+    n_samples : int
+    generator : torch.Generator, optional
+    noise : callable, optional
+        ``noise(key, k, shape)`` returns the standard normals ``xi`` of batch
+        ``k`` (shape ``(S, B, C)``) from an integer ``key`` drawn from
+        ``generator``; keyed by example (not by batch or process) it makes the
+        result independent of how the data is batched or sharded (see
+        :func:`laplace_hfl.example_noise.example_noise`). None draws ``xi`` from
+        ``generator`` batch after batch.
+    prior_noise : Tensor, optional
+        The standard normal ``zeta`` ``(S, P)`` of the prior term (drawn from
+        ``generator`` when None).
 
     Returns
     -------
@@ -112,23 +156,31 @@ def perturbed_rhs(
     """
     theta = obj.theta_map
     dtype, device = theta.dtype, theta.device
-    zeta = torch.randn(
-        n_samples, theta.numel(), dtype=dtype, device=device, generator=generator
-    )
-    total = obj.prior_precision.sqrt() * zeta
+    if prior_noise is not None:
+        zeta = prior_noise
+    else:
+        zeta = torch.randn(
+            n_samples, theta.numel(), dtype=dtype, device=device, generator=generator
+        )
+    key = None
+    if noise is not None:
+        key = int(torch.randint(2**62, (), generator=generator, device=device))
+    total = torch.zeros_like(zeta)
     scale = float(obj.h_factor) ** 0.5
-    for X, _ in obj.batches():
+    for k, (X, _) in enumerate(obj.batches()):
 
         def f(th: Tensor, X: Any = X) -> Tensor:
             return obj.forward(th, X)
 
         out, vjp_fn = vjp(f, theta)
-        xi = torch.randn(
-            (n_samples, *out.shape), dtype=dtype, device=device, generator=generator
-        )
+        shape = (n_samples, *out.shape)
+        if noise is None:
+            xi = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        else:
+            xi = noise(key, k, shape).to(dtype=dtype, device=device)
         Z = scale * loss_hessian_sqrt_apply(obj.likelihood, out.detach(), xi)
         total = total + vmap(vjp_fn)(Z)[0].detach()
-    return total
+    return obj.prior_precision.sqrt() * zeta + reduce_data(obj, total)
 
 
 def posterior_samples(
@@ -139,6 +191,7 @@ def posterior_samples(
     chunk_size: int | None = None,
     seed: int = 0,
     precond: Callable[[Tensor], Tensor] | None = None,
+    noise: ExampleNoise | None = None,
 ) -> AmortizedState:
     """Draw ``S`` exact linearised-Laplace posterior samples by perturbed refits.
 
@@ -155,10 +208,24 @@ def posterior_samples(
         when None.
     seed : int, default=0
         Seed of the private generator (results are reproducible).
+    precond : callable, optional
+        Preconditioner of the CG solves.
+    noise : callable, optional
+        Per-example noise of the right-hand sides (see :func:`perturbed_rhs`).
 
     Returns
     -------
     AmortizedState
+
+    Raises
+    ------
+    ValueError
+        ``n_samples`` is not an integer >= 2.
+
+    Warns
+    -----
+    RefitConvergenceWarning
+        Some sample's relative CG residual exceeds ``rtol`` after ``max_iter``.
     """
     if not (isinstance(n_samples, int) and n_samples >= 2):
         raise ValueError(f"n_samples must be an integer >= 2, got {n_samples!r}.")
@@ -169,7 +236,7 @@ def posterior_samples(
     parts, res_parts, it_parts = [], [], []
     for start in range(0, n_samples, step):
         m = min(step, n_samples - start)
-        B = perturbed_rhs(obj, m, gen)
+        B = perturbed_rhs(obj, m, gen, noise)
         b_norm = B.norm(dim=1)
         res = batched_cg(
             lambda idx, V: ggn_matvec(obj, V), B, rtol * b_norm, max_iter, precond
@@ -177,7 +244,101 @@ def posterior_samples(
         parts.append(res.x)
         res_parts.append(res.residual_norm / b_norm)
         it_parts.append(res.iterations)
-    return AmortizedState(torch.cat(parts), torch.cat(res_parts), torch.cat(it_parts))
+    state = AmortizedState(torch.cat(parts), torch.cat(res_parts), torch.cat(it_parts))
+    bad = state.residual > rtol
+    if bool(bad.any()):
+        warn_user(
+            f"{int(bad.sum())} of {n_samples} amortised posterior samples did not "
+            f"converge: relative CG residual max {float(state.residual.max()):.3g}, "
+            f"median {float(state.residual.median()):.3g} > rtol={rtol:.3g} after "
+            f"max_iter={max_iter} iterations. Their variances are biased low; "
+            "increase max_iter (or precondition_rank).",
+            RefitConvergenceWarning,
+        )
+    return state
+
+
+def sgd_posterior_samples(
+    obj: LaplaceObjective,
+    n_samples: int,
+    epochs: int,
+    batch_rows: int | None = None,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    precond: Callable[[Tensor], Tensor] | None = None,
+    rtol: float = MINIBATCH_RTOL,
+    step_scale: float = 0.1,
+    noise: ExampleNoise | None = None,
+) -> AmortizedState:
+    """``S`` posterior samples by sample-then-optimise over minibatches.
+
+    Per chunk of samples: one pass draws ``b_s`` (:func:`perturbed_rhs`, the
+    same draw as :func:`posterior_samples` for the same seed and chunks), then
+    :func:`~laplace_hfl.stochastic.averaged_sgd` minimises
+    ``1/2 d^T A d - b_s^T d`` from the prior sample ``p_0^{-1/2} zeta_s``.
+
+    Parameters
+    ----------
+    obj : LaplaceObjective
+    n_samples : int
+        ``S``.
+    epochs : int
+        Passes over the minibatches (iterates averaged over the second half).
+    batch_rows : int, optional
+        Rows per minibatch (the loader's batch size).
+    chunk_size : int or None
+        Samples optimised together (memory ``~6 * chunk_size * P``).
+    seed : int, default=0
+    precond : callable, optional
+        Preconditioner ``M^{-1}`` of the SGD steps.
+    rtol : float, default=MINIBATCH_RTOL
+        Warn above this full-batch relative residual.
+    step_scale : float, default=0.1
+        ``eta = step_scale / lambda_max(M^{-1} A_b)``.
+    noise : callable, optional
+        Per-example noise of the right-hand sides (see :func:`perturbed_rhs`).
+
+    Returns
+    -------
+    AmortizedState
+        ``residual`` is the full-batch relative residual ``||b_s - A d_s|| /
+        ||b_s||``; ``iterations`` the SGD steps per sample.
+
+    Raises
+    ------
+    ValueError
+        ``n_samples`` is not an integer >= 2.
+
+    Warns
+    -----
+    RefitConvergenceWarning
+        Some sample's full-batch relative residual exceeds ``rtol``.
+    """
+    if not (isinstance(n_samples, int) and n_samples >= 2):
+        raise ValueError(f"n_samples must be an integer >= 2, got {n_samples!r}.")
+    theta = obj.theta_map
+    dtype, device = theta.dtype, theta.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    step = chunk_size or n_samples
+    parts, res_parts, steps = [], [], 0
+    for chunk, start in enumerate(range(0, n_samples, step)):
+        m = min(step, n_samples - start)
+        zeta = torch.randn(m, theta.numel(), dtype=dtype, device=device, generator=gen)
+        B = perturbed_rhs(obj, m, gen, noise, prior_noise=zeta)
+        # Start at the prior sample: exact where the data say nothing.
+        U0 = zeta / obj.prior_precision.sqrt()
+        res = averaged_sgd(
+            obj, B, epochs, precond, batch_rows, U0,
+            step_scale=step_scale, seed=seed + chunk,
+        )  # fmt: skip
+        parts.append(res.U)
+        res_parts.append(res.residual)
+        steps = res.steps
+    residual = torch.cat(res_parts)
+    warn_unconverged(residual, rtol, "Amortised posterior samples", steps, epochs)
+    iterations = torch.full((n_samples,), steps, dtype=torch.long, device=device)
+    return AmortizedState(torch.cat(parts), residual, iterations)
 
 
 def sample_jvps(forward: Forward, theta: Tensor, X: Any, samples: Tensor) -> Tensor:

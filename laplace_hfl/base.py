@@ -22,7 +22,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from laplace_hfl.amortized import AmortizedState, amortized_solve, posterior_samples
+from laplace_hfl.amortized import (
+    AmortizedState,
+    amortized_solve,
+    posterior_samples,
+    sgd_posterior_samples,
+)
 from laplace_hfl.batches import (
     check_output,
     check_targets,
@@ -30,7 +35,14 @@ from laplace_hfl.batches import (
     merge_batches,
     split_batch,
 )
+from laplace_hfl.distributed import (
+    DistributedMixin,
+    data_reducer,
+    fit_shard,
+    is_distributed,
+)
 from laplace_hfl.errors import HFLNotFittedError
+from laplace_hfl.example_noise import batch_noise
 from laplace_hfl.functional import (
     LaplaceObjective,
     ParamLayout,
@@ -54,7 +66,7 @@ from laplace_hfl.refit import (
     unperturbed_refit,
 )
 from laplace_hfl.state import StateMixin
-from laplace_hfl.stochastic import minibatch_refits
+from laplace_hfl.stochastic import MINIBATCH_RTOL, minibatch_refits
 from laplace_hfl.tuning import TuningMixin
 from laplace_hfl.validation import (
     as_bool,
@@ -69,7 +81,12 @@ __all__ = ["HFLMixin"]
 
 
 class HFLMixin(
-    HyperparameterMixin, PredictionMixin, TuningMixin, WeightSpaceMixin, StateMixin
+    HyperparameterMixin,
+    DistributedMixin,
+    PredictionMixin,
+    TuningMixin,
+    WeightSpaceMixin,
+    StateMixin,
 ):
     """Hessian-free Laplace behaviour on top of laplace-torch's classes.
 
@@ -93,8 +110,10 @@ class HFLMixin(
         self._amortized: AmortizedState | None = None
         self._amortized_key: tuple | None = None
         self._fitted = False
+        self._minibatch_rows: int | None = None
         self._training_data: list[tuple[Any, Tensor]] | None = None
         self._train_loader: DataLoader | None = None
+        self._training_index: list[Tensor] | None = None
         self._base: BasePoint | None = None
         self._base_key: tuple | None = None
         self._sketch: NystromSketch | None = None
@@ -157,7 +176,7 @@ class HFLMixin(
         caches nothing (the loader is iterated again on every refit pass).
         """
         device, dtype = self._device, self.compute_dtype
-        first_out, loss, n_seen = None, 0.0, 0
+        first_out, loss, n_seen, input_ndim = None, 0.0, 0, None
         cached: list[tuple[Any, Tensor]] | None = [] if cache else None
         with torch.no_grad():
             for data in train_loader:
@@ -195,7 +214,7 @@ class HFLMixin(
                             to_compute(y, device, dtype),
                         )
                     )
-        if n_seen == 0:
+        if n_seen == 0 and not is_distributed():  # empty shards are fine
             raise ValueError(
                 "train_loader yielded no batches; HFL needs the training data "
                 "the MAP was fitted on."
@@ -222,6 +241,11 @@ class HFLMixin(
         train_loader : torch.utils.data.DataLoader
             Batches ``(X, y)`` or dict batches with ``dict_key_y``; must be the
             data the MAP was trained on. ``train_loader.dataset`` gives ``N``.
+            In a distributed fit (a default process group of several
+            processes), this rank's shard: a ``DistributedSampler`` loader
+            (its padding is dropped; ``N`` is then ``len(dataset)``) or any
+            per-rank subset (``N`` is the sum over ranks); see
+            :mod:`laplace_hfl.distributed`.
             It is iterated again at prediction time (all-weights HFL), so it
             must be deterministic (no random augmentation).
         override : bool, default=True
@@ -242,6 +266,10 @@ class HFLMixin(
         ValueError
             Empty loader, target shape mismatch, non-finite loss at the MAP,
             ``override=False``.
+        NotImplementedError
+            ``minibatch_epochs`` in a distributed fit.
+        laplace_hfl.distributed.HFLDistributedError
+            Another rank's fit failed, or the ranks hold different MAPs.
         """
         if not override:
             raise ValueError(
@@ -251,24 +279,35 @@ class HFLMixin(
         refit_batch_size = as_int("refit_batch_size", refit_batch_size, 1)
         cache_data = as_bool("cache_data", cache_data)
         progress_bar = as_bool("progress_bar", progress_bar)
-        n_data = dataset_size(train_loader)
+        dataset_size(train_loader)  # before any pass: IterableDataset refused
+        if self.minibatch_epochs is not None and is_distributed():
+            raise NotImplementedError(
+                "minibatch_epochs is not available in a distributed fit (ranks "
+                "would take different numbers of steps); use the full-batch "
+                "refits, whose data passes are split across the ranks."
+            )
         self.refit_batch_size = refit_batch_size
         self.cache_data = cache_data
-        first_out, loss, cached, mean = self._fit_pass(train_loader)
+        # This rank's shard; totals agreed across ranks (see distributed.py).
+        shard = fit_shard(self._fit_pass, train_loader, refit_batch_size)
         # Commit state only after every check passed.
-        self.loss = loss
-        self.n_outputs = int(first_out.shape[-1])
-        self.n_data = n_data
-        self.mean = mean
+        self.loss = shard.loss
+        self.n_outputs = shard.n_outputs
+        self.n_data = shard.n_data
+        # Minibatch refits step over the loader's batches, cached or not.
+        self._minibatch_rows = getattr(train_loader, "batch_size", None)
+        self.mean = shard.mean
+        self._training_data = shard.cached
+        self._train_loader = shard.loader if shard.cached is None else None
+        self._training_index = shard.index
         self._fit_likelihood = self.likelihood
-        self._training_data = cached
-        self._train_loader = train_loader if cached is None else None
         self._base = None
         self._base_key = None
         self._sketch = None
         self._amortized = None
         self._amortized_key = None
         self._fitted = True
+        self.H = self._curvature_operator()
         self.progress_bar = self.progress_bar or progress_bar
         if self.amortize is not None:
             with eval_mode(self.model):
@@ -290,10 +329,11 @@ class HFLMixin(
             forward=make_forward(module, layout, fixed),
             batches=self._training_batches,
             likelihood=curvature_likelihood(self._fit_likelihood),
-            h_factor=float(self._H_factor),
+            h_factor=float(self._H_factor.detach()),
             prior_precision=self.prior_precision_diag.to(dtype),
             prior_mean=self.prior_mean.to(dtype),
             theta_map=self.mean.detach().to(dtype),
+            reduce=data_reducer(),
         )
 
     def _hyper_key(self) -> tuple:
@@ -323,25 +363,42 @@ class HFLMixin(
                     "since they were drawn) and this estimator has no training data "
                     "to redraw them: call la.fit(train_loader) again."
                 )
-            self._amortized = posterior_samples(
-                obj,
-                int(self.amortize),
-                rtol=self.hfl_settings.rtol,
-                max_iter=self.hfl_settings.max_iter,
-                precond=self._precond(obj),
-            )
+            noise = batch_noise(self._training_index, self._training_data)
+            if self.minibatch_epochs is not None:
+                self._amortized = sgd_posterior_samples(
+                    obj,
+                    int(self.amortize),
+                    self.minibatch_epochs,
+                    batch_rows=self._minibatch_rows,
+                    chunk_size=self.chunk_size,
+                    precond=self._precond(obj),
+                    rtol=max(self.hfl_settings.rtol, MINIBATCH_RTOL),
+                    noise=noise,
+                )
+            else:
+                self._amortized = posterior_samples(
+                    obj,
+                    int(self.amortize),
+                    rtol=self.hfl_settings.rtol,
+                    max_iter=self.hfl_settings.max_iter,
+                    chunk_size=self.chunk_size,
+                    precond=self._precond(obj),
+                    noise=noise,
+                )
             self._amortized_key = key
         return self._amortized
 
     def _solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
         """``P^{-1} v`` estimates for the rows of ``V`` by perturbed refits."""
-        if self.minibatch_epochs is not None:
+        if self.minibatch_epochs is not None and self.amortize is None:
             res = minibatch_refits(
                 obj,
                 V,
                 self.n_data,
                 epochs=self.minibatch_epochs,
                 precond=self._precond(obj),
+                batch_rows=self._minibatch_rows,
+                rtol=max(self.hfl_settings.rtol, MINIBATCH_RTOL),
             )
             self.last_diagnostics = res
             return res.U

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "main",
@@ -20,6 +21,7 @@ __all__ = [
     "add_compare_parser",
     "add_benchmark_parser",
     "run_compare",
+    "format_listing",
     "SUBCOMMANDS",
 ]
 
@@ -67,17 +69,26 @@ def add_compare_parser(
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument(
-        "--tune", action="store_true",
-        help="tune each method's prior precision by grid search on the validation "
-        "NLL instead of the fixed shared value (slow: HFL predicts the validation "
-        "set once per grid value)",
+        "--tune", nargs="?", const="gridsearch", default=None,
+        choices=["gridsearch", "marglik"],
+        help="tune each method's prior precision instead of the fixed shared "
+        "value: 'gridsearch' (default when given alone) on the validation NLL (slow: "
+        "HFL predicts the validation set once per grid value), or 'marglik' by "
+        "laplace-torch's marginal-likelihood loop",
     )  # fmt: skip
     p.add_argument(
         "--prior-precision", type=float, default=None,
         help="override every task's fixed prior precision",
     )  # fmt: skip
-    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-figures", action="store_true",
+        help="skip the PNG figures (default: written to OUT/figures/)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-progress", action="store_true",
+        help="no progress bars (default: a bar over methods, and HFL's own bar "
+        "when a prediction is expected to take over 10 s)",
+    )  # fmt: skip
     p.add_argument("--list", action="store_true", help="list tasks and methods")
     p.set_defaults(func=run_compare)
     return p
@@ -92,16 +103,12 @@ def run_compare(args: argparse.Namespace) -> int:
     from laplace_hfl.evaluation.report import format_header, format_table, write_results
 
     if args.list:
-        print("tasks:")
-        for name, fn in TASKS.items():
-            doc = (fn.__doc__ or "").strip().splitlines()[0]
-            print(f"  {name:12s} {doc}")
-        print("methods:")
-        for spec in METHODS.values():
-            print(
-                f"  {spec.name:26s} {spec.family:5s} {spec.backend:18s} {spec.structure}"
-            )
+        print(format_listing(TASKS, METHODS))
         return 0
+    if args.no_progress:  # HFL's automatic bars on long predictions too
+        import laplace_hfl.progress
+
+        laplace_hfl.progress.AUTO_PROGRESS_AFTER_S = float("inf")
     tasks = args.task or list(DEFAULT_TASKS)
     unknown = [t for t in tasks if t not in TASKS]
     bad = [m for m in (args.methods or []) if m not in METHODS]
@@ -112,7 +119,7 @@ def run_compare(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.tune:
+    if args.tune == "gridsearch":
         print("note: --tune grid-searches the prior precision per method (slow).")
     t0 = time.perf_counter()
     results = []
@@ -138,7 +145,40 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Functions adding a subcommand parser; ``main`` calls each in order.
+def format_listing(tasks: dict[str, Any], methods: dict[str, Any]) -> str:
+    """``compare --list``: tasks and methods as tables with column headers.
+
+    Parameters
+    ----------
+    tasks : dict
+        Task name to builder (:data:`laplace_hfl.evaluation.TASKS`); the first
+        docstring line describes it.
+    methods : dict
+        Method name to :class:`~laplace_hfl.evaluation.MethodSpec`.
+
+    Returns
+    -------
+    str
+    """
+
+    def table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        fmt = lambda r: "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+        lines = [fmt(head), fmt(tuple("-" * w for w in widths))]
+        return [ln.rstrip() for ln in lines + [fmt(r) for r in rows]]
+
+    task_rows = [
+        (name, ((fn.__doc__ or "").strip().splitlines() or [""])[0])
+        for name, fn in tasks.items()
+    ]
+    method_rows = [(s.name, s.family, s.backend, s.structure) for s in methods.values()]
+    lines = [f"tasks ({len(task_rows)}; default: {' '.join(DEFAULT_TASKS)}):"]
+    lines += table(("task", "description"), task_rows)
+    lines += ["", f"methods ({len(method_rows)}; default: all):"]
+    lines += table(("method", "family", "backend", "structure"), method_rows)
+    return "\n".join(lines)
+
+
 def add_benchmark_parser(
     subparsers: argparse._SubParsersAction,
 ) -> argparse.ArgumentParser:
@@ -148,18 +188,40 @@ def add_benchmark_parser(
     return register(subparsers)
 
 
+#: Functions adding a subcommand parser; ``main`` calls each in order.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
     add_compare_parser,
     add_benchmark_parser,
 ]
 
 
+class _CommandsHelpFormatter(argparse.HelpFormatter):
+    """Keeps each command's summary on the command's line in ``--help``.
+
+    argparse sizes the help column without the extra indent of the command
+    names, so the longest name (``benchmark``) had its summary pushed to the
+    next line.
+    """
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                width = (
+                    len(choice.dest) + self._current_indent + 2 * self._indent_increment
+                )
+                self._action_max_length = max(self._action_max_length, width)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``laplace-hfl`` parser with every subcommand in :data:`SUBCOMMANDS`."""
     parser = argparse.ArgumentParser(
-        prog="laplace-hfl", description="Hessian-free Laplace tools."
+        prog="laplace-hfl",
+        description="Hessian-free Laplace tools. "
+        "Run `laplace-hfl COMMAND --help` for a command's options and defaults.",
+        formatter_class=_CommandsHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for add in SUBCOMMANDS:
         add(sub)
     return parser

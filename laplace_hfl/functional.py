@@ -28,6 +28,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 __all__ = [
     "ParamLayout",
     "LaplaceObjective",
+    "reduce_data",
     "make_forward",
     "to_compute",
     "batch_loss",
@@ -124,6 +125,11 @@ class LaplaceObjective:
         Prior mean ``mu_0``, scalar or ``(P,)``.
     theta_map : Tensor
         The MAP ``theta_hat`` of shape ``(P,)``.
+    reduce : callable or None, default=None
+        Combines the data terms summed over ``batches()`` across processes,
+        applied once per data pass to the whole summed term (one collective
+        per pass, e.g. :class:`laplace_hfl.distributed.AllReduce`); None on
+        one process. The prior terms are added after it, once.
     """
 
     forward: Forward
@@ -133,6 +139,13 @@ class LaplaceObjective:
     prior_precision: Tensor
     prior_mean: Tensor
     theta_map: Tensor
+    reduce: Callable[[Tensor], Tensor] | None = None
+
+
+def reduce_data(obj: LaplaceObjective, total: Tensor) -> Tensor:
+    """The data term ``total`` summed over the local batches, combined across
+    processes by ``obj.reduce`` (unchanged on one process)."""
+    return total if obj.reduce is None else obj.reduce(total)
 
 
 def batch_loss(likelihood: str, f: Tensor, y: Tensor) -> Tensor:
@@ -152,19 +165,20 @@ def _prior_grad(obj: LaplaceObjective, thetas: Tensor) -> Tensor:
 
 def objective_value(obj: LaplaceObjective, theta: Tensor) -> Tensor:
     """``L(theta)`` for one flat vector."""
-    total = 0.5 * (obj.prior_precision * (theta - obj.prior_mean).square()).sum()
+    prior = 0.5 * (obj.prior_precision * (theta - obj.prior_mean).square()).sum()
+    total = torch.zeros_like(prior)
     for X, y in obj.batches():
         total = total + _data_term(obj, theta, X, y).detach()
-    return total
+    return prior + reduce_data(obj, total)
 
 
 def objective_grad(obj: LaplaceObjective, thetas: Tensor) -> Tensor:
     """Gradients ``grad L(theta_j)`` for a batch ``thetas`` of shape ``(m, P)``."""
-    total = _prior_grad(obj, thetas)
+    total = torch.zeros_like(thetas)
     for X, y in obj.batches():
         g = vmap(grad(_data_term, argnums=1), in_dims=(None, 0, None, None))
         total = total + g(obj, thetas, X, y).detach()
-    return total
+    return _prior_grad(obj, thetas) + reduce_data(obj, total)
 
 
 def _loss_hessian_out(likelihood: str, f: Tensor, Jv: Tensor) -> Tensor:
@@ -182,7 +196,7 @@ def ggn_matvec(obj: LaplaceObjective, V: Tensor) -> Tensor:
     Uses one JVP and one VJP per batch, vectorised over the rows of ``V``:
     no Jacobian matrix and no Hessian is formed.
     """
-    total = obj.prior_precision * V
+    total = torch.zeros_like(V)
     theta = obj.theta_map
     for X, _ in obj.batches():
 
@@ -193,7 +207,7 @@ def ggn_matvec(obj: LaplaceObjective, V: Tensor) -> Tensor:
         Jv = vmap(lambda v: jvp(f, (theta,), (v,))[1])(V)
         HJv = obj.h_factor * _loss_hessian_out(obj.likelihood, out.detach(), Jv)
         total = total + vmap(vjp_fn)(HJv)[0].detach()
-    return total
+    return obj.prior_precision * V + reduce_data(obj, total)
 
 
 def hessian_matvec(obj: LaplaceObjective, thetas: Tensor, V: Tensor) -> Tensor:
@@ -202,7 +216,7 @@ def hessian_matvec(obj: LaplaceObjective, thetas: Tensor, V: Tensor) -> Tensor:
     ``thetas`` and ``V`` are both ``(m, P)``; row ``j`` of the result is the
     Hessian of ``L`` at ``thetas[j]`` applied to ``V[j]``.
     """
-    total = obj.prior_precision * V
+    total = torch.zeros_like(V)
     for X, y in obj.batches():
 
         def hvp(th: Tensor, v: Tensor, X: Any = X, y: Tensor = y) -> Tensor:
@@ -210,7 +224,7 @@ def hessian_matvec(obj: LaplaceObjective, thetas: Tensor, V: Tensor) -> Tensor:
             return jvp(lambda t: g(obj, t, X, y), (th,), (v,))[1]
 
         total = total + vmap(hvp)(thetas, V).detach()
-    return total
+    return obj.prior_precision * V + reduce_data(obj, total)
 
 
 def _add_batch_dim(x: Any) -> Any:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from laplace_hfl._docs import HFL_OPTIONS_DOC
 from laplace_hfl.base import HFLMixin
 from laplace_hfl.batches import eval_mode
+from laplace_hfl.distributed import unwrap_model
 from laplace_hfl.functional import ParamLayout, to_compute
 
 __all__ = ["HessianFreeLaplace"]
@@ -108,7 +109,7 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
             minibatch_epochs=minibatch_epochs,
         )
         super().__init__(
-            model,
+            unwrap_model(model),  # a DDP-wrapped model: its .module
             likelihood,
             sigma_noise=sigma_noise,
             prior_precision=prior_precision,

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from laplace_hfl._docs import HFL_OPTIONS_DOC
 from laplace_hfl.base import HFLMixin
 from laplace_hfl.batches import eval_mode, split_batch
+from laplace_hfl.distributed import unwrap_model
 from laplace_hfl.functional import ParamLayout, to_compute
 from laplace_hfl.validation import check_prior_precision
 
@@ -117,7 +118,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         # is found: check it here.
         check_prior_precision(prior_precision)
         super().__init__(
-            model,
+            unwrap_model(model),  # a DDP-wrapped model: its .module
             likelihood,
             sigma_noise=sigma_noise,
             prior_precision=prior_precision,
@@ -141,7 +142,8 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             if first is None:
                 raise ValueError(
                     "train_loader yielded no batches; HFL needs the training data "
-                    "the MAP was fitted on."
+                    "the MAP was fitted on (a rank with an empty shard needs "
+                    "last_layer_name=... to find the last layer)."
                 )
             self._locate_last_layer(first)
             self.prior_precision = self._prior_precision
@@ -150,11 +152,13 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             first_out, loss, cached = self._iterate_checked(
                 train_loader, self.model, "features"
             )
-            with torch.no_grad():
-                phi = cached[0][0][: first_out.shape[0]].to(self._dtype)
-                relinked = self.model.last_layer(phi)
-            if relinked.shape != first_out.shape or not torch.allclose(
-                relinked, first_out, rtol=1e-4, atol=1e-5
+            if first_out is not None:  # None: an empty distributed shard
+                with torch.no_grad():
+                    phi = cached[0][0][: first_out.shape[0]].to(self._dtype)
+                    relinked = self.model.last_layer(phi)
+            if first_out is not None and (
+                relinked.shape != first_out.shape
+                or not torch.allclose(relinked, first_out, rtol=1e-4, atol=1e-5)
             ):
                 raise ValueError(
                     "The last layer applied to the extracted features does not "

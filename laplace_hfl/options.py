@@ -81,11 +81,11 @@ def validate_hfl_options(
                 "minibatch_epochs must be None (full-batch CG refits) or the "
                 f"number of epochs (an integer >= 2), got {minibatch_epochs!r}."
             )
-        if target != "ggn" or amortize is not None:
+        if target != "ggn":
             raise ValueError(
                 "minibatch_epochs (minibatch refits) is available for "
-                "target='ggn' without amortize: the network refit "
-                "(target='hessian') needs full-batch Newton steps."
+                "target='ggn' only: the network refit (target='hessian') needs "
+                "full-batch Newton steps."
             )
     if precondition_rank is not None and not (
         isinstance(precondition_rank, int)

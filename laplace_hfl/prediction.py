@@ -7,15 +7,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from laplace.utils.enums import PredType
+from laplace.utils.enums import LinkApprox, PredType
 from torch import Tensor
 
 from laplace_hfl.amortized import amortized_covariance
 from laplace_hfl.batches import batch_size, eval_mode, slice_batch
 from laplace_hfl.functional import output_jacobians
 from laplace_hfl.predictive import joint_covariance, marginal_covariance
+from laplace_hfl.progress import progress
 from laplace_hfl.validation import check_finite_result, check_query_rows
-from laplace_hfl.weight_space import _NO_WEIGHT_SPACE
 
 __all__ = ["PredictionMixin"]
 
@@ -75,7 +75,10 @@ class PredictionMixin:
             C = self.n_outputs
             step = max(1, self.chunk_size // max(C, 1)) if not joint else B
             mus, covs, Js_all, U_all = [], [], [], []
-            for start in range(0, B, step):
+            starts = range(0, B, step)
+            for start in progress(
+                starts, desc="[HFL predict]", always=self.progress_bar
+            ):
                 Xc = slice_batch(Xq, start, start + step)
                 with torch.set_grad_enabled(backprop):
                     Js, f = output_jacobians(obj.forward, theta, Xc)
@@ -155,16 +158,43 @@ class PredictionMixin:
         fitting: bool = False,
         **model_kwargs: Any,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Linearised (GLM) predictive; see laplace-torch's ``__call__``.
+        """Posterior predictive; see laplace-torch's ``__call__``.
+
+        ``pred_type="glm"``: the linearised predictive from refits.
+        ``pred_type="nn"``: Monte Carlo through the network at ``n_samples``
+        exact weight draws (:meth:`sample`), ``link_approx="mc"`` only;
+        regression returns the sample mean and variance ``(B, C)``,
+        classification the mean softmax. The model is evaluated with
+        ``torch.func.functional_call``: its parameters are never overwritten.
 
         Raises
         ------
         ValueError
-            Unknown ``pred_type`` (not one of laplace-torch's ``PredType``).
+            Unknown ``pred_type`` or ``link_approx``; ``pred_type="nn"`` with
+            ``link_approx`` other than ``"mc"``; invalid ``generator``.
         NotImplementedError
-            ``pred_type="nn"`` or ``"gp"``.
+            ``pred_type="gp"``.
+        IndefiniteHessianError
+            ``pred_type="nn"``, ``target="hessian"`` and an indefinite ``P``.
         """
-        self._require_glm(pred_type)
+        self._check_pred_type(pred_type)
+        if pred_type == PredType.NN:
+            if link_approx not in LinkApprox.__members__.values():
+                raise ValueError(f"Unsupported link approximation {link_approx}.")
+            if link_approx != LinkApprox.MC:
+                raise ValueError(
+                    "Only mc link approximation is supported for nn prediction "
+                    f"type (got link_approx={link_approx!r}); pass link_approx='mc'."
+                )
+            self._check_generator(generator)
+            if self.likelihood == "regression":
+                fs = self._nn_functional_samples(
+                    x, n_samples, generator, **model_kwargs
+                )
+                return fs.mean(dim=0), fs.var(dim=0)
+            return self._nn_predictive_classification(
+                x, n_samples, generator, **model_kwargs
+            )
         return super().__call__(
             x,
             pred_type=pred_type,
@@ -178,18 +208,72 @@ class PredictionMixin:
         )
 
     @staticmethod
-    def _require_glm(pred_type: str) -> None:
-        known = [p.value for p in PredType]
-        if pred_type not in known:
-            raise ValueError(
-                f"Unknown pred_type={pred_type!r}: laplace-torch knows {known}; "
-                "HFL gives pred_type='glm'."
-            )
-        if pred_type != "glm":
+    def _check_pred_type(pred_type: str) -> None:
+        """``"glm"`` and ``"nn"`` pass; ``"gp"`` is refused, others invalid."""
+        if pred_type == PredType.GP:
             raise NotImplementedError(
-                f"pred_type={pred_type!r} is not available with HFL: "
-                + _NO_WEIGHT_SPACE
+                "pred_type='gp' is not available with HFL (it needs the kernel "
+                "matrix of the training data); use pred_type='glm' (linearised "
+                "predictive) or pred_type='nn' (Monte Carlo over weight samples)."
             )
+        if pred_type not in PredType.__members__.values():
+            raise ValueError(
+                f"Only glm and nn supported as prediction types (got {pred_type!r})."
+            )
+
+    # Older name, still used by the tuning mixin.
+    _require_glm = _check_pred_type
+
+    # ------------------------------------------------------------ nn samples
+    def _nn_functional_samples(
+        self,
+        X: Tensor | Mapping[str, Any],
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> Tensor:
+        """Network outputs at exact weight draws: ``(n_samples, B, C)``.
+
+        Evaluated with ``functional_call`` at each draw, never by writing the
+        draws into the model (laplace-torch's ``vector_to_parameters``).
+        """
+        if model_kwargs:
+            raise TypeError(
+                "HFL's nn predictive passes no extra model arguments; got "
+                f"{sorted(model_kwargs)}. Wrap the model so that model(x) needs "
+                "only x."
+            )
+        self._check_ready(X)
+        _, thetas = self._weight_draws(n_samples, generator)
+        backprop = self.enable_backprop
+        with eval_mode(self.model), torch.set_grad_enabled(backprop):
+            Xq = self._query_inputs(X)
+            forward = self._objective().forward
+            fs = torch.stack([forward(theta, Xq) for theta in thetas])
+        if not backprop:
+            fs = fs.detach()
+        return fs.to(self._dtype)
+
+    def _nn_predictive_samples(
+        self,
+        X: Tensor | Mapping[str, Any],
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> Tensor:
+        fs = self._nn_functional_samples(X, n_samples, generator, **model_kwargs)
+        return fs if self.likelihood == "regression" else torch.softmax(fs, dim=-1)
+
+    def _nn_predictive_classification(
+        self,
+        X: Tensor | Mapping[str, Any],
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> Tensor:
+        return self._nn_predictive_samples(
+            X, n_samples, generator, **model_kwargs
+        ).mean(dim=0)
 
     def functional_samples(
         self,
@@ -199,8 +283,19 @@ class PredictionMixin:
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Samples of the linearised function-space posterior (``pred_type='glm'``)."""
-        self._require_glm(pred_type)
+        """Samples of the function-space posterior ``(n_samples, B, C)``.
+
+        ``pred_type="glm"``: of the linearised predictive; ``"nn"``: network
+        outputs at exact weight draws.
+
+        Raises
+        ------
+        ValueError
+            Unknown ``pred_type``.
+        NotImplementedError
+            ``pred_type="gp"``.
+        """
+        self._check_pred_type(pred_type)
         return super().functional_samples(
             x, pred_type, n_samples, diagonal_output, generator
         )
@@ -213,8 +308,16 @@ class PredictionMixin:
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Samples of the GLM predictive (softmax applied for classification)."""
-        self._require_glm(pred_type)
+        """Samples of the predictive (softmax applied for classification).
+
+        Raises
+        ------
+        ValueError
+            Unknown ``pred_type``.
+        NotImplementedError
+            ``pred_type="gp"``.
+        """
+        self._check_pred_type(pred_type)
         return super().predictive_samples(
             x, pred_type, n_samples, diagonal_output, generator
         )

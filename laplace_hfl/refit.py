@@ -36,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import tqdm
 from torch import Tensor
 
 from laplace_hfl.errors import (
@@ -52,6 +51,7 @@ from laplace_hfl.functional import (
     objective_grad,
     objective_value,
 )
+from laplace_hfl.progress import progress
 from laplace_hfl.solvers import NegativeCurvature, batched_cg
 
 __all__ = [
@@ -500,7 +500,8 @@ def perturbed_refits(
         Directions refit together (each costs two refits); memory grows as
         ``chunk_size * P``.
     progress_bar : bool, default=False
-        Show a tqdm bar over chunks.
+        Show a tqdm bar over chunks from the start (otherwise one appears when
+        the chunks are expected to take long: :func:`laplace_hfl.progress.progress`).
     precond : callable, optional
         Preconditioner of the conjugate-gradient solves; speeds convergence only.
 
@@ -525,7 +526,7 @@ def perturbed_refits(
     nonzero = torch.nonzero(V.norm(dim=1) > 0).flatten()
     parts: list[RefitDiagnostics] = []
     starts = range(0, nonzero.numel(), chunk_size)
-    for start in tqdm.tqdm(starts, disable=not progress_bar, desc="[HFL refits]"):
+    for start in progress(starts, desc="[HFL refits]", always=progress_bar):
         idx = nonzero[start : start + chunk_size]
         U[idx], diag = _perturbed_chunk(obj, base, V[idx], settings, precond)
         parts.append(diag)

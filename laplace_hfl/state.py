@@ -208,3 +208,4 @@ class StateMixin:
                 int(self.amortize),
             )
         self._fitted = True
+        self.H = self._curvature_operator()

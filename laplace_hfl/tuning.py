@@ -1,66 +1,348 @@
-"""Prior-precision tuning and the marginal likelihood of the HFL shell."""
+"""Prior-precision tuning and the marginal likelihood of the HFL shell.
+
+The math lives in :mod:`laplace_hfl.logdet` (log-determinant by stochastic
+Lanczos quadrature over curvature-vector products) and
+:mod:`laplace_hfl.mackay` (fixed-point prior update); this mixin wires them to
+laplace-torch's ``log_det_posterior_precision``, ``log_marginal_likelihood``
+and ``optimize_prior_precision``. ``log_likelihood``, ``scatter``,
+``log_det_prior_precision`` and ``log_det_ratio`` are laplace-torch's own.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any
 
+import torch
+from laplace.utils import fix_prior_prec_structure
+from laplace.utils.utils import validate
 from torch import Tensor
+from torch.linalg import LinAlgError
 
 from laplace_hfl.batches import eval_mode
+from laplace_hfl.functional import LaplaceObjective
+from laplace_hfl.gridsearch import check_loss, run_gridsearch
+from laplace_hfl.logdet import (
+    LogDetEstimate,
+    MarglikSettings,
+    curvature_quadrature,
+    diag_inverse,
+    isotropic_logdet,
+    isotropic_trace_inverse,
+    posterior_logdet,
+)
+from laplace_hfl.mackay import FixedPointResult, mackay_fixed_point
+from laplace_hfl.slq import Quadrature
 
 __all__ = ["TuningMixin"]
 
-_NO_MARGLIK = (
-    "HFL never forms the posterior precision, so it has no log-determinant and "
-    "no Laplace marginal likelihood. Tune the prior precision by grid search "
-    "on validation data instead: la.optimize_prior_precision(method='gridsearch', "
-    "val_loader=val_loader)."
-)
+
+def _check_positive(name: str, value: Any) -> None:
+    t = torch.as_tensor(value).detach()
+    if t.numel() == 0 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+        raise ValueError(
+            f"{name} must be finite and positive, got {value!r}. Optimise its "
+            "logarithm (exp(log_value)) to keep it positive."
+        )
 
 
 class TuningMixin:
-    """``optimize_prior_precision`` and ``log_marginal_likelihood``."""
+    """``optimize_prior_precision``, ``log_marginal_likelihood``, ``log_det_*``.
 
+    Attributes
+    ----------
+    marglik_settings : MarglikSettings
+        Probes, Lanczos steps and CG tolerance of the log-determinant
+        (``la.marglik_settings = MarglikSettings(n_probes=128)``).
+    last_logdet : LogDetEstimate or None
+        Value, standard error and exactness of the last log-determinant.
+    last_fixed_point : FixedPointResult or None
+        Result of the last ``optimize_prior_precision(..., fixed_point=True)``.
+    """
+
+    marglik_settings: MarglikSettings = MarglikSettings()
+    last_logdet: LogDetEstimate | None = None
+    last_fixed_point: FixedPointResult | None = None
+
+    # ------------------------------------------------------------ internals
+    def _marglik_objective(self) -> LaplaceObjective:
+        with eval_mode(self.model):
+            obj = self._objective()
+        return dataclasses.replace(obj, prior_precision=obj.prior_precision.detach())
+
+    def _curvature_rules(self, obj: LaplaceObjective) -> Quadrature:
+        """Lanczos rules of the data curvature, built once per fit."""
+        key = (id(self.mean), self.hfl_settings.target, self.marglik_settings)
+        cached = self.__dict__.get("_marglik_rules")
+        if cached is None or cached[0] != key or cached[1] is not self.mean:
+            with eval_mode(self.model):
+                rules = curvature_quadrature(
+                    obj, self.hfl_settings.target, self.marglik_settings
+                )
+            self._marglik_rules = (key, self.mean, rules)
+            return rules
+        return cached[2]
+
+    def _check_hyper(self) -> None:
+        self._check_H_init()
+        _check_positive("prior_precision", self.prior_precision)
+        _check_positive("sigma_noise", self.sigma_noise)
+
+    # ----------------------------------------------------- log-determinants
+    @property
+    def log_det_posterior_precision(self) -> Tensor:
+        """``log det P`` of the posterior precision, without forming ``P``.
+
+        Stochastic Lanczos quadrature over curvature-vector products
+        (exact for ``P <= marglik_settings.n_probes``); differentiable w.r.t.
+        ``prior_precision`` and ``sigma_noise`` / ``temperature``. The standard
+        error is in ``la.last_logdet``. See ``docs/marglik.md``.
+
+        Raises
+        ------
+        HFLNotFittedError
+            Not fitted, or no training data (loaded from a state dict).
+        ValueError
+            Non-positive or non-finite prior precision or ``sigma_noise``.
+        IndefiniteHessianError
+            ``target="hessian"`` and the posterior precision is not positive
+            definite.
+        """
+        self._check_hyper()
+        dtype, settings = self.compute_dtype, self.marglik_settings
+        h = self._H_factor.to(dtype)
+        obj = self._marglik_objective()
+        if self.prior_precision.numel() == 1:
+            rules = self._curvature_rules(obj)
+            lam = self.prior_precision.reshape(()).to(dtype)
+            value, stderr = isotropic_logdet(rules, h, lam)
+            self.last_logdet = LogDetEstimate(
+                float(value.detach()),
+                stderr,
+                rules.nodes.shape[0],
+                int(rules.steps.max()),
+                rules.exact,
+            )
+        else:
+            p0 = self.prior_precision_diag.to(dtype)
+            with eval_mode(self.model):
+                value, self.last_logdet = posterior_logdet(
+                    obj,
+                    self.hfl_settings.target,
+                    h,
+                    p0,
+                    settings,
+                    precond=self._precond(obj),
+                    backward_context=lambda: eval_mode(self.model),
+                )
+        return value.to(self._dtype)
+
+    def log_marginal_likelihood(
+        self,
+        prior_precision: Tensor | None = None,
+        sigma_noise: Tensor | None = None,
+    ) -> Tensor:
+        """Laplace log marginal likelihood, as laplace-torch defines it.
+
+        ``log_likelihood - 1/2 (log_det_ratio + scatter)`` with the
+        log-determinant of :attr:`log_det_posterior_precision`. Differentiable
+        w.r.t. ``prior_precision`` (scalar, layer-wise or diagonal) and
+        ``sigma_noise``; passing them overwrites the current values, as in
+        laplace-torch.
+
+        Raises
+        ------
+        HFLNotFittedError
+            Not fitted.
+        ValueError
+            Non-positive or non-finite ``prior_precision`` / ``sigma_noise``,
+            ``sigma_noise`` for classification (state unchanged).
+        IndefiniteHessianError
+            ``target="hessian"`` and the posterior precision is not positive
+            definite.
+        """
+        self._check_H_init()
+        if prior_precision is not None:
+            _check_positive("prior_precision", prior_precision)
+        if sigma_noise is not None:
+            if self.likelihood != "regression":
+                raise ValueError("Can only change sigma_noise for regression.")
+            _check_positive("sigma_noise", sigma_noise)
+        return super().log_marginal_likelihood(prior_precision, sigma_noise)
+
+    # ---------------------------------------------------------------- tuning
     def optimize_prior_precision(
-        self, pred_type: str = "glm", method: str = "gridsearch", **kwargs: Any
+        self,
+        pred_type: str = "glm",
+        method: str = "marglik",
+        *,
+        fixed_point: bool = False,
+        **kwargs: Any,
     ) -> None:
-        """Tune the prior precision by grid search on validation data.
+        """Tune the prior precision, as laplace-torch does.
 
         Parameters
         ----------
         pred_type : {"glm"}
-        method : {"gridsearch"}
-            ``"marglik"`` is refused (no log-determinant in HFL).
+        method : {"marglik", "gridsearch"}, default="marglik"
+            ``"marglik"`` runs laplace-torch's own Adam loop on
+            :meth:`log_marginal_likelihood` (with a scalar prior every step
+            reuses one Lanczos run: no data pass after the first);
+            ``"gridsearch"`` needs ``val_loader``.
+        fixed_point : bool, default=False
+            With ``method="marglik"``: MacKay's fixed point
+            ``p_g <- gamma_g / ||theta_g - mu_0||^2`` instead of Adam (same
+            optimum, a few iterations; ``n_steps`` bounds them, ``lr`` is
+            unused). See ``docs/marglik.md``.
         **kwargs
-            Passed to laplace-torch's grid search (``val_loader`` is required;
-            ``grid_size``, ``log_prior_prec_min/max``, ``link_approx``, ...).
+            laplace-torch's options (``n_steps``, ``lr``, ``init_prior_prec``,
+            ``prior_structure``, ``val_loader``, ``grid_size``, ...). For grid
+            search in regression pass a loss that scores the variance,
+            ``loss=laplace_hfl.gridsearch.gaussian_nll_loss(la.sigma_noise)``:
+            laplace-torch's default (MSE of the mean) ignores the prior.
 
         Raises
         ------
-        NotImplementedError
-            ``method="marglik"``.
         ValueError
-            ``val_loader`` missing.
+            ``val_loader`` missing for grid search; bad ``init_prior_prec``.
+        HFLNotFittedError
+            Not fitted.
+        IndefiniteHessianError
+            ``target="hessian"`` and the posterior precision is not positive
+            definite.
+
+        Warns
+        -----
+        VarianceBlindLossWarning
+            Grid search for regression with a loss that ignores the variance.
+        GridSearchCostWarning
+            The first grid value predicts a long search (estimate given).
         """
-        if method != "gridsearch":
-            raise NotImplementedError(
-                f"method={method!r} is not available: " + _NO_MARGLIK
-            )
-        self._require_glm(pred_type)
-        if kwargs.get("val_loader") is None:
-            raise ValueError(
-                "Grid search needs validation data: pass val_loader=DataLoader(...)."
-            )
+        if method == "marglik":
+            self._check_H_init()
+            if "init_prior_prec" in kwargs:
+                _check_positive("init_prior_prec", kwargs["init_prior_prec"])
+            if fixed_point:
+                self._fixed_point_prior(**kwargs)
+                return
+            with eval_mode(self.model):
+                super().optimize_prior_precision(
+                    pred_type=pred_type, method=method, **kwargs
+                )
+            return
+        if fixed_point:
+            raise ValueError("fixed_point=True needs method='marglik'.")
+        if method == "gridsearch":
+            self._require_glm(pred_type)
+            if kwargs.get("val_loader") is None:
+                raise ValueError(
+                    "Grid search needs validation data: pass "
+                    "val_loader=DataLoader(...)."
+                )
+            check_loss(self.likelihood, kwargs.get("loss"))
         with eval_mode(self.model):
             super().optimize_prior_precision(
                 pred_type=pred_type, method=method, **kwargs
             )
 
-    # -------------------------------------------------------------- refusals
-    def log_marginal_likelihood(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Not available: raises ``NotImplementedError`` naming grid search."""
-        raise NotImplementedError(_NO_MARGLIK)
+    def _gridsearch(
+        self,
+        loss: Any,
+        interval: Tensor,
+        val_loader: Any,
+        pred_type: str,
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        progress_bar: bool = False,
+    ) -> Tensor:
+        """laplace-torch's grid search, timed: warns with the expected total
+        when it will take long (see :mod:`laplace_hfl.gridsearch`)."""
 
-    @property
-    def log_det_posterior_precision(self) -> Tensor:
-        raise NotImplementedError(_NO_MARGLIK)
+        def score() -> float:
+            try:
+                return validate(
+                    self, val_loader, loss, pred_type=pred_type,
+                    link_approx=link_approx, n_samples=n_samples,
+                    dict_key_y=self.dict_key_y,
+                )  # fmt: skip
+            except LinAlgError:
+                return float("inf")
+
+        return run_gridsearch(
+            self, list(interval), score, progress_bar or self.progress_bar
+        )
+
+    def _fixed_point_prior(
+        self,
+        n_steps: int = 100,
+        init_prior_prec: float | Tensor = 1.0,
+        prior_structure: str = "scalar",
+        val_loader: Any = None,
+        verbose: bool = False,
+        tol: float = 1e-6,
+        **unused: Any,
+    ) -> None:
+        if val_loader is not None:
+            warnings.warn(
+                "`val_loader` will be ignored when `method` == 'marglik'. "
+                "Do you mean to set `method = 'gridsearch'`?",
+                stacklevel=3,
+            )
+        init = torch.as_tensor(init_prior_prec, device=self._device, dtype=self._dtype)
+        init = init.reshape(-1)
+        if init.numel() == 1 and prior_structure != "scalar":
+            init = fix_prior_prec_structure(
+                init.item(),
+                prior_structure,
+                self.n_layers,
+                self.n_params,
+                self._device,
+                self._dtype,
+            )
+        dtype, target = self.compute_dtype, self.hfl_settings.target
+        numels = torch.as_tensor(self._refit_module()[1].numels)
+        n_groups = init.numel()
+        if n_groups == 1:
+            group = torch.zeros(self.n_params, dtype=torch.long)
+        elif n_groups == self.n_params:
+            group = torch.arange(self.n_params)
+        elif n_groups == len(numels):
+            group = torch.repeat_interleave(torch.arange(n_groups), numels)
+        else:
+            raise ValueError(
+                "init_prior_prec must be scalar, per layer or per parameter."
+            )
+        group = group.to(self._device)
+        obj = self._marglik_objective()
+        h = float(self._H_factor.detach())
+        if n_groups == 1:
+            rules = self._curvature_rules(obj)
+
+            def group_trace(p: Tensor) -> Tensor:
+                return isotropic_trace_inverse(rules, torch.tensor(h), p[0]).reshape(1)
+
+        else:
+
+            def group_trace(p: Tensor) -> Tensor:
+                at = dataclasses.replace(obj, prior_precision=p[group])
+                with eval_mode(self.model):
+                    d = diag_inverse(
+                        at, target, self.marglik_settings, self._precond(at)
+                    )
+                return torch.zeros_like(p).index_add_(0, group, d)
+
+        delta = (self.mean - self.prior_mean).detach().to(dtype)
+        result = mackay_fixed_point(
+            group_trace, group, delta, init.to(dtype), max_iter=n_steps, tol=tol
+        )
+        self.last_fixed_point = result
+        if not result.converged:
+            warnings.warn(
+                f"The fixed-point prior update did not converge in {n_steps} "
+                "iterations; raise n_steps.",
+                stacklevel=3,
+            )
+        self.prior_precision = result.prior_precision.to(self._dtype)
+        if verbose:
+            print(f"Optimized prior precision is {self.prior_precision}.")

@@ -117,7 +117,7 @@ def check_prior_precision(value: Any) -> None:
         )
 
 
-def _check_positive(name: str, value: Any, fix: str) -> None:
+def _check_positive_value(name: str, value: Any, fix: str) -> None:
     v = _values(name, value)
     bad = ~torch.isfinite(v) | (v <= 0)
     if bool(bad.any()):
@@ -134,7 +134,7 @@ def check_sigma_noise(value: Any) -> None:
     ValueError
         Zero, negative, NaN or infinite.
     """
-    _check_positive(
+    _check_positive_value(
         "sigma_noise", value, "It is the standard deviation of the regression "
         "noise, e.g. the residual RMSE of the MAP on training data."
     )  # fmt: skip
@@ -148,7 +148,7 @@ def check_temperature(value: Any) -> None:
     ValueError
         Zero, negative, NaN or infinite.
     """
-    _check_positive(
+    _check_positive_value(
         "temperature", value, "Use 1.0 for the plain Laplace posterior; values "
         "below 1 sharpen it, above 1 widen it."
     )  # fmt: skip

@@ -1,9 +1,34 @@
-"""The weight-space posterior of the HFL shell: precision, samples, density."""
+"""The weight-space posterior of the HFL shell: precision, samples, density.
+
+``N(theta_MAP, P^{-1})`` with ``P = _H_factor * H + diag(p_0)`` as in
+laplace-torch's ``FullLaplace``, but never formed: ``posterior_precision``,
+``posterior_covariance`` and ``H`` are matrix-free
+:class:`~laplace_hfl.operators.SymmetricOperator` objects, and ``sample``
+draws exactly (sample-then-optimise for the GGN, Lanczos ``P^{-1/2} z`` for
+the exact Hessian). The math lives in
+:mod:`laplace_hfl.weight_posterior`; this mixin only wires it to the estimator.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from laplace_hfl.batches import eval_mode
+from laplace_hfl.errors import IndefiniteHessianError
+from laplace_hfl.logdet import precision_quadratic
+from laplace_hfl.operators import SymmetricOperator
+from laplace_hfl.solvers import NegativeCurvature
+from laplace_hfl.weight_posterior import (
+    curvature_matvec,
+    precision_matvec,
+    solve_precision,
+    weight_samples,
+)
 
 __all__ = ["WeightSpaceMixin"]
 
@@ -14,42 +39,267 @@ _NO_WEIGHT_SPACE = (
 )
 
 
+def _indefinite(what: str, err: NegativeCurvature) -> IndefiniteHessianError:
+    return IndefiniteHessianError(
+        f"{what}: the posterior precision (target='hessian') has non-positive "
+        f"curvature {err.curvature:.3e}, so N(theta_MAP, P^-1) does not exist. "
+        "Use target='ggn' (positive definite by construction) or train the MAP "
+        "to a minimum of the Laplace objective."
+    )
+
+
+def check_n_samples(n_samples: object) -> int:
+    """``n_samples`` as a positive ``int``.
+
+    Raises
+    ------
+    TypeError
+        Not an integer (``bool`` included).
+    ValueError
+        Not positive.
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral):
+        raise TypeError(f"n_samples must be a positive integer, got {n_samples!r}.")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples}.")
+    return int(n_samples)
+
+
 class WeightSpaceMixin:
-    """``posterior_precision``, ``sample``, ``log_prob``, ``square_norm``."""
+    """``posterior_precision``/``covariance``, ``H``, ``sample``, ``log_prob``.
+
+    Relies on the core of :class:`laplace_hfl.base.HFLMixin` (``_objective``,
+    ``_precond``, ``_check_H_init``, ``hfl_settings``).
+    """
+
+    # ----------------------------------------------------------- operators
+    def _operator(
+        self, name: str, rows: Callable[[Tensor], Tensor]
+    ) -> SymmetricOperator:
+        model = self.model
+
+        def matvec(V: Tensor) -> Tensor:
+            with eval_mode(model):
+                return rows(V)
+
+        return SymmetricOperator(
+            matvec,
+            size=int(self.mean.numel()),
+            dtype=self._dtype,
+            device=self._device,
+            compute_dtype=self.compute_dtype,
+            name=name,
+            chunk_size=self.chunk_size,
+        )
+
+    def _curvature_operator(self) -> SymmetricOperator:
+        """``la.H``: the data curvature (what ``FullLaplace.H`` holds)."""
+        obj, target = self._objective(), self.hfl_settings.target
+        return self._operator("H", lambda V: curvature_matvec(obj, target, V))
 
     @property
-    def posterior_precision(self) -> Tensor:
-        """Not available: HFL never forms the posterior precision."""
-        raise NotImplementedError(
-            "HFL never forms the posterior precision (that is the point); "
-            "predictive covariances come from la(x) or la.functional_variance(Js)."
+    def posterior_precision(self) -> SymmetricOperator:
+        """``P = _H_factor * H + diag(p_0)`` as a matrix-free operator.
+
+        Supports ``P @ v`` for ``(P,)`` and ``(P, k)`` operands (batched
+        GGN- or Hessian-vector products), ``.shape``, ``.dtype``, ``.device``;
+        ``.to_dense()`` builds the matrix. Reflects the hyperparameters at
+        the time of access, like laplace-torch's dense property.
+
+        Raises
+        ------
+        HFLNotFittedError
+            Before ``fit``.
+        """
+        self._check_H_init()
+        obj, target = self._objective(), self.hfl_settings.target
+        return self._operator(
+            "posterior_precision", lambda V: precision_matvec(obj, target, V)
         )
 
     @property
-    def posterior_covariance(self) -> Tensor:
-        """Not available: HFL never forms the posterior covariance."""
-        raise NotImplementedError(
-            "HFL never forms the posterior covariance; predictive covariances "
-            "come from la(x) or la.functional_variance(Js)."
-        )
+    def posterior_covariance(self) -> SymmetricOperator:
+        """``P^{-1}`` as a matrix-free operator: ``@`` solves by batched CG.
+
+        Each product runs preconditioned CG to the ``rtol``/``max_iter``
+        options and warns (``RefitConvergenceWarning``) when a solve stops
+        early. ``.to_dense()`` solves ``P`` systems.
+
+        Raises
+        ------
+        HFLNotFittedError
+            Before ``fit``.
+        IndefiniteHessianError
+            (on use) ``target="hessian"`` and ``P`` is not positive definite.
+        """
+        self._check_H_init()
+        obj, s = self._objective(), self.hfl_settings
+
+        def solve(V: Tensor) -> Tensor:
+            try:
+                return solve_precision(
+                    obj, s.target, V, s.rtol, s.max_iter, self._precond(obj)
+                )
+            except NegativeCurvature as err:
+                raise _indefinite("posterior_covariance", err) from err
+
+        return self._operator("posterior_covariance", solve)
 
     @property
     def posterior_variance(self) -> Tensor:
-        """Not available: HFL never forms the posterior variance."""
-        raise NotImplementedError(
-            "HFL never forms the posterior (co)variance in weight space; "
-            "predictive variances come from la(x) or la.functional_variance(Js)."
+        """Not available: ``diag(P^{-1})`` needs ``P`` solves (as in FullLaplace,
+        which has no such property either)."""
+        raise AttributeError(
+            "HFL has no posterior_variance (FullLaplace has none either): the "
+            "diagonal of P^-1 takes P solves. Use "
+            "la.posterior_covariance.to_dense().diagonal() (P CG solves), "
+            "la.sample(n).var(0) (Monte Carlo) or la.functional_variance(Js)."
         )
 
-    def square_norm(self, value: Tensor) -> Tensor:
-        raise NotImplementedError(_NO_WEIGHT_SPACE)
+    @property
+    def posterior_scale(self) -> Tensor:
+        """Not available: no square root of ``P^{-1}`` is formed."""
+        raise AttributeError(
+            "HFL forms no posterior_scale (P^-1/2). Draw weights with "
+            "la.sample(n), or use la.posterior_covariance (matrix-free P^-1) "
+            "and .to_dense() where a dense matrix fits in memory."
+        )
 
-    def log_prob(self, value: Tensor, normalized: bool = True) -> Tensor:
-        """Not available: no weight-space density in HFL."""
-        raise NotImplementedError(_NO_WEIGHT_SPACE)
+    # -------------------------------------------------------------- samples
+    def _check_generator(self, generator: torch.Generator | None) -> None:
+        if generator is not None and (
+            not isinstance(generator, torch.Generator)
+            or generator.device != self._device
+        ):
+            raise ValueError(
+                "Invalid random generator (check type and device): pass a "
+                f"torch.Generator on {self._device}, got {generator!r}."
+            )
+
+    def _weight_draws(
+        self, n_samples: int, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """MAP and ``(S, P)`` posterior weight draws, in the compute dtype."""
+        self._check_H_init()
+        n = check_n_samples(n_samples)
+        self._check_generator(generator)
+        target = self.hfl_settings.target
+        with eval_mode(self.model):
+            obj = self._objective()
+            try:
+                draws = weight_samples(
+                    obj,
+                    n,
+                    target=target,
+                    generator=generator,
+                    rtol=self.hfl_settings.rtol,
+                    max_iter=self.hfl_settings.max_iter,
+                    chunk_size=self.chunk_size,
+                    precond=self._precond(obj) if target == "ggn" else None,
+                )
+            except NegativeCurvature as err:
+                raise _indefinite("sample()", err) from err
+        return obj.theta_map, obj.theta_map + draws.deviations
 
     def sample(
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Not available: no weight-space samples in HFL."""
-        raise NotImplementedError(_NO_WEIGHT_SPACE)
+        """Exact draws of ``N(theta_MAP, P^{-1})`` without forming ``P``.
+
+        ``target="ggn"``: sample-then-optimise; each draw solves
+        ``P delta = b`` with a random right-hand side of covariance ``P``
+        (batched, preconditioned CG to ``rtol``), so ``theta_MAP + delta`` has
+        covariance ``P^{-1}`` exactly up to the CG tolerance.
+        ``target="hessian"`` (no square-root factorisation of ``P``):
+        ``delta = P^{-1/2} z`` by batched Lanczos. Costs solver iterations x
+        passes over the training data, for ``chunk_size`` draws at a time.
+
+        Parameters
+        ----------
+        n_samples : int, default=100
+        generator : torch.Generator, optional
+            On the model's device; the same generator state gives the same
+            draws (the global generator when None).
+
+        Returns
+        -------
+        Tensor
+            ``(n_samples, P)`` in the model's dtype.
+
+        Raises
+        ------
+        HFLNotFittedError
+            Before ``fit``.
+        TypeError, ValueError
+            ``n_samples`` not a positive integer; invalid ``generator``.
+        IndefiniteHessianError
+            ``target="hessian"`` and ``P`` is not positive definite.
+
+        Warns
+        -----
+        RefitConvergenceWarning
+            A draw's CG solve stopped at ``max_iter`` above ``rtol``.
+        """
+        return self._weight_draws(n_samples, generator)[1].to(self._dtype)
+
+    # -------------------------------------------------------------- density
+    def square_norm(self, value: Tensor) -> Tensor:
+        """``(value - theta_MAP)^T P (value - theta_MAP)``, one curvature product.
+
+        Raises
+        ------
+        HFLNotFittedError
+            Not fitted (or no training data).
+        ValueError
+            ``value`` is not of shape ``(P,)`` or ``(n, P)``, or not finite.
+        """
+        return -2 * self.log_prob(value, normalized=False)
+
+    def log_prob(self, value: Tensor, normalized: bool = True) -> Tensor:
+        """Log density of the Laplace posterior ``N(theta_MAP, P^-1)`` at ``value``.
+
+        The quadratic form ``(v - theta)^T P (v - theta)`` takes one batched
+        curvature-vector product; the normaliser uses
+        :attr:`log_det_posterior_precision` (stochastic Lanczos quadrature,
+        exact for small models).
+
+        Parameters
+        ----------
+        value : Tensor
+            Weights ``(P,)`` or a batch ``(n, P)``.
+        normalized : bool, default=True
+            Include ``-P/2 log(2 pi) + 1/2 log det P``.
+
+        Returns
+        -------
+        Tensor
+            Scalar for ``(P,)``, ``(n,)`` for a batch.
+
+        Raises
+        ------
+        HFLNotFittedError
+            Not fitted (or no training data).
+        ValueError
+            ``value`` is not of shape ``(P,)`` or ``(n, P)``, or not finite.
+        """
+        self._check_H_init()
+        value = torch.as_tensor(value)
+        if value.ndim not in (1, 2) or value.shape[-1] != self.n_params:
+            raise ValueError(
+                f"log_prob needs weights of shape ({self.n_params},) or "
+                f"(n, {self.n_params}); got {tuple(value.shape)}."
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError("log_prob got non-finite weights (NaN/inf).")
+        dtype = self.compute_dtype
+        delta = (value.detach().to(self._device, dtype) - self.mean.to(dtype)).reshape(
+            -1, self.n_params
+        )
+        with eval_mode(self.model):
+            obj = self._objective()
+            quad = precision_quadratic(obj, self.hfl_settings.target, delta)
+        quad = quad.to(self._dtype).reshape(value.shape[:-1])
+        if not normalized:
+            return -quad / 2
+        const = -self.n_params / 2 * math.log(2 * math.pi)
+        return const + self.log_det_posterior_precision / 2 - quad / 2

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
 from torch import nn
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
 from laplace_hfl.amortized import loss_hessian_sqrt_apply
+from laplace_hfl.errors import RefitConvergenceWarning
 
 DT = torch.float64
 SIGMA, PRIOR = 0.3, 0.5
@@ -165,3 +168,93 @@ def test_amortize_rejects_hessian_target_and_bad_values(regression):
     for bad in (1, 2.5, True):
         with pytest.raises(ValueError, match="amortize"):
             Laplace(model, "regression", "all", "hfl", amortize=bad)
+
+
+def test_unconverged_amortized_cg_warns_with_numbers(regression):
+    """max_iter=1 leaves a large CG residual: warn with it, never pass silently."""
+    model, X, y, _, likelihood = regression
+    la = Laplace(
+        model, likelihood, "all", "hfl", sigma_noise=SIGMA, prior_precision=PRIOR,
+        amortize=8, max_iter=1, precondition_rank=0,
+    )  # fmt: skip
+    with pytest.warns(RefitConvergenceWarning, match=r"residual.*max_iter"):
+        la.fit(_loader(X, y))
+    assert la._amortized.residual.max().item() > 1e-3
+
+
+# --- amortised mode at training cost: sample-then-optimise over minibatches ---
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["regression", "classification"])
+def test_minibatch_amortized_matches_full_ggn(case, request):
+    """SGD samples (batches of 16, 200 epochs, chunks of 500) vs FullLaplace GGN.
+
+    Tolerance as the CG path: median relative variance error < 10% (Monte Carlo
+    s.e. sqrt(2/2000) = 3.2% plus the SGD bias), full-batch residual < 5%.
+    """
+    model, X, y, Xq, likelihood = request.getfixturevalue(case)
+    _, var_ref = _reference(model, X, y, Xq, likelihood, "all")
+    la = Laplace(
+        model, likelihood, "all", "hfl", sigma_noise=_sigma(likelihood),
+        prior_precision=PRIOR, amortize=S, minibatch_epochs=200, chunk_size=500,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RefitConvergenceWarning)
+        la.fit(_loader(X, y))
+    _, var = la._glm_predictive_distribution(Xq)
+    d, d_ref = torch.diagonal(var, 0, 1, 2), torch.diagonal(var_ref, 0, 1, 2)
+    assert _rel_err(d, d_ref) < 0.10
+    assert la._amortized.residual.max().item() < 0.05
+    assert int(la._amortized.iterations[0]) == 200 * -(-len(X) // 16)
+
+
+def test_minibatch_amortized_converges_and_is_reproducible(regression):
+    """The right-hand sides are fixed for the run (drawn once per chunk), so
+    more epochs lower the full-batch residual; a seed gives the same samples."""
+    from laplace_hfl.amortized import sgd_posterior_samples
+
+    model, X, y, _, likelihood = regression
+    la = _hfl(model, likelihood, "all", None)
+    la.fit(_loader(X, y))
+    obj = la._objective()
+    res = []
+    for epochs in (4, 40):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RefitConvergenceWarning)
+            st = sgd_posterior_samples(obj, 8, epochs, batch_rows=16, seed=3)
+        res.append(st.residual.max().item())
+    assert res[1] < res[0] / 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RefitConvergenceWarning)
+        a = sgd_posterior_samples(obj, 8, 40, batch_rows=16, seed=3)
+    torch.testing.assert_close(a.samples, st.samples, rtol=0, atol=0)
+
+
+def test_unconverged_minibatch_amortized_warns(regression):
+    model, X, y, _, likelihood = regression
+    snap = snapshot(model)
+    la = Laplace(
+        model, likelihood, "all", "hfl", sigma_noise=SIGMA, prior_precision=PRIOR,
+        amortize=8, minibatch_epochs=2,
+    )  # fmt: skip
+    with pytest.warns(RefitConvergenceWarning, match=r"residual.*minibatch_epochs"):
+        la.fit(_loader(X, y))
+    assert la._amortized.residual.max().item() > 0.1
+    assert_unchanged(model, snap)
+
+
+def test_benchmark_dual_reference_matches_dense():
+    """The benchmark's exact reference (dense dual/Woodbury form) vs the
+    independent dense GGN inverse of conftest, float64: 1e-10 relative."""
+    from conftest import PRIOR as P0
+    from conftest import dense_reference, make_classification, train_stationary
+
+    from laplace_hfl.benchmark.amortized import dual_variances
+
+    model, X, y = make_classification()
+    model = train_stationary(model, X, y, "classification")
+    Xq = 1.3 * X[:5]
+    ref, _ = dense_reference(model, X, y, Xq, "classification", "ggn")
+    got = dual_variances(model, X, Xq, P0)
+    torch.testing.assert_close(got, ref.diagonal(0, 1, 2), rtol=1e-10, atol=0)

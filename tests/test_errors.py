@@ -103,25 +103,15 @@ def test_subnetwork_rejected(regression_1d):
         Laplace(model, "regression", "subnetwork", "hfl")
 
 
-def test_marglik_and_weight_space_refused(fitted):
+def test_gridsearch_needs_val_loader(fitted):
     la, model, X, y = fitted
     snap = snapshot(model)
-    with pytest.raises(NotImplementedError, match="gridsearch"):
-        la.optimize_prior_precision(method="marglik")
-    with pytest.raises(NotImplementedError, match="grid search"):
-        la.log_marginal_likelihood()
-    with pytest.raises(NotImplementedError):
-        la.posterior_precision  # noqa: B018
-    with pytest.raises(NotImplementedError, match="glm"):
-        la.sample(3)
-    with pytest.raises(NotImplementedError, match="glm"):
-        la.log_prob(la.mean)
     with pytest.raises(ValueError, match="val_loader"):
         la.optimize_prior_precision(method="gridsearch")
     assert_unchanged(model, snap)
 
 
-@pytest.mark.parametrize("pred_type", ["nn", "gp"])
+@pytest.mark.parametrize("pred_type", ["gp"])
 def test_pred_type_other_than_glm(fitted, pred_type):
     la, model, X, _ = fitted
     snap = snapshot(model)

@@ -206,13 +206,10 @@ def test_pred_type_invalid_vs_unsupported(regression_1d, subset):
         lambda p: la.functional_samples(X[:2], pred_type=p, n_samples=2),
         lambda p: la.predictive_samples(X[:2], pred_type=p, n_samples=2),
     ):
-        with pytest.raises(ValueError, match="Unknown pred_type='linear'"):
+        with pytest.raises(ValueError, match="got 'linear'"):
             call("linear")
-        with pytest.raises(NotImplementedError, match="pred_type='nn'"):
-            call("nn")
-    for name in ("posterior_covariance", "posterior_variance"):
-        with pytest.raises(NotImplementedError, match="never forms the posterior"):
-            getattr(la, name)
+        with pytest.raises(NotImplementedError):
+            call("gp")
     assert_unchanged(model, snap)
 
 
@@ -689,6 +686,5 @@ def test_amortize_pushforward_bounded_by_chunk_size(regression_1d, monkeypatch):
     small.fit(loader(X, y))
     v_small = small(X[:4])[1]
     assert widths and max(widths) <= 8
-    large = Laplace(model, "regression", "all", "hfl", chunk_size=64, **kw)
-    large.fit(loader(X, y))
-    torch.testing.assert_close(v_small, large(X[:4])[1], rtol=1e-12, atol=0)
+    small.chunk_size = 64  # same stored samples, pushed forward at once
+    torch.testing.assert_close(v_small, small(X[:4])[1], rtol=1e-12, atol=0)

@@ -332,7 +332,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None,
                         help="recompute these sections of an existing results.json")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results",
-                        help="output folder for results.json and PNGs")  # fmt: skip
+                        help="output folder for results.json and PNGs "
+                        "(default: benchmarks/results)")  # fmt: skip
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
@@ -344,11 +345,16 @@ def _run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plain_doc() -> str:
+    """The module docstring without reStructuredText markup (for ``--help``)."""
+    return " ".join((__doc__ or "").replace("``", "").split())
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``benchmark`` subcommand to an argparse ``subparsers`` object."""
     parser = subparsers.add_parser(
-        "benchmark", help="HFL vs Hessian structures: accuracy, time, memory",
-        description=__doc__,
+        "benchmark", help="HFL vs laplace-torch: accuracy, time, memory",
+        description=_plain_doc(),
     )  # fmt: skip
     _add_arguments(parser)
     parser.set_defaults(func=_run_from_args)
@@ -357,6 +363,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m laplace_hfl.benchmark",
-                                     description=__doc__)  # fmt: skip
+                                     description=_plain_doc())  # fmt: skip
     _add_arguments(parser)
     return _run_from_args(parser.parse_args(argv))

@@ -21,6 +21,7 @@ from laplace_hfl.evaluation.figures import (
     plot_reliability,
     plot_variance_scatter,
 )
+from laplace_hfl.evaluation.memory import PeakMemory
 from laplace_hfl.evaluation.metrics import (
     brier_score,
     classification_metrics,
@@ -29,6 +30,7 @@ from laplace_hfl.evaluation.metrics import (
     gaussian_nll,
     interval_coverage,
     ood_auroc,
+    ood_auroc_variance,
     probit_probs,
     regression_metrics,
     variance_agreement,
@@ -43,10 +45,8 @@ from laplace_hfl.evaluation.registry import (
     resolve_methods,
 )
 from laplace_hfl.evaluation.report import format_header, format_table, write_results
+from laplace_hfl.evaluation.results import ComparisonResult, Prediction
 from laplace_hfl.evaluation.runner import (
-    ComparisonResult,
-    PeakMemory,
-    Prediction,
     predict_inputs,
     run_comparison,
     run_method,
@@ -79,6 +79,7 @@ __all__ = [
     "brier_score",
     "classification_nll",
     "ood_auroc",
+    "ood_auroc_variance",
     "variance_agreement",
     "plot_predictive_bands",
     "plot_predictive_std",

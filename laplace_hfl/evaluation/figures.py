@@ -18,15 +18,25 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the CLI writes files only
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from laplace_hfl.evaluation.registry import (  # noqa: E402
+    METHODS,
+    REFERENCE_GGN,
+    REFERENCE_HESSIAN,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from laplace_hfl.evaluation.runner import Prediction
+    from laplace_hfl.evaluation.results import Prediction
 
 __all__ = [
+    "FAMILY_TITLES",
+    "method_family",
+    "group_by_family",
     "plot_predictive_bands",
     "plot_predictive_std",
     "plot_confidence_map",
@@ -53,6 +63,75 @@ def _save(fig: Figure, path: str | os.PathLike | None) -> None:
         fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
+#: Panel titles of the known method families; any other family (a method
+#: registered later) gets its own panel titled by its name.
+FAMILY_TITLES = {
+    "hfl": "HFL (this package)",
+    "full": "full Laplace (P x P)",
+    "kron": "KFAC",
+    "diag": "diagonal",
+    "ll": "last-layer Laplace",
+    "map": "MAP",
+}
+_LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+
+
+def method_family(name: str, families: dict[str, str] | None = None) -> str:
+    """Family of a method: ``families[name]``, else the registry's
+    :attr:`MethodSpec.family`, else the name up to its first underscore."""
+    if families and name in families:
+        return families[name]
+    spec = METHODS.get(name)
+    return spec.family if spec is not None else name.split("_")[0]
+
+
+def group_by_family(
+    names: list[str], families: dict[str, str] | None = None
+) -> dict[str, list[str]]:
+    """``{family: [names]}`` in first-seen order of families, ``hfl`` first."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(method_family(n, families), []).append(n)
+    order = sorted(groups, key=lambda f: (f != "hfl", list(groups).index(f)))
+    return {f: groups[f] for f in order}
+
+
+def _colors(n: int) -> list:
+    """``n`` distinct colours (tab10 up to 10, tab20 beyond)."""
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _family_grid(
+    groups: dict[str, list[str]],
+    max_cols: int = 6,
+    size: float = 2.6,
+    share: bool = False,
+) -> tuple[Figure, dict[str, Axes]]:
+    """One row per family (wrapped after ``max_cols``), the family named as the
+    y label of the row's first panel; ``share``: common x and y axes."""
+    rows: list[tuple[str, list[str]]] = []
+    for fam, names in groups.items():
+        for i in range(0, len(names), max_cols):
+            rows.append((fam, names[i : i + max_cols]))
+    ncols = max((len(r[1]) for r in rows), default=1)
+    fig, axes = plt.subplots(
+        max(len(rows), 1), ncols, figsize=(size * ncols, size * 0.85 * max(len(rows), 1)),
+        squeeze=False, sharex=share, sharey=share,
+    )  # fmt: skip
+    out: dict[str, Axes] = {}
+    for r, (fam, names) in enumerate(rows):
+        for c in range(ncols):
+            if c < len(names):
+                out[names[c]] = axes[r, c]
+            else:
+                axes[r, c].axis("off")
+        axes[r, 0].set_ylabel(
+            FAMILY_TITLES.get(fam, fam), fontsize=9, fontweight="bold"
+        )
+    return fig, out
+
+
 def plot_predictive_bands(
     x: Tensor,
     predictions: dict[str, Prediction],
@@ -61,8 +140,9 @@ def plot_predictive_bands(
     gap: tuple[float, float] | tuple[tuple[float, float], ...] | None = None,
     path: str | os.PathLike | None = None,
     title: str = "",
+    families: dict[str, str] | None = None,
 ) -> Figure:
-    """1-D predictive mean and 95% bands of every method on one grid.
+    """1-D predictive mean and 95% bands of every method, one row per family.
 
     Dark band: ``f_mu +/- 1.96 sqrt(f_var)`` (epistemic); light band:
     ``f_mu +/- 1.96 sqrt(f_var + sigma^2)`` (predictive).
@@ -80,15 +160,18 @@ def plot_predictive_bands(
     path : path, optional
         Where to save the PNG.
     title : str
+    families : dict of str to str, optional
+        Method name to family (default: :func:`method_family`).
     """
     xs = x.reshape(-1).double().numpy()
     if gap is not None and isinstance(gap[0], (int, float)):
         gap = (gap,)  # type: ignore[assignment]
-    fig, axes = _grid(len(predictions))
+    fig, by_name = _family_grid(group_by_family(list(predictions), families))
     ys = [p.f_mu.reshape(-1).double() for p in predictions.values()]
     lo = min(float(y.min()) for y in ys) - 1.5 if ys else -2
     hi = max(float(y.max()) for y in ys) + 1.5 if ys else 2
-    for ax, (name, p) in zip(axes, predictions.items()):
+    for name, ax in by_name.items():
+        p = predictions[name]
         mu = p.f_mu.reshape(-1).double().numpy()
         fv = p.f_var.reshape(-1).double().clamp_min(0)
         sd_f = (1.96 * fv.sqrt()).numpy()
@@ -121,8 +204,10 @@ def plot_reliability(
     n_bins: int = 15,
     path: str | os.PathLike | None = None,
     title: str = "",
+    families: dict[str, str] | None = None,
 ) -> Figure:
-    """Reliability diagrams (top-label accuracy vs confidence), one per method.
+    """Reliability diagrams (top-label accuracy vs confidence), one per method,
+    one row per family.
 
     Parameters
     ----------
@@ -134,12 +219,15 @@ def plot_reliability(
         Equal-width confidence bins (as in the ECE).
     path : path, optional
     title : str
+    families : dict of str to str, optional
+        Method name to family (default: :func:`method_family`).
     """
     preds = {k: p for k, p in predictions.items() if p.probs is not None}
-    fig, axes = _grid(len(preds))
+    fig, by_name = _family_grid(group_by_family(list(preds), families))
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     centers = (0.5 * (edges[1:] + edges[:-1])).numpy()
-    for ax, (name, p) in zip(axes, preds.items()):
+    for name, ax in by_name.items():
+        p = preds[name]
         conf, lab = p.probs.double().max(-1)
         correct = (lab == y.long()).double()
         idx = torch.bucketize(conf, edges[1:-1], right=True)
@@ -165,8 +253,10 @@ def plot_variance_scatter(
     reference: str,
     path: str | os.PathLike | None = None,
     title: str = "",
+    families: dict[str, str] | None = None,
 ) -> Figure:
-    """Log-log scatter of each method's latent variances against a reference.
+    """Log-log scatter of each method's latent variances against a reference,
+    one row per family.
 
     Parameters
     ----------
@@ -176,6 +266,8 @@ def plot_variance_scatter(
         Name of the reference method.
     path : path, optional
     title : str
+    families : dict of str to str, optional
+        Method name to family (default: :func:`method_family`).
 
     Raises
     ------
@@ -188,16 +280,18 @@ def plot_variance_scatter(
         for k, p in predictions.items()
         if k != reference and bool((p.variances != 0).any())
     }
-    fig, axes = _grid(len(others))
+    fig, by_name = _family_grid(group_by_family(list(others), families), share=True)
     lo, hi = float(ref.min()), float(ref.max())
-    for ax, (name, p) in zip(axes, others.items()):
+    for name, ax in by_name.items():
+        p = others[name]
         v = p.variances.double().clamp_min(1e-300)
         ax.loglog(ref.numpy(), v.numpy(), ".", ms=2)
         ax.plot([lo, hi], [lo, hi], "r--", lw=0.8)
         ax.set_title(name, fontsize=8)
-        ax.tick_params(labelsize=6)
-    if axes:
-        axes[0].set_ylabel("method variance", fontsize=7)
+        ax.tick_params(which="both", labelsize=6)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    fig.supylabel("method variance", fontsize=8)
     fig.supxlabel(f"reference variance ({reference})", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -222,11 +316,19 @@ def plot_predictive_std(
     train_x: Tensor | None = None,
     path: str | os.PathLike | None = None,
     title: str = "",
+    families: dict[str, str] | None = None,
+    references: tuple[str, ...] | None = None,
+    max_curves: int = 8,
 ) -> Figure:
-    """Every method's epistemic standard deviation on ONE axes, log-scale y.
+    """Epistemic standard deviation of every method, log-scale y.
 
     The curve of a method is ``sqrt(f_var[:, 0, 0])`` (regression, output 0)
     against ``x``; methods with zero variance everywhere (the MAP) are skipped.
+    Up to ``max_curves`` curves (or with ``ax``) share one axes, one colour
+    each and one line style per family. More curves get one panel per family
+    (families from the registry, so methods registered later group
+    themselves), each with the reference methods drawn in black for
+    comparison, on a shared y-axis. Legends sit outside the plotted region.
 
     Parameters
     ----------
@@ -238,46 +340,93 @@ def plot_predictive_std(
     gap : tuple of float or tuple of tuples, optional
         Input interval(s) without data, shaded grey.
     ax : matplotlib Axes, optional
-        Draw into this axes (a new 6 x 3.5 in figure otherwise).
+        Draw every curve into this axes.
     train_x : Tensor, optional
         Training inputs, drawn as a rug at the bottom.
     path : path, optional
         Where to save the PNG.
     title : str
+    families : dict of str to str, optional
+        Label to family (default: :func:`method_family`).
+    references : tuple of str, optional
+        Methods repeated in black in every family panel (default: the full
+        exact-Hessian and GGN references of the registry, when present).
+    max_curves : int, default=8
+        Most curves on a single axes before switching to family panels.
 
     Returns
     -------
     Figure
-        The figure holding ``ax``.
     """
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-    else:
-        fig = ax.figure
     xs = x.reshape(-1).double().numpy()
-    for lo_hi in _intervals(gap):
-        ax.axvspan(*lo_hi, color="0.92", lw=0, label=None)
+    sds = {}
     for name, p in predictions.items():
         var = p.f_var.reshape(p.f_var.shape[0], -1)[:, 0].double().clamp_min(0)
-        if not bool((var > 0).any()):
-            continue
-        ax.plot(xs, var.sqrt().numpy(), lw=1.2, label=name)
-    ax.set_yscale("log")
-    if train_x is not None:
-        ax.plot(
-            train_x.reshape(-1).double().numpy(),
-            [0.0] * train_x.numel(),
-            "|",
-            color="k",
-            ms=8,
-            transform=ax.get_xaxis_transform(),
-        )
-    ax.set_xlabel("x", fontsize=8)
-    ax.set_ylabel("epistemic sd  sqrt(f_var)", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6, ncol=2, loc="best")
+        if bool((var > 0).any()):
+            sds[name] = var.sqrt().numpy()
+    groups = group_by_family(list(sds), families)
+
+    def decorate(a: Axes) -> None:
+        for lo_hi in _intervals(gap):
+            a.axvspan(*lo_hi, color="0.92", lw=0, label=None)
+        a.set_yscale("log")
+        if train_x is not None:
+            a.plot(
+                train_x.reshape(-1).double().numpy(), [0.0] * train_x.numel(), "|",
+                color="k", ms=8, transform=a.get_xaxis_transform(),
+            )  # fmt: skip
+        a.set_xlabel("x", fontsize=8)
+        a.tick_params(labelsize=7)
+
+    if ax is not None or len(sds) <= max_curves:
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(7.5, 3.5))
+        else:
+            fig = ax.figure
+        colors = iter(_colors(len(sds)))
+        for k, (fam, names) in enumerate(groups.items()):
+            for name in names:
+                ax.plot(xs, sds[name], lw=1.4, color=next(colors),
+                        ls=_LINESTYLES[k % len(_LINESTYLES)], label=name)  # fmt: skip
+        decorate(ax)
+        ax.set_ylabel("epistemic sd  sqrt(f_var)", fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0)  # fmt: skip
+        if title:
+            ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        _save(fig, path)
+        return fig
+
+    if references is None:
+        references = tuple(r for r in (REFERENCE_HESSIAN, REFERENCE_GGN) if r in sds)
+    panels = {f: n for f, n in groups.items() if [m for m in n if m not in references]}
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows), sharex=True, sharey=True,
+        squeeze=False,
+    )  # fmt: skip
+    ref_styles = dict(zip(references, ("--", ":", "-.")))
+    for a, (fam, names) in zip(axes.flat, panels.items()):
+        own = [n for n in names if n not in references]
+        for i, (name, color) in enumerate(zip(own, _colors(len(own)))):
+            # thinner each time: identical curves (same method, other backend)
+            # stay visible as nested stripes
+            a.plot(xs, sds[name], lw=max(3.2 - 0.8 * i, 0.8), color=color, label=name)
+        for ref in references:
+            a.plot(xs, sds[ref], lw=1.1, color="k", ls=ref_styles[ref],
+                   label=f"{ref} (reference)")  # fmt: skip
+        decorate(a)
+        a.set_title(FAMILY_TITLES.get(fam, fam), fontsize=9)
+        a.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                 ncol=1, frameon=False)  # fmt: skip
+    for a in axes.flat[len(panels) :]:
+        a.axis("off")
+    for a in axes[:, 0]:
+        a.set_ylabel("epistemic sd  sqrt(f_var)", fontsize=8)
     if title:
-        ax.set_title(title, fontsize=9)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     return fig

@@ -27,6 +27,7 @@ __all__ = [
     "brier_score",
     "classification_nll",
     "ood_auroc",
+    "ood_auroc_variance",
     "classification_metrics",
     "variance_agreement",
 ]
@@ -179,13 +180,45 @@ def ood_auroc(probs_in: Tensor, probs_out: Tensor) -> float:
     return float(binary_auroc(score.double(), label))
 
 
+def ood_auroc_variance(var_in: Tensor, var_out: Tensor) -> float:
+    """AUROC of detecting OOD inputs by high *epistemic* (latent) variance.
+
+    Score: the trace of the latent covariance ``sum_k Var[f_k(x)]``; OOD inputs
+    are the positive class. Unlike :func:`ood_auroc`, this score ignores
+    aleatoric ambiguity (inputs near the decision boundary), so it measures
+    whether a method knows where it has no data. A method without epistemic
+    variance (the MAP) scores 0.5.
+
+    Parameters
+    ----------
+    var_in, var_out : Tensor
+        Latent covariances ``(N, C, C)`` (or per-point scores ``(N,)``) on test
+        and OOD inputs.
+    """
+
+    def score(v: Tensor) -> Tensor:
+        v = v.double()
+        return v.diagonal(dim1=-2, dim2=-1).sum(-1) if v.dim() == 3 else v
+
+    s = torch.cat([score(var_in), score(var_out)])
+    label = torch.cat(
+        [
+            torch.zeros(len(var_in), dtype=torch.long),
+            torch.ones(len(var_out), dtype=torch.long),
+        ]
+    )
+    return float(binary_auroc(s, label))
+
+
 def classification_metrics(
     probs: Tensor,
     y: Tensor,
     probs_ood: Tensor | None = None,
     n_bins: int = 15,
+    var: Tensor | None = None,
+    var_ood: Tensor | None = None,
 ) -> dict[str, float]:
-    """Accuracy, NLL, ECE (``n_bins`` bins), Brier and OOD AUROC.
+    """Accuracy, NLL, ECE (``n_bins`` bins), Brier and OOD AUROCs.
 
     Parameters
     ----------
@@ -197,6 +230,9 @@ def classification_metrics(
         Probabilities on OOD / shifted inputs; adds ``ood_auroc`` and
         ``ood_mean_conf``.
     n_bins : int, default=15
+    var, var_ood : Tensor, optional
+        Latent covariances ``(N, C, C)`` on the test and OOD inputs; add
+        ``ood_auroc_var`` (:func:`ood_auroc_variance`).
 
     Returns
     -------
@@ -214,6 +250,8 @@ def classification_metrics(
     if probs_ood is not None:
         out["ood_auroc"] = ood_auroc(probs, probs_ood)
         out["ood_mean_conf"] = float(probs_ood.max(-1).values.double().mean())
+    if var is not None and var_ood is not None:
+        out["ood_auroc_var"] = ood_auroc_variance(var, var_ood)
     return out
 
 

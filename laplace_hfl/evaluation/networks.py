@@ -28,6 +28,7 @@ __all__ = [
     "load_mnist_5k",
     "rotate_images",
     "LeNet",
+    "BNConvNet",
     "MnistSplit",
     "mnist_split",
     "train_classifier",
@@ -102,6 +103,35 @@ class LeNet(nn.Module):
             nn.Linear(120, 84),
             nn.ReLU(),
             nn.Linear(84, n_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class BNConvNet(nn.Module):
+    """A small CNN with BatchNorm after each convolution (20,570 parameters).
+
+    laplace-torch's KFAC backends refuse BatchNorm layers; HFL freezes the
+    running statistics (eval mode) and treats the affine BatchNorm weights
+    like any other parameter.
+    """
+
+    def __init__(self, n_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 5),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 5),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, n_classes)
         )
 
     def forward(self, x: Tensor) -> Tensor:

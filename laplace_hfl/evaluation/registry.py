@@ -62,7 +62,7 @@ class MethodSpec:
     ----------
     name : str
         Registry key (``laplace-hfl compare --methods NAME``).
-    family : {"map", "hfl", "full", "kron", "diag", "ll"}
+    family : {"map", "hfl", "full", "kron", "diag", "ll", "gp"}
         Row grouping in reports.
     backend : str
         Curvature backend (``"-"`` for the MAP, ``"hfl"`` for HFL).
@@ -183,6 +183,32 @@ register_method(
     MethodSpec(
         "ll_kron_asdl_ggn", "ll", "AsdlGGN", "ll-kron",
         _la("last_layer", "kron", AsdlGGN),
+    )
+)  # fmt: skip
+
+# laplace-torch's scalable linearised-Laplace (function-space) methods, at
+# sizes that fit the small tasks (ELLA's basis and FunctionalLaplace's subset
+# are capped at 32 training inputs; VaLLA uses the library's fit defaults).
+register_method(
+    MethodSpec(
+        "ella", "gp", "CurvlinopsGGN", "gp-nystrom",
+        _la("all", "gp", CurvlinopsGGN, functional_approximation="nystrom",
+            subsample_size=32, n_eigenvalues=8),
+        {"subsample_size": 32, "n_eigenvalues": 8},
+    )
+)  # fmt: skip
+register_method(
+    MethodSpec(
+        "valla", "gp", "CurvlinopsGGN", "gp-variational",
+        _la("all", "gp", CurvlinopsGGN, functional_approximation="variational",
+            inducing_locations="random", num_inducing=16),
+        {"num_inducing": 16, "inducing_locations": "random"},
+    )
+)  # fmt: skip
+register_method(
+    MethodSpec(
+        "gp_sod", "gp", "CurvlinopsGGN", "gp-sod",
+        _la("all", "gp", CurvlinopsGGN, n_subset=32), {"n_subset": 32},
     )
 )  # fmt: skip
 

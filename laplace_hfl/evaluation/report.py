@@ -10,9 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from laplace_hfl.evaluation.runner import ComparisonResult
+    from laplace_hfl.evaluation.results import ComparisonResult
 
-__all__ = ["format_table", "format_header", "write_results", "write_rows"]
+__all__ = [
+    "format_table",
+    "format_header",
+    "format_legend",
+    "write_results",
+    "write_rows",
+    "LEGEND",
+]
 
 _COMMON_HEAD = [("method", "method", "s"), ("structure", "structure", "s")]
 _COMMON_TAIL = [
@@ -22,7 +29,7 @@ _COMMON_TAIL = [
     ("var_spearman_vs_ggn", "rho_GGN", ".3f"),
     ("fit_s", "fit_s", ".2f"),
     ("predict_s_per_point", "ms/pt", "ms"),
-    ("peak_mem_mb", "MiB", ".0f"),
+    ("peak_mem_mb", "MiB", ".3g"),
 ]
 _REGRESSION = [
     ("rmse", "rmse", ".3f"),
@@ -38,7 +45,54 @@ _CLASSIFICATION = [
     ("ece", "ece", ".3f"),
     ("brier", "brier", ".3f"),
     ("ood_auroc", "ood_auroc", ".3f"),
+    ("ood_auroc_var", "ood_auroc_var", ".3f"),
 ]
+
+
+#: One line per table column: what it measures and which way is better.
+LEGEND = {
+    "method": "registry name (laplace-hfl compare --list)",
+    "structure": "posterior structure (hfl-ggn / hfl-hessian: HFL refits; full, kron, "
+    "diag; ll-*: last layer only)",
+    "status": "ok, or failed (error listed under the table)",
+    "rmse": "root mean squared error of the predictive mean on the test set (lower "
+    "is better)",
+    "nll": "mean negative log-likelihood of the test targets under the predictive "
+    "(lower is better)",
+    "cov95": "fraction of noisy test targets inside the 95% predictive interval "
+    "(0.95 is calibrated)",
+    "cov95_gap": "cov95 on test points in the gap without training data (0.95 is "
+    "calibrated; a too-small value means overconfidence where it matters)",
+    "cov95_data": "cov95 on test points where there is training data",
+    "var_gap/data": "mean epistemic variance in the gap / on the data (> 1: the "
+    "method knows where it has no data)",
+    "acc": "fraction of test points classified correctly (higher is better)",
+    "ece": "expected calibration error, 15 bins (lower is better)",
+    "brier": "Brier score (lower is better)",
+    "ood_auroc": "AUROC of telling OOD inputs from test inputs by low confidence "
+    "1 - max_k p_k (0.5: chance; below 0.5 when test points near the class "
+    "boundary are less confident than off-data points, see docs/evaluation.md)",
+    "ood_auroc_var": "AUROC of telling OOD inputs from test inputs by epistemic "
+    "(latent) variance alone (1: perfect; the MAP has none and scores 0.5)",
+    "relerr_H": "median relative error of the latent variances against full "
+    "exact-Hessian Laplace (REFERENCE_HESSIAN; 0 is exact)",
+    "rho_H": "Spearman rank correlation of the variances with the same reference "
+    "(1 is the same ranking)",
+    "relerr_GGN": "as relerr_H, against full GGN Laplace (REFERENCE_GGN)",
+    "rho_GGN": "as rho_H, against full GGN Laplace",
+    "fit_s": "seconds to fit (and tune the prior, with --tune)",
+    "ms/pt": "milliseconds of prediction per test point (HFL's refits happen here)",
+    "MiB": "peak memory allocated during fit + predict, above the level before "
+    "(C heap in use on CPU, allocator peak on CUDA)",
+}
+
+
+def format_legend(columns: list[str]) -> str:
+    """``legend:`` lines explaining each of ``columns`` (table header names)."""
+    width = max(len(c) for c in columns)
+    lines = ["legend:"]
+    lines += [f"  {c.ljust(width)}  {LEGEND[c]}" for c in columns if c in LEGEND]
+    return "\n".join(lines)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -67,8 +121,10 @@ def format_header(meta: dict[str, Any]) -> str:
     )
 
 
-def format_table(rows: list[dict[str, Any]], likelihood: str) -> str:
-    """Fixed-width table of the rows of one task, failures listed below.
+def format_table(
+    rows: list[dict[str, Any]], likelihood: str, legend: bool = True
+) -> str:
+    """Fixed-width table of the rows of one task, failures and a legend below.
 
     Parameters
     ----------
@@ -76,6 +132,8 @@ def format_table(rows: list[dict[str, Any]], likelihood: str) -> str:
         Rows of :func:`~laplace_hfl.evaluation.run_comparison`.
     likelihood : {"regression", "classification"}
         Selects the metric columns.
+    legend : bool, default=True
+        Explain every column below the table.
 
     Returns
     -------
@@ -100,6 +158,8 @@ def format_table(rows: list[dict[str, Any]], likelihood: str) -> str:
     if failed:
         lines.append("failed configurations (recorded, run continued):")
         lines += [f"  {r['method']}: {r['error']}" for r in failed]
+    if legend:
+        lines.append(format_legend([c[1] for c in cols]))
     return "\n".join(lines)
 
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 import time
-import tracemalloc
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from laplace_hfl.evaluation.memory import PeakMemory
 from laplace_hfl.evaluation.metrics import (
     classification_metrics,
     probit_probs,
@@ -29,6 +27,8 @@ from laplace_hfl.evaluation.registry import (
     MethodSpec,
     resolve_methods,
 )
+from laplace_hfl.evaluation.report import write_results
+from laplace_hfl.evaluation.results import ComparisonResult, Prediction
 from laplace_hfl.evaluation.tasks import TASKS, Task
 
 __all__ = [
@@ -43,104 +43,6 @@ __all__ = [
 
 #: Prior precisions tried by ``tune=True`` (log-spaced 1e-2 ... 1e2).
 DEFAULT_TUNE_GRID = tuple(float(p) for p in np.logspace(-2, 2, 9))
-
-
-@dataclass
-class Prediction:
-    """Predictions of one method on one task (kept for figures).
-
-    Attributes
-    ----------
-    f_mu, f_var : Tensor
-        Test means ``(N, C)`` and functional covariances ``(N, C, C)``.
-    probs, probs_ood : Tensor or None
-        Probit class probabilities on test / OOD inputs (classification).
-    """
-
-    f_mu: Tensor
-    f_var: Tensor
-    probs: Tensor | None = None
-    probs_ood: Tensor | None = None
-
-    @property
-    def variances(self) -> Tensor:
-        """Per-point (per-class) latent variances, flattened ``(N*C,)``."""
-        return self.f_var.diagonal(dim1=-2, dim2=-1).reshape(-1)
-
-
-@dataclass
-class ComparisonResult:
-    """Rows and predictions of :func:`run_comparison` for one task.
-
-    Attributes
-    ----------
-    task : Task
-    rows : list of dict
-        One tidy row per method (see ``docs/evaluation.md`` for the columns).
-    predictions : dict of str to Prediction
-        Successful methods only.
-    meta : dict
-        Hyperparameters, MAP protocol and gradient norm, seed, settings.
-    """
-
-    task: Task
-    rows: list[dict[str, Any]]
-    predictions: dict[str, Prediction]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-class PeakMemory:
-    """Context manager measuring peak memory of the enclosed block, in MiB.
-
-    On CUDA: ``torch.cuda.max_memory_allocated`` above the value at entry. On
-    CPU (Linux): peak resident set size above the value at entry, sampled every
-    2 ms by a background thread (allocator caching can hide reuse of memory
-    freed by earlier methods, so small values are lower bounds). Elsewhere:
-    ``tracemalloc`` (Python allocations only).
-    """
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.peak_mb = float("nan")
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._mode = "cuda"
-        elif os.path.exists("/proc/self/statm"):
-            self._mode = "rss"
-            self._base = self._peak = self._rss()
-            self._stop = threading.Event()
-
-            def sample() -> None:
-                while not self._stop.wait(0.002):
-                    self._peak = max(self._peak, self._rss())
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        else:
-            self._mode = "tracemalloc"
-            tracemalloc.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._mode == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        elif self._mode == "rss":
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, self._rss()) - self._base
-        else:
-            peak = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-        self.peak_mb = peak / 2**20
 
 
 def _cat_loader(loader: DataLoader) -> tuple[Tensor, Tensor]:
@@ -172,7 +74,9 @@ def _score(task: Task, pred: Prediction, y: Tensor, X: Tensor) -> dict[str, floa
             pred.f_mu, pred.f_var, y, task.sigma_noise, task.gap_mask(X),
             task.data_mask(X),
         )  # fmt: skip
-    return classification_metrics(pred.probs, y, pred.probs_ood)
+    return classification_metrics(
+        pred.probs, y, pred.probs_ood, var=pred.f_var, var_ood=pred.f_var_ood
+    )
 
 
 def _val_nll(task: Task, la: Any, model: torch.nn.Module, batch_size: int) -> float:
@@ -188,7 +92,7 @@ def _fit(
     spec: MethodSpec,
     model: torch.nn.Module,
     prior: float,
-    tune: bool,
+    tune: bool | str,
     tune_grid: tuple[float, ...],
     batch_size: int,
 ) -> tuple[Any, float]:
@@ -201,7 +105,12 @@ def _fit(
         return None, prior
     la = spec.build(model, task.likelihood, task.sigma_noise, prior)
     la.fit(task.train_loader)
-    if tune:
+    if tune == "marglik":
+        # laplace-torch's default tuning (Adam on the Laplace marginal
+        # likelihood, scalar prior); no validation data.
+        la.optimize_prior_precision(method="marglik")
+        prior = float(la.prior_precision)
+    elif tune:
         scores = []
         for p in tune_grid:
             la.prior_precision = p
@@ -235,7 +144,7 @@ def predict_inputs(
     spec_or_name: MethodSpec | str,
     X: Tensor,
     prior_precision: float | None = None,
-    tune: bool = False,
+    tune: bool | str = False,
     tune_grid: tuple[float, ...] = DEFAULT_TUNE_GRID,
     batch_size: int = 100,
 ) -> Prediction:
@@ -275,7 +184,7 @@ def run_method(
     task: Task,
     spec: MethodSpec,
     prior_precision: float | None = None,
-    tune: bool = False,
+    tune: bool | str = False,
     tune_grid: tuple[float, ...] = DEFAULT_TUNE_GRID,
     batch_size: int = 100,
 ) -> tuple[dict[str, Any], Prediction | None]:
@@ -287,9 +196,11 @@ def run_method(
     spec : MethodSpec
     prior_precision : float, optional
         Overrides ``task.prior_precision``.
-    tune : bool, default=False
+    tune : bool or {"gridsearch", "marglik"}, default=False
         Choose the prior precision from ``tune_grid`` by validation NLL (the
-        method's own predictive), instead of keeping it fixed.
+        method's own predictive; ``True`` or ``"gridsearch"``), or by
+        laplace-torch's marginal-likelihood loop (``"marglik"``), instead of
+        keeping it fixed.
     tune_grid : tuple of float
     batch_size : int, default=100
         Prediction batch size.
@@ -312,7 +223,9 @@ def run_method(
         "error": "",
         "sigma_noise": task.sigma_noise,
         "prior_precision": prior,
-        "hyper": "tuned" if tune and spec.build is not None else "fixed",
+        "hyper": ("marglik" if tune == "marglik" else "tuned")
+        if tune and spec.build is not None
+        else "fixed",
     }
     model = copy.deepcopy(task.model)
     X, y = _cat_loader(task.test_loader)
@@ -328,7 +241,8 @@ def run_method(
             pred = _prediction(task, la, model, X, batch_size)
             t2 = time.perf_counter()
             if task.likelihood == "classification" and X_ood is not None:
-                pred.probs_ood = probit_probs(*_predict(la, model, X_ood, batch_size))
+                mu_ood, pred.f_var_ood = _predict(la, model, X_ood, batch_size)
+                pred.probs_ood = probit_probs(mu_ood, pred.f_var_ood)
         row.update(_score(task, pred, y, X))
         row["fit_s"] = t1 - t0
         row["predict_s_per_point"] = (t2 - t1) / X.shape[0]
@@ -357,7 +271,7 @@ def run_comparison(
     methods: list[str] | None = None,
     seed: int = 0,
     out: str | os.PathLike | None = None,
-    tune: bool = False,
+    tune: bool | str = False,
     prior_precision: float | None = None,
     progress: bool = True,
     figures: bool = True,
@@ -375,9 +289,10 @@ def run_comparison(
     out : path, optional
         Directory for ``results.csv``, ``results.json`` and ``figures/``
         (nothing is written when ``None``).
-    tune : bool, default=False
-        Tune each method's prior precision on the validation NLL (slow for
-        HFL: one prediction pass per grid value). Sigma stays fixed.
+    tune : bool or {"gridsearch", "marglik"}, default=False
+        Tune each method's prior precision on the validation NLL (``True`` /
+        ``"gridsearch"``; slow for HFL: one prediction pass per grid value) or
+        by the Laplace marginal likelihood (``"marglik"``). Sigma stays fixed.
     prior_precision : float, optional
         Overrides the task's fixed prior precision.
     progress : bool, default=True
@@ -429,9 +344,11 @@ def run_comparison(
         "prior_precision": task.prior_precision
         if prior_precision is None
         else prior_precision,
-        "hyperparameters": "tuned per method on validation NLL (prior precision; sigma fixed)"
-        if tune
-        else "fixed, shared by all methods",
+        "hyperparameters": "fixed, shared by all methods"
+        if not tune
+        else "tuned per method by the marginal likelihood (prior precision; sigma fixed)"
+        if tune == "marglik"
+        else "tuned per method on validation NLL (prior precision; sigma fixed)",
         "map_protocol": task.map_protocol,
         "map_grad_norm": task.map_grad_norm,
         "task_build_s": t_build,
@@ -439,7 +356,5 @@ def run_comparison(
     }
     result = ComparisonResult(task, rows, preds, meta)
     if out is not None:
-        from laplace_hfl.evaluation.report import write_results
-
         write_results(result, out, figures=figures)
     return result

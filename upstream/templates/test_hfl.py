@@ -288,10 +288,39 @@ def test_no_marginal_likelihood(reg_model, reg_loader, X_test):
         la.log_marginal_likelihood()
     with pytest.raises(NotImplementedError):
         la.optimize_prior_precision(method="marglik")
+
+
+def test_weight_space_without_a_matrix(reg_model, reg_loader, X_test):
+    """Matrix-free posterior precision, exact weight samples, nn predictive."""
+    la = HessianFreeLaplace(
+        reg_model,
+        "regression",
+        sigma_noise=SIGMA_NOISE,
+        prior_precision=PRIOR_PRECISION,
+        chunk_size=4096,
+    )
+    la.fit(reg_loader)
+    ref = fit_reference(
+        FullLaplace, reg_model, reg_loader, "regression", CurvlinopsGGN, SIGMA_NOISE
+    )
+    V = torch.randn(la.n_params, 3, generator=torch.Generator().manual_seed(0))
+    V = V.to(DTYPE)
+    P, P_ref = la.posterior_precision, ref.posterior_precision
+    assert P.shape == P_ref.shape and P.dtype == P_ref.dtype
+    assert torch.allclose(P @ V, P_ref @ V, rtol=1e-6, atol=1e-6)
+    assert la.H is not None and la.H.shape == ref.H.shape
+    draws = la.sample(4096, generator=torch.Generator().manual_seed(0))
+    Sigma = ref.posterior_covariance
+    err = float((torch.cov(draws.T) - Sigma).norm() / Sigma.norm())
+    # RMS error of any exact sampler at 4096 draws (Wishart).
+    fro2 = Sigma.square().sum()
+    floor = float(((fro2 + Sigma.trace() ** 2) / 4096 / fro2).sqrt())
+    assert err < max(0.05, 1.25 * floor)
+    f_mu, f_var = la(X_test, pred_type="nn", link_approx="mc", n_samples=50)
+    assert f_mu.shape == f_var.shape == (len(X_test), 1)
+    assert (f_var > 0).all()
     with pytest.raises(NotImplementedError):
-        la(X_test, pred_type="nn")
-    with pytest.raises(NotImplementedError):
-        la.sample(5)
+        la(X_test, pred_type="gp")
 
 
 def test_gridsearch_prior_precision(reg_model, reg_loader):

@@ -1,0 +1,68 @@
+"""The ``laplace-hfl`` CLI explains itself: quiet imports, one summary line per
+command, stated defaults, headed listings (issue 13, item 7)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from laplace_hfl.cli import main
+
+
+def test_help_in_fresh_interpreter_has_no_warning_and_one_line_per_command():
+    res = subprocess.run(
+        [sys.executable, "-m", "laplace_hfl.cli", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0
+    assert "Warning" not in res.stderr, res.stderr
+    for name in ("compare", "benchmark"):
+        # name and summary on the same line
+        assert re.search(rf"^\s+{name}\s+\S", res.stdout, re.M), res.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "default"),
+    [("compare", "results/compare"), ("benchmark", "benchmarks/results")],
+)
+def test_subcommand_help_states_out_default_without_rest_markup(
+    capsys, command, default
+):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {default})" in out
+    assert "``" not in out
+
+
+def test_compare_list_has_column_headers(capsys):
+    assert main(["compare", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    heads = [ln.split() for ln in lines]
+    assert ["task", "description"] in heads
+    assert ["method", "family", "backend", "structure"] in heads
+    i = heads.index(["method", "family", "backend", "structure"])
+    assert set(lines[i + 1].replace(" ", "")) == {"-"}
+    assert lines[i + 2].split()[:2] == ["map", "map"]
+
+
+def test_no_progress_silences_hfl_automatic_bars(tmp_path, capsys, monkeypatch):
+    import laplace_hfl.progress as hp
+
+    monkeypatch.setattr(hp, "AUTO_PROGRESS_AFTER_S", 0.0)
+    args = ["compare", "--task", "tiny", "--methods", "map", "--out", str(tmp_path),
+            "--no-figures"]  # fmt: skip
+    assert main(args) == 0
+    assert hp.AUTO_PROGRESS_AFTER_S == 0.0  # bars stay on without the flag
+    assert main([*args, "--no-progress"]) == 0
+    capsys.readouterr()
+    for _ in hp.progress(range(3), desc="[HFL predict]"):
+        pass
+    assert capsys.readouterr().err == ""
