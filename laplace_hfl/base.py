@@ -29,6 +29,7 @@ from laplace_hfl.amortized import (
     sgd_posterior_samples,
 )
 from laplace_hfl.batches import (
+    check_output,
     check_targets,
     eval_mode,
     merge_batches,
@@ -49,6 +50,7 @@ from laplace_hfl.functional import (
     make_forward,
     to_compute,
 )
+from laplace_hfl.hyperparameters import HyperparameterMixin
 from laplace_hfl.options import HFLOptions, validate_hfl_options
 from laplace_hfl.prediction import PredictionMixin
 from laplace_hfl.refit import (
@@ -61,6 +63,13 @@ from laplace_hfl.solver_choice import SolverMixin
 from laplace_hfl.state import StateMixin
 from laplace_hfl.stochastic import MINIBATCH_RTOL, minibatch_refits
 from laplace_hfl.tuning import TuningMixin
+from laplace_hfl.validation import (
+    as_bool,
+    as_int,
+    check_finite_batch,
+    curvature_likelihood,
+    dataset_size,
+)
 from laplace_hfl.weight_space import WeightSpaceMixin
 
 __all__ = ["HFLMixin"]
@@ -68,6 +77,7 @@ __all__ = ["HFLMixin"]
 
 class HFLMixin(
     SolverMixin,
+    HyperparameterMixin,
     DistributedMixin,
     PredictionMixin,
     TuningMixin,
@@ -164,25 +174,22 @@ class HFLMixin(
         caches nothing (the loader is iterated again on every refit pass).
         """
         device, dtype = self._device, self.compute_dtype
-        first_out, loss, n_seen = None, 0.0, 0
+        first_out, loss, n_seen, input_ndim = None, 0.0, 0, None
         cached: list[tuple[Any, Tensor]] | None = [] if cache else None
         with torch.no_grad():
             for data in train_loader:
                 X, y = split_batch(data, self.dict_key_y)
                 X = to_compute(X, device, self._dtype)
                 y = to_compute(y, device, self._dtype)
+                check_finite_batch(X, y, n_seen)
                 if cache == "features":
                     out, phi = module.forward_with_features(X)
                 else:
                     out = module(X)
-                if out.ndim != 2:
-                    raise ValueError(
-                        f"HFL needs model outputs of shape (batch, outputs); got "
-                        f"{tuple(out.shape)}."
-                    )
-                check_targets(self.likelihood, out, y)
+                check_output(out)
+                check_targets(curvature_likelihood(self.likelihood), out, y)
                 batch = batch_loss(
-                    self.likelihood,
+                    curvature_likelihood(self.likelihood),
                     out.to(dtype),
                     y.to(dtype) if torch.is_floating_point(y) else y,
                 )
@@ -196,6 +203,7 @@ class HFLMixin(
                 n_seen += 1
                 if first_out is None:
                     first_out = out
+                    input_ndim = X.ndim if isinstance(X, Tensor) else None
                 if cached is not None:
                     inputs = phi if cache == "features" else X
                     cached.append(
@@ -209,6 +217,7 @@ class HFLMixin(
                 "train_loader yielded no batches; HFL needs the training data "
                 "the MAP was fitted on."
             )
+        self._input_ndim = input_ndim
         return first_out, loss, merge_batches(cached, self.refit_batch_size)
 
     def fit(
@@ -265,10 +274,10 @@ class HFLMixin(
                 "HFL does not accumulate curvature across calls (override=False); "
                 "pass all training data in one DataLoader."
             )
-        if not (isinstance(refit_batch_size, int) and refit_batch_size >= 1):
-            raise ValueError(
-                f"refit_batch_size must be a positive integer, got {refit_batch_size!r}."
-            )
+        refit_batch_size = as_int("refit_batch_size", refit_batch_size, 1)
+        cache_data = as_bool("cache_data", cache_data)
+        progress_bar = as_bool("progress_bar", progress_bar)
+        dataset_size(train_loader)  # before any pass: IterableDataset refused
         if self.minibatch_epochs is not None and is_distributed():
             raise NotImplementedError(
                 "minibatch_epochs is not available in a distributed fit (ranks "
@@ -289,6 +298,7 @@ class HFLMixin(
         self._training_data = shard.cached
         self._train_loader = shard.loader if shard.cached is None else None
         self._training_index = shard.index
+        self._fit_likelihood = self.likelihood
         self._base = None
         self._base_key = None
         self._reset_solver_caches()
@@ -303,12 +313,20 @@ class HFLMixin(
 
     # ---------------------------------------------------------------- refits
     def _objective(self) -> LaplaceObjective:
+        self._check_hyperparameters()
+        if self.likelihood != self._fit_likelihood:
+            raise ValueError(
+                f"la.likelihood was changed from {self._fit_likelihood!r} (used "
+                f"for the curvature at fit) to {self.likelihood!r}. The curvature "
+                "is fixed at fit: create a new Laplace with the new likelihood "
+                "and fit it."
+            )
         module, layout, fixed = self._refit_module()
         dtype = self.compute_dtype
         return LaplaceObjective(
             forward=make_forward(module, layout, fixed),
             batches=self._training_batches,
-            likelihood=self.likelihood,
+            likelihood=curvature_likelihood(self._fit_likelihood),
             h_factor=float(self._H_factor.detach()),
             prior_precision=self.prior_precision_diag.to(dtype),
             prior_mean=self.prior_mean.to(dtype),

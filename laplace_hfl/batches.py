@@ -6,7 +6,7 @@ Small helpers shared by the HFL classes; none of them keeps state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 __all__ = [
     "eval_mode",
     "split_batch",
+    "check_output",
     "batch_size",
     "check_targets",
     "merge_batches",
@@ -39,15 +40,56 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def split_batch(data: Any, dict_key_y: str) -> tuple[Any, Tensor]:
-    """``(X, y)`` from a tensor pair or a Hugging Face-style dict batch."""
-    if isinstance(data, MutableMapping):
+    """``(X, y)`` from a tensor pair or a Hugging Face-style dict batch.
+
+    Raises
+    ------
+    ValueError
+        A mapping without ``dict_key_y``, or a sequence that is not a pair.
+    """
+    if isinstance(data, Mapping):
+        if dict_key_y not in data:
+            raise ValueError(
+                f"Dict batches need the targets under dict_key_y={dict_key_y!r}; "
+                f"this batch has keys {sorted(map(str, data))}. Pass "
+                "dict_key_y=... to the constructor."
+            )
         return data, data[dict_key_y]
+    if not isinstance(data, list | tuple) or len(data) != 2:
+        n = len(data) if isinstance(data, list | tuple) else type(data).__name__
+        raise ValueError(
+            f"Training batches must be (X, y) pairs or dict-like batches; got "
+            f"{n} {'elements' if isinstance(n, int) else ''}. Wrap the dataset "
+            "so that it yields (inputs, targets)."
+        )
     X, y = data
     return X, y
 
 
+def check_output(out: Any) -> Tensor:
+    """The model's output must be a ``(batch, outputs)`` tensor.
+
+    Raises
+    ------
+    ValueError
+        A tuple/dict output (e.g. a Hugging Face ``ModelOutput``) or another shape.
+    """
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"HFL needs a model that returns a tensor of shape (batch, outputs); "
+            f"it returned a {type(out).__name__}. Wrap the model so that forward "
+            "returns the logits/predictions only (e.g. output.logits)."
+        )
+    if out.ndim != 2:
+        raise ValueError(
+            f"HFL needs model outputs of shape (batch, outputs); got "
+            f"{tuple(out.shape)}."
+        )
+    return out
+
+
 def batch_size(X: Any, dict_key_x: str) -> int:
-    if isinstance(X, MutableMapping):
+    if isinstance(X, Mapping):
         return int(X[dict_key_x].shape[0])
     return int(X.shape[0])
 
@@ -66,6 +108,21 @@ def check_targets(likelihood: str, out: Tensor, y: Tensor) -> None:
                 "Classification targets must be class indices of shape "
                 f"({out.shape[0]},) (integer dtype) or class probabilities of "
                 f"shape {tuple(out.shape)}; got {tuple(y.shape)}, {y.dtype}."
+            )
+        outside = (y < 0) | (y >= out.shape[-1])
+        if bool(outside.any()):
+            rows = outside.nonzero().flatten()[:10].tolist()
+            ignored = bool((y == -100).any())
+            raise ValueError(
+                f"Class targets must lie in [0, {out.shape[-1]}); rows {rows} "
+                f"have {y[outside][:10].tolist()}."
+                + (
+                    " -100 is cross-entropy's ignore_index: the loss would drop "
+                    "those rows but the curvature would keep them, so HFL refuses "
+                    "them. Remove the ignored rows from the training data."
+                    if ignored
+                    else ""
+                )
             )
     elif y.shape != out.shape:
         raise ValueError(
@@ -93,7 +150,7 @@ def merge_batches(
 
 
 def slice_batch(X: Any, start: int, stop: int) -> Any:
-    if isinstance(X, MutableMapping):
+    if isinstance(X, Mapping):
         return type(X)(
             {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in X.items()}
         )

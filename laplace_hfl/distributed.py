@@ -458,7 +458,7 @@ class DistributedMixin:
         """
         state = super().state_dict()
         if is_distributed():
-            state["training_features"] = None
+            state["training_X"] = state["training_y"] = None
         return state
 
     def _amortized_stale(self) -> bool:

@@ -17,7 +17,7 @@ classification.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +78,7 @@ def to_compute(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
         if torch.is_floating_point(x):
             return x.to(device=device, dtype=dtype)
         return x.to(device=device)
-    if isinstance(x, MutableMapping):
+    if isinstance(x, Mapping):
         return type(x)({k: to_compute(v, device, dtype) for k, v in x.items()})
     return x
 
@@ -230,7 +230,7 @@ def hessian_matvec(obj: LaplaceObjective, thetas: Tensor, V: Tensor) -> Tensor:
 def _add_batch_dim(x: Any) -> Any:
     if isinstance(x, Tensor):
         return x.unsqueeze(0)
-    if isinstance(x, MutableMapping):
+    if isinstance(x, Mapping):
         return type(x)({k: _add_batch_dim(v) for k, v in x.items()})
     return x
 
@@ -242,11 +242,31 @@ def output_jacobians(forward: Forward, theta: Tensor, X: Any) -> tuple[Tensor, T
     Differentiable in ``X`` (for ``enable_backprop``); callers detach otherwise.
     """
 
+    rebuild = _identity
+    if isinstance(X, Mapping):
+        # vmap maps over plain dicts only (not UserDict / BatchEncoding) and
+        # over tensors only: map the tensor values, rebuild the batch inside.
+        X, rebuild = _vmappable(X)
+
     def f_single(th: Tensor, x: Any) -> Tensor:
-        out = forward(th, _add_batch_dim(x))[0]
+        out = forward(th, rebuild(_add_batch_dim(x)))[0]
         return out, out
 
     return vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))(theta, X)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _vmappable(X: Mapping) -> tuple[dict[str, Tensor], Callable[[Any], Any]]:
+    """The tensor values of a mapping batch, and how to rebuild the batch."""
+    kind, tensors = type(X), {k: v for k, v in X.items() if isinstance(v, Tensor)}
+
+    def rebuild(t: dict[str, Tensor]) -> Any:
+        return kind({k: t[k] if k in t else v for k, v in X.items()})
+
+    return tensors, rebuild
 
 
 def jacobian_vector_products(

@@ -126,6 +126,12 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
+        if self.n_params == 0:
+            raise ValueError(
+                "Every parameter of the model has requires_grad=False, so there "
+                "is no posterior to approximate. Switch requires_grad on for the "
+                "parameters HFL should treat as uncertain."
+            )
         self._set_hfl_options(options)
 
     def _fit_pass(self, train_loader: DataLoader) -> tuple:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,9 +15,10 @@ from torch.utils.data import DataLoader
 
 from laplace_hfl._docs import HFL_OPTIONS_DOC
 from laplace_hfl.base import HFLMixin
-from laplace_hfl.batches import eval_mode
+from laplace_hfl.batches import eval_mode, split_batch
 from laplace_hfl.distributed import unwrap_model
 from laplace_hfl.functional import ParamLayout, to_compute
+from laplace_hfl.validation import check_prior_precision
 
 __all__ = ["HessianFreeLLLaplace"]
 
@@ -110,6 +112,15 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             solver=solver,
             preconditioner=preconditioner,
         )
+        if likelihood == "reward_modeling":
+            raise NotImplementedError(
+                "likelihood='reward_modeling' is available for "
+                "subset_of_weights='all' HFL; the last-layer features of "
+                "preference pairs are not separable from the pair axis."
+            )
+        # LLLaplace stores the prior bypassing its setter until the last layer
+        # is found: check it here.
+        check_prior_precision(prior_precision)
         super().__init__(
             unwrap_model(model),  # a DDP-wrapped model: its .module
             likelihood,
@@ -179,14 +190,30 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["data"] = getattr(self, "data", None)
+        data = getattr(self, "data", None)
+        # Flat values only (weights_only loading): a pair becomes a list, a
+        # UserDict/BatchEncoding a dict.
+        if isinstance(data, Mapping):
+            data = dict(data)
+        elif data is not None:
+            data = list(data)
+        state["data"] = data
         state["_last_layer_name"] = self._last_layer_name
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_state_class(state_dict)
+        if "_last_layer_name" not in state_dict or "data" not in state_dict:
+            raise ValueError(
+                "The state is missing the keys 'data'/'_last_layer_name' of a "
+                "last-layer HFL state; save it again with la.state_dict()."
+            )
         if self._last_layer_name != state_dict["_last_layer_name"]:
-            raise ValueError("Different `last_layer_name` detected!")
+            raise ValueError(
+                f"State was fitted with last_layer_name="
+                f"{state_dict['_last_layer_name']!r}, this estimator uses "
+                f"{self._last_layer_name!r}."
+            )
         if self.model.last_layer is None:
             data = state_dict.get("data")
             if data is None:
@@ -199,6 +226,9 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
 
     def _locate_last_layer(self, data: Any) -> None:
         """Find the last layer with one batch and size the estimator from it."""
+        X, y = split_batch(data, self.dict_key_y)
+        if not isinstance(data, Mapping):
+            data = (to_compute(X, self._device, self._dtype), y)
         self.data = data
         with eval_mode(self.model):
             self._find_last_layer(data)

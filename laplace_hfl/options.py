@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from laplace_hfl.refit import RefitSettings
+from laplace_hfl.validation import MAX_EPS, as_bool, as_int, as_number
 
 __all__ = ["HFLOptions", "SOLVERS", "PRECONDITIONERS", "validate_hfl_options"]
 
@@ -71,11 +72,33 @@ def validate_hfl_options(
             f"sketch, which preconditioner={preconditioner!r} does not use; use "
             "preconditioner='nystrom' or 'auto', or leave precondition_rank=None."
         )
-    if likelihood not in ("regression", "classification"):
+    if likelihood not in ("regression", "classification", "reward_modeling"):
         raise ValueError(
-            f"HFL supports likelihood='regression' or 'classification', not "
-            f"{likelihood!r}."
+            f"HFL supports likelihood='regression', 'classification' or "
+            f"'reward_modeling', not {likelihood!r}."
         )
+    eps = as_number("eps", eps)
+    if not (0 < eps <= MAX_EPS):
+        raise ValueError(
+            f"eps must be in (0, {MAX_EPS}], got {eps!r}: it is the perturbation "
+            "in posterior standard deviations (default 1e-3)."
+        )
+    rtol = as_number("rtol", rtol)
+    if not (0 < rtol < 1):
+        raise ValueError(
+            f"rtol must be in (0, 1), got {rtol!r}: it is the relative residual "
+            "at which a refit counts as converged (default 1e-6)."
+        )
+    max_iter = as_int("max_iter", max_iter, 1)
+    max_newton = as_int("max_newton", max_newton, 1)
+    chunk_size = as_int("chunk_size", chunk_size, 1)
+    progress_bar = as_bool("progress_bar", progress_bar)
+    if minibatch_epochs is not None:
+        minibatch_epochs = _option_int("minibatch_epochs", minibatch_epochs, 2)
+    if amortize is not None:
+        amortize = _option_int("amortize", amortize, 2)
+    if precondition_rank is not None:
+        precondition_rank = _option_int("precondition_rank", precondition_rank, 0)
     if enable_backprop and amortize is not None:
         raise NotImplementedError(
             "enable_backprop=True (gradients of the predictive w.r.t. inputs) "
@@ -104,8 +127,6 @@ def validate_hfl_options(
             "precondition_rank must be None (automatic), 0 (no preconditioner) "
             f"or a positive integer, got {precondition_rank!r}."
         )
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"compute_dtype must be torch.float64 (default) or torch.float32, "
@@ -138,3 +159,11 @@ def validate_hfl_options(
         solver,
         preconditioner,
     )
+
+
+def _option_int(name: str, value: object, minimum: int) -> int:
+    """``as_int`` whose message also says what ``None`` means for ``name``."""
+    try:
+        return as_int(name, value, minimum)
+    except ValueError as err:
+        raise ValueError(f"{err} ({name}=None switches it off.)") from None

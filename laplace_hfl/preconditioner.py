@@ -107,7 +107,12 @@ def nystrom_apply(
     U, lam = sketch.U, sketch.lam
     mu = float(prior_precision.mean())
     scaled = h_factor * lam + mu
-    floor = float(scaled[-1])
+    # A zero prior with a rank-deficient sketch would make scaled[-1] = 0 and
+    # 0/0 = NaN below; any positive floor keeps M positive definite (the
+    # preconditioner changes the speed of CG, never its answer).
+    positive = scaled[scaled > 0]
+    floor = float(positive.min()) if positive.numel() else 1.0
+    scaled = scaled.clamp_min(floor)
 
     def apply(R: Tensor) -> Tensor:
         UR = R @ U

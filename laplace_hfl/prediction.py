@@ -3,7 +3,7 @@ samples of the linearised predictive."""
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from laplace_hfl.batches import batch_size, eval_mode, slice_batch
 from laplace_hfl.functional import output_jacobians
 from laplace_hfl.predictive import joint_covariance, marginal_covariance
 from laplace_hfl.progress import progress
+from laplace_hfl.validation import check_finite_result, check_query_rows
 
 __all__ = ["PredictionMixin"]
 
@@ -30,10 +31,23 @@ class PredictionMixin:
         self._check_H_init()
         if batch_size(x, self.dict_key_x) == 0:
             raise ValueError("HFL predictions need at least one input.")
+        ndim = getattr(self, "_input_ndim", None)
+        if (
+            isinstance(x, Tensor)
+            and ndim is not None
+            and x.ndim != ndim
+            and self.likelihood != "reward_modeling"  # pairs at fit, points later
+        ):
+            raise ValueError(
+                f"Query inputs have shape {tuple(x.shape)} ({x.ndim}-D) but the "
+                f"training inputs were {ndim}-D (batch first). For one input use "
+                "x.unsqueeze(0)."
+            )
+        check_query_rows(x)
 
     def _glm_predictive_distribution(
         self,
-        X: Tensor | MutableMapping[str, Any],
+        X: Tensor | Mapping[str, Any],
         joint: bool = False,
         diagonal_output: bool = False,
     ) -> tuple[Tensor, Tensor]:
@@ -46,8 +60,9 @@ class PredictionMixin:
                 obj = self._objective()
                 samples = self._amortized_state(obj).samples
                 f_mu, f_var = amortized_covariance(
-                    obj.forward, obj.theta_map, Xq, samples, joint=joint
-                )
+                    obj.forward, obj.theta_map, Xq, samples, joint=joint,
+                    chunk_size=self.chunk_size,
+                )  # fmt: skip
             if joint:
                 f_mu = f_mu.flatten()
             elif diagonal_output:
@@ -69,7 +84,9 @@ class PredictionMixin:
                     Js, f = output_jacobians(obj.forward, theta, Xc)
                 if not backprop:
                     Js, f = Js.detach(), f.detach()
+                check_finite_result(Js.detach(), "query Jacobians")
                 U = self._solve(obj, Js.detach().reshape(-1, Js.shape[-1]))
+                check_finite_result(U, "refit displacements P^-1 J^T")
                 mus.append(f)
                 if joint:
                     Js_all.append(Js)
@@ -84,12 +101,14 @@ class PredictionMixin:
             f_var = torch.cat(covs)
             if diagonal_output:
                 f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+        check_finite_result(f_var, "predictive covariances")
         out_dtype = self._dtype
         return f_mu.to(out_dtype), f_var.to(out_dtype)
 
     def _solve_jacobians(self, Js: Tensor) -> tuple[Tensor, Tensor]:
         self._check_H_init()
         self._check_jacobians(Js)
+        check_query_rows(Js, "Jacobians")
         Jc = Js.detach().to(self.compute_dtype)
         with eval_mode(self.model):
             U = self._solve(self._objective(), Jc.reshape(-1, Jc.shape[-1]))
@@ -129,7 +148,7 @@ class PredictionMixin:
 
     def __call__(
         self,
-        x: Tensor | MutableMapping[str, Any],
+        x: Tensor | Mapping[str, Any],
         pred_type: str = "glm",
         joint: bool = False,
         link_approx: str = "probit",
@@ -208,7 +227,7 @@ class PredictionMixin:
     # ------------------------------------------------------------ nn samples
     def _nn_functional_samples(
         self,
-        X: Tensor | MutableMapping[str, Any],
+        X: Tensor | Mapping[str, Any],
         n_samples: int = 100,
         generator: torch.Generator | None = None,
         **model_kwargs: Any,
@@ -237,7 +256,7 @@ class PredictionMixin:
 
     def _nn_predictive_samples(
         self,
-        X: Tensor | MutableMapping[str, Any],
+        X: Tensor | Mapping[str, Any],
         n_samples: int = 100,
         generator: torch.Generator | None = None,
         **model_kwargs: Any,
@@ -247,7 +266,7 @@ class PredictionMixin:
 
     def _nn_predictive_classification(
         self,
-        X: Tensor | MutableMapping[str, Any],
+        X: Tensor | Mapping[str, Any],
         n_samples: int = 100,
         generator: torch.Generator | None = None,
         **model_kwargs: Any,
@@ -258,7 +277,7 @@ class PredictionMixin:
 
     def functional_samples(
         self,
-        x: Tensor | MutableMapping[str, Any],
+        x: Tensor | Mapping[str, Any],
         pred_type: str = "glm",
         n_samples: int = 100,
         diagonal_output: bool = False,
@@ -283,7 +302,7 @@ class PredictionMixin:
 
     def predictive_samples(
         self,
-        x: Tensor | MutableMapping[str, Any],
+        x: Tensor | Mapping[str, Any],
         pred_type: str = "glm",
         n_samples: int = 100,
         diagonal_output: bool = False,

@@ -1,78 +1,148 @@
-"""Saving and restoring a fitted HFL estimator (``state_dict``)."""
+"""Saving and restoring a fitted HFL estimator (``state_dict``).
+
+The state is flat: every value is a tensor, a number, a string, a bool,
+``None`` or a list of those, so it loads with ``torch.load(weights_only=True)``
+(no pickle) in every mode. It never holds a DataLoader.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from laplace_hfl.amortized import AmortizedState
+import torch
 
-__all__ = ["StateMixin"]
+from laplace_hfl.amortized import AmortizedState
+from laplace_hfl.refit import RefitSettings
+
+__all__ = ["StateMixin", "architecture_fingerprint"]
+
+#: Keys every HFL state has (last-layer states add ``data_*`` and
+#: ``_last_layer_name``).
+STATE_KEYS = (
+    "mean", "loss", "prior_mean", "prior_precision", "sigma_noise", "n_data",
+    "n_outputs", "likelihood", "temperature", "enable_backprop", "cls_name",
+    "architecture", "hfl_target", "hfl_eps", "hfl_rtol", "hfl_max_iter",
+    "hfl_max_newton", "hfl_compute_dtype", "hfl_amortize", "training_X",
+    "training_y", "amortized_samples",
+)  # fmt: skip
+
+
+def architecture_fingerprint(model: torch.nn.Module) -> list[str]:
+    """``"name:shape:requires_grad"`` for every parameter of ``model``."""
+    return [
+        f"{n}:{tuple(p.shape)}:{bool(p.requires_grad)}"
+        for n, p in model.named_parameters()
+    ]
+
+
+def _scalar(value: Any) -> float:
+    return (
+        float(value.detach().cpu().reshape(-1)[0])
+        if torch.is_tensor(value)
+        else float(value)
+    )
 
 
 class StateMixin:
-    """``state_dict`` / ``load_state_dict``: never a DataLoader."""
-
-    def _hfl_state(self) -> dict[str, Any]:
-        s = self.hfl_settings
-        return {
-            "target": s.target,
-            "eps": s.eps,
-            "rtol": s.rtol,
-            "max_iter": s.max_iter,
-            "max_newton": s.max_newton,
-            "compute_dtype": str(self.compute_dtype),
-            "amortize": self.amortize,
-        }
+    """``state_dict`` / ``load_state_dict``: never a DataLoader, never pickle."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to restore the estimator, never a DataLoader.
+        """Everything needed to restore the estimator, as flat values.
 
         All-weights HFL stores no training data: after ``load_state_dict``
-        call ``fit(train_loader)`` again before predicting. Last-layer HFL
-        stores its cached features and predicts right away.
+        call ``fit(train_loader)`` again before predicting (or, in amortised
+        mode, predict with the stored samples). Last-layer HFL stores its
+        cached features and predicts right away.
+
+        Returns
+        -------
+        dict
+            Tensors, numbers, strings, bools, ``None`` and lists of those:
+            ``torch.save`` it and ``torch.load(path, weights_only=True)`` it.
         """
         self._check_H_init()
-        return {
+        s = self.hfl_settings
+        data = self._training_data if self._state_holds_data else None
+        amortized = self._amortized
+        state: dict[str, Any] = {
             "mean": self.mean,
-            "loss": self.loss,
+            "loss": float(self.loss),
             "prior_mean": self.prior_mean,
             "prior_precision": self.prior_precision,
             "sigma_noise": self.sigma_noise,
-            "n_data": self.n_data,
-            "n_outputs": self.n_outputs,
-            "likelihood": self.likelihood,
-            "temperature": self.temperature,
-            "enable_backprop": self.enable_backprop,
+            "n_data": int(self.n_data),
+            "n_outputs": int(self.n_outputs),
+            "likelihood": str(self.likelihood),
+            "temperature": _scalar(self.temperature),
+            "enable_backprop": bool(self.enable_backprop),
             "cls_name": self.__class__.__name__,
-            "hfl": self._hfl_state(),
-            "training_features": self._training_data
-            if self._state_holds_data
-            else None,
-            "amortized": None
-            if self._amortized is None
-            else {
-                "samples": self._amortized.samples,
-                "residual": self._amortized.residual,
-                "iterations": self._amortized.iterations,
-                "key": self._amortized_key,
-            },
+            "architecture": architecture_fingerprint(self.model),
+            "hfl_target": s.target,
+            "hfl_eps": float(s.eps),
+            "hfl_rtol": float(s.rtol),
+            "hfl_max_iter": int(s.max_iter),
+            "hfl_max_newton": int(s.max_newton),
+            "hfl_compute_dtype": str(self.compute_dtype),
+            "hfl_amortize": self.amortize,
+            "training_X": None if data is None else [X for X, _ in data],
+            "training_y": None if data is None else [y for _, y in data],
+            "amortized_samples": None if amortized is None else amortized.samples,
         }
+        if amortized is not None:
+            key = self._amortized_key
+            state.update(
+                amortized_residual=amortized.residual,
+                amortized_iterations=amortized.iterations,
+                amortized_prior_precision=list(key[0]),
+                amortized_prior_mean=list(key[1]),
+                amortized_sigma_noise=float(key[2]),
+                amortized_temperature=float(key[3]),
+            )
+        return state
 
     def _check_state_class(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict):
+            raise ValueError(
+                f"load_state_dict needs the dict from la.state_dict(), got "
+                f"{type(state_dict).__name__}."
+            )
         if state_dict.get("cls_name") != self.__class__.__name__:
             raise ValueError(
                 f"State of {state_dict.get('cls_name')!r} cannot be loaded into "
                 f"{self.__class__.__name__}; check subset_of_weights and "
                 "hessian_structure."
             )
+        missing = [k for k in STATE_KEYS if k not in state_dict]
+        if missing:
+            raise ValueError(
+                f"The state is missing the keys {missing}: it was not written by "
+                "this version's la.state_dict() (or was edited). Save it again "
+                "with la.state_dict()."
+            )
+        ours = architecture_fingerprint(self.model)
+        theirs = list(state_dict["architecture"])
+        if ours != theirs:
+            diff = next(
+                (f"{a!r} vs {b!r}" for a, b in zip(theirs, ours) if a != b),
+                f"{len(theirs)} vs {len(ours)} parameters",
+            )
+            raise ValueError(
+                "The state belongs to a different architecture (parameter names, "
+                f"shapes or requires_grad switches differ: state {diff} here). Load "
+                "it into the same model with the same requires_grad switches."
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`.
 
+        The numerical HFL settings (``eps``, ``rtol``, ``max_iter``,
+        ``max_newton``) are restored; the structural ones must match.
+
         Raises
         ------
         ValueError
-            Different estimator class, parameter count, likelihood or target.
+            Missing keys, different estimator class, architecture, parameter
+            count, likelihood, ``target``, ``compute_dtype`` or ``amortize``.
         """
         self._check_state_class(state_dict)
         if self.n_params is not None and len(state_dict["mean"]) != self.n_params:
@@ -81,33 +151,61 @@ class StateMixin:
                 f"{self.n_params}; use the same model and requires_grad switches."
             )
         if state_dict["likelihood"] != self.likelihood:
-            raise ValueError("State was fitted with a different likelihood.")
-        if state_dict["hfl"]["target"] != self.hfl_settings.target:
             raise ValueError(
-                f"State was fitted with target={state_dict['hfl']['target']!r}, "
-                f"this estimator uses {self.hfl_settings.target!r}."
+                f"State was fitted with likelihood={state_dict['likelihood']!r}, "
+                f"this estimator uses {self.likelihood!r}."
             )
-        self.mean = state_dict["mean"]
-        self.loss = state_dict["loss"]
-        self.prior_mean = state_dict["prior_mean"]
+        for key, ours in (
+            ("hfl_target", self.hfl_settings.target),
+            ("hfl_compute_dtype", str(self.compute_dtype)),
+            ("hfl_amortize", self.amortize),
+            ("enable_backprop", bool(self.enable_backprop)),
+        ):
+            if state_dict[key] != ours:
+                name = key.removeprefix("hfl_")
+                raise ValueError(
+                    f"State was fitted with {name}={state_dict[key]!r}, this "
+                    f"estimator uses {ours!r}: construct it with "
+                    f"{name}={state_dict[key]!r}."
+                )
+        settings = RefitSettings(
+            state_dict["hfl_target"],
+            state_dict["hfl_eps"],
+            state_dict["hfl_rtol"],
+            state_dict["hfl_max_iter"],
+            state_dict["hfl_max_newton"],
+        )
         self.prior_precision = state_dict["prior_precision"]
         self.sigma_noise = state_dict["sigma_noise"]
+        self.temperature = state_dict["temperature"]
+        self.prior_mean = state_dict["prior_mean"]
+        self.hfl_settings = settings
+        self.mean = state_dict["mean"]
+        self.loss = state_dict["loss"]
         self.n_data = state_dict["n_data"]
         self.n_outputs = state_dict["n_outputs"]
-        self.temperature = state_dict["temperature"]
-        self._training_data = state_dict.get("training_features")
+        self._fit_likelihood = state_dict["likelihood"]
+        X, y = state_dict["training_X"], state_dict["training_y"]
+        self._training_data = None if X is None else list(zip(X, y))
         self._train_loader = None
         self._base = None
         self._base_key = None
         self._reset_solver_caches()
-        amortized = state_dict.get("amortized")
-        if amortized is not None and self.amortize is not None:
+        self._amortized = None
+        self._amortized_key = None
+        if state_dict["amortized_samples"] is not None:
             self._amortized = AmortizedState(
-                amortized["samples"], amortized["residual"], amortized["iterations"]
+                state_dict["amortized_samples"],
+                state_dict["amortized_residual"],
+                state_dict["amortized_iterations"],
             )
-            self._amortized_key = tuple(amortized["key"])
-        else:
-            self._amortized = None
-            self._amortized_key = None
+            self._amortized_key = (
+                tuple(state_dict["amortized_prior_precision"]),
+                tuple(state_dict["amortized_prior_mean"]),
+                state_dict["amortized_sigma_noise"],
+                state_dict["amortized_temperature"],
+                settings,
+                int(self.amortize),
+            )
         self._fitted = True
         self.H = self._curvature_operator()

@@ -142,7 +142,7 @@ def run_case(name: str, problems: dict, rank: int, world: int, tmp: str) -> dict
         out["prior_precision"] = la.prior_precision.detach().clone()
     f_mu, f_var = la._glm_predictive_distribution(data["Xq"])
     out["f_mu"], out["f_var"] = f_mu.detach(), f_var.detach()
-    out["state_has_data"] = la.state_dict()["training_features"] is not None
+    out["state_has_data"] = la.state_dict()["training_X"] is not None
     if "amortize" in opts:
         out["samples"] = la._amortized.samples.clone()
         if rank == 0:  # saved once, loaded on one process by the test

@@ -91,7 +91,7 @@ def test_unknown_target_and_bad_options(regression_1d):
     with pytest.raises(ValueError, match="chunk_size"):
         Laplace(model, "regression", "last_layer", "hfl", chunk_size=0)
     with pytest.raises(ValueError, match="regression"):
-        Laplace(model, "reward_modeling", "all", "hfl")
+        Laplace(model, "poisson", "all", "hfl")
     with pytest.raises(NotImplementedError, match="enable_backprop"):
         Laplace(model, "regression", "all", "hfl", enable_backprop=True, amortize=8)
     assert_unchanged(model, snap)

@@ -8,8 +8,9 @@
 #    into a throwaway git repository; each patch passes `git apply --check`
 #    and is applied;
 # 3. the patched source is installed (--no-deps) into a fresh virtual
-#    environment that reuses the system's torch, curvlinops, ... through
-#    --system-site-packages; the venv's laplace shadows the unpatched one;
+#    environment that reuses $PYTHON's torch, curvlinops, ... (upstream/
+#    make_venv.py: works when $PYTHON is a venv's interpreter too); the new
+#    venv's laplace shadows the unpatched one;
 # 4. in that venv: the registry check (HessianStructure.HFL, Laplace(...)
 #    builds the HFL classes, every other key unchanged, laplace_hfl never
 #    imported), tests/test_hfl.py, examples/hfl_example.py;
@@ -59,8 +60,9 @@ step "unpatched registry (system laplace)"
 (cd "$TMP" && "$PYTHON" -W ignore "$HERE/check_registry.py" dump "$TMP/registry.json" </dev/null)
 
 step "fresh venv with the patched laplace"
-"$PYTHON" -m venv --system-site-packages "$TMP/venv"
-VPY="$TMP/venv/bin/python"
+# make_venv.py: like `venv --system-site-packages`, but also sees the packages
+# of $PYTHON when $PYTHON is itself a venv's interpreter.
+VPY="$("$PYTHON" "$HERE/make_venv.py" "$TMP/venv" </dev/null | tail -n 1)"
 "$VPY" -m pip install --no-deps --quiet "$SRC" </dev/null
 (cd "$TMP" && "$VPY" -c 'import laplace; print("laplace imported from", laplace.__file__)')
 
