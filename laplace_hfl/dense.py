@@ -29,7 +29,6 @@ numbers on top of the cached refit batches.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +38,7 @@ from laplace_hfl.batches import slice_batch
 from laplace_hfl.errors import IndefiniteHessianError
 from laplace_hfl.functional import (
     LaplaceObjective,
+    data_only_objective,
     hessian_matvec,
     objective_grad,
     output_jacobians,
@@ -68,12 +68,6 @@ def dense_fits(n_params: int, budget: int | None = None) -> bool:
     (default :data:`DENSE_BUDGET`)."""
     budget = DENSE_BUDGET if budget is None else budget
     return 2 * n_params * n_params <= budget
-
-
-def _data_only(obj: LaplaceObjective) -> LaplaceObjective:
-    return dataclasses.replace(
-        obj, h_factor=1.0, prior_precision=torch.zeros_like(obj.prior_precision)
-    )
 
 
 def _n_rows(X) -> int:
@@ -140,7 +134,7 @@ def data_hessian(obj: LaplaceObjective, theta: Tensor, chunk_size: int = 64) -> 
     Tensor
         Symmetric ``(P, P)``.
     """
-    data_only = _data_only(obj)
+    data_only = data_only_objective(obj)
     P = theta.numel()
     eye = torch.eye(P, dtype=theta.dtype, device=theta.device)
     H = torch.cat(

@@ -17,6 +17,7 @@ classification.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "make_forward",
     "to_compute",
     "batch_loss",
+    "data_only_objective",
     "objective_value",
     "objective_grad",
     "ggn_matvec",
@@ -146,6 +148,14 @@ def reduce_data(obj: LaplaceObjective, total: Tensor) -> Tensor:
     """The data term ``total`` summed over the local batches, combined across
     processes by ``obj.reduce`` (unchanged on one process)."""
     return total if obj.reduce is None else obj.reduce(total)
+
+
+def data_only_objective(obj: LaplaceObjective) -> LaplaceObjective:
+    """The data term alone: ``H_factor = 1`` and no prior, so its curvature is the
+    bare data GGN / Hessian (what laplace-torch calls ``H``)."""
+    return dataclasses.replace(
+        obj, h_factor=1.0, prior_precision=torch.zeros_like(obj.prior_precision)
+    )
 
 
 def batch_loss(likelihood: str, f: Tensor, y: Tensor) -> Tensor:

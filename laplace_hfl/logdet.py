@@ -43,7 +43,7 @@ from laplace_hfl.errors import (
     RefitConvergenceWarning,
     warn_user,
 )
-from laplace_hfl.functional import LaplaceObjective
+from laplace_hfl.functional import LaplaceObjective, data_only_objective
 from laplace_hfl.slq import (
     Probes,
     Quadrature,
@@ -137,12 +137,6 @@ class LogDetEstimate:
     exact: bool
 
 
-def _data_objective(obj: LaplaceObjective) -> LaplaceObjective:
-    return dataclasses.replace(
-        obj, h_factor=1.0, prior_precision=torch.zeros_like(obj.prior_precision)
-    )
-
-
 def posterior_rows(obj: LaplaceObjective, target: str) -> Callable[[Tensor], Tensor]:
     """``V -> (h G + diag(p_0)) v`` row-wise at the MAP, for ``obj``'s ``h`` and ``p_0``.
 
@@ -172,7 +166,7 @@ def curvature_quadrature(
     evaluate :func:`isotropic_logdet` at any ``(h, lambda)``.
     """
     probes = _probes(obj, settings)
-    matvec = posterior_rows(_data_objective(obj), target)
+    matvec = posterior_rows(data_only_objective(obj), target)
     return lanczos_quadrature(matvec, probes, _steps(probes, settings))
 
 

@@ -16,14 +16,13 @@ serves grid searches over the prior.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from laplace_hfl.functional import LaplaceObjective, ggn_matvec
+from laplace_hfl.functional import LaplaceObjective, data_only_objective, ggn_matvec
 
 __all__ = ["NystromSketch", "default_rank", "nystrom_sketch", "nystrom_apply"]
 
@@ -70,9 +69,7 @@ def nystrom_sketch(
     """
     theta = obj.theta_map
     P = theta.numel()
-    data_only = dataclasses.replace(
-        obj, h_factor=1.0, prior_precision=torch.zeros_like(obj.prior_precision)
-    )
+    data_only = data_only_objective(obj)
     g = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(P, rank, generator=g, dtype=theta.dtype).to(theta.device)
     omega, _ = torch.linalg.qr(omega)

@@ -25,7 +25,6 @@ definite ``P``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,7 +33,12 @@ from torch import Tensor
 
 from laplace_hfl.amortized import perturbed_rhs
 from laplace_hfl.errors import RefitConvergenceWarning, warn_user
-from laplace_hfl.functional import LaplaceObjective, ggn_matvec, hessian_matvec
+from laplace_hfl.functional import (
+    LaplaceObjective,
+    data_only_objective,
+    ggn_matvec,
+    hessian_matvec,
+)
 from laplace_hfl.lanczos import lanczos_inv_sqrt
 from laplace_hfl.solvers import batched_cg
 
@@ -85,9 +89,7 @@ def curvature_matvec(obj: LaplaceObjective, target: str, V: Tensor) -> Tensor:
     Tensor
         ``(m, P)``.
     """
-    bare = dataclasses.replace(
-        obj, h_factor=1.0, prior_precision=torch.zeros_like(obj.prior_precision)
-    )
+    bare = data_only_objective(obj)
     return precision_matvec(bare, target, V)
 
 
