@@ -26,13 +26,20 @@ from laplace_hfl.functional import LaplaceObjective, data_only_objective, ggn_ma
 
 __all__ = ["NystromSketch", "default_rank", "nystrom_sketch", "nystrom_apply"]
 
-#: Largest number of float64 entries the sketch may hold (256 MiB).
+#: Largest number of entries the sketch may hold (256 MiB of float64): ``k P``.
 SKETCH_BUDGET = 2**25
+
+#: Rows of the test matrix drawn from one seeded generator: the sketch is
+#: reproducible and independent of ``chunk_size``.
+_OMEGA_BLOCK = 16
+#: Rows of the ``(P, k)`` buffer multiplied at a time (temporaries ``_ROWS k``).
+_ROWS = 1024
 
 
 @dataclass(frozen=True)
 class NystromSketch:
-    """``G ~= U diag(lam) U^T`` with orthonormal ``U`` ``(P, k)``, ``lam`` descending."""
+    """``G ~= U diag(lam) U^T`` with orthonormal ``U`` ``(P, r)``, ``lam``
+    descending, ``r <= k`` (directions the sketch cannot resolve are dropped)."""
 
     U: Tensor
     lam: Tensor
@@ -48,16 +55,59 @@ def default_rank(n_params: int) -> int:
     return rank if rank * n_params <= SKETCH_BUDGET else 0
 
 
+def _omega_rows(
+    n_params: int, start: int, stop: int, seed: int, like: Tensor
+) -> Tensor:
+    """Rows ``start:stop`` of the Gaussian test matrix ``Omega^T`` ``(k, P)``,
+    regenerated on demand (``Omega`` itself is never held)."""
+    out = like.new_empty(stop - start, n_params)
+    for b in range(start // _OMEGA_BLOCK, (stop - 1) // _OMEGA_BLOCK + 1):
+        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + b)
+        block = torch.randn(_OMEGA_BLOCK, n_params, generator=g, dtype=like.dtype)
+        lo, hi = max(start, b * _OMEGA_BLOCK), min(stop, (b + 1) * _OMEGA_BLOCK)
+        out[lo - start : hi - start] = block[
+            lo - b * _OMEGA_BLOCK : hi - b * _OMEGA_BLOCK
+        ]
+    return out
+
+
+def _right_multiply_(Y: Tensor, W: Tensor, rows: int) -> Tensor:
+    """``Y[:, :r] = Y @ W`` in place, ``rows`` rows at a time (``W`` ``(k, r)``,
+    ``r <= k``); returns the view ``Y[:, :r]``."""
+    r = W.shape[1]
+    for i in range(0, Y.shape[0], rows):
+        Y[i : i + rows, :r] = Y[i : i + rows] @ W
+    return Y[:, :r]
+
+
+def _keep(eigenvalues: Tensor) -> Tensor:
+    """Eigenvalues resolved in this precision (relative to the largest)."""
+    tol = eigenvalues.shape[0] * torch.finfo(eigenvalues.dtype).eps
+    return eigenvalues > tol * eigenvalues.abs().max().clamp_min(
+        torch.finfo(eigenvalues.dtype).tiny
+    )
+
+
 def nystrom_sketch(
     obj: LaplaceObjective, rank: int, chunk_size: int = 64, seed: int = 0
 ) -> NystromSketch:
     """Rank-``rank`` Nyström approximation of the data GGN at the MAP.
 
+    ``G ~= Y (Omega^T Y)^+ Y^T`` with ``Y = G Omega`` for a Gaussian test
+    matrix ``Omega`` ``(P, k)``, then eigendecomposed into orthonormal
+    ``U`` and ``lam``. Memory: the one ``(P, k)`` buffer that holds ``Y`` and
+    then ``U`` in place (``k P`` numbers, at most :data:`SKETCH_BUDGET` with
+    :func:`default_rank`), plus one chunk of GGN-vector products (what a
+    solve of ``chunk_size`` directions uses); ``Omega`` is regenerated from
+    its seed chunk by chunk instead of being stored, and every other
+    intermediate is ``k x k``. Directions the sketch does not resolve in the
+    working precision (a GGN of rank below ``k``) are dropped, not inverted.
+
     Parameters
     ----------
     obj : LaplaceObjective
     rank : int
-        Sketch size ``k``; costs ``k`` GGN-vector products and ``2 k P`` memory.
+        Sketch size ``k``; costs ``k`` GGN-vector products.
     chunk_size : int, default=64
         Products computed together.
     seed : int, default=0
@@ -70,22 +120,31 @@ def nystrom_sketch(
     theta = obj.theta_map
     P = theta.numel()
     data_only = data_only_objective(obj)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(P, rank, generator=g, dtype=theta.dtype).to(theta.device)
-    omega, _ = torch.linalg.qr(omega)
-    Y = torch.cat(
-        [
-            ggn_matvec(data_only, omega.T[i : i + chunk_size])
-            for i in range(0, rank, chunk_size)
-        ]
-    ).T
-    shift = torch.finfo(Y.dtype).eps * Y.norm()
-    Y_shift = Y + shift * omega
-    core = omega.T @ Y_shift
-    C = torch.linalg.cholesky(0.5 * (core + core.T))
-    B = torch.linalg.solve_triangular(C, Y_shift.T, upper=False).T
-    U, S, _ = torch.linalg.svd(B, full_matrices=False)
-    return NystromSketch(U, (S.square() - shift).clamp_min(0))
+    step = max(1, min(chunk_size, rank))
+    Y = theta.new_empty(P, rank)
+    core = theta.new_zeros(rank, rank)
+    for i in range(0, rank, step):
+        rows = _omega_rows(P, i, min(i + step, rank), seed, theta)
+        Y[:, i : i + rows.shape[0]] = ggn_matvec(data_only, rows).T
+    for i in range(0, rank, step):  # core = Omega^T Y, Omega regenerated
+        core[i : i + step] = _omega_rows(P, i, min(i + step, rank), seed, theta) @ Y
+    core = 0.5 * (core + core.T)
+    d, W = torch.linalg.eigh(core)  # core^+ = W d^-1 W^T on resolved d
+    keep = _keep(d)
+    B = _right_multiply_(Y, W[:, keep] / d[keep].sqrt(), _ROWS)  # G ~= B B^T
+    s2, V = torch.linalg.eigh(B.T @ B)  # B = U S V^T
+    keep = _keep(s2)
+    s2, V = s2[keep].flip(0), V[:, keep].flip(1)
+    U = _right_multiply_(B, V / s2.sqrt(), _ROWS)
+    # One re-orthonormalisation (Cholesky QR): U R^-1 with U^T U = R^T R,
+    # and G ~= U (R diag(s2) R^T) U^T re-diagonalised (all k x k).
+    R = torch.linalg.cholesky(U.T @ U, upper=True)
+    T = R * s2 @ R.T
+    lam, Z = torch.linalg.eigh(0.5 * (T + T.T))
+    U = _right_multiply_(
+        U, torch.linalg.solve_triangular(R, Z.flip(1), upper=True), _ROWS
+    )
+    return NystromSketch(U, lam.flip(0).clamp_min(0))
 
 
 def nystrom_apply(

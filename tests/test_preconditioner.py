@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import DT, PRIOR, SIGMA, dense_reference, loader, rel_err
 from laplace import Laplace
+from torch import nn
 from torch.func import jacrev
 
 from laplace_hfl.preconditioner import default_rank, nystrom_apply, nystrom_sketch
@@ -54,3 +56,54 @@ def test_default_rank():
     assert default_rank(10_000) == 256
     assert default_rank(100_000) == 256
     assert default_rank(1_000_000) == 0  # sketch would not fit in 256 MiB
+
+
+def _peak_rss_mb(fn) -> float:
+    """Peak RSS growth (MB) while ``fn`` runs (Linux: VmHWM reset by clear_refs)."""
+
+    def field(name: str) -> float:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) / 1024.0
+        raise OSError(name)
+
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = field("VmRSS")
+    fn()
+    return field("VmHWM") - base
+
+
+def test_sketch_memory_within_budget():
+    """The sketch holds one ``(P, k)`` buffer (Y, then U in place) plus one
+    chunk of GGN products and its rows of the test matrix: peak <= k P
+    numbers (+5%) + the peak of one chunk of products + 2 chunk P numbers.
+    Measured: 1.44-1.50 k P in all here (P = 58k, k = 128, chunk 16), the
+    chunk terms 0.45 of it; the previous version
+    (test matrix, its QR, Y, shifted Y, B and the SVD all alive) 7.4 k P."""
+    import os
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to measure peak RSS")
+    from laplace_hfl.functional import data_only_objective, ggn_matvec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 240), nn.Tanh(), nn.Linear(240, 240),
+                          nn.Tanh(), nn.Linear(240, 3)).to(DT)  # fmt: skip
+    X = torch.randn(48, 8, dtype=DT)
+    y = torch.randint(0, 3, (48,))
+    la = Laplace(model, "classification", "all", "hfl", solver="cg")
+    la.fit(loader(X, y, batch_size=48))
+    obj = la._objective()
+    P, k, chunk = obj.theta_map.numel(), 128, 16
+    rows = torch.randn(chunk, P, dtype=DT)
+    data_only = data_only_objective(obj)
+    ggn_matvec(data_only, rows)  # warm up allocator and kernels
+    nystrom_sketch(obj, 8, chunk_size=chunk)
+    chunk_mb = max(_peak_rss_mb(lambda: ggn_matvec(data_only, rows)) for _ in range(2))
+    sketch_mb = _peak_rss_mb(lambda: nystrom_sketch(obj, k, chunk_size=chunk))
+    kP_mb, rows_mb = k * P * 8 / 2**20, chunk * P * 8 / 2**20
+    bound = 1.05 * kP_mb + chunk_mb + 2 * rows_mb + 4  # + the chunk's Omega rows
+    print(f"sketch peak {sketch_mb:.1f} MB = {sketch_mb / kP_mb:.2f} k P")
+    assert sketch_mb <= bound, (sketch_mb, kP_mb, chunk_mb, rows_mb)
