@@ -184,6 +184,19 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         _, phi = self.model.forward_with_features(X)
         return phi.to(self.compute_dtype)
 
+    def _structured_cov(self, obj: Any, Xq: Tensor) -> Tensor | None:
+        layer = self.model.last_layer
+        names = tuple(n for n, _ in layer.named_parameters())
+        if (
+            not isinstance(layer, nn.Linear)
+            or names not in (("weight",), ("weight", "bias"))
+            or not isinstance(Xq, Tensor)
+            or Xq.ndim != 2
+            or not self._uses_dense(obj)
+        ):
+            return None
+        return self._dense_linear_covariance(obj, layer, Xq)
+
     def functional_variance_fast(self, X: Any) -> tuple[Tensor, Tensor]:
         f_mu, f_var = self._glm_predictive_distribution(X)
         return f_mu, torch.diagonal(f_var, dim1=-2, dim2=-1)

@@ -81,6 +81,13 @@ class PredictionMixin:
                 starts, desc="[HFL predict]", always=self.progress_bar
             ):
                 Xc = slice_batch(Xq, start, start + step)
+                cov = None if joint or backprop else self._structured_cov(obj, Xc)
+                if cov is not None:  # no Jacobian formed (a dense Linear refit)
+                    with torch.no_grad():
+                        mus.append(obj.forward(obj.theta_map, Xc))
+                    check_finite_result(cov, "predictive covariances")
+                    covs.append(cov)
+                    continue
                 with torch.set_grad_enabled(backprop):
                     Js, f = output_jacobians(obj.forward, theta, Xc)
                 if moved:  # the mean stays the network's output at the MAP
@@ -108,6 +115,12 @@ class PredictionMixin:
         check_finite_result(f_var, "predictive covariances")
         out_dtype = self._dtype
         return f_mu.to(out_dtype), f_var.to(out_dtype)
+
+    def _structured_cov(self, obj, Xq: Any) -> Tensor | None:
+        """``J P^{-1} J^T`` per input without Jacobians where the refit
+        module's structure allows it (the last-layer shell: a ``Linear`` layer
+        with the dense solver); ``None`` elsewhere."""
+        return None
 
     def _linearization_point(self, obj) -> Tensor:
         """Where the query Jacobians are taken.

@@ -27,14 +27,17 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from laplace_hfl.dense import (
+    DenseFactor,
     data_ggn,
     data_hessian,
     dense_base_point,
     dense_fits,
     factorize,
+    linear_layer_covariance,
+    linear_layer_order,
     query_rows,
 )
 from laplace_hfl.functional import LaplaceObjective
@@ -55,6 +58,7 @@ class SolverMixin:
         self._dense_curv_key: tuple | None = None
         self._dense_factor = None
         self._dense_key: tuple | None = None
+        self._dense_linear = None
 
     # ----------------------------------------------------------------- solver
     def _uses_dense(self, obj: LaplaceObjective) -> bool:
@@ -71,9 +75,9 @@ class SolverMixin:
             return query_rows(obj.theta_map.numel(), max(n_outputs, 1))
         return max(1, self.chunk_size // max(n_outputs, 1))
 
-    def _dense_solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
-        """``(h C + diag(p_0))^{-1} v`` for the rows of ``V`` by one Cholesky
-        factor, cached per hyperparameters (``C`` cached per fit for ``"ggn"``)."""
+    def _dense(self, obj: LaplaceObjective) -> DenseFactor:
+        """The Cholesky factor of ``h C + diag(p_0)``, cached per
+        hyperparameters (``C`` cached per fit for ``"ggn"``)."""
         target = self.hfl_settings.target
         key = self._hyper_key()
         if self._dense_factor is None or self._dense_key != key:
@@ -88,21 +92,48 @@ class SolverMixin:
                 curv, obj.h_factor, obj.prior_precision, target
             )
             self._dense_key = key
+            self._dense_linear = None
             if target == "ggn":  # records how stationary the MAP is
                 self._base = dense_base_point(obj, self._dense_factor)
                 self._base_key = key
-        U, res = self._dense_factor.solve(V)
-        m = V.shape[0]
-        residual = res[None].expand(2, m).clone()
+        return self._dense_factor
+
+    def _dense_diagnostics(self, factor: DenseFactor, m: int, like: Tensor) -> None:
+        residual = like.new_full((2, m), factor.residual)
         self.last_diagnostics = RefitDiagnostics(
-            eps=torch.zeros(m, dtype=V.dtype, device=V.device),
+            eps=like.new_zeros(m),
             residual=residual,
-            iterations=torch.zeros(2, m, dtype=torch.long, device=V.device),
+            iterations=torch.zeros(2, m, dtype=torch.long, device=like.device),
             converged=residual <= self.hfl_settings.rtol,
             solver="dense",
             preconditioner="none",
         )
+
+    def _dense_solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
+        """``(h C + diag(p_0))^{-1} v`` for the rows of ``V`` by one Cholesky
+        factor (:meth:`_dense`)."""
+        factor = self._dense(obj)
+        U, _ = factor.solve(V)
+        self._dense_diagnostics(factor, V.shape[0], V)
         return U
+
+    def _dense_linear_covariance(
+        self, obj: LaplaceObjective, module: nn.Module, features: Tensor
+    ) -> Tensor:
+        """``J Sigma J^T`` per input for a ``Linear`` refit module from its
+        inputs (:func:`~laplace_hfl.dense.linear_layer_covariance`), with the
+        reordered ``Sigma`` cached per factor."""
+        factor = self._dense(obj)
+        if getattr(self, "_dense_linear", None) is None:
+            bias = module.bias is not None
+            self._dense_linear = linear_layer_order(
+                factor.Sigma, module.out_features, module.in_features, bias
+            )
+        cov = linear_layer_covariance(
+            self._dense_linear, features, module.bias is not None
+        )
+        self._dense_diagnostics(factor, features.shape[0] * module.out_features, cov)
+        return cov
 
     def _with_preconditioner_name(self, diag: RefitDiagnostics) -> RefitDiagnostics:
         return dataclasses.replace(diag, preconditioner=self._precond_name)

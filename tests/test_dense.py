@@ -227,3 +227,50 @@ def test_bad_solver_options_raise(regression_1d, kw, match):
     with pytest.raises(ValueError, match=match):
         Laplace(model, "regression", "all", "hfl", **kw)
     assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_last_layer_covariance_without_jacobians(classification, bias):
+    """Last-layer dense predictions contract Sigma with the features
+    (``B P^2`` work, no Jacobian; was ``B C P^2`` through ``J Sigma``): the full
+    ``C x C`` covariances equal the Jacobian route (``functional_covariance``
+    path, 1e-12) and FullLLLaplace (CurvlinopsGGN, <= FULL_TOL)."""
+    import copy
+
+    from torch import nn
+
+    model, X, y = classification
+    model = copy.deepcopy(model)
+    if not bias:
+        last = model[-1]
+        new = nn.Linear(last.in_features, last.out_features, bias=False).to(DT)
+        with torch.no_grad():
+            new.weight.copy_(last.weight)
+        model[-1] = new
+    Xq = X[:7] * 1.1
+    la = _hfl(model, X, y, "classification", "last_layer")
+    f_mu, f_var = la._glm_predictive_distribution(Xq)
+    assert la.last_diagnostics.solver == "dense"
+    assert la.last_diagnostics.converged.all()
+    # the Jacobian route of the same estimator
+    with torch.no_grad():
+        _, phi = la.model.forward_with_features(Xq)
+    params = dict(la.model.last_layer.named_parameters())
+
+    def f(*flat):
+        return torch.func.functional_call(
+            la.model.last_layer, dict(zip(params, flat)), (phi,)
+        )
+
+    jac = torch.func.jacrev(f, argnums=tuple(range(len(params))))(*params.values())
+    Js = torch.cat([j.reshape(len(Xq), j.shape[1], -1) for j in jac], -1)
+    via_jacobians = la.functional_variance(Js)
+    torch.testing.assert_close(f_var, via_jacobians, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(f_mu, model(Xq), rtol=1e-12, atol=1e-12)
+    full = Laplace(
+        model, "classification", "last_layer", "full", prior_precision=PRIOR,
+        backend=CurvlinopsGGN,
+    )  # fmt: skip
+    full.fit(loader(X, y))
+    _, ref = full._glm_predictive_distribution(Xq)
+    assert rel_err(f_var, ref).max() <= FULL_TOL
