@@ -6,6 +6,7 @@ Small helpers shared by the HFL classes; none of them keeps state.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -23,20 +24,36 @@ __all__ = [
 ]
 
 
+#: Modules inside :func:`eval_mode` in this thread (nested calls are free).
+_EVAL_ACTIVE = threading.local()
+
+
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode, restoring each flag afterwards.
 
     Freezes BatchNorm statistics and dropout during refits and predictions
-    without leaving the user's model changed.
+    without leaving the user's model changed. Nested calls on the same module
+    in the same thread, and modules already in eval mode, cost nothing.
     """
+    active = getattr(_EVAL_ACTIVE, "ids", None)
+    if active is None:
+        active = _EVAL_ACTIVE.ids = set()
+    if id(module) in active:  # nested (this thread): already in eval mode
+        yield
+        return
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    training = any(flag for _, flag in flags)
+    if training:
+        module.eval()
+    active.add(id(module))
     try:
         yield
     finally:
-        for m, flag in flags:
-            m.training = flag
+        active.discard(id(module))
+        if training:
+            for m, flag in flags:
+                m.training = flag
 
 
 def split_batch(data: Any, dict_key_y: str) -> tuple[Any, Tensor]:

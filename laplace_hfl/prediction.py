@@ -52,6 +52,12 @@ class PredictionMixin:
         diagonal_output: bool = False,
     ) -> tuple[Tensor, Tensor]:
         self._check_ready(X)
+        with eval_mode(self.model):  # once: the nested uses below are free
+            return self._glm_predictive(X, joint, diagonal_output)
+
+    def _glm_predictive(
+        self, X: Any, joint: bool, diagonal_output: bool
+    ) -> tuple[Tensor, Tensor]:
         backprop = self.enable_backprop
         with eval_mode(self.model), torch.set_grad_enabled(backprop):
             Xq = self._query_inputs(X)
