@@ -59,7 +59,8 @@ def validate_hfl_options(
         raise ValueError(
             f"preconditioner must be one of {PRECONDITIONERS}, got "
             f"{preconditioner!r}: 'auto' uses KFAC where it covers every refit "
-            "parameter (Linear/Conv2d) and the Nystrom sketch elsewhere."
+            "parameter (Linear/Conv2d) and N * outputs >= P, and the Nystrom "
+            "sketch elsewhere."
         )
     if solver == "dense" and (amortize is not None or minibatch_epochs is not None):
         raise ValueError(

@@ -9,7 +9,8 @@
   and minibatch modes keep their own paths.
 * ``preconditioner="auto"`` preconditions the CG refits by KFAC
   (:mod:`laplace_hfl.kfac`) where KFAC covers every refit parameter (``Linear``
-  and ``Conv2d`` layers), else by the Nyström sketch
+  and ``Conv2d`` layers) and the data can determine them all (``N C >= P``,
+  :meth:`SolverMixin._kfac_helps`), else by the Nyström sketch
   (:mod:`laplace_hfl.preconditioner`, rank ``precondition_rank`` or its default,
   off when the sketch would not fit its budget). Setting ``precondition_rank``
   with ``preconditioner="auto"`` selects the Nyström sketch (``0``: none), as
@@ -152,14 +153,30 @@ class SolverMixin:
         if choice == "auto":
             # amortised and minibatch modes keep their Nystrom preconditioner
             classic = self.amortize is not None or self.minibatch_epochs is not None
-            if self.precondition_rank is None and not classic:
-                module, layout, _ = self._refit_module()
-                if kfac_supported(module, layout):
-                    return "kfac", 0
+            if self.precondition_rank is None and not classic and self._kfac_helps(P):
+                return "kfac", 0
             choice = "nystrom"
         if choice == "nystrom":
             return ("nystrom", rank) if rank > 0 else ("none", 0)
         return choice, 0
+
+    def _kfac_helps(self, n_params: int) -> bool:
+        """KFAC covers the refit parameters and the data GGN can have full rank
+        (``N C >= P``).
+
+        Below that the GGN is zero on ``P - N C`` directions, where ``A`` is
+        exactly the prior (one eigenvalue cluster that plain CG resolves in one
+        step) while KFAC's Kronecker factors are full rank: the preconditioned
+        operator gets a spread of tiny eigenvalues there. Measured on LeNet
+        (44,426 weights, 1,000 MNIST digits, N C = 10,000, prior 1, float32):
+        CG to rtol 1e-4 took ~450 iterations plain, > 1,000 with KFAC, ~25
+        with the rank-256 Nyström sketch (``benchmarks/results/solvers.json``).
+        """
+        n_outputs = max(int(getattr(self, "n_outputs", 1) or 1), 1)
+        if int(self.n_data) * n_outputs < n_params:
+            return False
+        module, layout, _ = self._refit_module()
+        return kfac_supported(module, layout)
 
     def _precond(self, obj: LaplaceObjective) -> Callable[[Tensor], Tensor] | None:
         """The preconditioner of the CG refits for the current hyperparameters.
