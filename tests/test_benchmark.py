@@ -27,3 +27,22 @@ def test_quick_benchmark_writes_json_and_png(tmp_path):
         assert results[key], key
     assert "kron_CurvlinopsGGN" in results["kfac_refused"]
     assert (tmp_path / "benchmark.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_solver_benchmark_smoke(tmp_path):
+    """``python -m laplace_hfl.benchmark.solvers`` at toy sizes writes its JSON
+    and figure, with every preconditioner converging to the reference."""
+    from laplace_hfl.benchmark.solvers import main as solvers_main
+
+    out = tmp_path / "solvers.json"
+    argv = ["--n-train", "200", "--n-query", "2", "--aw-n-train", "16",
+            "--n-dirs", "1", "--ranks", "8", "--ref-n-train", "20",
+            "--max-iter", "400", "--out", str(out)]  # fmt: skip
+    assert solvers_main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["last_layer"]["rel_err_vs_full_ll_f64_max"] <= 1e-4
+    for run in res["all_weights"]["runs"].values():
+        assert run["converged"]
+        assert run["rel_err_vs_reference_max"] <= 1e-2
+    assert out.with_suffix(".png").exists()
