@@ -9,7 +9,6 @@ and returns the matplotlib figure (saved when ``path`` is given).
 
 from __future__ import annotations
 
-import math
 import os
 from typing import TYPE_CHECKING
 
@@ -21,8 +20,17 @@ import torch  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from laplace_hfl.evaluation.figure_layout import (  # noqa: E402
+    FAMILY_TITLES,
+    LINESTYLES,
+    colors,
+    family_grid,
+    group_by_family,
+    method_family,
+    panel_grid,
+    save_figure,
+)
 from laplace_hfl.evaluation.registry import (  # noqa: E402
-    METHODS,
     REFERENCE_GGN,
     REFERENCE_HESSIAN,
 )
@@ -43,93 +51,6 @@ __all__ = [
     "plot_reliability",
     "plot_variance_scatter",
 ]
-
-
-def _grid(n: int, ncols: int = 5, size: float = 2.6) -> tuple[Figure, list]:
-    ncols = min(ncols, max(n, 1))
-    nrows = math.ceil(max(n, 1) / ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(size * ncols, size * 0.85 * nrows), squeeze=False
-    )
-    axes = list(axes.flat)
-    for ax in axes[n:]:
-        ax.axis("off")
-    return fig, axes
-
-
-def _save(fig: Figure, path: str | os.PathLike | None) -> None:
-    if path is not None:
-        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-
-
-#: Panel titles of the known method families; any other family (a method
-#: registered later) gets its own panel titled by its name.
-FAMILY_TITLES = {
-    "hfl": "HFL (this package)",
-    "full": "full Laplace (P x P)",
-    "kron": "KFAC",
-    "diag": "diagonal",
-    "ll": "last-layer Laplace",
-    "map": "MAP",
-}
-_LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
-
-
-def method_family(name: str, families: dict[str, str] | None = None) -> str:
-    """Family of a method: ``families[name]``, else the registry's
-    :attr:`MethodSpec.family`, else the name up to its first underscore."""
-    if families and name in families:
-        return families[name]
-    spec = METHODS.get(name)
-    return spec.family if spec is not None else name.split("_")[0]
-
-
-def group_by_family(
-    names: list[str], families: dict[str, str] | None = None
-) -> dict[str, list[str]]:
-    """``{family: [names]}`` in first-seen order of families, ``hfl`` first."""
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        groups.setdefault(method_family(n, families), []).append(n)
-    order = sorted(groups, key=lambda f: (f != "hfl", list(groups).index(f)))
-    return {f: groups[f] for f in order}
-
-
-def _colors(n: int) -> list:
-    """``n`` distinct colours (tab10 up to 10, tab20 beyond)."""
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-def _family_grid(
-    groups: dict[str, list[str]],
-    max_cols: int = 6,
-    size: float = 2.6,
-    share: bool = False,
-) -> tuple[Figure, dict[str, Axes]]:
-    """One row per family (wrapped after ``max_cols``), the family named as the
-    y label of the row's first panel; ``share``: common x and y axes."""
-    rows: list[tuple[str, list[str]]] = []
-    for fam, names in groups.items():
-        for i in range(0, len(names), max_cols):
-            rows.append((fam, names[i : i + max_cols]))
-    ncols = max((len(r[1]) for r in rows), default=1)
-    fig, axes = plt.subplots(
-        max(len(rows), 1), ncols, figsize=(size * ncols, size * 0.85 * max(len(rows), 1)),
-        squeeze=False, sharex=share, sharey=share,
-    )  # fmt: skip
-    out: dict[str, Axes] = {}
-    for r, (fam, names) in enumerate(rows):
-        for c in range(ncols):
-            if c < len(names):
-                out[names[c]] = axes[r, c]
-            else:
-                axes[r, c].axis("off")
-        axes[r, 0].set_ylabel(
-            FAMILY_TITLES.get(fam, fam), fontsize=9, fontweight="bold"
-        )
-    return fig, out
 
 
 def plot_predictive_bands(
@@ -166,7 +87,7 @@ def plot_predictive_bands(
     xs = x.reshape(-1).double().numpy()
     if gap is not None and isinstance(gap[0], (int, float)):
         gap = (gap,)  # type: ignore[assignment]
-    fig, by_name = _family_grid(group_by_family(list(predictions), families))
+    fig, by_name = family_grid(group_by_family(list(predictions), families))
     ys = [p.f_mu.reshape(-1).double() for p in predictions.values()]
     lo = min(float(y.min()) for y in ys) - 1.5 if ys else -2
     hi = max(float(y.max()) for y in ys) + 1.5 if ys else 2
@@ -194,7 +115,7 @@ def plot_predictive_bands(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -223,7 +144,7 @@ def plot_reliability(
         Method name to family (default: :func:`method_family`).
     """
     preds = {k: p for k, p in predictions.items() if p.probs is not None}
-    fig, by_name = _family_grid(group_by_family(list(preds), families))
+    fig, by_name = family_grid(group_by_family(list(preds), families))
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     centers = (0.5 * (edges[1:] + edges[:-1])).numpy()
     for name, ax in by_name.items():
@@ -244,7 +165,7 @@ def plot_reliability(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -280,7 +201,7 @@ def plot_variance_scatter(
         for k, p in predictions.items()
         if k != reference and bool((p.variances != 0).any())
     }
-    fig, by_name = _family_grid(group_by_family(list(others), families), share=True)
+    fig, by_name = family_grid(group_by_family(list(others), families), share=True)
     lo, hi = float(ref.min()), float(ref.max())
     for name, ax in by_name.items():
         p = others[name]
@@ -296,7 +217,7 @@ def plot_variance_scatter(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -383,11 +304,11 @@ def plot_predictive_std(
             fig, ax = plt.subplots(figsize=(7.5, 3.5))
         else:
             fig = ax.figure
-        colors = iter(_colors(len(sds)))
+        palette = iter(colors(len(sds)))
         for k, (fam, names) in enumerate(groups.items()):
             for name in names:
-                ax.plot(xs, sds[name], lw=1.4, color=next(colors),
-                        ls=_LINESTYLES[k % len(_LINESTYLES)], label=name)  # fmt: skip
+                ax.plot(xs, sds[name], lw=1.4, color=next(palette),
+                        ls=LINESTYLES[k % len(LINESTYLES)], label=name)  # fmt: skip
         decorate(ax)
         ax.set_ylabel("epistemic sd  sqrt(f_var)", fontsize=8)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
@@ -395,7 +316,7 @@ def plot_predictive_std(
         if title:
             ax.set_title(title, fontsize=9)
         fig.tight_layout()
-        _save(fig, path)
+        save_figure(fig, path)
         return fig
 
     if references is None:
@@ -410,7 +331,7 @@ def plot_predictive_std(
     ref_styles = dict(zip(references, ("--", ":", "-.")))
     for a, (fam, names) in zip(axes.flat, panels.items()):
         own = [n for n in names if n not in references]
-        for i, (name, color) in enumerate(zip(own, _colors(len(own)))):
+        for i, (name, color) in enumerate(zip(own, colors(len(own)))):
             # thinner each time: identical curves (same method, other backend)
             # stay visible as nested stripes
             a.plot(xs, sds[name], lw=max(3.2 - 0.8 * i, 0.8), color=color, label=name)
@@ -428,7 +349,7 @@ def plot_predictive_std(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -460,7 +381,7 @@ def plot_confidence_map(
     title : str
     """
     preds = {k: p for k, p in predictions.items() if p.probs is not None}
-    fig, axes = _grid(len(preds), ncols=4, size=3.0)
+    fig, axes = panel_grid(len(preds), ncols=4, size=3.0)
     n_cls = max((p.probs.shape[-1] for p in preds.values()), default=2)
     X, Y = xx.double().numpy(), yy.double().numpy()
     mesh = None
@@ -489,5 +410,5 @@ def plot_confidence_map(
         bar = fig.colorbar(mesh, ax=axes[: len(preds)], shrink=0.8)
         bar.set_label("max_k p_k", fontsize=7)
         bar.ax.tick_params(labelsize=6)
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
