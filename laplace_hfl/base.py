@@ -38,7 +38,6 @@ from laplace_hfl.batches import (
 from laplace_hfl.distributed import (
     DistributedMixin,
     data_reducer,
-    fit_shard,
     is_distributed,
 )
 from laplace_hfl.errors import HFLNotFittedError
@@ -59,6 +58,7 @@ from laplace_hfl.refit import (
     perturbed_refits,
     unperturbed_refit,
 )
+from laplace_hfl.shards import fit_shard
 from laplace_hfl.solver_choice import SolverMixin
 from laplace_hfl.state import StateMixin
 from laplace_hfl.stochastic import MINIBATCH_RTOL, minibatch_refits
