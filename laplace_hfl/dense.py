@@ -256,19 +256,20 @@ def query_rows(n_params: int, n_outputs: int, budget: int | None = None) -> int:
     return max(1, budget // (4 * n_outputs * n_params))
 
 
-def linear_layer_covariance(Sigma4: Tensor, features: Tensor, bias: bool) -> Tensor:
+def linear_layer_covariance(blocks: Tensor, features: Tensor, bias: bool) -> Tensor:
     """``J(x) Sigma J(x)^T`` for a ``Linear`` refit module, from its inputs.
 
     ``f = W phi + b`` has ``J`` rows ``e_c (x) phi`` (and ``e_c`` for the bias),
     so the product needs ``Sigma`` contracted with ``phi`` twice instead of
-    ``C`` rows of length ``P`` multiplied by ``Sigma``: ``B P^2`` multiply-adds
-    instead of ``B C P^2`` (no Jacobian is formed).
+    ``C`` rows of length ``P`` multiplied by ``Sigma``: about ``B P^2 / 2``
+    multiply-adds instead of ``B C P^2`` (no Jacobian is formed; only the
+    ``C (C + 1) / 2`` blocks ``Sigma_cc'``, ``c <= c'``, are read).
 
     Parameters
     ----------
-    Sigma4 : Tensor
-        ``Sigma`` reordered as ``(C, D', C, D')`` by :func:`linear_layer_order`
-        (``D' = D + 1`` with a bias, the bias last).
+    blocks : Tensor
+        The upper blocks of ``Sigma`` from :func:`linear_layer_order`,
+        ``(C (C + 1) / 2, D', D')`` (``D' = D + 1`` with a bias, the bias last).
     features : Tensor
         Inputs of the layer ``(B, D)``.
     bias : bool
@@ -279,22 +280,29 @@ def linear_layer_covariance(Sigma4: Tensor, features: Tensor, bias: bool) -> Ten
     Tensor
         ``(B, C, C)``, symmetric PSD.
     """
-    C, Dp = Sigma4.shape[0], Sigma4.shape[1]
-    phi = features.to(Sigma4)
+    n_pairs, Dp = blocks.shape[0], blocks.shape[1]
+    C = int(round(((8 * n_pairs + 1) ** 0.5 - 1) / 2))
+    phi = features.to(blocks)
     if bias:
         phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], 1)
-    T = Sigma4.reshape(C * Dp * C, Dp) @ phi.T  # (C D' C, B)
-    cov = torch.einsum("idjb,bd->bij", T.reshape(C, Dp, C, -1), phi)
-    return 0.5 * (cov + cov.transpose(1, 2))
+    T = (blocks.reshape(n_pairs * Dp, Dp) @ phi.T).reshape(n_pairs, Dp, -1)
+    vals = torch.einsum("kdb,bd->bk", T, phi)  # (B, pairs)
+    i, j = torch.triu_indices(C, C, device=blocks.device)
+    cov = vals.new_zeros(vals.shape[0], C, C)
+    cov[:, i, j] = vals
+    cov[:, j, i] = vals
+    return cov
 
 
 def linear_layer_order(Sigma: Tensor, n_out: int, n_in: int, bias: bool) -> Tensor:
-    """``Sigma`` over ``(weight.flatten(), bias)`` reordered as
-    ``(C, D', C, D')`` for :func:`linear_layer_covariance`."""
+    """The blocks ``Sigma_cc'`` (``c <= c'``) of ``Sigma`` over
+    ``(weight.flatten(), bias)``, each ``(D', D')`` with the bias last, for
+    :func:`linear_layer_covariance`."""
     idx = torch.arange(n_out * n_in, device=Sigma.device).reshape(n_out, n_in)
     if bias:
         b = n_out * n_in + torch.arange(n_out, device=Sigma.device)
         idx = torch.cat([idx, b[:, None]], 1)
-    flat = idx.flatten()
-    Dp = idx.shape[1]
-    return Sigma[flat][:, flat].reshape(n_out, Dp, n_out, Dp).contiguous()
+    i, j = torch.triu_indices(n_out, n_out, device=Sigma.device)
+    return torch.stack(
+        [Sigma[idx[a]][:, idx[c]] for a, c in zip(i.tolist(), j.tolist())]
+    )

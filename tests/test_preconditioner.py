@@ -77,11 +77,12 @@ def _peak_rss_mb(fn) -> float:
 
 def test_sketch_memory_within_budget():
     """The sketch holds one ``(P, k)`` buffer (Y, then U in place) plus one
-    chunk of GGN products and its rows of the test matrix: peak <= k P
-    numbers (+5%) + the peak of one chunk of products + 2 chunk P numbers.
-    Measured: 1.44-1.50 k P in all here (P = 58k, k = 128, chunk 16), the
-    chunk terms 0.45 of it; the previous version
-    (test matrix, its QR, Y, shifted Y, B and the SVD all alive) 7.4 k P."""
+    chunk of GGN products and its rows of the test matrix. Here (P = 58k,
+    k = 128, chunk 16) that chunk is ~0.45 k P, so the peak must stay under
+    2 k P; measured 1.42-1.60 k P. The previous version (test matrix, its QR,
+    Y, shifted Y, B and the SVD all alive) peaked at 7.4 k P. (A bound built
+    from a separately measured chunk peak proved fragile: RSS does not grow
+    again for memory the allocator already holds.)"""
     import os
 
     if not os.access("/proc/self/clear_refs", os.W_OK):
@@ -97,13 +98,9 @@ def test_sketch_memory_within_budget():
     la.fit(loader(X, y, batch_size=48))
     obj = la._objective()
     P, k, chunk = obj.theta_map.numel(), 128, 16
-    rows = torch.randn(chunk, P, dtype=DT)
-    data_only = data_only_objective(obj)
-    ggn_matvec(data_only, rows)  # warm up allocator and kernels
+    ggn_matvec(data_only_objective(obj), torch.randn(chunk, P, dtype=DT))  # warm up
     nystrom_sketch(obj, 8, chunk_size=chunk)
-    chunk_mb = max(_peak_rss_mb(lambda: ggn_matvec(data_only, rows)) for _ in range(2))
     sketch_mb = _peak_rss_mb(lambda: nystrom_sketch(obj, k, chunk_size=chunk))
-    kP_mb, rows_mb = k * P * 8 / 2**20, chunk * P * 8 / 2**20
-    bound = 1.05 * kP_mb + chunk_mb + 2 * rows_mb + 4  # + the chunk's Omega rows
+    kP_mb = k * P * 8 / 2**20
     print(f"sketch peak {sketch_mb:.1f} MB = {sketch_mb / kP_mb:.2f} k P")
-    assert sketch_mb <= bound, (sketch_mb, kP_mb, chunk_mb, rows_mb)
+    assert sketch_mb <= 2 * kP_mb, (sketch_mb, kP_mb)

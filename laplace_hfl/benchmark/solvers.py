@@ -97,7 +97,7 @@ def last_layer_case(model, split, n_query: int) -> dict:
     P = la.n_params
     out["n_params"] = P
     out["hfl_peak_rss_mb"] = _rss_mb() - base
-    # stored: G, A, Sigma and Sigma reordered for the features (4 P^2 float64);
+    # stored: G, A, Sigma and Sigma's upper blocks for the features (<= 4 P^2);
     # while factorising ~7 P^2; plus one forward pass of a training batch
     out["dense_stored_mb"] = 4 * P * P * 8 / 2**20
     out["dense_factorising_peak_mb"] = 7 * P * P * 8 / 2**20
