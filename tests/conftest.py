@@ -70,6 +70,24 @@ def train_stationary(model, X, y, likelihood, sigma=SIGMA, prior=PRIOR):
     return model
 
 
+def saddle_regression():
+    """A 1-16-1 tanh regression net trained by Adam on the mean squared error
+    without weight decay: at a tiny prior its MAP is a saddle of the Laplace
+    objective (indefinite Hessian + prior). Returns ``(model, X, y)``."""
+    torch.manual_seed(0)
+    X = torch.linspace(-2, 2, 30, dtype=DT)[:, None]
+    y = torch.sin(3 * X)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).to(DT)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(X), y).backward()
+        opt.step()
+    for p in model.parameters():
+        p.grad = None
+    return model, X, y
+
+
 def make_regression(n=40, d_in=1, d_out=1, hidden=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = torch.rand(n, d_in, generator=g, dtype=DT) * 4 - 2

@@ -20,6 +20,7 @@ from conftest import (
     dense_reference,
     loader,
     rel_err,
+    saddle_regression,
     snapshot,
 )
 from laplace import Laplace
@@ -175,19 +176,7 @@ def test_dense_records_map_stationarity(regression_1d):
 
 def test_indefinite_hessian_raises_and_model_unchanged():
     """A MAP trained without weight decay: Hessian + tiny prior is indefinite."""
-    torch.manual_seed(0)
-    X = torch.linspace(-2, 2, 30, dtype=DT)[:, None]
-    y = torch.sin(3 * X)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
-    ).to(DT)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(X), y).backward()
-        opt.step()
-    for p in model.parameters():
-        p.grad = None
+    model, X, y = saddle_regression()
     snap = snapshot(model)
     la = Laplace(
         model, "regression", "all", "hfl", target="hessian", solver="dense",

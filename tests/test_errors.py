@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DT, assert_unchanged, loader, snapshot
+from conftest import DT, assert_unchanged, loader, saddle_regression, snapshot
 from laplace import Laplace
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -138,19 +138,7 @@ def test_wrong_jacobian_shape(fitted):
 
 def test_indefinite_hessian_detected():
     """A MAP trained without the prior's weight decay is a saddle of L."""
-    torch.manual_seed(0)
-    X = torch.linspace(-2, 2, 30, dtype=DT)[:, None]
-    y = torch.sin(3 * X)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
-    ).to(DT)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(X), y).backward()
-        opt.step()
-    for p in model.parameters():
-        p.grad = None
+    model, X, y = saddle_regression()
     snap = snapshot(model)
     la = Laplace(
         model, "regression", "all", "hfl", target="hessian",
