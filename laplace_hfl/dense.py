@@ -167,18 +167,9 @@ class DenseFactor:
     Sigma: Tensor
     residual: float = 0.0
 
-    def solve(self, V: Tensor) -> tuple[Tensor, Tensor]:
-        """``A^{-1} v`` for the rows of ``V`` and their relative residuals.
-
-        Returns
-        -------
-        U : Tensor
-            ``(m, P)``.
-        residual : Tensor
-            The factor's relative residual, per row ``(m,)``.
-        """
-        U = V @ self.Sigma
-        return U, V.new_full((V.shape[0],), self.residual)
+    def solve(self, V: Tensor) -> Tensor:
+        """``A^{-1} v`` for the rows of ``V``: ``(m, P)`` (accuracy: ``residual``)."""
+        return V @ self.Sigma
 
 
 def factorize(
@@ -256,7 +247,9 @@ def query_rows(n_params: int, n_outputs: int, budget: int | None = None) -> int:
     return max(1, budget // (4 * n_outputs * n_params))
 
 
-def linear_layer_covariance(blocks: Tensor, features: Tensor, bias: bool) -> Tensor:
+def linear_layer_covariance(
+    blocks: Tensor, features: Tensor, n_out: int, bias: bool
+) -> Tensor:
     """``J(x) Sigma J(x)^T`` for a ``Linear`` refit module, from its inputs.
 
     ``f = W phi + b`` has ``J`` rows ``e_c (x) phi`` (and ``e_c`` for the bias),
@@ -272,6 +265,8 @@ def linear_layer_covariance(blocks: Tensor, features: Tensor, bias: bool) -> Ten
         ``(C (C + 1) / 2, D', D')`` (``D' = D + 1`` with a bias, the bias last).
     features : Tensor
         Inputs of the layer ``(B, D)``.
+    n_out : int
+        Outputs ``C`` of the layer.
     bias : bool
         Whether the layer has a bias.
 
@@ -281,14 +276,13 @@ def linear_layer_covariance(blocks: Tensor, features: Tensor, bias: bool) -> Ten
         ``(B, C, C)``, symmetric PSD.
     """
     n_pairs, Dp = blocks.shape[0], blocks.shape[1]
-    C = int(round(((8 * n_pairs + 1) ** 0.5 - 1) / 2))
     phi = features.to(blocks)
     if bias:
         phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], 1)
     T = (blocks.reshape(n_pairs * Dp, Dp) @ phi.T).reshape(n_pairs, Dp, -1)
     vals = torch.einsum("kdb,bd->bk", T, phi)  # (B, pairs)
-    i, j = torch.triu_indices(C, C, device=blocks.device)
-    cov = vals.new_zeros(vals.shape[0], C, C)
+    i, j = torch.triu_indices(n_out, n_out, device=blocks.device)
+    cov = vals.new_zeros(vals.shape[0], n_out, n_out)
     cov[:, i, j] = vals
     cov[:, j, i] = vals
     return cov

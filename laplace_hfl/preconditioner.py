@@ -59,7 +59,7 @@ def _omega_rows(
     n_params: int, start: int, stop: int, seed: int, like: Tensor
 ) -> Tensor:
     """Rows ``start:stop`` of the Gaussian test matrix ``Omega^T`` ``(k, P)``,
-    regenerated on demand (``Omega`` itself is never held)."""
+    drawn on demand (``Omega`` itself is never held)."""
     out = like.new_empty(stop - start, n_params)
     for b in range(start // _OMEGA_BLOCK, (stop - 1) // _OMEGA_BLOCK + 1):
         g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + b)
@@ -98,9 +98,9 @@ def nystrom_sketch(
     ``U`` and ``lam``. Memory: the one ``(P, k)`` buffer that holds ``Y`` and
     then ``U`` in place (``k P`` numbers, at most :data:`SKETCH_BUDGET` with
     :func:`default_rank`), plus one chunk of GGN-vector products (what a
-    solve of ``chunk_size`` directions uses); ``Omega`` is regenerated from
-    its seed chunk by chunk instead of being stored, and every other
-    intermediate is ``k x k``. Directions the sketch does not resolve in the
+    solve of ``chunk_size`` directions uses); ``Omega`` is drawn from its
+    seed one chunk at a time and never held whole (each chunk also gives its
+    block row of ``Omega^T Y``), and every other intermediate is ``k x k``. Directions the sketch does not resolve in the
     working precision (a GGN of rank below ``k``) are dropped, not inverted.
 
     Parameters
@@ -124,11 +124,12 @@ def nystrom_sketch(
     Y = theta.new_empty(P, rank)
     core = theta.new_zeros(rank, rank)
     for i in range(0, rank, step):
-        rows = _omega_rows(P, i, min(i + step, rank), seed, theta)
-        Y[:, i : i + rows.shape[0]] = ggn_matvec(data_only, rows).T
-    for i in range(0, rank, step):  # core = Omega^T Y, Omega regenerated
-        core[i : i + step] = _omega_rows(P, i, min(i + step, rank), seed, theta) @ Y
-    core = 0.5 * (core + core.T)
+        stop = min(i + step, rank)
+        rows = _omega_rows(P, i, stop, seed, theta)
+        Y[:, i:stop] = ggn_matvec(data_only, rows).T
+        # lower block row of core = Omega^T G Omega, from the columns so far
+        core[i:stop, :stop] = rows @ Y[:, :stop]
+    core = torch.tril(core) + torch.tril(core, -1).T
     d, W = torch.linalg.eigh(core)  # core^+ = W d^-1 W^T on resolved d
     keep = _keep(d)
     B = _right_multiply_(Y, W[:, keep] / d[keep].sqrt(), _ROWS)  # G ~= B B^T

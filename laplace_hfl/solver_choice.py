@@ -114,7 +114,7 @@ class SolverMixin:
         """``(h C + diag(p_0))^{-1} v`` for the rows of ``V`` by one Cholesky
         factor (:meth:`_dense`)."""
         factor = self._dense(obj)
-        U, _ = factor.solve(V)
+        U = factor.solve(V)
         self._dense_diagnostics(factor, V.shape[0], V)
         return U
 
@@ -125,14 +125,12 @@ class SolverMixin:
         inputs (:func:`~laplace_hfl.dense.linear_layer_covariance`), with the
         reordered ``Sigma`` cached per factor."""
         factor = self._dense(obj)
-        if getattr(self, "_dense_linear", None) is None:
-            bias = module.bias is not None
+        C, bias = module.out_features, module.bias is not None
+        if self._dense_linear is None:
             self._dense_linear = linear_layer_order(
-                factor.Sigma, module.out_features, module.in_features, bias
+                factor.Sigma, C, module.in_features, bias
             )
-        cov = linear_layer_covariance(
-            self._dense_linear, features, module.bias is not None
-        )
+        cov = linear_layer_covariance(self._dense_linear, features, C, bias)
         self._dense_diagnostics(factor, features.shape[0] * module.out_features, cov)
         return cov
 
