@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from laplace_hfl.functional import ParamLayout
+
 __all__ = [
     "laplace_objective",
     "train_stationary",
@@ -56,13 +58,15 @@ def laplace_objective(
         Scalar ``1/sigma^2 * sum 0.5 (f - y)^2 + 0.5 prior ||theta||^2``
         (regression) or ``sum CE + 0.5 prior ||theta||^2`` (classification).
     """
-    out = model(X)
-    if likelihood == "regression":
-        data = 0.5 * ((out - y) ** 2).sum() / sigma_noise**2
-    else:
-        data = nn.functional.cross_entropy(out, y, reduction="sum")
     sq = sum((p**2).sum() for p in model.parameters())
-    return data + 0.5 * prior_precision * sq
+    return _data_term(model(X), y, likelihood, sigma_noise) + 0.5 * prior_precision * sq
+
+
+def _data_term(out: Tensor, y: Tensor, likelihood: str, sigma_noise: float) -> Tensor:
+    """Summed negative log likelihood as laplace-torch scales it."""
+    if likelihood == "regression":
+        return 0.5 * ((out - y) ** 2).sum() / sigma_noise**2
+    return nn.functional.cross_entropy(out, y, reduction="sum")
 
 
 def _grad_norm(model: nn.Module, loss: Tensor) -> float:
@@ -78,18 +82,12 @@ def _flat_objective(
     sigma_noise: float,
     prior_precision: float,
 ) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
+    named = list(model.named_parameters())
+    layout = ParamLayout(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
 
     def f(theta: Tensor) -> Tensor:
-        chunks = torch.split(theta, sizes)
-        params = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes)}
-        out = torch.func.functional_call(model, params, (X,))
-        if likelihood == "regression":
-            data = 0.5 * ((out - y) ** 2).sum() / sigma_noise**2
-        else:
-            data = nn.functional.cross_entropy(out, y, reduction="sum")
+        out = torch.func.functional_call(model, layout.unflatten(theta), (X,))
+        data = _data_term(out, y, likelihood, sigma_noise)
         return data + 0.5 * prior_precision * (theta**2).sum()
 
     theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
