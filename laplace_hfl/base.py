@@ -314,13 +314,7 @@ class HFLMixin(
     # ---------------------------------------------------------------- refits
     def _objective(self) -> LaplaceObjective:
         self._check_hyperparameters()
-        if self.likelihood != self._fit_likelihood:
-            raise ValueError(
-                f"la.likelihood was changed from {self._fit_likelihood!r} (used "
-                f"for the curvature at fit) to {self.likelihood!r}. The curvature "
-                "is fixed at fit: create a new Laplace with the new likelihood "
-                "and fit it."
-            )
+        self._check_fit_likelihood()
         module, layout, fixed = self._refit_module()
         dtype = self.compute_dtype
         return LaplaceObjective(
@@ -333,6 +327,15 @@ class HFLMixin(
             theta_map=self.mean.detach().to(dtype),
             reduce=data_reducer(),
         )
+
+    def _check_fit_likelihood(self) -> None:
+        if self.likelihood != self._fit_likelihood:
+            raise ValueError(
+                f"la.likelihood was changed from {self._fit_likelihood!r} (used "
+                f"for the curvature at fit) to {self.likelihood!r}. The curvature "
+                "is fixed at fit: create a new Laplace with the new likelihood "
+                "and fit it."
+            )
 
     def _hyper_key(self) -> tuple:
         return (

@@ -184,18 +184,18 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         _, phi = self.model.forward_with_features(X)
         return phi.to(self.compute_dtype)
 
-    def _structured_cov(self, obj: Any, Xq: Tensor) -> Tensor | None:
+    def _structured_predictive(self, Xq: Any) -> tuple[Tensor, Tensor] | None:
         layer = self.model.last_layer
-        names = tuple(n for n, _ in layer.named_parameters())
         if (
             not isinstance(layer, nn.Linear)
-            or names not in (("weight",), ("weight", "bias"))
             or not isinstance(Xq, Tensor)
             or Xq.ndim != 2
-            or not self._uses_dense(obj)
+            or not self._uses_dense_for(self.n_params)
+            or tuple(n for n, _ in layer.named_parameters())
+            not in (("weight",), ("weight", "bias"))
         ):
             return None
-        return self._dense_linear_covariance(obj, layer, Xq)
+        return self._dense_linear_predictive(layer, Xq)
 
     def functional_variance_fast(self, X: Any) -> tuple[Tensor, Tensor]:
         f_mu, f_var = self._glm_predictive_distribution(X)

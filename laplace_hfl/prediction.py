@@ -74,6 +74,13 @@ class PredictionMixin:
             elif diagonal_output:
                 f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
             return f_mu.to(self._dtype), f_var.to(self._dtype)
+        structured = None if joint or backprop else self._structured_predictive(Xq)
+        if structured is not None:  # no Jacobian formed (a dense Linear refit)
+            f_mu, f_var = structured
+            check_finite_result(f_var, "predictive covariances")
+            if diagonal_output:
+                f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+            return f_mu.to(self._dtype), f_var.to(self._dtype)
         with eval_mode(self.model):
             obj = self._objective()
             theta = self._linearization_point(obj)
@@ -87,13 +94,6 @@ class PredictionMixin:
                 starts, desc="[HFL predict]", always=self.progress_bar
             ):
                 Xc = slice_batch(Xq, start, start + step)
-                cov = None if joint or backprop else self._structured_cov(obj, Xc)
-                if cov is not None:  # no Jacobian formed (a dense Linear refit)
-                    with torch.no_grad():
-                        mus.append(obj.forward(obj.theta_map, Xc))
-                    check_finite_result(cov, "predictive covariances")
-                    covs.append(cov)
-                    continue
                 with torch.set_grad_enabled(backprop):
                     Js, f = output_jacobians(obj.forward, theta, Xc)
                 if moved:  # the mean stays the network's output at the MAP
@@ -122,10 +122,10 @@ class PredictionMixin:
         out_dtype = self._dtype
         return f_mu.to(out_dtype), f_var.to(out_dtype)
 
-    def _structured_cov(self, obj, Xq: Any) -> Tensor | None:
-        """``J P^{-1} J^T`` per input without Jacobians where the refit
-        module's structure allows it (the last-layer shell: a ``Linear`` layer
-        with the dense solver); ``None`` elsewhere."""
+    def _structured_predictive(self, Xq: Any) -> tuple[Tensor, Tensor] | None:
+        """Mean and ``J P^{-1} J^T`` per input without Jacobians where the
+        refit module's structure allows it (the last-layer shell: a ``Linear``
+        layer with the dense solver); ``None`` elsewhere."""
         return None
 
     def _linearization_point(self, obj) -> Tensor:

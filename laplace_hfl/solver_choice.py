@@ -63,11 +63,14 @@ class SolverMixin:
 
     # ----------------------------------------------------------------- solver
     def _uses_dense(self, obj: LaplaceObjective) -> bool:
+        return self._uses_dense_for(obj.theta_map.numel())
+
+    def _uses_dense_for(self, n_params: int) -> bool:
         if self.amortize is not None or self.minibatch_epochs is not None:
             return False
         if self.solver == "dense":
             return True
-        return self.solver == "auto" and dense_fits(obj.theta_map.numel())
+        return self.solver == "auto" and dense_fits(n_params)
 
     def _query_step(self, obj: LaplaceObjective, n_outputs: int) -> int:
         """Query points per prediction chunk: ``chunk_size`` directions for the
@@ -118,21 +121,35 @@ class SolverMixin:
         self._dense_diagnostics(factor, V.shape[0], V)
         return U
 
-    def _dense_linear_covariance(
-        self, obj: LaplaceObjective, module: nn.Module, features: Tensor
-    ) -> Tensor:
-        """``J Sigma J^T`` per input for a ``Linear`` refit module from its
-        inputs (:func:`~laplace_hfl.dense.linear_layer_covariance`), with the
-        reordered ``Sigma`` cached per factor."""
-        factor = self._dense(obj)
-        C, bias = module.out_features, module.bias is not None
+    def _dense_linear_predictive(
+        self, module: nn.Linear, features: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Mean and ``J Sigma J^T`` per input for a ``Linear`` refit module
+        from its inputs (:func:`~laplace_hfl.dense.linear_layer_covariance`).
+
+        The reordered ``Sigma`` is cached per factor, and the objective is
+        built only when the factor has to be formed: a prediction with the
+        factor of the current hyperparameters (whose key equals the one checked
+        when it was formed) costs the features' two contractions with
+        ``Sigma`` and one ``Linear`` forward, in chunks of the dense budget.
+        """
+        self._check_fit_likelihood()
+        if self._dense_factor is None or self._dense_key != self._hyper_key():
+            self._dense(self._objective())
+        factor = self._dense_factor
+        C, D, bias = module.out_features, module.in_features, module.bias is not None
         if self._dense_linear is None:
-            self._dense_linear = linear_layer_order(
-                factor.Sigma, C, module.in_features, bias
-            )
-        cov = linear_layer_covariance(self._dense_linear, features, C, bias)
-        self._dense_diagnostics(factor, features.shape[0] * module.out_features, cov)
-        return cov
+            self._dense_linear = linear_layer_order(factor.Sigma, C, D, bias)
+        step = query_rows(self._dense_linear.shape[1] * C, C)
+        covs = [
+            linear_layer_covariance(self._dense_linear, features[i : i + step], C, bias)
+            for i in range(0, features.shape[0], step)
+        ]
+        cov = covs[0] if len(covs) == 1 else torch.cat(covs)
+        self._dense_diagnostics(factor, features.shape[0] * C, cov)
+        theta = self.mean.detach().to(features)  # the MAP, as the refits see it
+        W, b = theta[: C * D].reshape(C, D), theta[C * D :] if bias else None
+        return torch.nn.functional.linear(features, W, b), cov
 
     def _with_preconditioner_name(self, diag: RefitDiagnostics) -> RefitDiagnostics:
         return dataclasses.replace(diag, preconditioner=self._precond_name)

@@ -263,3 +263,35 @@ def test_last_layer_covariance_without_jacobians(classification, bias):
     full.fit(loader(X, y))
     _, ref = full._glm_predictive_distribution(Xq)
     assert rel_err(f_var, ref).max() <= FULL_TOL
+
+
+def test_last_layer_fast_path_follows_hyperparameters(classification, monkeypatch):
+    """The last-layer predictive reuses its factor without building the
+    objective while the prior is unchanged, forms a new one when the prior
+    changes (== FullLLLaplace at the new prior, <= FULL_TOL), and refuses a
+    prior edited in place to NaN instead of reusing the old factor."""
+    model, X, y = classification
+    Xq = X[:5] * 1.1
+    la = _hfl(model, X, y, "classification", "last_layer")
+    la._glm_predictive_distribution(Xq)
+    built = []
+    original = type(la)._objective
+    monkeypatch.setattr(
+        type(la), "_objective", lambda self: built.append(1) or original(self)
+    )
+    la._glm_predictive_distribution(Xq)
+    assert built == []  # cached factor, current hyperparameters
+    la.prior_precision = 7.0
+    _, f_var = la._glm_predictive_distribution(Xq)
+    assert built == [1]
+    full = Laplace(
+        model, "classification", "last_layer", "full", prior_precision=7.0,
+        backend=CurvlinopsGGN,
+    )  # fmt: skip
+    full.fit(loader(X, y))
+    _, ref = full._glm_predictive_distribution(Xq)
+    assert rel_err(f_var, ref).max() <= FULL_TOL
+    with torch.no_grad():
+        la.prior_precision.fill_(float("nan"))
+    with pytest.raises(ValueError, match="prior"):
+        la._glm_predictive_distribution(Xq)
