@@ -46,3 +46,28 @@ def test_solver_benchmark_smoke(tmp_path):
         assert run["converged"]
         assert run["rel_err_vs_reference_max"] <= 1e-2
     assert out.with_suffix(".png").exists()
+
+
+@pytest.mark.slow
+def test_amortized_benchmark_cg_reference_equals_dual():
+    """The CG reference of ``benchmark.amortized`` (used where the dense dual
+    does not fit, N > 1500) equals the float64 dual on LeNet at N = 300
+    (predicted class of 8 test images; measured 3.6e-8, bound 1e-5)."""
+    import torch
+    from laplace import Laplace
+
+    from laplace_hfl.benchmark.amortized import cg_variances, dual_variances
+    from laplace_hfl.evaluation.networks import mnist_split, train_lenet
+
+    split = mnist_split(n_train=300)
+    model, _ = train_lenet(split, epochs=2)
+    prior, Xq = 0.3, split.X_test[:8]
+    la = Laplace(
+        model, "classification", "all", "hfl", prior_precision=prior, amortize=4,
+        precondition_rank=64,
+    )  # fmt: skip
+    la.fit(split.loader("train", 64))
+    var, cls, info = cg_variances(la, Xq)
+    ref = dual_variances(model, split.X_train, Xq, prior)[torch.arange(8), cls]
+    assert info["converged"]
+    assert ((var - ref).abs() / ref).max() <= 1e-5

@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,14 @@ from laplace.curvature import CurvlinopsGGN
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from laplace_hfl.benchmark.measure import (
+    describe_device,
+    device_peak_mb,
+    pick_device,
+    reset_peak,
+    rss_mb,
+    timed,
+)
 from laplace_hfl.dense import DENSE_BUDGET
 from laplace_hfl.evaluation.networks import LeNet, mnist_split, train_classifier
 from laplace_hfl.preconditioner import default_rank
@@ -42,37 +49,10 @@ __all__ = ["main", "run"]
 PRIOR = 1.0
 
 
-def _rss_mb(field: str = "VmHWM") -> float:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _reset_peak() -> float:
-    """Reset the peak RSS to the current RSS (Linux); returns the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-    return _rss_mb("VmRSS")
-
-
-def _timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
-
-
 def _median_time(la, X: torch.Tensor, repeats: int = 7) -> float:
     """Median wall-clock seconds of ``la._glm_predictive_distribution(X)``."""
     ts = sorted(
-        _timed(lambda: la._glm_predictive_distribution(X))[1] for _ in range(repeats)
+        timed(lambda: la._glm_predictive_distribution(X))[1] for _ in range(repeats)
     )
     return ts[repeats // 2]
 
@@ -86,27 +66,28 @@ def last_layer_case(model, split, n_query: int) -> dict:
     train = split.loader("train", 1000)
     Xq = split.X_test[:n_query]
     out: dict = {"n_query": n_query}
-    base = _reset_peak()
+    base = reset_peak()
     la = Laplace(model, "classification", "last_layer", "hfl", prior_precision=PRIOR)
-    _, out["hfl_fit_s"] = _timed(lambda: la.fit(train))
-    _, out["hfl_first_call_s"] = _timed(lambda: la(Xq[:1]))  # forms G, factor
-    (_, v_hfl), _ = _timed(lambda: la._glm_predictive_distribution(Xq))
+    _, out["hfl_fit_s"] = timed(lambda: la.fit(train))
+    _, out["hfl_first_call_s"] = timed(lambda: la(Xq[:1]))  # forms G, factor
+    (_, v_hfl), _ = timed(lambda: la._glm_predictive_distribution(Xq))
     # n_query images in one call, median of 7 calls
     out["hfl_per_query_s"] = _median_time(la, Xq) / n_query
     out["hfl_solver"] = la.last_diagnostics.solver
     P = la.n_params
     out["n_params"] = P
-    out["hfl_peak_rss_mb"] = _rss_mb() - base
+    out["hfl_peak_rss_mb"] = rss_mb() - base
+    out["hfl_peak_device_mb"] = device_peak_mb()
     # stored: G, A, Sigma and Sigma's upper blocks for the features (<= 4 P^2);
     # while factorising ~7 P^2; plus one forward pass of a training batch
     out["dense_stored_mb"] = 4 * P * P * 8 / 2**20
     out["dense_factorising_peak_mb"] = 7 * P * P * 8 / 2**20
     out["dense_budget_cap_mb"] = DENSE_BUDGET * 8 / 2**20
 
-    base = _reset_peak()
+    base = reset_peak()
     kron = Laplace(model, "classification", "last_layer", "kron", prior_precision=PRIOR)
-    _, out["ll_kron_fit_s"] = _timed(lambda: kron.fit(train))
-    out["ll_kron_fit_peak_rss_mb"] = _rss_mb() - base  # its forward passes
+    _, out["ll_kron_fit_s"] = timed(lambda: kron.fit(train))
+    out["ll_kron_fit_peak_rss_mb"] = rss_mb() - base  # its forward passes
     kron._glm_predictive_distribution(Xq[:1])
     out["ll_kron_per_query_s"] = _median_time(kron, Xq) / n_query
 
@@ -122,7 +103,7 @@ def last_layer_case(model, split, n_query: int) -> dict:
         loader = DataLoader(
             TensorDataset(split.X_train.to(dtype), split.y_train), batch_size=1000
         )
-        _, out[f"full_ll{tag}_fit_s"] = _timed(lambda: full.fit(loader))
+        _, out[f"full_ll{tag}_fit_s"] = timed(lambda: full.fit(loader))
         _, v_full = full._glm_predictive_distribution(Xq.to(dtype))
         rel = (_diag_var(v_hfl) - _diag_var(v_full)).abs() / _diag_var(v_full)
         out[f"rel_err_vs_full_ll{tag}_max"] = float(rel.max())
@@ -149,7 +130,7 @@ def reference_check(split, n_train: int, rtol: float) -> dict:
     """Tight-tolerance CG refits against FullLaplace on a CNN where it fits."""
     torch.manual_seed(0)
     X, y = split.X_train[:n_train], split.y_train[:n_train]
-    model = train_classifier(_small_cnn(), X, y, epochs=4)
+    model = train_classifier(_small_cnn().to(X.device), X, y, epochs=4)
     loader = DataLoader(TensorDataset(X, y), batch_size=n_train)
     Xq = split.X_test[:8]
     la = Laplace(
@@ -180,7 +161,7 @@ def _cg_run(obj, V: torch.Tensor, precond, rtol: float, max_iter: int) -> dict:
     from laplace_hfl.functional import ggn_matvec
     from laplace_hfl.solvers import batched_cg
 
-    res, t = _timed(
+    res, t = timed(
         lambda: batched_cg(
             lambda idx, W: ggn_matvec(obj, W),
             V,
@@ -225,7 +206,7 @@ def all_weights_case(
         la.preconditioner = name
         la.precondition_rank = rank if name == "nystrom" else None
         la._kfac, la._sketch = None, None
-        return _timed(lambda: la._precond(obj))
+        return timed(lambda: la._precond(obj))
 
     # reference: float64, Nystrom-preconditioned, rtol 1e-9 (float32 cannot go there)
     la64, obj64, V64 = setup(torch.float64)
@@ -245,7 +226,7 @@ def all_weights_case(
     if "nystrom" in preconditioners:
         plans += [("nystrom", r) for r in ranks]
     for name, rank in plans:
-        base = _reset_peak()
+        base = reset_peak()
         M, t_build = build(la, obj, name, rank)
         run = _cg_run(obj, V, M, rtol, max_iter)
         key = f"nystrom{rank}" if name == "nystrom" else name
@@ -258,7 +239,8 @@ def all_weights_case(
             ),
             "solve_s": run["solve_s"],
             "build_s": t_build,
-            "peak_rss_mb": _rss_mb() - base,
+            "peak_rss_mb": rss_mb() - base,
+            "peak_device_mb": device_peak_mb(),
         }
         if name == "nystrom":
             runs[key]["rank"] = rank
@@ -270,9 +252,9 @@ def all_weights_case(
         k: none / v["iterations_mean"] for k, v in runs.items() if k != "none"
     }
     kron = Laplace(model, "classification", "all", "kron", prior_precision=PRIOR)
-    _, out["kron_fit_s"] = _timed(lambda: kron.fit(train))
+    _, out["kron_fit_s"] = timed(lambda: kron.fit(train))
     kron._glm_predictive_distribution(xq)
-    _, out["kron_per_query_s"] = _timed(lambda: kron._glm_predictive_distribution(xq))
+    _, out["kron_per_query_s"] = timed(lambda: kron._glm_predictive_distribution(xq))
     # per query = all C outputs of one image; the solves above did n_dirs of them
     C = 10
     out["hfl_per_query_s_est"] = {k: v["solve_s"] * C / n_dirs for k, v in runs.items()}
@@ -280,13 +262,17 @@ def all_weights_case(
 
 
 def run(args: argparse.Namespace) -> dict:
+    device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    split = mnist_split(n_train=args.n_train)
-    model, t_train = _timed(
-        lambda: train_classifier(LeNet(), split.X_train, split.y_train, epochs=8)
+    split = mnist_split(n_train=args.n_train).to(device)
+    model, t_train = timed(
+        lambda: train_classifier(
+            LeNet().to(device), split.X_train, split.y_train, epochs=8
+        )
     )
     result: dict = {
         "machine": platform.platform(),
+        "device": describe_device(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "n_train": args.n_train,
@@ -367,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         help="preconditioners compared in case (b) (none is the baseline)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda or auto (cuda when present); ratios are within one device",
+    )
     p.add_argument(
         "--only",
         choices=["last_layer", "all_weights"],

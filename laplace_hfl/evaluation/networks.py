@@ -16,7 +16,7 @@ not a stationary point of the Laplace objective: the realistic case.
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from importlib.resources import files
 
 import numpy as np
@@ -154,6 +154,10 @@ class MnistSplit:
         X, y = getattr(self, f"X_{part}"), getattr(self, f"y_{part}")
         return DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=shuffle)
 
+    def to(self, device: torch.device | str) -> MnistSplit:
+        """The same split with every tensor on ``device``."""
+        return MnistSplit(*(t.to(device) for t in astuple(self)))
+
 
 def mnist_split(n_train: int = 4000, n_val: int = 500, seed: int = 0) -> MnistSplit:
     """Split the shuffled 5k digits into ``n_train`` / ``n_val`` / the rest."""
@@ -199,9 +203,10 @@ def train_classifier(
 def train_lenet(
     split: MnistSplit | None = None, epochs: int = 8, seed: int = 0
 ) -> tuple[LeNet, MnistSplit]:
-    """A LeNet MAP on the 5k MNIST digits (float32, CPU); returns it and the split."""
+    """A LeNet MAP on the 5k MNIST digits (float32, on the split's device);
+    returns it and the split."""
     split = mnist_split(seed=seed) if split is None else split
     torch.manual_seed(seed)
-    model = LeNet()
+    model = LeNet().to(split.X_train.device)
     train_classifier(model, split.X_train, split.y_train, epochs=epochs, seed=seed)
     return model, split
