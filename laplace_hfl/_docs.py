@@ -41,8 +41,9 @@ HFL_OPTIONS_DOC = """
         loaded estimator predicts without the data. The covariance is an
         unbiased Monte Carlo estimate of ``J (GGN + prior)^{-1} J^T`` with
         relative standard error ``sqrt(2 / S)`` per variance. How the samples
-        are drawn: with ``minibatch_epochs=None`` (default) by full-batch CG,
-        exact to ``rtol`` (each CG iteration is one pass over the data for
+        are drawn: with ``minibatch_epochs=None`` (default) by full-batch CG to
+        a relative residual ``max(rtol, 0.01 sqrt(2 / S))``, a hundredth of the
+        Monte Carlo error (each CG iteration is one pass over the data for
         ``chunk_size`` samples; right for small data or when exactness
         matters); with ``minibatch_epochs=E`` by minibatch sample-then-optimise
         at training cost: one pass to draw the right-hand sides, ``E`` epochs
@@ -51,7 +52,7 @@ HFL_OPTIONS_DOC = """
         data or ``P`` make full-batch CG too slow). Samples are processed
         ``chunk_size`` at a time in both cases (memory ``~6 chunk_size P``,
         not ``S P``, besides the ``S P`` samples kept). Unconverged samples
-        (CG residual above ``rtol``, or SGD full-batch residual above
+        (CG residual above that tolerance, or SGD full-batch residual above
         ``max(rtol, 0.1)``) raise a ``RefitConvergenceWarning`` with the
         numbers. See :mod:`laplace_hfl.amortized`.
     precondition_rank : int or None, default=None

@@ -33,6 +33,15 @@ and the minibatch gradients carry no noise from it (only from the curvature:
 memory is ``~6 chunk_size P`` whatever ``S``. The full-batch relative residual of
 each sample is measured at the end (one extra pass) and warned about.
 
+Solve tolerance (:func:`sample_rtol`): a sample solved to relative residual
+``r`` changes the variances by about ``r`` relative, far below their Monte
+Carlo error ``sqrt(2 / S)``; the full-batch solves therefore stop at
+``max(rtol, 0.01 sqrt(2 / S))`` (1.8e-3 for ``S = 64``), which takes about half
+the CG iterations of ``rtol = 1e-6``. Measured on LeNet / MNIST (N = 500, S = 64,
+64 test images x 10 outputs, the same right-hand sides): 32 -> 18 iterations for
+1e-6 -> 1e-3, variances changed by 0.03% (median) / 0.13% (max) against a Monte
+Carlo standard error of 18%; 1e-2: 11 iterations, 0.11% / 0.72%.
+
 What it converges to: ``Sigma_S(x) = 1/S sum_s J(x) delta_s delta_s^T J(x)^T``
 is an unbiased estimate of ``J(x) (GGN + diag(p_0))^{-1} J(x)^T`` (the mean of
 ``delta_s`` is known to be 0), with relative standard error ``sqrt(2 / S)`` for
@@ -68,6 +77,7 @@ __all__ = [
     "loss_hessian_sqrt_apply",
     "perturbed_rhs",
     "posterior_samples",
+    "sample_rtol",
     "sgd_posterior_samples",
     "sample_jvps",
     "amortized_covariance",
@@ -181,6 +191,16 @@ def perturbed_rhs(
         Z = scale * loss_hessian_sqrt_apply(obj.likelihood, out.detach(), xi)
         total = total + vmap(vjp_fn)(Z)[0].detach()
     return obj.prior_precision.sqrt() * zeta + reduce_data(obj, total)
+
+
+def sample_rtol(n_samples: int, rtol: float) -> float:
+    """The CG tolerance of ``S`` amortised samples: ``max(rtol, 0.01 sqrt(2/S))``.
+
+    One hundredth of a variance's relative Monte Carlo standard error
+    ``sqrt(2 / S)``: tighter solves do not make the estimate more accurate,
+    only slower (see the module doc for the measurement).
+    """
+    return max(float(rtol), 0.01 * (2.0 / n_samples) ** 0.5)
 
 
 def posterior_samples(

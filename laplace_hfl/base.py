@@ -26,6 +26,7 @@ from laplace_hfl.amortized import (
     AmortizedState,
     amortized_solve,
     posterior_samples,
+    sample_rtol,
     sgd_posterior_samples,
 )
 from laplace_hfl.batches import (
@@ -380,7 +381,7 @@ class HFLMixin(
                 self._amortized = posterior_samples(
                     obj,
                     int(self.amortize),
-                    rtol=self.hfl_settings.rtol,
+                    rtol=sample_rtol(int(self.amortize), self.hfl_settings.rtol),
                     max_iter=self.hfl_settings.max_iter,
                     chunk_size=self.chunk_size,
                     precond=self._precond(obj),
