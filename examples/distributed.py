@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -94,14 +95,16 @@ def main() -> None:
     dist.barrier()
 
     std = f_var.flatten().sqrt()
-    print(
+    # one write per line: ranks share the terminal (print writes the text and
+    # the newline separately when unbuffered, so two ranks' lines can merge)
+    sys.stdout.write(
         f"rank {rank}/{world}: n_data={la.n_data} (dataset {len(data)}), "
         f"exact HFL fit+predict {exact_s:.2f} s, {STATS.calls} all-reduces "
         f"({STATS.seconds:.2f} s), predictive std at x=0 {float(std[12]):.4f}, "
         f"at x=6 {float(std[-1]):.4f}; amortised std at x=0 "
-        f"{float(f_var_am.flatten()[12].sqrt()):.4f}",
-        flush=True,
+        f"{float(f_var_am.flatten()[12].sqrt()):.4f}\n"
     )
+    sys.stdout.flush()
     if rank == 0:
         print(f"amortised state saved to {args.out}", flush=True)
     dist.destroy_process_group()
