@@ -406,7 +406,7 @@ class HFLMixin(
             return res.U
         if self.amortize is not None:
             return amortized_solve(self._amortized_state(obj).samples, V)
-        if self._uses_dense(obj):
+        if self._uses_dense(obj.theta_map.numel()):
             return self._dense_solve(obj, V)
         U, diag = perturbed_refits(
             obj,

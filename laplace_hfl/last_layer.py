@@ -190,7 +190,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             not isinstance(layer, nn.Linear)
             or not isinstance(Xq, Tensor)
             or Xq.ndim != 2
-            or not self._uses_dense_for(self.n_params)
+            or not self._uses_dense(self.n_params)
             or tuple(n for n, _ in layer.named_parameters())
             not in (("weight",), ("weight", "bias"))
         ):

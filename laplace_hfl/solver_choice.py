@@ -62,10 +62,7 @@ class SolverMixin:
         self._dense_linear = None
 
     # ----------------------------------------------------------------- solver
-    def _uses_dense(self, obj: LaplaceObjective) -> bool:
-        return self._uses_dense_for(obj.theta_map.numel())
-
-    def _uses_dense_for(self, n_params: int) -> bool:
+    def _uses_dense(self, n_params: int) -> bool:
         if self.amortize is not None or self.minibatch_epochs is not None:
             return False
         if self.solver == "dense":
@@ -75,16 +72,22 @@ class SolverMixin:
     def _query_step(self, obj: LaplaceObjective, n_outputs: int) -> int:
         """Query points per prediction chunk: ``chunk_size`` directions for the
         refits; for the dense solver as many as its memory budget allows."""
-        if self._uses_dense(obj):
+        if self._uses_dense(obj.theta_map.numel()):
             return query_rows(obj.theta_map.numel(), max(n_outputs, 1))
         return max(1, self.chunk_size // max(n_outputs, 1))
 
-    def _dense(self, obj: LaplaceObjective) -> DenseFactor:
+    def _dense(self, obj: LaplaceObjective | None = None) -> DenseFactor:
         """The Cholesky factor of ``h C + diag(p_0)``, cached per
-        hyperparameters (``C`` cached per fit for ``"ggn"``)."""
+        hyperparameters (``C`` cached per fit for ``"ggn"``).
+
+        ``obj`` is built (:meth:`_objective`, which checks the
+        hyperparameters) only when the factor has to be formed; a cached
+        factor's key equals the values checked when it was formed.
+        """
         target = self.hfl_settings.target
         key = self._hyper_key()
         if self._dense_factor is None or self._dense_key != key:
+            obj = self._objective() if obj is None else obj
             if target == "ggn":
                 if self._dense_curv is None:
                     self._dense_curv = data_ggn(obj)
@@ -128,15 +131,13 @@ class SolverMixin:
         from its inputs (:func:`~laplace_hfl.dense.linear_layer_covariance`).
 
         The reordered ``Sigma`` is cached per factor, and the objective is
-        built only when the factor has to be formed: a prediction with the
-        factor of the current hyperparameters (whose key equals the one checked
-        when it was formed) costs the features' two contractions with
-        ``Sigma`` and one ``Linear`` forward, in chunks of the dense budget.
+        built only when the factor has to be formed (:meth:`_dense`): a
+        prediction with the factor of the current hyperparameters costs the
+        features' two contractions with ``Sigma`` and one ``Linear`` forward,
+        in chunks of the dense budget.
         """
         self._check_fit_likelihood()
-        if self._dense_factor is None or self._dense_key != self._hyper_key():
-            self._dense(self._objective())
-        factor = self._dense_factor
+        factor = self._dense()
         C, D, bias = module.out_features, module.in_features, module.bias is not None
         if self._dense_linear is None:
             self._dense_linear = linear_layer_order(factor.Sigma, C, D, bias)
