@@ -95,24 +95,21 @@ def cg_variances(
     estimator ``la``; returns ``(variances (B,), classes (B,), info)``.
     """
     from laplace_hfl.batches import eval_mode
-    from laplace_hfl.functional import ggn_matvec, output_jacobians
-    from laplace_hfl.solvers import batched_cg
+    from laplace_hfl.benchmark.solvers import cg_run
+    from laplace_hfl.functional import output_jacobians
 
     with eval_mode(la.model):
         obj = la._objective()
         Js, f = output_jacobians(obj.forward, obj.theta_map, la._query_inputs(X_test))
         cls = f.argmax(-1)
         V = Js.detach()[torch.arange(len(cls), device=cls.device), cls]  # (B, P)
-        res = batched_cg(
-            lambda idx, W: ggn_matvec(obj, W), V, rtol * V.norm(dim=1), max_iter,
-            precond=la._precond(obj),
-        )  # fmt: skip
+        res = cg_run(obj, V, la._precond(obj), rtol, max_iter)
     info = {
-        "iterations_max": int(res.iterations.max()),
-        "converged": bool(res.converged.all()),
+        "iterations_max": int(res["iterations"].max()),
+        "converged": res["converged"],
         "rtol": rtol,
     }
-    return (V * res.x).sum(1).double(), cls, info
+    return res["var"], cls, info
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -44,7 +44,7 @@ from laplace_hfl.dense import DENSE_BUDGET
 from laplace_hfl.evaluation.networks import LeNet, mnist_split, train_classifier
 from laplace_hfl.preconditioner import default_rank
 
-__all__ = ["main", "run"]
+__all__ = ["cg_run", "main", "run"]
 
 PRIOR = 1.0
 
@@ -155,7 +155,7 @@ def reference_check(split, n_train: int, rtol: float) -> dict:
     }
 
 
-def _cg_run(obj, V: torch.Tensor, precond, rtol: float, max_iter: int) -> dict:
+def cg_run(obj, V: torch.Tensor, precond, rtol: float, max_iter: int) -> dict:
     """Preconditioned batched CG on ``A u = v`` (the refits' linear system):
     iterations, time, and the variances ``v^T u``."""
     from laplace_hfl.functional import ggn_matvec
@@ -211,7 +211,7 @@ def all_weights_case(
     # reference: float64, Nystrom-preconditioned, rtol 1e-9 (float32 cannot go there)
     la64, obj64, V64 = setup(torch.float64)
     M64, _ = build(la64, obj64, "nystrom", max(ranks))
-    ref = _cg_run(obj64, V64, M64, 1e-9, 20 * max_iter)
+    ref = cg_run(obj64, V64, M64, 1e-9, 20 * max_iter)
     out["reference"] = {
         "dtype": "float64", "rtol": 1e-9, "preconditioner": f"nystrom{max(ranks)}",
         "iterations_max": int(ref["iterations"].max()),
@@ -228,7 +228,7 @@ def all_weights_case(
     for name, rank in plans:
         base = reset_peak()
         M, t_build = build(la, obj, name, rank)
-        run = _cg_run(obj, V, M, rtol, max_iter)
+        run = cg_run(obj, V, M, rtol, max_iter)
         key = f"nystrom{rank}" if name == "nystrom" else name
         runs[key] = {
             "iterations_mean": float(run["iterations"].float().mean()),
