@@ -69,10 +69,7 @@ def test_path_on_device_matches_dense_reference(classification, path, device):
     )
     model, X, y = _on(device, model, X, y)
     before = snap_model(model)
-    la = Laplace(
-        model, likelihood, subset, "hfl", prior_precision=PRIOR,
-        **options,
-    )  # fmt: skip
+    la = Laplace(model, likelihood, subset, "hfl", prior_precision=PRIOR, **options)
     la.fit(loader(X, y))
     f_mu, f_var = la._glm_predictive_distribution(Xq.to(device))
     assert f_mu.device.type == device and f_var.device.type == device

@@ -16,6 +16,8 @@ import warnings
 
 import torch
 
+from laplace_hfl.benchmark.measure import rss_mb
+
 __all__ = ["peak_rss_mb", "measure", "MEMORY_METHODS"]
 
 MEMORY_METHODS = ("baseline", "map_train_step", "hfl", "hfl_amortized", "full_ggn",
@@ -25,13 +27,9 @@ N_DATA = 64
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (VmHWM; ru_maxrss survives exec)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
+    peak = rss_mb("VmHWM")
+    if peak == peak:  # not NaN: /proc is there
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
