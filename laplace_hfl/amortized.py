@@ -40,7 +40,8 @@ Carlo error ``sqrt(2 / S)``; the full-batch solves therefore stop at
 the CG iterations of ``rtol = 1e-6``. Measured on LeNet / MNIST (N = 500, S = 64,
 64 test images x 10 outputs, the same right-hand sides): 32 -> 18 iterations for
 1e-6 -> 1e-3, variances changed by 0.03% (median) / 0.13% (max) against a Monte
-Carlo standard error of 18%; 1e-2: 11 iterations, 0.11% / 0.72%.
+Carlo standard error of 18%; 1e-2: 11 iterations, 0.11% / 0.72%
+(``python scripts/amortized_tolerance.py``).
 
 What it converges to: ``Sigma_S(x) = 1/S sum_s J(x) delta_s delta_s^T J(x)^T``
 is an unbiased estimate of ``J(x) (GGN + diag(p_0))^{-1} J(x)^T`` (the mean of
