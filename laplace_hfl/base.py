@@ -59,6 +59,7 @@ from laplace_hfl.refit import (
     perturbed_refits,
     unperturbed_refit,
 )
+from laplace_hfl.serial import SerialMixin
 from laplace_hfl.shards import fit_shard
 from laplace_hfl.solver_choice import SolverMixin
 from laplace_hfl.state import StateMixin
@@ -77,6 +78,7 @@ __all__ = ["HFLMixin"]
 
 
 class HFLMixin(
+    SerialMixin,
     SolverMixin,
     HyperparameterMixin,
     DistributedMixin,
@@ -88,7 +90,9 @@ class HFLMixin(
     """Hessian-free Laplace behaviour on top of laplace-torch's classes.
 
     Not used on its own: see :class:`laplace_hfl.HessianFreeLaplace` and
-    :class:`laplace_hfl.HessianFreeLLLaplace`.
+    :class:`laplace_hfl.HessianFreeLLLaplace`. Public calls on one estimator
+    are serialised by its lock, and failed state-changing calls roll back
+    (:mod:`laplace_hfl.serial`).
     """
 
     #: Whether ``state_dict`` carries the cached refit batches (last-layer

@@ -18,6 +18,7 @@ classification.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ __all__ = [
     "LaplaceObjective",
     "reduce_data",
     "make_forward",
+    "tensor_slots",
+    "call_at",
     "to_compute",
     "batch_loss",
     "data_only_objective",
@@ -85,6 +88,48 @@ def to_compute(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return x
 
 
+#: Held while tensors are swapped into a module (one module may be shared by
+#: several estimators, and by threads): a swap and its restore never interleave.
+_SWAP_LOCK = threading.RLock()
+
+
+def tensor_slots(module: nn.Module) -> tuple[tuple[str, str], ...]:
+    """``(slot, name)`` for every distinct ``(submodule, attribute)`` holding a
+    parameter or buffer: ``slot`` is one path to it, ``name`` the name
+    ``named_parameters()`` / ``named_buffers()`` give its tensor.
+
+    A module registered at two places (``lin`` twice in a ``Sequential``) is
+    one slot; tied weights (one tensor in two modules) are two slots with one
+    name. Swapping each slot exactly once, by path, is what keeps
+    :func:`torch.func.functional_call` restoring the very tensors it found
+    (with ``tie_weights=True`` it swaps a shared module twice and restores
+    the first swapped-in tensor, leaving it in the user's model).
+    """
+    slots, seen, names = [], set(), {}
+    for kind in ("named_parameters", "named_buffers"):
+        for path, t in getattr(module, kind)(remove_duplicate=False):
+            prefix, _, attr = path.rpartition(".")
+            key = (id(module.get_submodule(prefix)), attr)
+            if key in seen:
+                continue
+            seen.add(key)
+            slots.append((path, names.setdefault(id(t), path)))
+    return tuple(slots)
+
+
+def call_at(
+    module: nn.Module,
+    slots: tuple[tuple[str, str], ...],
+    tensors: dict[str, Tensor],
+    X: Any,
+) -> Tensor:
+    """``module(X)`` with ``tensors`` (by name) in place of its own; every slot
+    swapped once and restored to the very tensor it held (under a lock)."""
+    by_slot = {path: tensors[name] for path, name in slots if name in tensors}
+    with _SWAP_LOCK:
+        return functional_call(module, by_slot, (X,), tie_weights=False)
+
+
 def make_forward(
     module: nn.Module, layout: ParamLayout, fixed: dict[str, Tensor]
 ) -> Forward:
@@ -102,8 +147,10 @@ def make_forward(
         statistics), already in the compute dtype.
     """
 
+    slots = tensor_slots(module)
+
     def forward(theta: Tensor, X: Any) -> Tensor:
-        return functional_call(module, {**fixed, **layout.unflatten(theta)}, (X,))
+        return call_at(module, slots, {**fixed, **layout.unflatten(theta)}, X)
 
     return forward
 

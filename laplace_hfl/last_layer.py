@@ -23,6 +23,33 @@ from laplace_hfl.validation import check_prior_precision
 __all__ = ["HessianFreeLLLaplace"]
 
 
+class _StoreFeatures:
+    """laplace-torch's feature hook as a picklable object (the original is a
+    closure, which made ``pickle.dumps(la)`` fail)."""
+
+    def __init__(self, extractor: nn.Module, name: str) -> None:
+        self.extractor, self.name = extractor, name
+
+    def __call__(self, _module: nn.Module, inputs: tuple, _output: Any) -> None:
+        phi = inputs[0]
+        self.extractor._features[self.name] = (
+            phi if self.extractor.enable_backprop else phi.detach()
+        )
+
+
+def _picklable_feature_hook(extractor: nn.Module) -> None:
+    """Swap the extractor's closure hook on its last layer for
+    :class:`_StoreFeatures` (same behaviour)."""
+    layer = getattr(extractor, "last_layer", None)
+    if layer is None:
+        return
+    for key, hook in list(layer._forward_hooks.items()):
+        if getattr(hook, "__qualname__", "").startswith("FeatureExtractor._get_hook"):
+            layer._forward_hooks[key] = _StoreFeatures(
+                extractor, extractor._last_layer_name
+            )
+
+
 class HessianFreeLLLaplace(HFLMixin, LLLaplace):
     __doc__ = (
         """Hessian-free Laplace over the last (linear) layer.
@@ -139,6 +166,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         )
         # LLLaplace.__init__ resets cooperative options: set ours afterwards.
         self._set_hfl_options(options)
+        _picklable_feature_hook(self.model)
 
     def _fit_pass(self, train_loader: DataLoader) -> tuple:
         if self.model.last_layer is None:
@@ -178,6 +206,13 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             tuple(n for n, _ in named), tuple(p.shape for _, p in named)
         )
         return self.model.last_layer, layout, {}
+
+    def _release_transients(self) -> None:
+        # The extractor's hook keeps the last layer's input of the last call,
+        # which may be a tensor of a finished torch.func transform.
+        features = getattr(getattr(self, "model", None), "_features", None)
+        if features:
+            features.clear()
 
     def _query_inputs(self, X: Any) -> Any:
         X = to_compute(X, self._device, self._dtype)
@@ -245,6 +280,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         self.data = data
         with eval_mode(self.model):
             self._find_last_layer(data)
+        _picklable_feature_hook(self.model)
         params = list(self.model.last_layer.parameters())
         self.n_params = len(parameters_to_vector(params))
         self.n_layers = len(params)

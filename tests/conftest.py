@@ -209,6 +209,12 @@ def snapshot(model):
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "training": [m.training for m in model.modules()],
         "state": copy.deepcopy(model.state_dict()),
+        "objects": [id(t) for t in model.parameters()]
+        + [id(b) for b in model.buffers()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
     }
 
 
@@ -225,3 +231,7 @@ def assert_unchanged(model, snap):
             assert torch.equal(now["grads"][n], g), f"grad of {n} changed"
     assert now["requires_grad"] == snap["requires_grad"]
     assert now["training"] == snap["training"]
+    # The very same Parameter/buffer objects, still leaves, same hooks.
+    assert now["objects"] == snap["objects"], "a parameter or buffer was replaced"
+    assert all(p.is_leaf for p in model.parameters()), "a parameter is not a leaf"
+    assert now["hooks"] == snap["hooks"], "hooks were added or removed"
