@@ -30,6 +30,7 @@ from laplace_hfl.amortized import (
     sgd_posterior_samples,
 )
 from laplace_hfl.batches import (
+    buffers_kept,
     check_output,
     check_targets,
     eval_mode,
@@ -181,7 +182,7 @@ class HFLMixin(
         device, dtype = self._device, self.compute_dtype
         first_out, loss, n_seen, input_ndim = None, 0.0, 0, None
         cached: list[tuple[Any, Tensor]] | None = [] if cache else None
-        with torch.no_grad():
+        with torch.no_grad(), buffers_kept(self.model):
             for data in train_loader:
                 X, y = split_batch(data, self.dict_key_y)
                 X = to_compute(X, device, self._dtype)

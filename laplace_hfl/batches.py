@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "eval_mode",
+    "buffers_kept",
     "split_batch",
     "check_output",
     "batch_size",
@@ -54,6 +55,52 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         if training:
             for m, flag in flags:
                 m.training = flag
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    if torch.equal(a, b):
+        return True
+    return (
+        a.shape == b.shape
+        and torch.is_floating_point(a)
+        and bool(((a == b) | (a.isnan() & b.isnan())).all())
+    )
+
+
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Refuse a forward that writes the module's buffers (restoring them).
+
+    The refits evaluate the model many times under ``torch.func`` transforms
+    with its buffers fixed; a forward that updates a buffer (a call counter,
+    running statistics outside ``BatchNorm``'s eval mode) would change the
+    user's model and then fail inside a transform.
+
+    Raises
+    ------
+    ValueError
+        A buffer was modified or replaced while the block ran (the original
+        tensor and value are put back first).
+    """
+    before = [(n, b, b.clone()) for n, b in module.named_buffers()]
+    yield
+    now = dict(module.named_buffers())
+    changed = []
+    for name, obj, value in before:
+        if now.get(name) is not obj or not _same(obj, value):
+            changed.append(name)
+            prefix, _, attr = name.rpartition(".")
+            with torch.no_grad():
+                obj.copy_(value)
+            module.get_submodule(prefix)._buffers[attr] = obj
+    if changed:
+        raise ValueError(
+            f"The model's forward changes its buffer {changed[0]!r}"
+            + (f" (and {changed[1:]})" if len(changed) > 1 else "")
+            + ". HFL evaluates the model many times and needs a forward that "
+            "only reads its buffers in eval mode; the buffer was restored. "
+            "Move the update out of forward or guard it with `if self.training`."
+        )
 
 
 def split_batch(data: Any, dict_key_y: str) -> tuple[Any, Tensor]:

@@ -10,6 +10,7 @@ from laplace.curvature.curvature import CurvatureInterface
 from laplace.lllaplace import LLLaplace
 from laplace.utils.feature_extractor import FeatureReduction
 from torch import Tensor, nn
+from torch.nn.modules import module as nn_module
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
@@ -35,6 +36,22 @@ class _StoreFeatures:
         self.extractor._features[self.name] = (
             phi if self.extractor.enable_backprop else phi.detach()
         )
+
+
+def _plain_linear(layer: nn.Module) -> bool:
+    """Whether calling ``layer`` is exactly ``F.linear(x, weight, bias)``: an
+    ``nn.Linear`` whose ``forward`` is not overridden and that no hook changes
+    (the extractor's own feature hook only reads). Otherwise the structured
+    dense predictive would skip what the hooks or the override do to the
+    output, so the refits go through the module call instead."""
+    return (
+        isinstance(layer, nn.Linear)
+        and type(layer).forward is nn.Linear.forward
+        and not layer._forward_pre_hooks
+        and all(isinstance(h, _StoreFeatures) for h in layer._forward_hooks.values())
+        and not nn_module._global_forward_hooks
+        and not nn_module._global_forward_pre_hooks
+    )
 
 
 def _picklable_feature_hook(extractor: nn.Module) -> None:
@@ -222,7 +239,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
     def _structured_predictive(self, Xq: Any) -> tuple[Tensor, Tensor] | None:
         layer = self.model.last_layer
         if (
-            not isinstance(layer, nn.Linear)
+            not _plain_linear(layer)
             or not isinstance(Xq, Tensor)
             or Xq.ndim != 2
             or not self._uses_dense(self.n_params)
