@@ -173,6 +173,11 @@ def check_targets(likelihood: str, out: Tensor, y: Tensor) -> None:
                 f"({out.shape[0]},) (integer dtype) or class probabilities of "
                 f"shape {tuple(out.shape)}; got {tuple(y.shape)}, {y.dtype}."
             )
+        if y.dtype != torch.long:
+            raise ValueError(
+                f"Class indices must be torch.long (int64), as cross-entropy "
+                f"needs; got {y.dtype}. Pass y.long()."
+            )
         outside = (y < 0) | (y >= out.shape[-1])
         if bool(outside.any()):
             rows = outside.nonzero().flatten()[:10].tolist()
@@ -192,6 +197,27 @@ def check_targets(likelihood: str, out: Tensor, y: Tensor) -> None:
         raise ValueError(
             f"Classification targets have shape {tuple(y.shape)} but the model "
             f"outputs {tuple(out.shape)}."
+        )
+    else:
+        _check_class_probabilities(y)
+
+
+def _check_class_probabilities(y: Tensor) -> None:
+    """Soft targets: floating rows of non-negative numbers summing to 1."""
+    if not torch.is_floating_point(y):
+        raise ValueError(
+            f"Class-probability targets must be floating point, got {y.dtype}; "
+            "pass class indices as a 1-D integer tensor instead."
+        )
+    sums = y.sum(-1)
+    bad = (y < 0).any(-1) | ((sums - 1).abs() > 1e-6 * y.shape[-1])
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()[:10].tolist()
+        raise ValueError(
+            f"Class-probability targets must be non-negative rows summing to 1; "
+            f"rows {rows} sum to {sums[bad][:10].tolist()}. Cross-entropy with "
+            "other rows is not a likelihood, and the Laplace curvature would "
+            "not match it: normalise the targets (y / y.sum(-1, keepdim=True))."
         )
 
 

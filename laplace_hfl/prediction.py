@@ -69,6 +69,8 @@ class PredictionMixin:
                     obj.forward, obj.theta_map, Xq, samples, joint=joint,
                     chunk_size=self.chunk_size,
                 )  # fmt: skip
+            check_finite_result(f_mu, "predictive means")
+            check_finite_result(f_var, "predictive covariances")
             if joint:
                 f_mu = f_mu.flatten()
             elif diagonal_output:
