@@ -186,7 +186,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         _picklable_feature_hook(self.model)
 
     def _fit_pass(self, train_loader: DataLoader) -> tuple:
-        if self.model.last_layer is None:
+        if self.n_params is None:  # the last layer is not known yet
             first = next(iter(train_loader), None)
             if first is None:
                 raise ValueError(
@@ -279,7 +279,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
                 f"{state_dict['_last_layer_name']!r}, this estimator uses "
                 f"{self._last_layer_name!r}."
             )
-        if self.model.last_layer is None:
+        if self.n_params is None:
             data = state_dict.get("data")
             if data is None:
                 raise ValueError(
@@ -295,9 +295,10 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         if not isinstance(data, Mapping):
             data = (to_compute(X, self._device, self._dtype), y)
         self.data = data
-        with eval_mode(self.model):
-            self._find_last_layer(data)
-        _picklable_feature_hook(self.model)
+        if self.model.last_layer is None:  # else: found by a call that failed later
+            with eval_mode(self.model):
+                self._find_last_layer(data)
+            _picklable_feature_hook(self.model)
         params = list(self.model.last_layer.parameters())
         self.n_params = len(parameters_to_vector(params))
         self.n_layers = len(params)

@@ -12,7 +12,17 @@ from typing import Any
 import torch
 
 from laplace_hfl.amortized import AmortizedState
+from laplace_hfl.batches import slice_batch
+from laplace_hfl.functional import make_forward
+from laplace_hfl.options import validate_hfl_options
 from laplace_hfl.refit import RefitSettings
+from laplace_hfl.state_checks import (
+    check_state_batches,
+    check_state_map,
+    check_state_numbers,
+    check_state_tensor,
+)
+from laplace_hfl.validation import curvature_likelihood
 
 __all__ = ["StateMixin", "architecture_fingerprint"]
 
@@ -132,6 +142,69 @@ class StateMixin:
                 "it into the same model with the same requires_grad switches."
             )
 
+    def _checked_state_values(
+        self, state: dict[str, Any]
+    ) -> tuple[RefitSettings, list | None, AmortizedState | None]:
+        """Every value of ``state`` within the constructor's rules
+        (:mod:`laplace_hfl.state_checks`); changes nothing."""
+        mean = check_state_tensor(state, "mean", (self.n_params,))
+        check_state_numbers(state)
+        try:
+            settings = validate_hfl_options(
+                self.likelihood, self.enable_backprop, eps=state["hfl_eps"],
+                target=state["hfl_target"], rtol=state["hfl_rtol"],
+                max_iter=state["hfl_max_iter"], max_newton=state["hfl_max_newton"],
+                chunk_size=self.chunk_size, compute_dtype=self.compute_dtype,
+                progress_bar=self.progress_bar, amortize=self.amortize,
+                precondition_rank=self.precondition_rank,
+                minibatch_epochs=self.minibatch_epochs, solver=self.solver,
+                preconditioner=self.preconditioner,
+            ).settings  # fmt: skip
+        except ValueError as err:
+            raise ValueError(f"The state's HFL settings are invalid: {err}") from None
+        module, layout, _ = self._refit_module()
+        named = dict(module.named_parameters())
+        weights = torch.cat([named[n].detach().reshape(-1) for n in layout.names])
+        check_state_map(mean, weights)
+        batches = check_state_batches(
+            state, state["n_outputs"], curvature_likelihood(state["likelihood"])
+        )
+        if batches is not None:
+            self._check_state_forward(batches, mean, state["n_outputs"])
+        amortized = None
+        if state["amortized_samples"] is not None:
+            samples = check_state_tensor(
+                state, "amortized_samples", (int(self.amortize), self.n_params)
+            )
+            amortized = AmortizedState(
+                samples, state["amortized_residual"], state["amortized_iterations"]
+            )
+        return settings, batches, amortized
+
+    def _check_state_forward(
+        self, batches: list, mean: torch.Tensor, n_outputs: int
+    ) -> None:
+        """The refit module maps each cached batch to ``(rows, n_outputs)``."""
+        module, layout, fixed = self._refit_module()
+        forward = make_forward(module, layout, fixed)
+        theta = mean.detach().to(self.compute_dtype)
+        for i, (X, y) in enumerate(batches):
+            try:
+                with torch.no_grad():
+                    out = forward(theta, slice_batch(X, 0, 1))
+            except (RuntimeError, ValueError, TypeError) as err:
+                raise ValueError(
+                    f"State key 'training_X': batch {i} does not fit the model "
+                    f"({type(err).__name__}: {err}). Save the state again with "
+                    "la.state_dict() from a fitted estimator."
+                ) from None
+            if tuple(out.shape) != (1, n_outputs):
+                raise ValueError(
+                    f"State key 'training_X': batch {i} gives outputs "
+                    f"{tuple(out.shape)[1:]}, the state has {n_outputs}. Save "
+                    "the state again with la.state_dict() from a fitted estimator."
+                )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`.
 
@@ -145,9 +218,12 @@ class StateMixin:
             count, likelihood, ``target``, ``compute_dtype`` or ``amortize``.
         """
         self._check_state_class(state_dict)
-        if self.n_params is not None and len(state_dict["mean"]) != self.n_params:
+        mean = state_dict["mean"]
+        if self.n_params is not None and (
+            not torch.is_tensor(mean) or mean.numel() != self.n_params
+        ):
             raise ValueError(
-                f"State has {len(state_dict['mean'])} parameters, this model "
+                f"State has {len(mean)} parameters, this model "
                 f"{self.n_params}; use the same model and requires_grad switches."
             )
         if state_dict["likelihood"] != self.likelihood:
@@ -168,13 +244,8 @@ class StateMixin:
                     f"estimator uses {ours!r}: construct it with "
                     f"{name}={state_dict[key]!r}."
                 )
-        settings = RefitSettings(
-            state_dict["hfl_target"],
-            state_dict["hfl_eps"],
-            state_dict["hfl_rtol"],
-            state_dict["hfl_max_iter"],
-            state_dict["hfl_max_newton"],
-        )
+        settings, batches, amortized = self._checked_state_values(state_dict)
+        # Everything is checked: commit.
         self.prior_precision = state_dict["prior_precision"]
         self.sigma_noise = state_dict["sigma_noise"]
         self.temperature = state_dict["temperature"]
@@ -185,20 +256,14 @@ class StateMixin:
         self.n_data = state_dict["n_data"]
         self.n_outputs = state_dict["n_outputs"]
         self._fit_likelihood = state_dict["likelihood"]
-        X, y = state_dict["training_X"], state_dict["training_y"]
-        self._training_data = None if X is None else list(zip(X, y))
+        self._training_data = batches
         self._train_loader = None
         self._base = None
         self._base_key = None
         self._reset_solver_caches()
-        self._amortized = None
+        self._amortized = amortized
         self._amortized_key = None
-        if state_dict["amortized_samples"] is not None:
-            self._amortized = AmortizedState(
-                state_dict["amortized_samples"],
-                state_dict["amortized_residual"],
-                state_dict["amortized_iterations"],
-            )
+        if amortized is not None:
             self._amortized_key = (
                 tuple(state_dict["amortized_prior_precision"]),
                 tuple(state_dict["amortized_prior_mean"]),
