@@ -70,6 +70,7 @@ from laplace_hfl.validation import (
     as_bool,
     as_int,
     check_finite_batch,
+    check_one_dtype,
     curvature_likelihood,
     dataset_size,
 )
@@ -284,6 +285,7 @@ class HFLMixin(
         cache_data = as_bool("cache_data", cache_data)
         progress_bar = as_bool("progress_bar", progress_bar)
         dataset_size(train_loader)  # before any pass: IterableDataset refused
+        check_one_dtype(self.model)
         if self.minibatch_epochs is not None and is_distributed():
             raise NotImplementedError(
                 "minibatch_epochs is not available in a distributed fit (ranks "

@@ -212,11 +212,20 @@ def factorize(
                 "construction), or train the MAP to a minimum of the Laplace "
                 "objective (summed loss, weight decay equal to the prior precision)."
             )
+        p_min = float(prior_precision.min())
+        cause = (
+            "the prior precision is zero on directions the training data does "
+            "not determine. Use a positive prior precision."
+            if p_min == 0
+            else f"1/(sigma_noise^2 T) = {h_factor:.3g} scales the GGN so far "
+            f"above the prior precision (min {p_min:.3g}) that the sum is "
+            f"singular in {A.dtype}. Check sigma_noise (a typical value is the "
+            "residual RMSE of the MAP) and temperature, or raise the prior "
+            "precision."
+        )
         raise ValueError(
             "GGN + prior precision is singular (Cholesky failed at pivot "
-            f"{int(info)} of {A.shape[0]}): the prior precision is zero on "
-            "directions the training data does not determine. Use a positive "
-            "prior precision."
+            f"{int(info)} of {A.shape[0]}): {cause}"
         )
     Sigma = torch.cholesky_inverse(L)
     Sigma = 0.5 * (Sigma + Sigma.T)

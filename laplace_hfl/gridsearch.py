@@ -17,6 +17,7 @@ Two things go wrong silently with HFL:
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -113,6 +114,12 @@ def check_loss(likelihood: str, loss: Any) -> None:
     VarianceBlindLossWarning
         With the loss to pass instead.
     """
+    if loss is not None and not callable(loss):
+        raise ValueError(
+            f"The grid-search loss must be callable (a torchmetrics metric or a "
+            f"function of the predictive), got {loss!r}; e.g. "
+            "loss=laplace_hfl.gridsearch.gaussian_nll_loss(la.sigma_noise)."
+        )
     if likelihood != "regression":
         return
     if loss is None:
@@ -169,7 +176,14 @@ def run_gridsearch(
         progress(interval, desc="[HFL grid search]", always=progress_bar)
     ):
         la.prior_precision = prior
-        results.append(score())
+        value = float(score())
+        if math.isnan(value):
+            raise ValueError(
+                f"The grid-search loss is NaN at prior precision "
+                f"{prior.flatten().tolist()}: the search would pick an arbitrary "
+                "value. Check the loss and the validation data."
+            )
+        results.append(value)
         if i == 0 and n > 1:
             first = time.perf_counter() - t0
             if is_long(first * n):

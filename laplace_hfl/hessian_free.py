@@ -16,6 +16,7 @@ from laplace_hfl.base import HFLMixin
 from laplace_hfl.batches import eval_mode
 from laplace_hfl.distributed import unwrap_model
 from laplace_hfl.functional import ParamLayout, to_compute
+from laplace_hfl.validation import check_constructor_values
 
 __all__ = ["HessianFreeLaplace"]
 
@@ -112,6 +113,7 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
             solver=solver,
             preconditioner=preconditioner,
         )
+        check_constructor_values(unwrap_model(model), sigma_noise, temperature)
         super().__init__(
             unwrap_model(model),  # a DDP-wrapped model: its .module
             likelihood,

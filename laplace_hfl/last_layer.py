@@ -19,7 +19,7 @@ from laplace_hfl.base import HFLMixin
 from laplace_hfl.batches import eval_mode, split_batch
 from laplace_hfl.distributed import unwrap_model
 from laplace_hfl.functional import ParamLayout, to_compute
-from laplace_hfl.validation import check_prior_precision
+from laplace_hfl.validation import check_constructor_values, check_prior_precision
 
 __all__ = ["HessianFreeLLLaplace"]
 
@@ -165,8 +165,18 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         # LLLaplace stores the prior bypassing its setter until the last layer
         # is found: check it here.
         check_prior_precision(prior_precision)
+        model = unwrap_model(model)  # a DDP-wrapped model: its .module
+        check_constructor_values(model, sigma_noise, temperature)
+        if last_layer_name is not None and last_layer_name not in dict(
+            model.named_modules()
+        ):
+            raise ValueError(
+                f"last_layer_name={last_layer_name!r} is not a module of the model; "
+                "pass a name from dict(model.named_modules()) (the final "
+                "nn.Linear), or None to find it from the first batch."
+            )
         super().__init__(
-            unwrap_model(model),  # a DDP-wrapped model: its .module
+            model,
             likelihood,
             sigma_noise=sigma_noise,
             prior_precision=prior_precision,
@@ -197,6 +207,18 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             self._locate_last_layer(first)
             self.prior_precision = self._prior_precision
             self.prior_mean = self._prior_mean
+        frozen = [
+            n
+            for n, p in self.model.last_layer.named_parameters()
+            if not p.requires_grad
+        ]
+        if frozen:
+            raise ValueError(
+                f"The last layer's parameters {frozen} have requires_grad=False, "
+                "but last-layer HFL treats all of them as uncertain. Switch "
+                "requires_grad on, or use subset_of_weights='all' (which keeps "
+                "frozen parameters fixed)."
+            )
         with eval_mode(self.model):
             first_out, loss, cached = self._iterate_checked(
                 train_loader, self.model, "features"
@@ -297,7 +319,14 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         self.data = data
         if self.model.last_layer is None:  # else: found by a call that failed later
             with eval_mode(self.model):
-                self._find_last_layer(data)
+                try:
+                    self._find_last_layer(data)
+                except StopIteration:
+                    raise ValueError(
+                        "Found no last layer: last-layer HFL needs a model whose "
+                        "output comes from a final module with parameters (an "
+                        "nn.Linear). Use subset_of_weights='all' for this model."
+                    ) from None
             _picklable_feature_hook(self.model)
         params = list(self.model.last_layer.parameters())
         self.n_params = len(parameters_to_vector(params))

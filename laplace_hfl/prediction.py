@@ -16,6 +16,7 @@ from laplace_hfl.functional import output_jacobians
 from laplace_hfl.predictive import joint_covariance, marginal_covariance
 from laplace_hfl.progress import progress
 from laplace_hfl.validation import check_finite_result, check_query_rows
+from laplace_hfl.weight_space import check_n_samples
 
 __all__ = ["PredictionMixin"]
 
@@ -29,6 +30,12 @@ class PredictionMixin:
 
     def _check_ready(self, x: Any) -> None:
         self._check_H_init()
+        if not isinstance(x, Tensor | Mapping):
+            raise ValueError(
+                f"Query inputs must be a torch.Tensor (or a dict-like batch), got "
+                f"{type(x).__name__}; convert with torch.as_tensor(x, "
+                "dtype=...) on the model's device."
+            )
         if batch_size(x, self.dict_key_x) == 0:
             raise ValueError("HFL predictions need at least one input.")
         ndim = getattr(self, "_input_ndim", None)
@@ -153,6 +160,12 @@ class PredictionMixin:
 
     def _solve_jacobians(self, Js: Tensor) -> tuple[Tensor, Tensor]:
         self._check_H_init()
+        if not isinstance(Js, Tensor) or Js.ndim != 3:
+            raise ValueError(
+                "Jacobians must be a tensor of shape (batch, outputs, parameters), "
+                f"got {getattr(Js, 'shape', type(Js).__name__)}; for one output "
+                "use Js.unsqueeze(1)."
+            )
         self._check_jacobians(Js)
         check_query_rows(Js, "Jacobians")
         Jc = Js.detach().to(self.compute_dtype)
@@ -227,6 +240,14 @@ class PredictionMixin:
             ``pred_type="nn"``, ``target="hessian"`` and an indefinite ``P``.
         """
         self._check_pred_type(pred_type)
+        if pred_type == PredType.NN or link_approx == LinkApprox.MC:
+            check_n_samples(n_samples)
+        if model_kwargs and pred_type != PredType.NN:
+            raise TypeError(
+                "HFL's predictive passes no extra model arguments; got "
+                f"{sorted(model_kwargs)}. Wrap the model so that model(x) needs "
+                "only x."
+            )
         if pred_type == PredType.NN:
             if link_approx not in LinkApprox.__members__.values():
                 raise ValueError(f"Unsupported link approximation {link_approx}.")
@@ -345,6 +366,8 @@ class PredictionMixin:
             ``pred_type="gp"``.
         """
         self._check_pred_type(pred_type)
+        check_n_samples(n_samples)
+        self._check_generator(generator)
         return super().functional_samples(
             x, pred_type, n_samples, diagonal_output, generator
         )
@@ -367,6 +390,8 @@ class PredictionMixin:
             ``pred_type="gp"``.
         """
         self._check_pred_type(pred_type)
+        check_n_samples(n_samples)
+        self._check_generator(generator)
         return super().predictive_samples(
             x, pred_type, n_samples, diagonal_output, generator
         )

@@ -34,12 +34,18 @@ from laplace_hfl.logdet import (
 )
 from laplace_hfl.mackay import FixedPointResult, mackay_fixed_point
 from laplace_hfl.slq import Quadrature
+from laplace_hfl.validation import as_int
 
 __all__ = ["TuningMixin"]
 
 
 def _check_positive(name: str, value: Any) -> None:
-    t = torch.as_tensor(value).detach()
+    try:
+        t = torch.as_tensor(value).detach()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"{name} must be a number or a tensor, got {value!r}."
+        ) from None
     if t.numel() == 0 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
         raise ValueError(
             f"{name} must be finite and positive, got {value!r}. Optimise its "
@@ -219,6 +225,7 @@ class TuningMixin:
         GridSearchCostWarning
             The first grid value predicts a long search (estimate given).
         """
+        self._check_tuning_options(pred_type, method, kwargs)
         if method == "marglik":
             self._check_H_init()
             if "init_prior_prec" in kwargs:
@@ -245,6 +252,23 @@ class TuningMixin:
             super().optimize_prior_precision(
                 pred_type=pred_type, method=method, **kwargs
             )
+
+    def _check_tuning_options(
+        self, pred_type: str, method: str, kwargs: dict[str, Any]
+    ) -> None:
+        """Refuse options that laplace-torch would turn into an arbitrary
+        prior (``n_steps=0`` resets it to ``init_prior_prec``), a bare
+        AssertionError (``pred_type``, ``method``) or an empty grid."""
+        self._require_glm(pred_type)
+        if method not in ("marglik", "gridsearch"):
+            raise ValueError(
+                f"method must be 'marglik' or 'gridsearch', got {method!r}."
+            )
+        for name, minimum in (("n_steps", 1), ("grid_size", 1)):
+            if name in kwargs:
+                kwargs[name] = as_int(name, kwargs[name], minimum)
+        if "lr" in kwargs:
+            _check_positive("lr", kwargs["lr"])
 
     def _gridsearch(
         self,

@@ -8,6 +8,7 @@ do. Nothing here keeps or changes state.
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_constructor_values",
+    "check_one_dtype",
+    "check_fits_in_memory",
     "as_number",
     "as_int",
     "as_bool",
@@ -119,6 +123,11 @@ def check_prior_precision(value: Any) -> None:
 
 def _check_positive_value(name: str, value: Any, fix: str) -> None:
     v = _values(name, value)
+    if v.numel() != 1:
+        raise ValueError(
+            f"{name} must be a single number, got {v.numel()} values "
+            f"{v[:5].tolist()}. {fix}"
+        )
     bad = ~torch.isfinite(v) | (v <= 0)
     if bool(bad.any()):
         raise ValueError(
@@ -226,6 +235,67 @@ def check_finite_result(value: Tensor, what: str) -> None:
             "network overflows at the MAP or at the refit points (check for "
             "exploding activations; a larger prior precision or "
             "compute_dtype=torch.float64 can help)."
+        )
+
+
+def check_one_dtype(model: Any) -> None:
+    """The model's floating parameters and buffers share one dtype.
+
+    Raises
+    ------
+    ValueError
+        Mixed dtypes (e.g. one layer left in float32), naming them.
+    """
+    dtypes: dict[torch.dtype, str] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if torch.is_floating_point(t):
+            dtypes.setdefault(t.dtype, name)
+    if len(dtypes) > 1:
+        named = ", ".join(f"{d} ({n})" for d, n in dtypes.items())
+        raise ValueError(
+            f"The model mixes floating dtypes: {named}. HFL evaluates it in one "
+            "dtype: cast it first, e.g. model.double() or model.float()."
+        )
+
+
+def check_constructor_values(model: Any, sigma_noise: Any, temperature: Any) -> None:
+    """What laplace-torch's constructor reads before any setter checks it.
+
+    Raises
+    ------
+    ValueError
+        A model without parameters; ``sigma_noise`` or ``temperature`` not one
+        finite positive number.
+    """
+    if next(iter(model.parameters()), None) is None:
+        raise ValueError(
+            "The model has no parameters, so there is no posterior over weights; "
+            "pass the trained network."
+        )
+    check_sigma_noise(sigma_noise)
+    check_temperature(temperature)
+
+
+def check_fits_in_memory(
+    n_numbers: int, dtype: torch.dtype, device: torch.device, what: str
+) -> None:
+    """Refuse a result larger than the device's memory (it would run for
+    hours before failing).
+
+    Raises
+    ------
+    ValueError
+        ``n_numbers`` of ``dtype`` exceed the total memory of ``device``.
+    """
+    need = n_numbers * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total:
+        raise ValueError(
+            f"{what} would need {need / 2**30:.3g} GiB, more than the "
+            f"{total / 2**30:.3g} GiB of {device}; ask for fewer."
         )
 
 

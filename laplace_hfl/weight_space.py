@@ -23,6 +23,7 @@ from laplace_hfl.errors import IndefiniteHessianError
 from laplace_hfl.logdet import precision_quadratic
 from laplace_hfl.operators import SymmetricOperator
 from laplace_hfl.solvers import NegativeCurvature
+from laplace_hfl.validation import check_fits_in_memory
 from laplace_hfl.weight_posterior import (
     curvature_matvec,
     precision_matvec,
@@ -182,6 +183,10 @@ class WeightSpaceMixin:
         """MAP and ``(S, P)`` posterior weight draws, in the compute dtype."""
         self._check_H_init()
         n = check_n_samples(n_samples)
+        check_fits_in_memory(
+            n * self.n_params, self.compute_dtype, self._device,
+            f"{n} weight samples of {self.n_params} parameters",
+        )  # fmt: skip
         self._check_generator(generator)
         target = self.hfl_settings.target
         with eval_mode(self.model):
