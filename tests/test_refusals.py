@@ -49,3 +49,94 @@ def test_class_indices_must_be_long(classification, dtype):
     labels = (y > 0) if dtype == torch.bool else y.to(dtype)
     with pytest.raises(ValueError, match=r"torch\.long"):
         la.fit(loader(X, labels))
+
+
+def _fitted(model, X, y, likelihood="regression", **kw):
+    la = Laplace(model, likelihood, kw.pop("subset", "all"), "hfl", **kw)
+    la.fit(loader(X, y))
+    return la
+
+
+def _nan_loss(*args, **kwargs):
+    return torch.tensor(float("nan"))
+
+
+TUNING = {
+    "NaN grid loss": (dict(method="gridsearch", loss=_nan_loss), ValueError, "NaN"),
+    "string loss": (dict(method="gridsearch", loss="nll"), ValueError, "callable"),
+    "empty grid": (dict(method="gridsearch", grid_size=0), ValueError, "grid_size"),
+    "no steps": (dict(n_steps=0), ValueError, "n_steps"),
+    "NaN lr": (dict(lr=float("nan"), n_steps=2), ValueError, "lr"),
+    "pred_type": (dict(pred_type="foo"), ValueError, "prediction types"),
+    "method": (dict(method="foo"), ValueError, "method"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TUNING))
+def test_tuning_options_refused_before_any_change(regression_1d, case):
+    model, X, y = regression_1d
+    la = _fitted(model, X, y, prior_precision=0.7)
+    kwargs, err, match = TUNING[case]
+    if kwargs.get("method") == "gridsearch":
+        kwargs = dict(kwargs, val_loader=loader(X, y))
+    with pytest.raises(err, match=match):
+        la.optimize_prior_precision(**kwargs)
+    assert la.prior_precision.item() == pytest.approx(0.7)
+
+
+def test_predictive_arguments_refused(regression_1d, classification):
+    model, X, y = regression_1d
+    la = _fitted(model, X, y)
+    with pytest.raises(TypeError, match="foo"):
+        la(X[:2], foo=1)
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        la(X[:2].tolist())
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        la(X[:2].numpy())
+    with pytest.raises(ValueError, match=r"\(batch, outputs, parameters\)"):
+        la.functional_variance(torch.zeros(2, la.n_params, dtype=DT))
+    with pytest.raises(ValueError, match="n_samples"):
+        la.predictive_samples(X[:2], n_samples=-5)
+    with pytest.raises(ValueError, match="torch.Generator"):
+        la.functional_samples(X[:2], generator=0)
+    with pytest.raises(ValueError, match="GiB"):
+        la.sample(10**12)
+    with pytest.raises(ValueError, match="prior_precision must be a number"):
+        la.log_marginal_likelihood(prior_precision="1")
+    model, X, y = classification
+    lc = _fitted(model, X, y, "classification")
+    for n in (0, -5):
+        with pytest.raises(ValueError, match="n_samples"):
+            lc(X[:2], link_approx="mc", n_samples=n)
+    with pytest.raises(TypeError, match="n_samples"):
+        lc(X[:2], link_approx="mc", n_samples=10.5)
+
+
+def test_model_and_constructor_refusals(regression_1d):
+    model, X, y = regression_1d
+    with pytest.raises(ValueError, match="single number"):
+        Laplace(model, "regression", "all", "hfl", sigma_noise=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="not a module"):
+        Laplace(model, "regression", "last_layer", "hfl", last_layer_name="nope")
+    with pytest.raises(ValueError, match="no parameters"):
+        Laplace(nn.Sequential(nn.Tanh()), "regression", "last_layer", "hfl")
+    mixed = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1).to(DT))
+    with pytest.raises(ValueError, match="mixes floating dtypes"):
+        Laplace(mixed, "regression", "all", "hfl").fit(loader(X, y))
+    snap = snapshot(model)
+    for p in model[-1].parameters():
+        p.requires_grad_(False)
+    la = Laplace(model, "regression", "last_layer", "hfl")
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        la.fit(loader(X, y))
+    assert not la._fitted
+    for p in model[-1].parameters():
+        p.requires_grad_(True)
+    assert_unchanged(model, snap)
+
+
+def test_tiny_sigma_is_not_blamed_on_the_prior(regression_1d):
+    model, X, y = regression_1d
+    la = _fitted(model, X, y, sigma_noise=1e-8, solver="dense")
+    with pytest.raises(ValueError, match="sigma_noise"):
+        la(X[:2])
