@@ -49,6 +49,7 @@ from laplace_hfl.functional import (
     ParamLayout,
     batch_loss,
     make_forward,
+    private_modules,
     to_compute,
 )
 from laplace_hfl.hyperparameters import HyperparameterMixin
@@ -181,6 +182,8 @@ class HFLMixin(
         caches nothing (the loader is iterated again on every refit pass).
         """
         device, dtype = self._device, self.compute_dtype
+        # Eval-mode flags of our own: another thread may .train() the model.
+        module = private_modules(module)
         first_out, loss, n_seen, input_ndim = None, 0.0, 0, None
         cached: list[tuple[Any, Tensor]] | None = [] if cache else None
         with torch.no_grad(), buffers_kept(self.model):

@@ -17,8 +17,8 @@ classification.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,7 @@ __all__ = [
     "LaplaceObjective",
     "reduce_data",
     "make_forward",
+    "private_modules",
     "tensor_slots",
     "call_at",
     "to_compute",
@@ -88,9 +89,32 @@ def to_compute(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return x
 
 
-#: Held while tensors are swapped into a module (one module may be shared by
-#: several estimators, and by threads): a swap and its restore never interleave.
-_SWAP_LOCK = threading.RLock()
+def private_modules(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` that shares its tensors and hooks.
+
+    Every submodule is a new object (shallow ``copy.copy``) with its own
+    ``_parameters`` / ``_buffers`` / ``_modules`` dicts, holding the very
+    same tensors, and in eval mode. Swapping tensors into the copy (as
+    :func:`torch.func.functional_call` does) therefore never writes into the
+    user's modules, and its train/eval flags are its own: another thread may
+    use (or ``.train()``) the user's model while the refits run. A module
+    registered at two places stays one module in the copy.
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def clone(m: nn.Module) -> nn.Module:
+        if id(m) not in memo:
+            c = copy.copy(m)
+            memo[id(m)] = c
+            c._parameters = dict(m._parameters)
+            c._buffers = dict(m._buffers)
+            c._modules = {
+                k: None if v is None else clone(v) for k, v in m._modules.items()
+            }
+            c.training = False
+        return memo[id(m)]
+
+    return clone(module)
 
 
 def tensor_slots(module: nn.Module) -> tuple[tuple[str, str], ...]:
@@ -124,10 +148,9 @@ def call_at(
     X: Any,
 ) -> Tensor:
     """``module(X)`` with ``tensors`` (by name) in place of its own; every slot
-    swapped once and restored to the very tensor it held (under a lock)."""
+    swapped once and restored to the very tensor it held."""
     by_slot = {path: tensors[name] for path, name in slots if name in tensors}
-    with _SWAP_LOCK:
-        return functional_call(module, by_slot, (X,), tie_weights=False)
+    return functional_call(module, by_slot, (X,), tie_weights=False)
 
 
 def make_forward(
@@ -139,7 +162,8 @@ def make_forward(
     ----------
     module : torch.nn.Module
         The network (or its last layer). Its own tensors are never read for
-        the parameters in ``layout``.
+        the parameters in ``layout``, and never written: the forward runs on
+        :func:`private_modules` of it, in eval mode.
     layout : ParamLayout
         The parameters that ``theta`` holds.
     fixed : dict of str to Tensor
@@ -147,6 +171,7 @@ def make_forward(
         statistics), already in the compute dtype.
     """
 
+    module = private_modules(module)  # the user's modules are never swapped
     slots = tensor_slots(module)
 
     def forward(theta: Tensor, X: Any) -> Tensor:

@@ -136,3 +136,31 @@ def test_tied_weights_in_two_modules():
         var.flatten(), _reference_variance(model, X, y, X[:3]), rtol=1e-6, atol=1e-12
     )
     assert_unchanged(model, snap)
+
+
+def test_another_thread_toggling_train_mode(regression_1d):
+    _, X, y = regression_1d
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(1, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 1)
+    ).to(DT)
+    model.eval()
+    la = _fitted(model, X, y, solver="cg")
+    expected = la(X[:3])[1]
+    stop = threading.Event()
+
+    def toggle() -> None:
+        while not stop.is_set():
+            model.train()
+            model.eval()
+
+    thread = threading.Thread(target=toggle)
+    thread.start()
+    try:
+        for _ in range(3):
+            la._base = None  # refit every time
+            la._reset_solver_caches()
+            torch.testing.assert_close(la(X[:3])[1], expected, rtol=1e-12, atol=0)
+    finally:
+        stop.set()
+        thread.join()
