@@ -28,15 +28,20 @@ def _assert_same(la, before):
             assert now is v or now == v, k
 
 
+def _fitted(regression_1d, **kw):
+    """A fitted estimator and a copy of its attributes."""
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", "all", "hfl", **kw)
+    la.fit(loader(X, y))
+    return la, _state(la), X, y
+
+
 def _boom(*args, **kwargs):
     raise RuntimeError("boom")
 
 
 def test_failed_grid_search_keeps_the_prior(regression_1d):
-    model, X, y = regression_1d
-    la = Laplace(model, "regression", "all", "hfl", prior_precision=0.7)
-    la.fit(loader(X, y))
-    before = _state(la)
+    la, before, X, y = _fitted(regression_1d, prior_precision=0.7)
     with pytest.raises(RuntimeError, match="boom"):
         la.optimize_prior_precision(
             method="gridsearch", val_loader=loader(X, y), loss=_boom, grid_size=3
@@ -53,10 +58,7 @@ def test_failed_grid_search_keeps_the_prior(regression_1d):
 
 
 def test_failed_refit_keeps_the_fit(regression_1d):
-    model, X, y = regression_1d
-    la = Laplace(model, "regression", "all", "hfl")
-    la.fit(loader(X, y))
-    before = _state(la)
+    la, before, X, y = _fitted(regression_1d)
     la.prior_precision.fill_(-1.0)  # made invalid in place: caught at use
     with pytest.raises(ValueError, match="prior_precision"):
         la.fit(loader(X[:20], y[:20]))
@@ -82,10 +84,7 @@ def test_last_layer_wrong_prior_length_leaves_it_unfitted(regression_1d):
 
 
 def test_failed_marginal_likelihood_keeps_hyperparameters(regression_1d):
-    model, X, y = regression_1d
-    la = Laplace(model, "regression", "all", "hfl", sigma_noise=0.3)
-    la.fit(loader(X, y))
-    before = _state(la)
+    la, before, _, _ = _fitted(regression_1d, sigma_noise=0.3)
     with pytest.raises(ValueError, match="sigma_noise"):
         la.log_marginal_likelihood(prior_precision=2.0, sigma_noise=-1.0)
     _assert_same(la, before)
