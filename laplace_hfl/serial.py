@@ -5,8 +5,8 @@ class so that
 
 * each call holds the estimator's ``threading.RLock`` for its whole duration:
   calls from several threads on one estimator run one after the other and give
-  the results of serial calls (the refits swap tensors into the model's modules
-  while they run, and the caches of the estimator are shared);
+  the results of serial calls (the caches of the estimator, its base point,
+  factors and samples, are shared by its calls);
 * the calls that change the estimator's state (:data:`TRANSACTIONS`) commit
   all or nothing: on any exception the estimator's attributes are put back as
   they were before the call;
