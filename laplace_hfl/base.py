@@ -179,7 +179,7 @@ class HFLMixin(
         cached: list[tuple[Any, Tensor]] | None = [] if cache else None
         with torch.no_grad():
             for data in train_loader:
-                X, y = split_batch(data, self.dict_key_y)
+                X, y = split_batch(data, self.dict_key_y, self.dict_key_x)
                 X = to_compute(X, device, self._dtype)
                 y = to_compute(y, device, self._dtype)
                 check_finite_batch(X, y, n_seen)

@@ -9,6 +9,7 @@ from conftest import DT, PRIOR, SIGMA, assert_unchanged, loader, snapshot
 from laplace import Laplace
 from torch import nn
 
+from laplace_hfl.errors import MissingDictKeyError
 from laplace_hfl.preconditioner import NystromSketch, nystrom_apply
 
 
@@ -294,6 +295,32 @@ def test_malformed_loaders(regression_1d, subset):
 
 
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_missing_dict_keys_are_key_and_value_errors(regression_1d, subset):
+    """laplace-torch raises KeyError for a dict batch without dict_key_x /
+    dict_key_y; HFL's error is both a KeyError and a ValueError, with the
+    same sentence (not KeyError's quoted repr), raised before any change."""
+    model, X, y = regression_1d
+    DL = torch.utils.data.DataLoader
+    la = Laplace(model, "regression", subset, "hfl", dict_key_x="x")
+    snap = snapshot(model)
+    bad = DL(_DictData(X, y), batch_size=8)  # inputs under "input_ids"
+    for kind in (KeyError, ValueError):
+        with pytest.raises(kind) as info:
+            la.fit(bad)
+        assert isinstance(info.value, MissingDictKeyError)
+        assert str(info.value).startswith("Dict batches need the inputs under ")
+        assert "dict_key_x='x'" in str(info.value)
+    la = Laplace(model, "regression", subset, "hfl")
+    with pytest.raises(KeyError, match="dict_key_y='labels'"):
+        la.fit(DL(_DictData(X, y, key="target"), batch_size=8))
+    assert not la._fitted
+    la.fit(loader(X, y))
+    with pytest.raises(KeyError, match="dict_key_x='input_ids'"):
+        la({"x": X[:3]})
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_one_dimensional_query(regression_multi, subset):
     model, X, y = regression_multi
     la = Laplace(model, "regression", subset, "hfl")
@@ -572,7 +599,9 @@ def test_override_false_refused_before_any_change(regression_1d, subset):
 def test_verify_venv_sees_packages_of_a_calling_venv(tmp_path):
     """upstream/verify.sh from a venv: the venv it makes must see the calling
     venv's packages (plain `venv --system-site-packages` sees only the base
-    interpreter's, hence ModuleNotFoundError: torch)."""
+    interpreter's, hence ModuleNotFoundError: torch). Only a module written
+    into the calling venv is imported, so the result does not depend on what
+    the base interpreter has installed."""
     import subprocess
     import sys
     from pathlib import Path
@@ -593,7 +622,7 @@ def test_verify_venv_sees_packages_of_a_calling_venv(tmp_path):
         check=True, capture_output=True, text=True,
     ).stdout.strip().splitlines()[-1]  # fmt: skip
     got = subprocess.run(
-        [inner_py, "-c", "import only_in_outer_venv as m, torch; print(m.VALUE)"],
+        [inner_py, "-c", "import only_in_outer_venv as m; print(m.VALUE)"],
         check=False, capture_output=True, text=True,
     )  # fmt: skip
     assert got.returncode == 0, got.stderr
