@@ -152,9 +152,7 @@ def run_case(name: str, problems: dict, rank: int, world: int, tmp: str) -> dict
 
 
 # ------------------------------------------------------------------- spawning
-def spawn(
-    target, world: int, tmp: str, *args, limit: float = 120.0
-) -> list:
+def spawn(target, world: int, tmp: str, *args, limit: float = 120.0) -> list:
     """Run ``target(rank, world, tmp, *args)`` in ``world`` new processes.
 
     The processes are fresh interpreters (``spawn``): forking a process in
