@@ -260,6 +260,17 @@ def test_sample_4096_matches_dense_posterior(request, case, likelihood, subset):
 
 
 @pytest.mark.parametrize("case,likelihood,subset", SAMPLE_CASES)
+def test_cg_sample_4096_matches_dense_posterior(request, case, likelihood, subset):
+    """The matrix-free sampler (solver='cg': sample-then-optimise) against
+    the dense P^-1, same tolerance as the dense sampler's test above."""
+    data = request.getfixturevalue(case)
+    la, ref = _pair(
+        data, likelihood, subset, backend=CurvlinopsGGN, chunk_size=4096, solver="cg"
+    )
+    _check_draws(la, ref, 4096, 0.05)
+
+
+@pytest.mark.parametrize("case,likelihood,subset", SAMPLE_CASES)
 def test_sample_covariance_within_5_percent(request, case, likelihood, subset):
     """The 5% bound itself, at enough draws that an exact sampler's RMS error
     is <= 2.5% (S = (1 + effective rank) / 0.025^2, at least 4096; up to
@@ -290,9 +301,62 @@ def test_sample_reproducible_and_converged(regression_1d):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_dense_draws_are_whitened_by_the_reference_precision(classification, subset):
+    """Dense solver (small P, target='ggn'): draws come from the Cholesky
+    factor of P, so with z the generator's N(0, I) numbers, d P d^T = z z^T
+    exactly for the dense float64 reference P of FullLaplace (1e-9)."""
+    model, X, y = classification
+    la, ref = _pair(classification, "classification", subset, solver="dense")
+    n = la.n_params
+    d = la.sample(8, generator=torch.Generator().manual_seed(5)) - ref.mean
+    Z = torch.randn(8, n, dtype=DT, generator=torch.Generator().manual_seed(5))
+    assert _max_err(d @ ref.posterior_precision @ d.T, Z @ Z.T) < 1e-9
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_draws_reused_for_the_same_generator_state(classification, solver, monkeypatch):
+    """The same fit, hyperparameters, n_samples and generator state give the
+    stored draws without solving again, and leave the generator where drawing
+    left it; another state, n_samples or prior draws anew."""
+    import laplace_hfl.weight_space as ws
+
+    model, X, y = classification
+    la = Laplace(model, "classification", "all", "hfl", solver=solver)
+    la.fit(loader(X, y))
+    calls = []
+    fresh = ws.WeightSpaceMixin._fresh_deviations
+    monkeypatch.setattr(
+        ws.WeightSpaceMixin,
+        "_fresh_deviations",
+        lambda self, *a: calls.append(a[1]) or fresh(self, *a),
+    )
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a = la.sample(4, generator=g1)
+    b = la.sample(4, generator=g2)
+    assert torch.equal(a, b) and calls == [4]
+    assert torch.equal(g1.get_state(), g2.get_state())
+    assert not torch.equal(la.sample(4, generator=g1), a)  # state moved on
+    la.sample(3, generator=torch.Generator().manual_seed(0))
+    la.prior_precision = 2.0
+    la.sample(3, generator=torch.Generator().manual_seed(0))
+    assert calls == [4, 4, 3, 3]
+    torch.manual_seed(1)
+    c = la.sample(2)
+    torch.manual_seed(1)
+    assert torch.equal(la.sample(2), c) and calls[-1] == 2 and len(calls) == 5
+    la.fit(loader(X, y))  # a new fit draws anew
+    la.sample(2, generator=torch.Generator().manual_seed(1))
+    la.sample(2, generator=torch.Generator().manual_seed(1))
+    assert len(calls) == 6
+
+
 def test_sample_unconverged_warns(classification):
     model, X, y = classification
-    la = Laplace(model, "classification", "all", "hfl", max_iter=2, precondition_rank=0)
+    la = Laplace(
+        model, "classification", "all", "hfl", max_iter=2, precondition_rank=0,
+        solver="cg",
+    )  # fmt: skip
     la.fit(loader(X, y))
     with pytest.warns(RefitConvergenceWarning, match=r"sample\(\).*did not converge"):
         la.sample(4)
