@@ -12,6 +12,7 @@ draws exactly: from the dense solver's Cholesky factor where one is used
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -109,7 +110,7 @@ class WeightSpaceMixin:
 
     # ----------------------------------------------------------- operators
     def _operator(
-        self, name: str, rows: Callable[[Tensor], Tensor]
+        self, name: str, rows: Callable[[Tensor], Tensor], logdet=None
     ) -> SymmetricOperator:
         model = self.model
 
@@ -125,12 +126,42 @@ class WeightSpaceMixin:
             compute_dtype=self.compute_dtype,
             name=name,
             chunk_size=self.chunk_size,
+            logdet=logdet,
         )
 
+    def _precision_logdet(self) -> Callable[[], tuple] | None:
+        """``posterior_precision.logdet()``: :attr:`log_det_posterior_precision`
+        (the marginal likelihood's value) while the hyperparameters and the fit
+        are those the operator was created with; the operator's own
+        computation from products after they change (None)."""
+        key, H = self._hyper_key(), self.H
+
+        def logdet() -> tuple:
+            if self._hyper_key() != key or self.H is not H:
+                return None
+            with torch.no_grad():
+                value = self.log_det_posterior_precision
+            return value, self.last_logdet
+
+        return logdet
+
     def _curvature_operator(self) -> SymmetricOperator:
-        """``la.H``: the data curvature (what ``FullLaplace.H`` holds)."""
-        obj, target = self._objective(), self.hfl_settings.target
+        """``la.H``: the data curvature (what ``FullLaplace.H`` holds).
+
+        It applies the curvature of the training batches held when it is
+        created (a later ``fit(..., override=False)`` makes a new ``la.H``;
+        this one, or its ``clone()``, keeps the earlier data).
+        """
+        obj, target = self._held_objective(), self.hfl_settings.target
         return self._operator("H", lambda V: curvature_matvec(obj, target, V))
+
+    def _held_objective(self):
+        """The objective over the training batches held now (not those of a
+        later online fit), so that operators and their clones keep their data."""
+        obj, held = self._objective(), self._training_data
+        if held is None:
+            return obj
+        return dataclasses.replace(obj, batches=lambda: iter(held))
 
     @property
     def posterior_precision(self) -> SymmetricOperator:
@@ -147,9 +178,11 @@ class WeightSpaceMixin:
             Before ``fit``.
         """
         self._check_H_init()
-        obj, target = self._objective(), self.hfl_settings.target
+        obj, target = self._held_objective(), self.hfl_settings.target
         return self._operator(
-            "posterior_precision", lambda V: precision_matvec(obj, target, V)
+            "posterior_precision",
+            lambda V: precision_matvec(obj, target, V),
+            self._precision_logdet(),
         )
 
     @property

@@ -3,6 +3,8 @@ correct answer (items 2-16); the model is never changed by a failed call."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import DT, PRIOR, SIGMA, assert_unchanged, loader, snapshot
@@ -579,20 +581,63 @@ def test_ignore_index_refused(classification, subset):
 
 
 # ----------------------------------------------------------------- item 13
-@pytest.mark.parametrize("subset", ["all", "last_layer"])
-def test_override_false_refused_before_any_change(regression_1d, subset):
-    """laplace-torch accumulates curvature with override=False; HFL refits on
-    one data set, so it refuses (like laplace-torch's LowRankLaplace)."""
+def test_online_fit_accumulates_like_one_fit_on_all_data(regression_1d):
+    """fit(..., override=False) adds the new data's curvature, as laplace-torch
+    does: loss, n_data, H and posterior precision of two fits on halves equal
+    one fit on all data (1e-10; the MAP is unchanged in between) and
+    FullLaplace's online fit (1e-6: curvlinops' float64 GGN); a clone of the
+    earlier H keeps the earlier data."""
     model, X, y = regression_1d
-    la = Laplace(model, "regression", subset, "hfl")
-    la.fit(loader(X, y))
-    before = la(X[:3])[1]
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="override=False.*one DataLoader"):
-        la.fit(loader(X[:8], y[:8]), override=False)
-    assert torch.equal(la(X[:3])[1], before)
-    assert la.n_data == len(X)
+    subset = "all"
+    kw = {"sigma_noise": SIGMA, "prior_precision": PRIOR}
+    one = Laplace(model, "regression", subset, "hfl", **kw)
+    one.fit(loader(X, y))
+    la = Laplace(model, "regression", subset, "hfl", **kw)
+    full = Laplace(copy.deepcopy(model), "regression", subset, "full", **kw)
+    halves = [(X[:20], y[:20]), (X[20:], y[20:])]
+    for k, (Xk, yk) in enumerate(halves):
+        la.fit(loader(Xk, yk), override=k == 0)
+        full.fit(loader(Xk, yk), override=k == 0)
+        if k == 0:
+            H_first = la.H.clone()
+    assert la.n_data == one.n_data == full.n_data == len(X)
+    assert abs(la.loss - one.loss) <= 1e-10 * abs(one.loss)
+    for a, b in ((la.H, one.H), (la.posterior_precision, one.posterior_precision)):
+        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(la.H.to_dense(), full.H, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(la(X[:5])[1], one(X[:5])[1], rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(
+        la.log_marginal_likelihood(), full.log_marginal_likelihood(), rtol=1e-6, atol=0
+    )
+    half = Laplace(model, "regression", subset, "hfl", **kw)
+    half.fit(loader(*halves[0]))
+    torch.testing.assert_close(
+        H_first.to_dense(), half.H.to_dense(), rtol=1e-12, atol=0
+    )
     assert_unchanged(model, snap)
+
+
+def test_online_fit_without_cached_data_refused_before_any_change(regression_1d):
+    """override=False keeps every batch seen; without cache_data it refuses,
+    naming the alternative, and the estimator is unchanged."""
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", "all", "hfl")
+    la.fit(loader(X, y), cache_data=False)
+    before = la(X[:3])[1]
+    with pytest.raises(
+        ValueError, match="override=False.*cache_data=True.*one DataLoader"
+    ):
+        la.fit(loader(X[:8], y[:8]), override=False)
+    la2 = Laplace(model, "regression", "all", "hfl")
+    la2.fit(loader(X, y))
+    with pytest.raises(ValueError, match="cache_data=True"):
+        la2.fit(loader(X[:8], y[:8]), override=False, cache_data=False)
+    assert torch.equal(la(X[:3])[1], before)
+    assert la.n_data == la2.n_data == len(X)
+    ll = Laplace(model, "regression", "last_layer", "hfl")  # as laplace-torch
+    with pytest.raises(ValueError, match="Last-layer.*override=False"):
+        ll.fit(loader(X, y), override=False)
 
 
 # ----------------------------------------------------------------- item 14

@@ -364,6 +364,74 @@ def test_sample_unconverged_warns(classification):
         la.posterior_covariance @ la.mean
 
 
+# ------------------------------------------- log-determinant and algebra
+@pytest.mark.parametrize("solver", ["auto", "cg"])
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_operator_logdet_matches_full_laplace(classification, subset, solver):
+    """posterior_precision.logdet() is log_det_posterior_precision (the
+    marginal likelihood's value) and FullLaplace's dense logdet (1e-8: exact
+    paths, the dense GGN and Lanczos' exact mode); after the prior changes,
+    an operator made earlier computes its own (exact, P <= 256)."""
+    la, ref = _pair(classification, "classification", subset, solver=solver)
+    P = la.posterior_precision
+    expect = torch.logdet(ref.posterior_precision)
+    for got in (
+        P.logdet(),
+        torch.logdet(P),
+        P.slogdet()[1],
+        la.log_det_posterior_precision,
+    ):
+        assert abs(float(got - expect)) < 1e-8 * abs(float(expect))
+    assert float(P.slogdet()[0]) == 1.0 and P.last_logdet.exact
+    la.prior_precision = ref.prior_precision = 3.0
+    assert abs(float(P.logdet() - expect)) < 1e-8 * abs(float(expect))
+    expect3 = torch.logdet(ref.posterior_precision)
+    got3 = la.posterior_precision.logdet()
+    assert abs(float(got3 - expect3)) < 1e-8 * abs(float(expect3))
+
+
+def test_operator_logdet_stochastic_above_the_exact_size():
+    """P > EXACT_LOGDET_MAX without an owner's value: SLQ, within 4 standard
+    errors of the dense log det; below it exact (1e-12)."""
+    from laplace_hfl.operators import EXACT_LOGDET_MAX
+
+    for P in (EXACT_LOGDET_MAX, EXACT_LOGDET_MAX + 44):
+        g = torch.Generator().manual_seed(P)
+        Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=DT))
+        A = (Q * torch.linspace(0.5, 20.0, P, dtype=DT)) @ Q.T
+        op = SymmetricOperator(lambda V, A=A: V @ A, P, DT, "cpu", DT, "A")
+        got, info = op.logdet(), op.last_logdet
+        ref = torch.logdet(A)
+        if P <= EXACT_LOGDET_MAX:
+            assert info.exact and abs(float(got - ref)) < 1e-12 * abs(float(ref))
+        else:
+            assert not info.exact and info.stderr > 0
+            assert abs(float(got - ref)) < 4 * info.stderr
+
+
+def test_operator_clone_and_algebra(classification):
+    """clone(), A + B, A - B, c * A, A / c, -A stay matrix-free and equal the
+    dense algebra (1e-12); torch.allclose compares the dense matrices; the
+    owner's log-determinant follows a positive scaling exactly."""
+    la, ref = _pair(classification, "classification", "all")
+    P, H = la.posterior_precision, la.H
+    Pd, Hd = P.to_dense(), H.to_dense()
+    n = la.n_params
+    cases = [
+        (P.clone(), Pd), (P + H, Pd + Hd), (P - H, Pd - Hd), (2.5 * P, 2.5 * Pd),
+        (P * 2.5, 2.5 * Pd), (P / 4, Pd / 4), (-H, -Hd), (sum([H, H]), 2 * Hd),
+    ]  # fmt: skip
+    for op, dense in cases:
+        assert isinstance(op, SymmetricOperator) and op.shape == (n, n)
+        torch.testing.assert_close(op.to_dense(), dense, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(P, P.clone()) and not torch.allclose(P, 2 * P)
+    assert torch.allclose(2 * P, 2 * ref.posterior_precision, rtol=1e-6)
+    expect = torch.logdet(ref.posterior_precision) + n * math.log(2.5)
+    assert abs(float((2.5 * P).logdet() - expect)) < 1e-8 * abs(float(expect))
+    with pytest.raises(ValueError, match="Cannot add"):
+        P + SymmetricOperator(lambda V: V, n + 1, DT, "cpu", DT, "I")
+
+
 # ---------------------------------------------------------- nn predictive
 @pytest.mark.parametrize("subset", SUBSETS)
 @pytest.mark.parametrize("case,likelihood", CASES)
@@ -449,12 +517,13 @@ def test_hostile_inputs(classification):
         lambda: P + 1.0,
         lambda: torch.ones(n, n, dtype=DT) + P,
         lambda: P[0],
-        lambda: -P,
+        lambda: P * torch.ones(n, dtype=DT),
+        lambda: P + torch.ones(n, n, dtype=DT),
     ):
         with pytest.raises(TypeError, match="to_dense"):
             op()
     with pytest.raises(AttributeError, match="to_dense"):
-        P.logdet()  # noqa: B018
+        P.cholesky()  # noqa: B018
     with pytest.raises(AttributeError, match="posterior_covariance"):
         la.posterior_variance  # noqa: B018
     assert not hasattr(la, "posterior_scale")
