@@ -476,6 +476,16 @@ def test_reward_modeling_matches_full_laplace():
     assert f_var.shape == (5, 1, 1)
     torch.testing.assert_close(f_mu, r_mu)
     torch.testing.assert_close(f_var, r_var, rtol=1e-6, atol=0)
+    # nn predictive as laplace-torch's: regression-style on points, the
+    # classification likelihood on pairs with fitting=True
+    n = 4000
+    kw = {"pred_type": "nn", "link_approx": "mc", "n_samples": n}
+    h_mu, h_var = la(Xq, generator=torch.Generator().manual_seed(0), **kw)
+    s_mu, s_var = ref(Xq, **kw)
+    assert h_mu.shape == h_var.shape == s_mu.shape == (5, 1)
+    assert ((h_mu - s_mu).abs() <= 5 * ((h_var + s_var) / n).sqrt()).all()
+    p = la(pairs[:4], fitting=True, generator=torch.Generator().manual_seed(0), **kw)
+    assert p.shape == (4, 2) and torch.allclose(p.sum(-1), p.new_ones(4))
 
 
 def test_reward_modeling_last_layer_refused(regression_1d):
