@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's laplace_hfl
 from laplace import Laplace  # noqa: E402
 
 import laplace_hfl  # noqa: E402, F401  (registers "hfl")
+from laplace_hfl.benchmark.measure import timed  # noqa: E402
 
 DT = torch.float64
 
@@ -62,10 +62,13 @@ def _model(n: int, width: int):
 
 def _tune(structure: str, model, loader, kind: str) -> tuple[float, torch.Tensor, int]:
     la = Laplace(model, "regression", "all", kind, sigma_noise=0.1)
-    t = time.perf_counter()
-    la.fit(loader)
-    la.optimize_prior_precision(method="marglik", prior_structure=structure)
-    return time.perf_counter() - t, la.prior_precision.detach().clone(), la.n_params
+
+    def run() -> None:
+        la.fit(loader)
+        la.optimize_prior_precision(method="marglik", prior_structure=structure)
+
+    seconds = timed(run)[1]
+    return seconds, la.prior_precision.detach().clone(), la.n_params
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's laplace_hfl
 from laplace import Laplace  # noqa: E402
 
 import laplace_hfl  # noqa: E402, F401  (registers "hfl")
+from laplace_hfl.benchmark.measure import timed  # noqa: E402
 
 DT = torch.float64
 
@@ -68,9 +68,7 @@ def _model(n: int, d_in: int = 20, width: int = 40, classes: int = 3):
 
 
 def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    return timed(fn)[1]
 
 
 def _measure(make, loader, Xq, S: int) -> dict:
@@ -103,14 +101,13 @@ class _Maker:
 
 
 def main() -> None:
+    warnings.simplefilter("ignore")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    out = ROOT / "benchmarks/results/sampling_timing.json"
+    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--n-data", type=int, default=1000)
     parser.add_argument("--n-samples", type=int, default=20)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks/results/sampling_timing.json"
-    )
     args = parser.parse_args()
-    warnings.simplefilter("ignore")
     model, X, y = _model(args.n_data)
     loader = DataLoader(TensorDataset(X, y), batch_size=256)
     Xq = X[:5]
