@@ -75,12 +75,18 @@ def _patch(source: str) -> tuple[str, int]:
             inserts.append(
                 (node.end_lineno, f"{names[0]} = {names[0]} + [{', '.join(add)}]")
             )
+    if inserts:  # the import goes after the docstring and __future__ imports
+        first = next(
+            n.lineno - 1
+            for n in tree.body
+            if isinstance(n, ast.Import | ast.ImportFrom)
+            and getattr(n, "module", None) != "__future__"
+        )
+        inserts.append(
+            (first, "from laplace_hfl import HessianFreeLaplace, HessianFreeLLLaplace")
+        )
     for line, text in sorted(inserts, reverse=True):
         lines.insert(line, text)
-    if inserts:
-        lines.insert(
-            0, "from laplace_hfl import HessianFreeLaplace, HessianFreeLLLaplace"
-        )
     return "\n".join(lines) + "\n", len(inserts)
 
 
