@@ -270,7 +270,7 @@ class WeightSpaceMixin:
             cached = getattr(self, "_draw_cache", None)
             if (
                 cached is not None
-                and cached[0] is self.H
+                and cached[0] is self.mean  # the same fit (a fit sets a new mean)
                 and cached[1] == key
                 and torch.equal(cached[2], state_in)
             ):
@@ -278,7 +278,7 @@ class WeightSpaceMixin:
                 return obj.theta_map, obj.theta_map + cached[4]
             deviations = self._fresh_deviations(obj, n, generator)
         self._draw_cache = (
-            self.H,
+            self.mean,
             key,
             state_in,
             _rng_state(generator, self._device),
