@@ -304,7 +304,8 @@ class HFLMixin(
         if accumulate:  # the new data's term is added: refits use all data seen
             shard = self._accumulated(shard)
         # Commit state only after every check passed.
-        self.loss = shard.loss
+        # a 0-dim tensor in the model's dtype, as laplace-torch's summed loss
+        self.loss = torch.tensor(shard.loss, dtype=self._dtype, device=self._device)
         self.n_outputs = shard.n_outputs
         self.n_data = shard.n_data
         # Minibatch refits step over the loader's batches, cached or not.
@@ -351,7 +352,7 @@ class HFLMixin(
         old_index = self._training_index or []
         return dataclasses.replace(
             shard,
-            loss=self.loss + shard.loss,
+            loss=float(self.loss) + shard.loss,
             n_data=offset + shard.n_data,
             cached=list(self._training_data) + list(shard.cached),
             index=list(old_index) + [i + offset for i in shard.index],

@@ -65,11 +65,11 @@ def _patch(source: str) -> tuple[str, int]:
         names = [t.id for t in node.targets if isinstance(t, ast.Name)]
         if not names or "flavors" not in names[0]:
             continue
-        elts = [e.id for e in node.value.elts if isinstance(e, ast.Name)]
-        add = []
-        if any(e.endswith("Laplace") and "LL" not in e for e in elts):
+        elts = {e.id for e in node.value.elts if isinstance(e, ast.Name)}
+        add = []  # only beside laplace-torch's parametric all-weights / LL classes
+        if elts & {"FullLaplace", "KronLaplace", "DiagLaplace"}:
             add.append("HessianFreeLaplace")
-        if any("LLLaplace" in e for e in elts):
+        if elts & {"FullLLLaplace", "KronLLLaplace", "DiagLLLaplace"}:
             add.append("HessianFreeLLLaplace")
         if add:
             inserts.append(
