@@ -285,10 +285,10 @@ class HFLMixin(
                 "(as in laplace-torch): fit once on all data, or use "
                 "subset_of_weights='all' for an online fit."
             )
+        cache_data = as_bool("cache_data", cache_data)
         accumulate = not override and self._fitted
         if accumulate:
             self._check_online_fit(cache_data)
-        cache_data = as_bool("cache_data", cache_data)
         progress_bar = as_bool("progress_bar", progress_bar)
         dataset_size(train_loader)  # before any pass: IterableDataset refused
         if self.minibatch_epochs is not None and is_distributed():
