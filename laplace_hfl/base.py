@@ -159,7 +159,10 @@ class HFLMixin(
 
     # --------------------------------------------------------------------- fit
     def _init_H(self) -> None:
-        self.H = None
+        """Before a fit ``H`` is the zero curvature, as laplace-torch's
+        ``torch.zeros(P, P)`` (None while ``P`` is unknown: a last layer not
+        yet found)."""
+        self.H = self._zero_curvature_operator()
 
     def _check_H_init(self) -> None:
         if not getattr(self, "_fitted", False):

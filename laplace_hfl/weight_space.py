@@ -145,6 +145,20 @@ class WeightSpaceMixin:
 
         return logdet
 
+    def _zero_curvature_operator(self) -> SymmetricOperator | None:
+        """``la.H`` before a fit: the zero matrix (no data seen yet)."""
+        n = getattr(self, "n_params", None)
+        if n is None:
+            return None
+        return SymmetricOperator(
+            torch.zeros_like,
+            size=int(n),
+            dtype=self._dtype,
+            device=self._device,
+            compute_dtype=getattr(self, "compute_dtype", torch.float64),
+            name="H",
+        )
+
     def _curvature_operator(self) -> SymmetricOperator:
         """``la.H``: the data curvature (what ``FullLaplace.H`` holds).
 
