@@ -3,8 +3,9 @@
     python benchmarks/distributed.py                       # ~3-6 min on 2 cores
     python benchmarks/distributed.py --n-data 2048 --out /tmp/d.json
 
-Runs, each in fresh worker processes (forked from this one before it does any
-torch work, one intra-op thread per process unless said otherwise):
+Runs, each in fresh worker processes (started by ``spawn``: new interpreters,
+never forked after autograd ran; one intra-op thread per process unless said
+otherwise):
 
 * 1 process, 1 thread and 2 processes, 1 thread each (``DistributedSampler``
   shards, all-reduce over gloo), interleaved ``--repeats`` times, fastest
@@ -69,6 +70,10 @@ def _train(tmp: str, args) -> None:
         nn.functional.mse_loss(model(X), y).backward()
         opt.step()
     torch.save(model.state_dict(), Path(tmp) / "map.pt")
+
+
+def _train_worker(rank: int, world: int, tmp: str, args) -> None:
+    _train(tmp, args)
 
 
 def _timed(fn):
@@ -142,7 +147,8 @@ def _worker(rank: int, world: int, threads: int, tmp: str, args) -> None:
 
 
 def _launch(target, world: int, *args) -> None:
-    ctx = mp.get_context("fork")  # workers inherit the imports (no torch work yet)
+    # fresh interpreters: forking after autograd ran is unsupported by torch
+    ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=target, args=(r, world, *args)) for r in range(world)]
     for p in procs:
         p.start()
@@ -168,7 +174,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/distributed.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        _launch(lambda rank, world: _train(tmp, args), 1)
+        _launch(_train_worker, 1, tmp, args)
         raw: dict[tuple[int, int], list[dict]] = {}
         # 1 and 2 processes interleaved (the load of a shared machine drifts);
         # the fastest repeat of each counts. Full Laplace on the first only.

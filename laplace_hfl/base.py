@@ -15,10 +15,12 @@ it, one mixin a concern: :mod:`laplace_hfl.prediction` (GLM predictive),
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from laplace.lllaplace import LLLaplace
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -164,7 +166,10 @@ class HFLMixin(
 
     # --------------------------------------------------------------------- fit
     def _init_H(self) -> None:
-        self.H = None
+        """Before a fit ``H`` is the zero curvature, as laplace-torch's
+        ``torch.zeros(P, P)`` (None while ``P`` is unknown: a last layer not
+        yet found)."""
+        self.H = self._zero_curvature_operator()
 
     def _check_H_init(self) -> None:
         if not getattr(self, "_fitted", False):
@@ -188,7 +193,7 @@ class HFLMixin(
         cached: list[tuple[Any, Tensor]] | None = [] if cache else None
         with torch.no_grad(), buffers_kept(self.model):
             for data in train_loader:
-                X, y = split_batch(data, self.dict_key_y)
+                X, y = split_batch(data, self.dict_key_y, self.dict_key_x)
                 X = to_compute(X, device, self._dtype)
                 y = to_compute(y, device, self._dtype)
                 check_finite_batch(X, y, n_seen)
@@ -257,7 +262,12 @@ class HFLMixin(
             It is iterated again at prediction time (all-weights HFL), so it
             must be deterministic (no random augmentation).
         override : bool, default=True
-            Must be True: HFL refits on one training set.
+            False (after a first fit) adds this data's curvature to the earlier
+            fits', as laplace-torch's online fit does: ``loss`` and ``n_data``
+            add up, ``H`` and every refit then run over all batches seen (at
+            the current MAP, the model's parameters now). Needs
+            ``cache_data=True`` on every call and a single-process fit;
+            refused on the last layer, as in laplace-torch.
         progress_bar : bool, default=False
             Show tqdm progress bars during refits.
         cache_data : bool, default=True
@@ -273,19 +283,24 @@ class HFLMixin(
         ------
         ValueError
             Empty loader, target shape mismatch, non-finite loss at the MAP,
-            ``override=False``.
+            ``override=False`` without cached data or in a distributed fit.
         NotImplementedError
             ``minibatch_epochs`` in a distributed fit.
         laplace_hfl.distributed.HFLDistributedError
             Another rank's fit failed, or the ranks hold different MAPs.
         """
-        if not override:
-            raise ValueError(
-                "HFL does not accumulate curvature across calls (override=False); "
-                "pass all training data in one DataLoader."
-            )
         refit_batch_size = as_int("refit_batch_size", refit_batch_size, 1)
+        override = as_bool("override", override)
+        if not override and isinstance(self, LLLaplace):
+            raise ValueError(
+                "Last-layer Laplace approximations do not support `override=False` "
+                "(as in laplace-torch): fit once on all data, or use "
+                "subset_of_weights='all' for an online fit."
+            )
         cache_data = as_bool("cache_data", cache_data)
+        accumulate = not override and self._fitted
+        if accumulate:
+            self._check_online_fit(cache_data)
         progress_bar = as_bool("progress_bar", progress_bar)
         dataset_size(train_loader)  # before any pass: IterableDataset refused
         check_one_dtype(self.model)
@@ -299,8 +314,11 @@ class HFLMixin(
         self.cache_data = cache_data
         # This rank's shard; totals agreed across ranks (see distributed.py).
         shard = fit_shard(self._fit_pass, train_loader, refit_batch_size)
+        if accumulate:  # the new data's term is added: refits use all data seen
+            shard = self._accumulated(shard)
         # Commit state only after every check passed.
-        self.loss = shard.loss
+        # a 0-dim tensor in the model's dtype, as laplace-torch's summed loss
+        self.loss = torch.tensor(shard.loss, dtype=self._dtype, device=self._device)
         self.n_outputs = shard.n_outputs
         self.n_data = shard.n_data
         # Minibatch refits step over the loader's batches, cached or not.
@@ -321,6 +339,37 @@ class HFLMixin(
         if self.amortize is not None:
             with eval_mode(self.model):
                 self._amortized_state(self._objective())
+
+    def _check_online_fit(self, cache_data: bool) -> None:
+        """``fit(..., override=False)`` keeps every batch seen: refused, before
+        any change, where the batches are not kept in memory."""
+        if is_distributed() or self._training_data is None or not cache_data:
+            raise ValueError(
+                "fit(..., override=False) adds the new data's curvature by keeping "
+                "every training batch seen in memory; this needs cache_data=True "
+                "on every call (and the earlier fits' data cached) and a "
+                "single-process fit. Otherwise pass all data in one DataLoader "
+                "with override=True."
+            )
+
+    def _accumulated(self, shard: Any) -> Any:
+        """The new shard with the earlier fits' batches, loss and ``N`` added
+        (laplace-torch's online fit: ``H``, ``loss`` and ``n_data`` add up);
+        the MAP is the current one, as in laplace-torch."""
+        if shard.n_outputs != self.n_outputs:
+            raise ValueError(
+                f"fit(..., override=False): the model now has {shard.n_outputs} "
+                f"outputs, the earlier fits {self.n_outputs}."
+            )
+        offset = int(self.n_data)
+        old_index = self._training_index or []
+        return dataclasses.replace(
+            shard,
+            loss=float(self.loss) + shard.loss,
+            n_data=offset + shard.n_data,
+            cached=list(self._training_data) + list(shard.cached),
+            index=list(old_index) + [i + offset for i in shard.index],
+        )
 
     # ---------------------------------------------------------------- refits
     def _objective(self) -> LaplaceObjective:

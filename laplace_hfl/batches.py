@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from laplace_hfl.errors import MissingDictKeyError
+
 __all__ = [
     "eval_mode",
     "buffers_kept",
@@ -103,21 +105,36 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
         )
 
 
-def split_batch(data: Any, dict_key_y: str) -> tuple[Any, Tensor]:
+def split_batch(
+    data: Any, dict_key_y: str, dict_key_x: str | None = None
+) -> tuple[Any, Tensor]:
     """``(X, y)`` from a tensor pair or a Hugging Face-style dict batch.
+
+    Parameters
+    ----------
+    data : tuple or Mapping
+    dict_key_y : str
+        Key of the targets in a dict batch.
+    dict_key_x : str, optional
+        Key of the inputs a dict batch must also hold (not checked when None).
 
     Raises
     ------
+    MissingDictKeyError
+        A mapping without ``dict_key_y`` (or ``dict_key_x``); both a
+        ``KeyError``, as in laplace-torch, and a ``ValueError``.
     ValueError
-        A mapping without ``dict_key_y``, or a sequence that is not a pair.
+        A sequence that is not a pair.
     """
     if isinstance(data, Mapping):
-        if dict_key_y not in data:
-            raise ValueError(
-                f"Dict batches need the targets under dict_key_y={dict_key_y!r}; "
-                f"this batch has keys {sorted(map(str, data))}. Pass "
-                "dict_key_y=... to the constructor."
-            )
+        for what, key in (("targets", dict_key_y), ("inputs", dict_key_x)):
+            if key is not None and key not in data:
+                name = "dict_key_y" if what == "targets" else "dict_key_x"
+                raise MissingDictKeyError(
+                    f"Dict batches need the {what} under {name}={key!r}; "
+                    f"this batch has keys {sorted(map(str, data))}. Pass "
+                    f"{name}=... to the constructor."
+                )
         return data, data[dict_key_y]
     if not isinstance(data, list | tuple) or len(data) != 2:
         n = len(data) if isinstance(data, list | tuple) else type(data).__name__
@@ -153,7 +170,20 @@ def check_output(out: Any) -> Tensor:
 
 
 def batch_size(X: Any, dict_key_x: str) -> int:
+    """Rows of a query batch (``X[dict_key_x]`` for a dict batch).
+
+    Raises
+    ------
+    MissingDictKeyError
+        A dict batch without ``dict_key_x``.
+    """
     if isinstance(X, Mapping):
+        if dict_key_x not in X:
+            raise MissingDictKeyError(
+                f"Dict inputs need the inputs under dict_key_x={dict_key_x!r}; "
+                f"this batch has keys {sorted(map(str, X))}. Pass "
+                "dict_key_x=... to the constructor."
+            )
         return int(X[dict_key_x].shape[0])
     return int(X.shape[0])
 

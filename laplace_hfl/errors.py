@@ -14,6 +14,7 @@ from pathlib import Path
 __all__ = [
     "warn_user",
     "HFLNotFittedError",
+    "MissingDictKeyError",
     "IndefiniteHessianError",
     "RefitConvergenceWarning",
     "PSDClippingWarning",
@@ -37,6 +38,18 @@ class IndefiniteHessianError(RuntimeError):
     ``target="ggn"`` (positive definite by construction) or train the MAP to a
     minimum of the Laplace objective.
     """
+
+
+class MissingDictKeyError(KeyError, ValueError):
+    """A dict batch lacks ``dict_key_x`` or ``dict_key_y``.
+
+    laplace-torch raises ``KeyError`` there; HFL's message also says which
+    keys the batch has and which constructor argument to set. Deriving from
+    both ``KeyError`` and ``ValueError`` keeps code written for either working.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the sentence
+        return str(self.args[0]) if self.args else ""
 
 
 class RefitConvergenceWarning(UserWarning):

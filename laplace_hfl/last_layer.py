@@ -313,7 +313,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
 
     def _locate_last_layer(self, data: Any) -> None:
         """Find the last layer with one batch and size the estimator from it."""
-        X, y = split_batch(data, self.dict_key_y)
+        X, y = split_batch(data, self.dict_key_y, self.dict_key_x)
         if not isinstance(data, Mapping):
             data = (to_compute(X, self._device, self._dtype), y)
         self.data = data

@@ -4,8 +4,12 @@
 ``(P, P)`` tensor (``posterior_precision``, ``posterior_covariance``, ``H``):
 it supports ``A @ v`` for vectors ``(P,)`` and matrices ``(P, k)`` (and
 ``v @ A``, ``A`` being symmetric; ``torch.matmul``/``mm``/``mv``), ``.shape``, ``.dtype``, ``.device`` and
-``.T``, and builds the dense matrix only when ``to_dense()`` is called. Every
-other tensor operation fails with a message that names what works.
+``.T``, and builds the dense matrix only when ``to_dense()`` is called. Like
+laplace-torch's dense matrices it also has ``logdet()``/``slogdet()``
+(:meth:`SymmetricOperator.logdet`), ``clone()``, ``A + B`` / ``A - B`` of two
+operators, ``c * A``, ``A / c`` and ``-A`` (new operators, still matrix-free),
+and ``torch.allclose`` (which forms the dense matrices). Every other tensor
+operation fails with a message that names what works.
 
 The operator knows nothing about networks: it wraps a function applying ``A``
 to the rows of an ``(m, P)`` tensor in its compute dtype.
@@ -13,15 +17,31 @@ to the rows of an ``(m, P)`` tensor in its compute dtype.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["SymmetricOperator"]
+from laplace_hfl.logdet import LogDetEstimate
+from laplace_hfl.slq import lanczos_quadrature, make_probes, quadrature_estimate
+
+__all__ = ["SymmetricOperator", "EXACT_LOGDET_MAX", "SLQ_PROBES", "SLQ_STEPS"]
 
 RowMatvec = Callable[[Tensor], Tensor]
+LogDet = Callable[[], "tuple[Tensor, LogDetEstimate] | None"]
+
+#: Largest ``P`` whose ``logdet()`` forms the dense matrix (``P`` products,
+#: one ``slogdet``) when the operator has no exact log-determinant of its own;
+#: the exact-mode size of the marginal likelihood's estimator
+#: (:class:`laplace_hfl.logdet.MarglikSettings`, ``exact_max``).
+EXACT_LOGDET_MAX = 256
+#: Rademacher probes and Lanczos steps of the stochastic ``logdet()`` above it.
+SLQ_PROBES = 64
+SLQ_STEPS = 64
 
 
 class SymmetricOperator:
@@ -45,6 +65,11 @@ class SymmetricOperator:
     chunk_size : int, default=64
         Columns applied together (memory ``~chunk_size`` parameter vectors
         plus one batch of activations each).
+    logdet : callable, optional
+        ``logdet() -> (value, LogDetEstimate)``: the log-determinant the owner
+        knows better (the estimator's ``log_det_posterior_precision``), or
+        None when it no longer applies; :meth:`logdet` then computes one from
+        products.
     """
 
     def __init__(
@@ -56,8 +81,12 @@ class SymmetricOperator:
         compute_dtype: torch.dtype,
         name: str,
         chunk_size: int = 64,
+        logdet: LogDet | None = None,
     ) -> None:
         self._matvec = matvec
+        self._logdet = logdet
+        #: Diagnostics of the last :meth:`logdet` (standard error, exactness).
+        self.last_logdet: LogDetEstimate | None = None
         self._size = int(size)
         self._dtype = dtype
         self._device = torch.device(device)
@@ -186,13 +215,147 @@ class SymmetricOperator:
         dense = self._apply_rows(eye)
         return (0.5 * (dense + dense.T)).to(self._dtype)
 
+    # -------------------------------------------------------- log-determinant
+    def logdet(self) -> Tensor:
+        """``log det A``, as ``torch.logdet`` of the dense matrix would give.
+
+        Exact where the owner has an exact value (the estimator's dense
+        factor, see ``log_det_posterior_precision``) or ``P <=``
+        :data:`EXACT_LOGDET_MAX` (dense matrix from ``P`` products); otherwise
+        stochastic Lanczos quadrature (:data:`SLQ_PROBES` Rademacher probes,
+        :data:`SLQ_STEPS` steps, fixed seed), for a positive definite ``A``.
+        The standard error (0 when exact) is in :attr:`last_logdet`.
+
+        Returns
+        -------
+        Tensor
+            0-dim, in :attr:`dtype`; ``nan`` for a negative determinant and
+            ``-inf`` for a singular ``A`` (exact mode, as ``torch.logdet``).
+        """
+        sign, value = self.slogdet()
+        return torch.where(sign < 0, value.new_tensor(math.nan), value)
+
+    def slogdet(self) -> tuple[Tensor, Tensor]:
+        """``(sign, log|det A|)`` as ``torch.linalg.slogdet`` gives them.
+
+        Same paths as :meth:`logdet`; the stochastic path assumes a positive
+        definite ``A`` (sign 1).
+        """
+        known = self._logdet() if self._logdet is not None else None
+        if known is not None:
+            value, self.last_logdet = known
+            value = value.to(self._dtype)
+            return value.new_ones(()), value
+        P = self._size
+        if P <= EXACT_LOGDET_MAX:
+            sign, value = torch.linalg.slogdet(self.to_dense().to(self._compute_dtype))
+            self.last_logdet = LogDetEstimate(float(value), 0.0, P, 0, True)
+            return sign.to(self._dtype), value.to(self._dtype)
+        probes = make_probes(P, SLQ_PROBES, 0, self._compute_dtype, self._device)
+        quad = lanczos_quadrature(self._apply_rows, probes, SLQ_STEPS)
+        if not bool((quad.nodes > 0).all()):
+            raise ValueError(
+                f"{self._name}.logdet(): the matrix-free estimate needs a positive "
+                f"definite matrix, and Lanczos found the Ritz value "
+                f"{float(quad.nodes.min()):.3e}. Use .to_dense() and "
+                "torch.linalg.slogdet (P^2 memory)."
+            )
+        value, stderr = quadrature_estimate(quad, quad.nodes.log())
+        self.last_logdet = LogDetEstimate(
+            float(value), stderr, SLQ_PROBES, int(quad.steps.max()), quad.exact
+        )
+        return value.new_ones((), dtype=self._dtype), value.to(self._dtype)
+
+    # --------------------------------------------------- algebra of operators
+    def _derived(
+        self, matvec: RowMatvec, name: str, logdet: LogDet | None = None
+    ) -> SymmetricOperator:
+        return SymmetricOperator(
+            matvec, self._size, self._dtype, self._device, self._compute_dtype,
+            name, self._chunk, logdet,
+        )  # fmt: skip
+
+    def clone(self) -> SymmetricOperator:
+        """A copy: the same products (the operator holds no mutable state:
+        the curvature it applies is fixed when it is created)."""
+        return self._derived(self._matvec, self._name, self._logdet)
+
+    def _scaled(self, c: Any, what: str) -> SymmetricOperator:
+        if isinstance(c, bool) or not isinstance(c, numbers.Real):
+            raise self._unsupported(f"{what} by {type(c).__name__}")
+        c = float(c)
+        if not math.isfinite(c):
+            raise ValueError(f"{self._name} can only be scaled by a finite number.")
+        inner, logdet = self._logdet, None
+        if inner is not None and c > 0:
+
+            def logdet() -> tuple[Tensor, LogDetEstimate] | None:
+                known = inner()
+                if known is None:
+                    return None
+                value, info = known
+                shift = self._size * math.log(c)
+                return value + shift, replace(info, value=info.value + shift)
+
+        return self._derived(
+            lambda V: c * self._matvec(V), f"{c:g} * {self._name}", logdet
+        )
+
+    def _combined(self, other: Any, sign: float) -> SymmetricOperator:
+        if not isinstance(other, SymmetricOperator):
+            raise self._unsupported(
+                f"{'+' if sign > 0 else '-'} with a {type(other).__name__} "
+                "(only another matrix-free operator of the same shape adds)"
+            )
+        if other.shape != self.shape:
+            raise ValueError(
+                f"Cannot add {self._name} {tuple(self.shape)} and "
+                f"{other._name} {tuple(other.shape)}."
+            )
+        a, b = self._matvec, other._matvec
+        dtype = self._compute_dtype
+
+        def matvec(V: Tensor) -> Tensor:
+            return a(V) + sign * b(V.to(other._compute_dtype)).to(dtype)
+
+        op = "+" if sign > 0 else "-"
+        return self._derived(matvec, f"({self._name} {op} {other._name})")
+
+    def __mul__(self, other: Any) -> SymmetricOperator:
+        return self._scaled(other, "Multiplication")
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Any) -> SymmetricOperator:
+        if isinstance(other, numbers.Real) and not isinstance(other, bool):
+            if other == 0:
+                raise ZeroDivisionError(f"{self._name} / 0")
+            return self._scaled(1.0 / float(other), "Division")
+        raise self._unsupported(f"Division by {type(other).__name__}")
+
+    def __neg__(self) -> SymmetricOperator:
+        return self._scaled(-1.0, "Negation")
+
+    def __add__(self, other: Any) -> SymmetricOperator:
+        return self._combined(other, 1.0)
+
+    def __sub__(self, other: Any) -> SymmetricOperator:
+        return self._combined(other, -1.0)
+
+    def __radd__(self, other: Any) -> SymmetricOperator:
+        if isinstance(other, int) and other == 0:  # sum([...]) starts at 0
+            return self
+        return self._combined(other, 1.0)
+
     # ------------------------------------------------- everything else fails
     def _unsupported(self, what: str) -> TypeError:
         return TypeError(
             f"{what} is not supported by the matrix-free {self._name} "
             f"({self._size} x {self._size}, never formed). It supports A @ v, "
-            "v @ A, .shape, .dtype, .device and .T; call .to_dense() for the "
-            "dense tensor (P^2 memory, P products)."
+            "v @ A, .shape, .dtype, .device, .T, .logdet(), .slogdet(), "
+            ".clone(), A + B and A - B of two operators, c * A, A / c, -A and "
+            "torch.allclose; call .to_dense() for the dense tensor (P^2 memory, "
+            "P products)."
         )
 
     @classmethod
@@ -218,6 +381,15 @@ class SymmetricOperator:
             if isinstance(a, SymmetricOperator):
                 return a.__rmatmul__(b)
             return b.matmul(a)
+        if func in (torch.allclose, torch.Tensor.allclose):
+            dense = [
+                a.to_dense() if isinstance(a, SymmetricOperator) else a for a in args
+            ]
+            return torch.allclose(*dense, **(kwargs or {}))
+        if func in (torch.logdet, torch.Tensor.logdet) and len(args) == 1:
+            return args[0].logdet()
+        if func in (torch.linalg.slogdet, torch.slogdet, torch.Tensor.slogdet):
+            return args[0].slogdet()
         op = next(a for a in args if isinstance(a, SymmetricOperator))
         name = getattr(func, "__name__", repr(func))
         raise op._unsupported(f"torch.{name}")
@@ -236,10 +408,6 @@ class SymmetricOperator:
         raise self._unsupported("Conversion to a NumPy array")
 
     def _binary(self, other: Any) -> Any:
-        raise self._unsupported("Elementwise arithmetic (+, -, *, /)")
+        raise self._unsupported(f"Elementwise arithmetic with a {type(other).__name__}")
 
-    __add__ = __radd__ = __sub__ = __rsub__ = _binary
-    __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _binary
-
-    def __neg__(self) -> Any:
-        raise self._unsupported("Negation")
+    __rsub__ = __rtruediv__ = _binary

@@ -257,7 +257,10 @@ class PredictionMixin:
                     f"type (got link_approx={link_approx!r}); pass link_approx='mc'."
                 )
             self._check_generator(generator)
-            if self.likelihood == "regression":
+            likelihood = self.likelihood
+            if likelihood == "reward_modeling":  # as laplace-torch: pairs at fit
+                likelihood = "classification" if fitting else "regression"
+            if likelihood == "regression":
                 fs = self._nn_functional_samples(
                     x, n_samples, generator, **model_kwargs
                 )

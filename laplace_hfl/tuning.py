@@ -21,13 +21,16 @@ from torch import Tensor
 from torch.linalg import LinAlgError
 
 from laplace_hfl.batches import eval_mode
+from laplace_hfl.dense import data_ggn
 from laplace_hfl.functional import LaplaceObjective
 from laplace_hfl.gridsearch import check_loss, run_gridsearch
 from laplace_hfl.logdet import (
     LogDetEstimate,
     MarglikSettings,
     curvature_quadrature,
+    dense_logdet,
     diag_inverse,
+    eigen_logdet,
     isotropic_logdet,
     isotropic_trace_inverse,
     posterior_logdet,
@@ -90,6 +93,42 @@ class TuningMixin:
             return rules
         return cached[2]
 
+    # ------------------------------------------------- exact, dense curvature
+    def _dense_marglik(self, obj: LaplaceObjective) -> bool:
+        """Whether the log-determinant comes from the dense data GGN: where the
+        dense solver is used (``target="ggn"``), unless ``exact_max=0`` asks
+        for the stochastic estimator."""
+        return (
+            self.hfl_settings.target == "ggn"
+            and self.marglik_settings.exact_max > 0
+            and self._uses_dense(obj.theta_map.numel())
+        )
+
+    def _dense_ggn(self, obj: LaplaceObjective) -> Tensor:
+        """The data GGN of the dense solver (formed once per fit, shared)."""
+        if self._dense_curv is None:
+            with eval_mode(self.model):
+                self._dense_curv = data_ggn(obj)
+        return self._dense_curv
+
+    def _dense_log_det(self, obj: LaplaceObjective, h: Tensor) -> Tensor:
+        """Exact ``log det P``: eigenvalues of ``G`` (once per fit) for a
+        scalar prior, one Cholesky factor per value otherwise; differentiable."""
+        G = self._dense_ggn(obj)
+        P = G.shape[0]
+        if self.prior_precision.numel() == 1:
+            cached = self.__dict__.get("_marglik_eigs")
+            if cached is None or cached[0] is not G:
+                cached = (G, torch.linalg.eigvalsh(G))
+                self._marglik_eigs = cached
+            lam = self.prior_precision.reshape(()).to(G.dtype)
+            value = eigen_logdet(cached[1], h.to(G.dtype), lam)
+        else:
+            p0 = self.prior_precision_diag.to(G.dtype)
+            value, _ = dense_logdet(G, h.to(G.dtype), p0)
+        self.last_logdet = LogDetEstimate(float(value.detach()), 0.0, P, 0, True)
+        return value
+
     def _check_hyper(self) -> None:
         self._check_H_init()
         _check_positive("prior_precision", self.prior_precision)
@@ -119,6 +158,8 @@ class TuningMixin:
         dtype, settings = self.compute_dtype, self.marglik_settings
         h = self._H_factor.to(dtype)
         obj = self._marglik_objective()
+        if self._dense_marglik(obj):
+            return self._dense_log_det(obj, h).to(self._dtype)
         if self.prior_precision.numel() == 1:
             rules = self._curvature_rules(obj)
             lam = self.prior_precision.reshape(()).to(dtype)
@@ -345,6 +386,14 @@ class TuningMixin:
 
             def group_trace(p: Tensor) -> Tensor:
                 return isotropic_trace_inverse(rules, torch.tensor(h), p[0]).reshape(1)
+
+        elif self._dense_marglik(obj):
+            G = self._dense_ggn(obj)
+
+            def group_trace(p: Tensor) -> Tensor:
+                _, L = dense_logdet(G, torch.tensor(h, dtype=G.dtype), p[group])
+                d = torch.cholesky_inverse(L).diagonal()
+                return torch.zeros_like(p).index_add_(0, group, d.to(p))
 
         else:
 

@@ -4,13 +4,15 @@
 laplace-torch's ``FullLaplace``, but never formed: ``posterior_precision``,
 ``posterior_covariance`` and ``H`` are matrix-free
 :class:`~laplace_hfl.operators.SymmetricOperator` objects, and ``sample``
-draws exactly (sample-then-optimise for the GGN, Lanczos ``P^{-1/2} z`` for
-the exact Hessian). The math lives in
+draws exactly: from the dense solver's Cholesky factor where one is used
+(small ``P``, the GGN), else sample-then-optimise for the GGN and Lanczos
+``P^{-1/2} z`` for the exact Hessian. The math lives in
 :mod:`laplace_hfl.weight_posterior`; this mixin only wires it to the estimator.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -49,6 +51,40 @@ def _indefinite(what: str, err: NegativeCurvature) -> IndefiniteHessianError:
     )
 
 
+def dense_draws(L: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """``n`` draws of ``N(0, A^{-1})`` from the lower Cholesky factor ``L`` of
+    ``A = L L^T``: rows ``z^T L^{-1}`` (``z ~ N(0, I)``), whose covariance is
+    ``L^{-T} L^{-1} = A^{-1}`` exactly; one triangular solve, ``n P^2``.
+
+    Returns
+    -------
+    Tensor
+        ``(n, P)`` in ``L``'s dtype and device.
+    """
+    Z = torch.randn(n, L.shape[0], dtype=L.dtype, device=L.device, generator=generator)
+    return torch.linalg.solve_triangular(L, Z, upper=False, left=False)
+
+
+def _rng_state(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """The state of ``generator``, or of the default generator of ``device``."""
+    if generator is not None:
+        return generator.get_state()
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _set_rng_state(
+    generator: torch.Generator | None, device: torch.device, state: Tensor
+) -> None:
+    if generator is not None:
+        generator.set_state(state)
+    elif device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def check_n_samples(n_samples: object) -> int:
     """``n_samples`` as a positive ``int``.
 
@@ -75,7 +111,7 @@ class WeightSpaceMixin:
 
     # ----------------------------------------------------------- operators
     def _operator(
-        self, name: str, rows: Callable[[Tensor], Tensor]
+        self, name: str, rows: Callable[[Tensor], Tensor], logdet=None
     ) -> SymmetricOperator:
         model = self.model
 
@@ -91,12 +127,56 @@ class WeightSpaceMixin:
             compute_dtype=self.compute_dtype,
             name=name,
             chunk_size=self.chunk_size,
+            logdet=logdet,
+        )
+
+    def _precision_logdet(self) -> Callable[[], tuple] | None:
+        """``posterior_precision.logdet()``: :attr:`log_det_posterior_precision`
+        (the marginal likelihood's value) while the hyperparameters and the fit
+        are those the operator was created with; the operator's own
+        computation from products after they change (None)."""
+        key, H = self._hyper_key(), self.H
+
+        def logdet() -> tuple:
+            if self._hyper_key() != key or self.H is not H:
+                return None
+            with torch.no_grad():
+                value = self.log_det_posterior_precision
+            return value, self.last_logdet
+
+        return logdet
+
+    def _zero_curvature_operator(self) -> SymmetricOperator | None:
+        """``la.H`` before a fit: the zero matrix (no data seen yet)."""
+        n = getattr(self, "n_params", None)
+        if n is None:
+            return None
+        return SymmetricOperator(
+            torch.zeros_like,
+            size=int(n),
+            dtype=self._dtype,
+            device=self._device,
+            compute_dtype=getattr(self, "compute_dtype", torch.float64),
+            name="H",
         )
 
     def _curvature_operator(self) -> SymmetricOperator:
-        """``la.H``: the data curvature (what ``FullLaplace.H`` holds)."""
-        obj, target = self._objective(), self.hfl_settings.target
+        """``la.H``: the data curvature (what ``FullLaplace.H`` holds).
+
+        It applies the curvature of the training batches held when it is
+        created (a later ``fit(..., override=False)`` makes a new ``la.H``;
+        this one, or its ``clone()``, keeps the earlier data).
+        """
+        obj, target = self._held_objective(), self.hfl_settings.target
         return self._operator("H", lambda V: curvature_matvec(obj, target, V))
+
+    def _held_objective(self):
+        """The objective over the training batches held now (not those of a
+        later online fit), so that operators and their clones keep their data."""
+        obj, held = self._objective(), self._training_data
+        if held is None:
+            return obj
+        return dataclasses.replace(obj, batches=lambda: iter(held))
 
     @property
     def posterior_precision(self) -> SymmetricOperator:
@@ -113,9 +193,11 @@ class WeightSpaceMixin:
             Before ``fit``.
         """
         self._check_H_init()
-        obj, target = self._objective(), self.hfl_settings.target
+        obj, target = self._held_objective(), self.hfl_settings.target
         return self._operator(
-            "posterior_precision", lambda V: precision_matvec(obj, target, V)
+            "posterior_precision",
+            lambda V: precision_matvec(obj, target, V),
+            self._precision_logdet(),
         )
 
     @property
@@ -180,7 +262,14 @@ class WeightSpaceMixin:
     def _weight_draws(
         self, n_samples: int, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        """MAP and ``(S, P)`` posterior weight draws, in the compute dtype."""
+        """MAP and ``(S, P)`` posterior weight draws, in the compute dtype.
+
+        Draws are a deterministic function of the fit, the hyperparameters,
+        ``n_samples``, ``chunk_size`` and the generator's state: a call that
+        finds the same ones returns the stored draws and leaves the generator
+        where drawing them left it (:func:`draw_cache_key`), so repeated
+        ``pred_type="nn"`` calls with a seeded generator solve nothing.
+        """
         self._check_H_init()
         n = check_n_samples(n_samples)
         check_fits_in_memory(
@@ -188,29 +277,78 @@ class WeightSpaceMixin:
             f"{n} weight samples of {self.n_params} parameters",
         )  # fmt: skip
         self._check_generator(generator)
-        target = self.hfl_settings.target
         with eval_mode(self.model):
             obj = self._objective()
-            try:
-                draws = weight_samples(
-                    obj,
-                    n,
-                    target=target,
-                    generator=generator,
-                    rtol=self.hfl_settings.rtol,
-                    max_iter=self.hfl_settings.max_iter,
-                    chunk_size=self.chunk_size,
-                    precond=self._precond(obj) if target == "ggn" else None,
-                )
-            except NegativeCurvature as err:
-                raise _indefinite("sample()", err) from err
-        return obj.theta_map, obj.theta_map + draws.deviations
+            key = (
+                self._hyper_key(),
+                n,
+                self.chunk_size,
+                self._uses_dense(obj.theta_map.numel()),
+            )
+            state_in = _rng_state(generator, self._device)
+            cached = getattr(self, "_draw_cache", None)
+            if (
+                cached is not None
+                and cached[0] is self.mean  # the same fit (a fit sets a new mean)
+                and cached[1] == key
+                and torch.equal(cached[2], state_in)
+            ):
+                _set_rng_state(generator, self._device, cached[3])
+                return obj.theta_map, obj.theta_map + cached[4]
+            deviations = self._fresh_deviations(obj, n, generator)
+        self._draw_cache = (
+            self.mean,
+            key,
+            state_in,
+            _rng_state(generator, self._device),
+            deviations,
+        )
+        return obj.theta_map, obj.theta_map + deviations
+
+    def _fresh_deviations(
+        self, obj, n: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """``(n, P)`` draws of ``N(0, P^{-1})``: from the dense solver's
+        Cholesky factor where it is used (``target="ggn"``: its matrix is the
+        posterior precision at the MAP), else matrix-free."""
+        target = self.hfl_settings.target
+        if target == "ggn" and self._uses_dense(obj.theta_map.numel()):
+            return dense_draws(self._draw_factor(obj), n, generator)
+        try:
+            draws = weight_samples(
+                obj,
+                n,
+                target=target,
+                generator=generator,
+                rtol=self.hfl_settings.rtol,
+                max_iter=self.hfl_settings.max_iter,
+                chunk_size=self.chunk_size,
+                precond=self._precond(obj) if target == "ggn" else None,
+            )
+        except NegativeCurvature as err:
+            raise _indefinite("sample()", err) from err
+        return draws.deviations
+
+    def _draw_factor(self, obj) -> Tensor:
+        """Lower Cholesky factor of the dense solver's ``A`` (formed once per
+        dense factor, i.e. per fit and hyperparameters)."""
+        factor = self._dense(obj)
+        cached = getattr(self, "_draw_chol", None)
+        if cached is None or cached[0] is not factor:
+            cached = (factor, torch.linalg.cholesky(factor.A))
+            self._draw_chol = cached
+        return cached[1]
 
     def sample(
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Exact draws of ``N(theta_MAP, P^{-1})`` without forming ``P``.
+        """Exact draws of ``N(theta_MAP, P^{-1})``.
 
+        Where the dense solver is used (``solver="dense"``, or ``"auto"`` for
+        small ``P``) and ``target="ggn"``, from the Cholesky factor of its
+        matrix, which is ``P`` itself: one triangular solve per call after the
+        factor is formed (once per fit and hyperparameters), as in
+        laplace-torch's ``FullLaplace``. Otherwise without forming ``P``:
         ``target="ggn"``: sample-then-optimise; each draw solves
         ``P delta = b`` with a random right-hand side of covariance ``P``
         (batched, preconditioned CG to ``rtol``), so ``theta_MAP + delta`` has
@@ -218,6 +356,10 @@ class WeightSpaceMixin:
         ``target="hessian"`` (no square-root factorisation of ``P``):
         ``delta = P^{-1/2} z`` by batched Lanczos. Costs solver iterations x
         passes over the training data, for ``chunk_size`` draws at a time.
+        A call with the same fit, hyperparameters, ``n_samples``,
+        ``chunk_size`` and generator state as the previous one returns the
+        same draws without solving again (and leaves the generator where
+        drawing them did).
 
         Parameters
         ----------

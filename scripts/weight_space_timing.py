@@ -4,6 +4,8 @@ Rerunnable; writes ``benchmarks/results/weight_space_timing.json``::
 
     python scripts/weight_space_timing.py            # P ~ 0.5k, 2k, 5k (~2 min)
     python scripts/weight_space_timing.py --widths 16 64
+    python scripts/weight_space_timing.py --widths 66 --solvers auto dense \
+        --out benchmarks/results/weight_space_timing_p5215.json
 
 Regression MLPs ``d -> h -> h -> 1`` (tanh, float64) briefly trained with Adam
 on ``N`` synthetic points. Per model, wall-clock seconds of
@@ -15,8 +17,12 @@ on ``N`` synthetic points. Per model, wall-clock seconds of
   (sample-then-optimise: batched preconditioned CG, one data pass per
   iteration, ``chunk_size = S`` draws together);
 
-and ``ratio_sample = hfl_sample / (full_fit + full_sample)``, measured in the
-same run. No timing is asserted anywhere; numbers depend on the machine.
+``hfl_nn`` is HFL's nn call with a seeded generator, ``hfl_nn_second`` the
+same call again with a generator seeded alike (it reuses the first call's
+draws); ``ratio_sample = hfl_sample / (full_fit + full_sample)`` and
+``ratio_hfl_nn_second = hfl_nn_second / full_nn`` (FullLaplace's nn call, global
+generator), measured in the same run. ``--solvers auto dense`` repeats the HFL calls per solver (keys
+``hfl_dense_*`` for ``solver="dense"``). No timing is asserted anywhere; numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ def _timed(fn):
     return out, time.perf_counter() - t
 
 
-def run(width: int, d_in: int, n: int, S: int) -> dict:
+def run(width: int, d_in: int, n: int, S: int, solvers: list[str]) -> dict:
     model, X, y = _model(width, d_in, n)
     loader = DataLoader(TensorDataset(X, y), batch_size=256)
     Xq = X[:32]
@@ -86,15 +92,25 @@ def run(width: int, d_in: int, n: int, S: int) -> dict:
     _, row["full_nn"] = _timed(
         lambda: full(Xq, pred_type="nn", link_approx="mc", n_samples=S)
     )
-    hfl = Laplace(model, "regression", "all", "hfl", chunk_size=S, **kw)
-    _, row["hfl_fit"] = _timed(lambda: hfl.fit(loader))
-    gen = torch.Generator().manual_seed(0)
-    _, row["hfl_sample"] = _timed(lambda: hfl.sample(S, generator=gen))
-    _, row["hfl_nn"] = _timed(
-        lambda: hfl(Xq, pred_type="nn", link_approx="mc", n_samples=S)
-    )
+    for solver in solvers:
+        pre = "hfl" if solver == "auto" else f"hfl_{solver}"
+        hfl = Laplace(
+            model, "regression", "all", "hfl", chunk_size=S, solver=solver, **kw
+        )
+        _, row[f"{pre}_fit"] = _timed(lambda: hfl.fit(loader))
+        gen = torch.Generator().manual_seed(0)
+        _, row[f"{pre}_sample"] = _timed(lambda: hfl.sample(S, generator=gen))
+        for key in (f"{pre}_nn", f"{pre}_nn_second"):  # same seed twice
+            gen = torch.Generator().manual_seed(1)
+            _, row[key] = _timed(
+                lambda g=gen: hfl(
+                    Xq, pred_type="nn", link_approx="mc", n_samples=S, generator=g
+                )
+            )
+        row[f"ratio_{pre}_nn_second"] = row[f"{pre}_nn_second"] / row["full_nn"]
     row["n_params"] = hfl.n_params
-    row["ratio_sample"] = row["hfl_sample"] / (row["full_fit"] + row["full_sample"])
+    if "hfl_sample" in row:
+        row["ratio_sample"] = row["hfl_sample"] / (row["full_fit"] + row["full_sample"])
     return row
 
 
@@ -105,13 +121,16 @@ def main() -> None:
     parser.add_argument("--n-data", type=int, default=2000)
     parser.add_argument("--n-samples", type=int, default=100)
     parser.add_argument(
+        "--solvers", nargs="+", default=["auto"], choices=["auto", "cg", "dense"]
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks/results/weight_space_timing.json"
     )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     rows = []
     for width in args.widths:
-        row = run(width, args.d_in, args.n_data, args.n_samples)
+        row = run(width, args.d_in, args.n_data, args.n_samples, args.solvers)
         rows.append(row)
         print(
             " ".join(

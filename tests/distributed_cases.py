@@ -152,18 +152,17 @@ def run_case(name: str, problems: dict, rank: int, world: int, tmp: str) -> dict
 
 
 # ------------------------------------------------------------------- spawning
-def spawn(
-    target, world: int, tmp: str, *args, limit: float = 120.0, method: str = "fork"
-) -> list:
+def spawn(target, world: int, tmp: str, *args, limit: float = 120.0) -> list:
     """Run ``target(rank, world, tmp, *args)`` in ``world`` new processes.
 
-    ``fork`` (default, Linux) starts them with torch and laplace already
-    imported: importing laplace takes ~5-20 s on the shared 2-core machine,
-    the cases themselves a few seconds. The parent holds no process group and
-    the children set one intra-op thread before any torch work.
-    ``method="spawn"`` starts fresh interpreters.
+    The processes are fresh interpreters (``spawn``): forking a process in
+    which autograd already ran is unsupported by torch ("Unable to handle
+    autograd's threading in combination with fork-based multiprocessing"), and
+    the test process has run autograd by the time these tests run. The
+    children import torch and laplace themselves (~5-20 s on a shared 2-core
+    machine) and set one intra-op thread before any torch work.
     """
-    ctx = mp.get_context(method)
+    ctx = mp.get_context("spawn")
     procs = [
         ctx.Process(target=target, args=(rank, world, tmp, *args))
         for rank in range(world)
@@ -180,9 +179,23 @@ def spawn(
     return [p.exitcode for p in procs]
 
 
+def _start_barrier(rank: int, world: int, tmp: str, limit: float = 120.0) -> None:
+    """Wait until every rank's interpreter has started (fresh interpreters
+    import torch at different speeds on a loaded machine), so that the short
+    process-group ``timeout`` of the failure tests measures the collectives,
+    not the start-up."""
+    (Path(tmp) / f"started{rank}").touch()
+    deadline = time.monotonic() + limit
+    while not all((Path(tmp) / f"started{r}").exists() for r in range(world)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: other ranks did not start in {limit} s")
+        time.sleep(0.05)
+
+
 def _init(rank: int, world: int, tmp: str, timeout: float) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    _start_barrier(rank, world, tmp)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{tmp}/store",

@@ -38,7 +38,8 @@ def test_solver_benchmark_smoke(tmp_path):
     out = tmp_path / "solvers.json"
     argv = ["--n-train", "200", "--n-query", "2", "--aw-n-train", "16",
             "--n-dirs", "1", "--ranks", "8", "--ref-n-train", "20",
-            "--max-iter", "400", "--out", str(out)]  # fmt: skip
+            "--max-iter", "400", "--device", "cpu",  # the same run with CUDA present
+            "--out", str(out)]  # fmt: skip
     assert solvers_main(argv) == 0
     res = json.loads(out.read_text())
     assert res["last_layer"]["rel_err_vs_full_ll_f64_max"] <= 1e-4

@@ -3,12 +3,15 @@ correct answer (items 2-16); the model is never changed by a failed call."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import DT, PRIOR, SIGMA, assert_unchanged, loader, snapshot
 from laplace import Laplace
 from torch import nn
 
+from laplace_hfl.errors import MissingDictKeyError
 from laplace_hfl.preconditioner import NystromSketch, nystrom_apply
 
 
@@ -294,6 +297,32 @@ def test_malformed_loaders(regression_1d, subset):
 
 
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_missing_dict_keys_are_key_and_value_errors(regression_1d, subset):
+    """laplace-torch raises KeyError for a dict batch without dict_key_x /
+    dict_key_y; HFL's error is both a KeyError and a ValueError, with the
+    same sentence (not KeyError's quoted repr), raised before any change."""
+    model, X, y = regression_1d
+    DL = torch.utils.data.DataLoader
+    la = Laplace(model, "regression", subset, "hfl", dict_key_x="x")
+    snap = snapshot(model)
+    bad = DL(_DictData(X, y), batch_size=8)  # inputs under "input_ids"
+    for kind in (KeyError, ValueError):
+        with pytest.raises(kind) as info:
+            la.fit(bad)
+        assert isinstance(info.value, MissingDictKeyError)
+        assert str(info.value).startswith("Dict batches need the inputs under ")
+        assert "dict_key_x='x'" in str(info.value)
+    la = Laplace(model, "regression", subset, "hfl")
+    with pytest.raises(KeyError, match="dict_key_y='labels'"):
+        la.fit(DL(_DictData(X, y, key="target"), batch_size=8))
+    assert not la._fitted
+    la.fit(loader(X, y))
+    with pytest.raises(KeyError, match="dict_key_x='input_ids'"):
+        la({"x": X[:3]})
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_one_dimensional_query(regression_multi, subset):
     model, X, y = regression_multi
     la = Laplace(model, "regression", subset, "hfl")
@@ -447,6 +476,16 @@ def test_reward_modeling_matches_full_laplace():
     assert f_var.shape == (5, 1, 1)
     torch.testing.assert_close(f_mu, r_mu)
     torch.testing.assert_close(f_var, r_var, rtol=1e-6, atol=0)
+    # nn predictive as laplace-torch's: regression-style on points, the
+    # classification likelihood on pairs with fitting=True
+    n = 4000
+    kw = {"pred_type": "nn", "link_approx": "mc", "n_samples": n}
+    h_mu, h_var = la(Xq, generator=torch.Generator().manual_seed(0), **kw)
+    s_mu, s_var = ref(Xq, **kw)
+    assert h_mu.shape == h_var.shape == s_mu.shape == (5, 1)
+    assert ((h_mu - s_mu).abs() <= 5 * ((h_var + s_var) / n).sqrt()).all()
+    p = la(pairs[:4], fitting=True, generator=torch.Generator().manual_seed(0), **kw)
+    assert p.shape == (4, 2) and torch.allclose(p.sum(-1), p.new_ones(4))
 
 
 def test_reward_modeling_last_layer_refused(regression_1d):
@@ -552,27 +591,72 @@ def test_ignore_index_refused(classification, subset):
 
 
 # ----------------------------------------------------------------- item 13
-@pytest.mark.parametrize("subset", ["all", "last_layer"])
-def test_override_false_refused_before_any_change(regression_1d, subset):
-    """laplace-torch accumulates curvature with override=False; HFL refits on
-    one data set, so it refuses (like laplace-torch's LowRankLaplace)."""
+def test_online_fit_accumulates_like_one_fit_on_all_data(regression_1d):
+    """fit(..., override=False) adds the new data's curvature, as laplace-torch
+    does: loss, n_data, H and posterior precision of two fits on halves equal
+    one fit on all data (1e-10; the MAP is unchanged in between) and
+    FullLaplace's online fit (1e-6: curvlinops' float64 GGN); a clone of the
+    earlier H keeps the earlier data."""
     model, X, y = regression_1d
-    la = Laplace(model, "regression", subset, "hfl")
-    la.fit(loader(X, y))
-    before = la(X[:3])[1]
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="override=False.*one DataLoader"):
-        la.fit(loader(X[:8], y[:8]), override=False)
-    assert torch.equal(la(X[:3])[1], before)
-    assert la.n_data == len(X)
+    subset = "all"
+    kw = {"sigma_noise": SIGMA, "prior_precision": PRIOR}
+    one = Laplace(model, "regression", subset, "hfl", **kw)
+    one.fit(loader(X, y))
+    la = Laplace(model, "regression", subset, "hfl", **kw)
+    full = Laplace(copy.deepcopy(model), "regression", subset, "full", **kw)
+    halves = [(X[:20], y[:20]), (X[20:], y[20:])]
+    for k, (Xk, yk) in enumerate(halves):
+        la.fit(loader(Xk, yk), override=k == 0)
+        full.fit(loader(Xk, yk), override=k == 0)
+        if k == 0:
+            H_first = la.H.clone()
+    assert la.n_data == one.n_data == full.n_data == len(X)
+    assert abs(la.loss - one.loss) <= 1e-10 * abs(one.loss)
+    for a, b in ((la.H, one.H), (la.posterior_precision, one.posterior_precision)):
+        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(la.H.to_dense(), full.H, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(la(X[:5])[1], one(X[:5])[1], rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(
+        la.log_marginal_likelihood(), full.log_marginal_likelihood(), rtol=1e-6, atol=0
+    )
+    half = Laplace(model, "regression", subset, "hfl", **kw)
+    half.fit(loader(*halves[0]))
+    torch.testing.assert_close(
+        H_first.to_dense(), half.H.to_dense(), rtol=1e-12, atol=0
+    )
     assert_unchanged(model, snap)
+
+
+def test_online_fit_without_cached_data_refused_before_any_change(regression_1d):
+    """override=False keeps every batch seen; without cache_data it refuses,
+    naming the alternative, and the estimator is unchanged."""
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", "all", "hfl")
+    la.fit(loader(X, y), cache_data=False)
+    before = la(X[:3])[1]
+    with pytest.raises(
+        ValueError, match="override=False.*cache_data=True.*one DataLoader"
+    ):
+        la.fit(loader(X[:8], y[:8]), override=False)
+    la2 = Laplace(model, "regression", "all", "hfl")
+    la2.fit(loader(X, y))
+    with pytest.raises(ValueError, match="cache_data=True"):
+        la2.fit(loader(X[:8], y[:8]), override=False, cache_data=False)
+    assert torch.equal(la(X[:3])[1], before)
+    assert la.n_data == la2.n_data == len(X)
+    ll = Laplace(model, "regression", "last_layer", "hfl")  # as laplace-torch
+    with pytest.raises(ValueError, match="Last-layer.*override=False"):
+        ll.fit(loader(X, y), override=False)
 
 
 # ----------------------------------------------------------------- item 14
 def test_verify_venv_sees_packages_of_a_calling_venv(tmp_path):
     """upstream/verify.sh from a venv: the venv it makes must see the calling
     venv's packages (plain `venv --system-site-packages` sees only the base
-    interpreter's, hence ModuleNotFoundError: torch)."""
+    interpreter's, hence ModuleNotFoundError: torch). Only a module written
+    into the calling venv is imported, so the result does not depend on what
+    the base interpreter has installed."""
     import subprocess
     import sys
     from pathlib import Path
@@ -593,7 +677,7 @@ def test_verify_venv_sees_packages_of_a_calling_venv(tmp_path):
         check=True, capture_output=True, text=True,
     ).stdout.strip().splitlines()[-1]  # fmt: skip
     got = subprocess.run(
-        [inner_py, "-c", "import only_in_outer_venv as m, torch; print(m.VALUE)"],
+        [inner_py, "-c", "import only_in_outer_venv as m; print(m.VALUE)"],
         check=False, capture_output=True, text=True,
     )  # fmt: skip
     assert got.returncode == 0, got.stderr

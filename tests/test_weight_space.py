@@ -260,6 +260,17 @@ def test_sample_4096_matches_dense_posterior(request, case, likelihood, subset):
 
 
 @pytest.mark.parametrize("case,likelihood,subset", SAMPLE_CASES)
+def test_cg_sample_4096_matches_dense_posterior(request, case, likelihood, subset):
+    """The matrix-free sampler (solver='cg': sample-then-optimise) against
+    the dense P^-1, same tolerance as the dense sampler's test above."""
+    data = request.getfixturevalue(case)
+    la, ref = _pair(
+        data, likelihood, subset, backend=CurvlinopsGGN, chunk_size=4096, solver="cg"
+    )
+    _check_draws(la, ref, 4096, 0.05)
+
+
+@pytest.mark.parametrize("case,likelihood,subset", SAMPLE_CASES)
 def test_sample_covariance_within_5_percent(request, case, likelihood, subset):
     """The 5% bound itself, at enough draws that an exact sampler's RMS error
     is <= 2.5% (S = (1 + effective rank) / 0.025^2, at least 4096; up to
@@ -290,14 +301,135 @@ def test_sample_reproducible_and_converged(regression_1d):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_dense_draws_are_whitened_by_the_reference_precision(classification, subset):
+    """Dense solver (small P, target='ggn'): draws come from the Cholesky
+    factor of P, so with z the generator's N(0, I) numbers, d P d^T = z z^T
+    exactly for the dense float64 reference P of FullLaplace (1e-9)."""
+    model, X, y = classification
+    la, ref = _pair(classification, "classification", subset, solver="dense")
+    n = la.n_params
+    d = la.sample(8, generator=torch.Generator().manual_seed(5)) - ref.mean
+    Z = torch.randn(8, n, dtype=DT, generator=torch.Generator().manual_seed(5))
+    assert _max_err(d @ ref.posterior_precision @ d.T, Z @ Z.T) < 1e-9
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_draws_reused_for_the_same_generator_state(classification, solver, monkeypatch):
+    """The same fit, hyperparameters, n_samples and generator state give the
+    stored draws without solving again, and leave the generator where drawing
+    left it; another state, n_samples or prior draws anew."""
+    import laplace_hfl.weight_space as ws
+
+    model, X, y = classification
+    la = Laplace(model, "classification", "all", "hfl", solver=solver)
+    la.fit(loader(X, y))
+    calls = []
+    fresh = ws.WeightSpaceMixin._fresh_deviations
+    monkeypatch.setattr(
+        ws.WeightSpaceMixin,
+        "_fresh_deviations",
+        lambda self, *a: calls.append(a[1]) or fresh(self, *a),
+    )
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a = la.sample(4, generator=g1)
+    b = la.sample(4, generator=g2)
+    assert torch.equal(a, b) and calls == [4]
+    assert torch.equal(g1.get_state(), g2.get_state())
+    assert not torch.equal(la.sample(4, generator=g1), a)  # state moved on
+    la.sample(3, generator=torch.Generator().manual_seed(0))
+    la.prior_precision = 2.0
+    la.sample(3, generator=torch.Generator().manual_seed(0))
+    assert calls == [4, 4, 3, 3]
+    torch.manual_seed(1)
+    c = la.sample(2)
+    torch.manual_seed(1)
+    assert torch.equal(la.sample(2), c) and calls[-1] == 2 and len(calls) == 5
+    la.fit(loader(X, y))  # a new fit draws anew
+    la.sample(2, generator=torch.Generator().manual_seed(1))
+    la.sample(2, generator=torch.Generator().manual_seed(1))
+    assert len(calls) == 6
+
+
 def test_sample_unconverged_warns(classification):
     model, X, y = classification
-    la = Laplace(model, "classification", "all", "hfl", max_iter=2, precondition_rank=0)
+    la = Laplace(
+        model, "classification", "all", "hfl", max_iter=2, precondition_rank=0,
+        solver="cg",
+    )  # fmt: skip
     la.fit(loader(X, y))
     with pytest.warns(RefitConvergenceWarning, match=r"sample\(\).*did not converge"):
         la.sample(4)
     with pytest.warns(RefitConvergenceWarning, match="posterior_covariance"):
         la.posterior_covariance @ la.mean
+
+
+# ------------------------------------------- log-determinant and algebra
+@pytest.mark.parametrize("solver", ["auto", "cg"])
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_operator_logdet_matches_full_laplace(classification, subset, solver):
+    """posterior_precision.logdet() is log_det_posterior_precision (the
+    marginal likelihood's value) and FullLaplace's dense logdet (1e-8: exact
+    paths, the dense GGN and Lanczos' exact mode); after the prior changes,
+    an operator made earlier computes its own (exact, P <= 256)."""
+    la, ref = _pair(classification, "classification", subset, solver=solver)
+    P = la.posterior_precision
+    expect = torch.logdet(ref.posterior_precision)
+    for got in (
+        P.logdet(),
+        torch.logdet(P),
+        P.slogdet()[1],
+        la.log_det_posterior_precision,
+    ):
+        assert abs(float(got - expect)) < 1e-8 * abs(float(expect))
+    assert float(P.slogdet()[0]) == 1.0 and P.last_logdet.exact
+    la.prior_precision = ref.prior_precision = 3.0
+    assert abs(float(P.logdet() - expect)) < 1e-8 * abs(float(expect))
+    expect3 = torch.logdet(ref.posterior_precision)
+    got3 = la.posterior_precision.logdet()
+    assert abs(float(got3 - expect3)) < 1e-8 * abs(float(expect3))
+
+
+def test_operator_logdet_stochastic_above_the_exact_size():
+    """P > EXACT_LOGDET_MAX without an owner's value: SLQ, within 4 standard
+    errors of the dense log det; below it exact (1e-12)."""
+    from laplace_hfl.operators import EXACT_LOGDET_MAX
+
+    for P in (EXACT_LOGDET_MAX, EXACT_LOGDET_MAX + 44):
+        g = torch.Generator().manual_seed(P)
+        Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=DT))
+        A = (Q * torch.linspace(0.5, 20.0, P, dtype=DT)) @ Q.T
+        op = SymmetricOperator(lambda V, A=A: V @ A, P, DT, "cpu", DT, "A")
+        got, info = op.logdet(), op.last_logdet
+        ref = torch.logdet(A)
+        if P <= EXACT_LOGDET_MAX:
+            assert info.exact and abs(float(got - ref)) < 1e-12 * abs(float(ref))
+        else:
+            assert not info.exact and info.stderr > 0
+            assert abs(float(got - ref)) < 4 * info.stderr
+
+
+def test_operator_clone_and_algebra(classification):
+    """clone(), A + B, A - B, c * A, A / c, -A stay matrix-free and equal the
+    dense algebra (1e-12); torch.allclose compares the dense matrices; the
+    owner's log-determinant follows a positive scaling exactly."""
+    la, ref = _pair(classification, "classification", "all")
+    P, H = la.posterior_precision, la.H
+    Pd, Hd = P.to_dense(), H.to_dense()
+    n = la.n_params
+    cases = [
+        (P.clone(), Pd), (P + H, Pd + Hd), (P - H, Pd - Hd), (2.5 * P, 2.5 * Pd),
+        (P * 2.5, 2.5 * Pd), (P / 4, Pd / 4), (-H, -Hd), (sum([H, H]), 2 * Hd),
+    ]  # fmt: skip
+    for op, dense in cases:
+        assert isinstance(op, SymmetricOperator) and op.shape == (n, n)
+        torch.testing.assert_close(op.to_dense(), dense, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(P, P.clone()) and not torch.allclose(P, 2 * P)
+    assert torch.allclose(2 * P, 2 * ref.posterior_precision, rtol=1e-6)
+    expect = torch.logdet(ref.posterior_precision) + n * math.log(2.5)
+    assert abs(float((2.5 * P).logdet() - expect)) < 1e-8 * abs(float(expect))
+    with pytest.raises(ValueError, match="Cannot add"):
+        P + SymmetricOperator(lambda V: V, n + 1, DT, "cpu", DT, "I")
 
 
 # ---------------------------------------------------------- nn predictive
@@ -354,7 +486,8 @@ def test_hostile_inputs(classification):
     model, X, y = classification
     snap = snapshot(model)
     la = Laplace(model, "classification", "all", "hfl")
-    assert la.H is None
+    n = la.n_params  # before fit H is the zero curvature, as laplace-torch's
+    assert torch.equal(la.H @ torch.ones(n, dtype=DT), torch.zeros(n, dtype=DT))
     with pytest.raises(HFLNotFittedError, match="fit"):
         la.sample(3)
     with pytest.raises(HFLNotFittedError, match="fit"):
@@ -385,12 +518,13 @@ def test_hostile_inputs(classification):
         lambda: P + 1.0,
         lambda: torch.ones(n, n, dtype=DT) + P,
         lambda: P[0],
-        lambda: -P,
+        lambda: P * torch.ones(n, dtype=DT),
+        lambda: P + torch.ones(n, n, dtype=DT),
     ):
         with pytest.raises(TypeError, match="to_dense"):
             op()
     with pytest.raises(AttributeError, match="to_dense"):
-        P.logdet()  # noqa: B018
+        P.cholesky()  # noqa: B018
     with pytest.raises(AttributeError, match="posterior_covariance"):
         la.posterior_variance  # noqa: B018
     assert not hasattr(la, "posterior_scale")
