@@ -132,46 +132,37 @@ def test_entry_point_group_matches_pyproject():
     assert declared["entry-points"][group] == {"hfl": "laplace_hfl"}
 
 
-def _fake_package(tmp_path: Path, modules: dict[str, str]) -> Path:
+@pytest.mark.parametrize(
+    ("parts", "modules", "match"),
+    [
+        (  # a new module the estimator imports, in no part
+            [("a", ("hessian_free", "last_layer"))],
+            {"hessian_free": "from laplace_hfl.new import x\n", "new": "x = 1\n"},
+            "in no part.*new",
+        ),
+        (  # a module importing one of a later part
+            [("early", ("hessian_free",)), ("late", ("last_layer", "new"))],
+            {"hessian_free": "from laplace_hfl.new import x\n", "new": "x = 1\n"},
+            "hessian_free.*later part",
+        ),
+        (  # a listed module the estimator no longer imports
+            [("a", ("hessian_free", "last_layer", "gone"))],
+            {"hessian_free": ""},
+            "gone.*no longer imports",
+        ),
+    ],
+)
+def test_generator_refuses_bad_part_assignment(
+    make_patch, tmp_path, monkeypatch, parts, modules, match
+):
+    intree = make_patch.intree
+    parts = tuple(intree.Part(slug, slug, slug, names) for slug, names in parts)
+    monkeypatch.setattr(intree, "PARTS", parts)
     pkg = tmp_path / "laplace_hfl"
     pkg.mkdir()
-    for name, text in modules.items():
+    for name, text in {"last_layer": "", **modules}.items():
         (pkg / f"{name}.py").write_text(text)
-    return pkg
-
-
-def test_generator_refuses_unassigned_module(make_patch, tmp_path, monkeypatch):
-    intree = make_patch.intree
-    part = intree.Part("a", "a", "a", ("hessian_free", "last_layer"))
-    monkeypatch.setattr(intree, "PARTS", (part,))
-    pkg = _fake_package(
-        tmp_path,
-        {
-            "hessian_free": "from laplace_hfl.newmodule import x\n",
-            "last_layer": "",
-            "newmodule": "x = 1\n",
-        },
-    )
-    with pytest.raises(intree.GeneratorError, match="in no part.*newmodule"):
-        intree.assign_parts(pkg)
-
-
-def test_generator_refuses_import_of_a_later_part(make_patch, tmp_path, monkeypatch):
-    intree = make_patch.intree
-    parts = (
-        intree.Part("early", "e", "e", ("hessian_free",)),
-        intree.Part("late", "l", "l", ("last_layer", "helpers")),
-    )
-    monkeypatch.setattr(intree, "PARTS", parts)
-    pkg = _fake_package(
-        tmp_path,
-        {
-            "hessian_free": "from laplace_hfl.helpers import x\n",
-            "last_layer": "",
-            "helpers": "x = 1\n",
-        },
-    )
-    with pytest.raises(intree.GeneratorError, match="hessian_free.*later part"):
+    with pytest.raises(intree.GeneratorError, match=match):
         intree.assign_parts(pkg)
 
 
