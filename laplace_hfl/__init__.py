@@ -1,7 +1,9 @@
 """laplace-hfl: Hessian-free Laplace (HFL / RegVar) for laplace-torch.
 
 Importing this package registers ``hessian_structure="hfl"`` with
-``laplace.Laplace`` for ``subset_of_weights="all"`` and ``"last_layer"``.
+``laplace.Laplace`` for ``subset_of_weights="all"`` and ``"last_layer"``. A
+laplace-torch that discovers structures by entry point (group
+``laplace.structures``, declared in ``pyproject.toml``) imports it itself.
 """
 
 from __future__ import annotations

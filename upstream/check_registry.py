@@ -2,11 +2,11 @@
 
 ``python check_registry.py dump OUT.json`` writes the ``(subset_of_weights,
 hessian_structure) -> class`` map of an unpatched laplace-torch.
-``python check_registry.py patched BASELINE.json`` checks a patched one:
-``HessianStructure.HFL`` exists, ``Laplace(..., HessianStructure.HFL)`` builds
-the HFL classes, every other key maps to the class it mapped to before, the
-imported ``laplace`` is the installed (patched) one, and ``laplace_hfl`` is
-never imported.
+``python check_registry.py patched BASELINE.json ROOT`` checks the tree with
+HFL in-tree: ``HessianStructure.HFL`` exists, ``Laplace(...,
+HessianStructure.HFL)`` builds the ``laplace.hfl`` classes, every other key
+maps to the class it mapped to before, the imported ``laplace`` is the one
+under ``ROOT`` (the patched tree), and ``laplace_hfl`` is never imported.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def registry() -> dict[str, str]:
     }
 
 
-def main(mode: str, path: str) -> None:
+def main(mode: str, path: str, root: str = "") -> None:
     if mode == "dump":
         with open(path, "w") as f:
             json.dump(registry(), f, indent=1, sort_keys=True)
@@ -38,7 +38,7 @@ def main(mode: str, path: str) -> None:
     import laplace
     from laplace import HessianStructure, Laplace
 
-    assert "site-packages" in laplace.__file__, laplace.__file__
+    assert laplace.__file__.startswith(root), (laplace.__file__, root)
     assert HessianStructure.HFL == "hfl"
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
     la = Laplace(model, "regression", "all", HessianStructure.HFL)
@@ -56,8 +56,8 @@ def main(mode: str, path: str) -> None:
     after = registry()
     new = {k: v for k, v in after.items() if k not in before}
     assert new == {
-        "all/hfl": "laplace.hfl.HessianFreeLaplace",
-        "last_layer/hfl": "laplace.hfl.HessianFreeLLLaplace",
+        "all/hfl": "laplace.hfl.hessian_free.HessianFreeLaplace",
+        "last_layer/hfl": "laplace.hfl.last_layer.HessianFreeLLLaplace",
     }, new
     changed = {
         k: (before[k], after.get(k)) for k in before if after.get(k) != before[k]
@@ -88,4 +88,4 @@ def main(mode: str, path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

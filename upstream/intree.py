@@ -1,0 +1,228 @@
+"""The vendored (in-tree) HFL: ``laplace_hfl`` modules as a ``laplace/hfl/`` subpackage.
+
+For maintainers who prefer HFL inside laplace-torch rather than as a plugin:
+every ``laplace_hfl`` module that the estimator classes import (transitively,
+from ``ROOTS``) becomes ``laplace/hfl/<module>.py`` with its ``laplace_hfl``
+imports and references rewritten to ``laplace.hfl``; nothing else changes, so
+each upstream file reads as its source does.
+
+The modules are grouped into ``PARTS``, one pull request each, applied in
+order. The assignment is explicit (a reviewer sees topics, not an arbitrary
+cut) and checked: :func:`assign_parts` raises :class:`GeneratorError` with what
+to do if a module the estimator imports is in no part, a listed module is no
+longer imported, a module imports one of a later part, or a part's diff
+exceeds ``MAX_PART_LINES`` (the make_patch driver checks that one).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PKG = "laplace_hfl"
+ROOTS = ("hessian_free", "last_layer")  # modules defining the public classes
+MAX_PART_LINES = 1500  # lines of diff a reviewer is asked to read per PR
+
+
+class GeneratorError(RuntimeError):
+    """The package source has a shape the generator cannot translate."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One pull request of the in-tree series."""
+
+    slug: str
+    subject: str
+    body: str
+    modules: tuple[str, ...]
+    extra: tuple[str, ...] = field(default=())  # non-module content, by key
+
+
+# Dependency order: a module may import only modules of its own or an earlier
+# part. ``extra`` keys are filled in by make_patch.py.
+PARTS = (
+    Part(
+        "hfl-refits",
+        "hfl (1/8): refit engine — perturbed refits and CG solvers",
+        "The numerical core: perturbed re-optimisation of the Laplace objective\n"
+        "(implicit-function-theorem columns P^-1 J^T), batched CG, errors and\n"
+        "warnings, progress. Not reachable from Laplace() until part 7.",
+        ("errors", "functional", "solvers", "progress", "refit"),
+        ("package_init", "module_import_test"),
+    ),
+    Part(
+        "hfl-solvers",
+        "hfl (2/8): data batches, preconditioners, dense fallback, solver choice",
+        "Batches of (X, y) and dict data, KFAC / Nystrom preconditioners, the\n"
+        "dense path for small models, the automatic solver choice, Lanczos.",
+        ("batches", "kfac", "preconditioner", "dense", "solver_choice", "lanczos"),
+    ),
+    Part(
+        "hfl-sampling",
+        "hfl (3/8): sample-then-optimise posterior samples (amortised mode)",
+        "Stochastic solvers, amortised predictions from S posterior samples,\n"
+        "the weight-space posterior and the estimator's state.",
+        ("stochastic", "amortized", "state", "weight_posterior"),
+    ),
+    Part(
+        "hfl-logdet",
+        "hfl (4/8): log-determinant and weight space without a matrix",
+        "Stochastic Lanczos quadrature, the log-determinant of the posterior\n"
+        "precision, matrix-free posterior operators, the weight-space mixin.",
+        ("slq", "logdet", "operators", "weight_space"),
+    ),
+    Part(
+        "hfl-options",
+        "hfl (5/8): options, validation, data sharding, predictive helpers",
+        "Argument validation and options of the estimator, distributed data\n"
+        "and shards, hyperparameters, predictive helpers, example noise.",
+        (
+            "distributed",
+            "shards",
+            "validation",
+            "options",
+            "hyperparameters",
+            "predictive",
+            "example_noise",
+        ),  # fmt: skip
+    ),
+    Part(
+        "hfl-tuning-prediction",
+        "hfl (6/8): prior tuning (marglik, MacKay, grid search), GLM predictive",
+        "Marginal likelihood and its tuning, grid search, and the GLM predictive\n"
+        "mixin (covariances from refit columns, link approximations).",
+        ("gridsearch", "mackay", "tuning", "prediction"),
+    ),
+    Part(
+        "hfl-estimator",
+        "hfl (7/8): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
+        "The laplace-torch classes (all weights, last layer), HessianStructure.HFL,\n"
+        "the Laplace docstring and the exports.",
+        ("_docs", "base", "hessian_free", "last_layer"),
+        ("package_exports", "enum_docstring_exports"),
+    ),
+    Part(
+        "hfl-tests-docs",
+        "hfl (8/8): tests against dense float64 references, example, docs",
+        "tests/test_hfl.py compares HFL with FullLaplace / FullLLLaplace (GGN and\n"
+        "exact Hessian) on tiny float64 models; examples/hfl_example.py;\n"
+        "docs/hfl.md and its API reference.",
+        (),
+        ("tests_example_docs",),
+    ),
+)
+
+
+# --------------------------------------------------------------------------
+# the module graph
+# --------------------------------------------------------------------------
+def pkg_module(node: ast.Import | ast.ImportFrom, current: str) -> str | None:
+    """Name of the ``laplace_hfl`` submodule an import refers to, else None."""
+    if isinstance(node, ast.Import):
+        for alias in node.names:
+            if alias.name == PKG or alias.name.startswith(PKG + "."):
+                raise GeneratorError(
+                    f"{current}.py: 'import {alias.name}' is not supported; use "
+                    f"'from {PKG}.<module> import <name>'."
+                )
+        return None
+    if node.level:
+        if node.level != 1 or not node.module:
+            raise GeneratorError(f"{current}.py: unsupported relative import.")
+        return node.module.split(".")[0]
+    if node.module == PKG:
+        raise GeneratorError(
+            f"{current}.py: 'from {PKG} import ...' is not supported; import "
+            "from the defining submodule."
+        )
+    if node.module and node.module.startswith(PKG + "."):
+        return node.module[len(PKG) + 1 :].split(".")[0]
+    return None
+
+
+def read(package: Path, name: str) -> str:
+    path = package / f"{name}.py"
+    if not path.is_file():
+        raise GeneratorError(f"{PKG}.{name} is imported but {path} does not exist.")
+    return path.read_text()
+
+
+def imports_of(package: Path, name: str) -> set[str]:
+    """``laplace_hfl`` modules that module ``name`` imports (anywhere in it)."""
+    deps = set()
+    for node in ast.walk(ast.parse(read(package, name))):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            dep = pkg_module(node, name)
+            if dep is not None and dep != name:
+                deps.add(dep)
+    return deps
+
+
+def module_graph(package: Path) -> dict[str, set[str]]:
+    """Modules reachable from ``ROOTS`` and what each imports."""
+    deps: dict[str, set[str]] = {}
+    todo = list(ROOTS)
+    while todo:
+        name = todo.pop()
+        if name not in deps:
+            deps[name] = imports_of(package, name)
+            todo.extend(deps[name])
+    return deps
+
+
+def assign_parts(package: Path) -> list[tuple[Part, list[str]]]:
+    """``PARTS`` with their modules, checked against the package's imports."""
+    graph = module_graph(package)
+    part_of: dict[str, int] = {}
+    for i, part in enumerate(PARTS):
+        for name in part.modules:
+            if name in part_of:
+                raise GeneratorError(
+                    f"{PKG}.{name} is listed in two parts of upstream/intree.py "
+                    f"PARTS ({PARTS[part_of[name]].slug}, {part.slug})."
+                )
+            part_of[name] = i
+    unassigned = sorted(set(graph) - set(part_of))
+    if unassigned:
+        hints = [
+            f"{n} (imports {sorted(graph[n]) or 'nothing of ' + PKG})"
+            for n in unassigned
+        ]
+        raise GeneratorError(
+            "The estimator imports modules that are in no part of upstream/"
+            f"intree.py PARTS: {'; '.join(hints)}. Add each to a part at or "
+            "after the parts of the modules it imports."
+        )
+    stale = sorted(set(part_of) - set(graph))
+    if stale:
+        raise GeneratorError(
+            f"upstream/intree.py PARTS lists {stale}, which the estimator no "
+            "longer imports (or which no longer exist); remove them."
+        )
+    for name, deps in sorted(graph.items()):
+        late = sorted(d for d in deps if part_of[d] > part_of[name])
+        if late:
+            raise GeneratorError(
+                f"{PKG}.{name} (part {PARTS[part_of[name]].slug}) imports {late} "
+                f"of a later part ({PARTS[part_of[late[0]]].slug}); move "
+                f"{name} later or its imports earlier in upstream/intree.py PARTS."
+            )
+    return [(part, list(part.modules)) for part in PARTS]
+
+
+# --------------------------------------------------------------------------
+# one module, rewritten
+# --------------------------------------------------------------------------
+def rewrite_module(text: str) -> str:
+    """``laplace_hfl`` module source -> ``laplace/hfl/`` module source."""
+    # Doctest lines that import the plugin make no sense upstream.
+    text = re.sub(rf"^[ \t]*>>> import {PKG}\b.*\n", "", text, flags=re.M)
+    text = re.sub(rf"\b{PKG}\b", "laplace.hfl", text)
+    text = text.replace("laplace-hfl", "HFL")
+    if PKG in text:  # pragma: no cover - the substitutions above are total
+        raise GeneratorError(f"References to {PKG} survived the rewrite.")
+    ast.parse(text)
+    return text
