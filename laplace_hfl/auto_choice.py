@@ -1,0 +1,284 @@
+"""``solver="auto"`` and ``preconditioner="auto"``, decided by a probe of the
+user's own problem.
+
+The probe (:func:`choose`) runs once per fit, at the first solve:
+
+1. **Preconditioner.** Every candidate (the Nyström sketch, KFAC where it
+   covers the refit parameters, none) solves the refit system
+   ``(h G + diag(p_0)) u = b`` to the refits' tolerance for
+   :data:`PROBE_COLUMNS` right-hand sides ``b = G omega`` (random directions
+   pushed through the data curvature, like the Jacobian rows of query points).
+   The first candidate may take :data:`PROBE_MAX_ITER` iterations, each later
+   one at most the best count so far (a candidate that needs more has lost):
+   the probe costs a few CG iterations per candidate plus building the
+   candidates, which the chosen one reuses. Fewest iterations wins; a tie goes
+   to the cheaper one to apply (none, then KFAC, then the sketch). Counts, not
+   clock times, decide, so the choice is reproducible (and identical on every
+   process of a distributed fit).
+2. **Solver.** The dense solver is chosen where its peak memory (``4 P^2``
+   numbers) fits :func:`~laplace_hfl.dense.dense_budget` (half the device's
+   free memory, capped by :data:`laplace_hfl.dense.DENSE_BUDGET`) and its
+   estimated time, forming the curvature and factorising it once, is below
+   the estimated time of one chunk of CG refits (``chunk_size`` directions
+   times the probed iterations): the per-direction product time is measured
+   on a batch of products, and the flop rate of a matrix product of the
+   problem's size, so the estimate follows the machine. In a distributed fit
+   (where clock times differ between processes) the dense solver is chosen
+   when it fits the fixed budget :data:`~laplace_hfl.dense.CHUNK_BUDGET`.
+
+The choice, the probed iterations and the estimates are in
+:attr:`AutoChoice.reason`, which :class:`~laplace_hfl.refit.RefitDiagnostics`
+carries as ``la.last_diagnostics.choice``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from laplace_hfl.dense import CHUNK_BUDGET, dense_fits
+from laplace_hfl.functional import LaplaceObjective, data_only_objective, ggn_matvec
+from laplace_hfl.solvers import batched_cg
+
+__all__ = [
+    "PROBE_COLUMNS",
+    "PROBE_MAX_ITER",
+    "AutoChoice",
+    "Probe",
+    "choose",
+    "probe_iterations",
+    "probe_rhs",
+]
+
+#: Right-hand sides solved by each candidate preconditioner.
+PROBE_COLUMNS = 2
+#: Iterations the first candidate may take; later ones at most the best count.
+PROBE_MAX_ITER = 60
+#: Products timed together to measure the cost of one direction's product.
+_TIMED_COLUMNS = 16
+#: Apply cost order for ties: cheaper first.
+_APPLY_ORDER = ("none", "kfac", "nystrom")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One candidate preconditioner's probe.
+
+    Attributes
+    ----------
+    name : str
+    iterations : float
+        CG iterations to the refits' tolerance (the largest over the probe's
+        columns); when the cap was reached first, extrapolated from the
+        residual reduction so far (``inf`` without any reduction).
+    converged : bool
+        Whether the probe reached the tolerance within its cap.
+    """
+
+    name: str
+    iterations: float
+    converged: bool
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``"auto"`` chose, and why.
+
+    Attributes
+    ----------
+    solver : {"dense", "cg"}
+    preconditioner : {"kfac", "nystrom", "none"}
+    reason : str
+        One line: the probed iterations of every candidate and the time
+        estimates behind the solver choice.
+    probes : tuple of Probe
+    """
+
+    solver: str
+    preconditioner: str
+    reason: str
+    probes: tuple[Probe, ...] = ()
+
+
+def probe_rhs(obj: LaplaceObjective, n: int, seed: int = 0) -> tuple[Tensor, float]:
+    """``n`` right-hand sides ``G omega`` and the time of one direction's
+    GGN-vector product, measured on the batch.
+
+    Returns
+    -------
+    B : Tensor
+        ``(n, P)``.
+    seconds : float
+        Wall time of the batched product divided by ``n``.
+    """
+    theta = obj.theta_map
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, theta.numel(), generator=g, dtype=theta.dtype)
+    t0 = time.perf_counter()
+    B = ggn_matvec(data_only_objective(obj), omega.to(theta.device))
+    if B.device.type == "cuda":
+        torch.cuda.synchronize(B.device)
+    return B, (time.perf_counter() - t0) / n
+
+
+def probe_iterations(
+    obj: LaplaceObjective,
+    B: Tensor,
+    rtol: float,
+    cap: int,
+    precond: Callable[[Tensor], Tensor] | None,
+) -> tuple[float, bool]:
+    """CG iterations to solve ``(h G + diag(p_0)) u = b`` for the rows of
+    ``B`` to ``rtol ||b||``, at most ``cap``.
+
+    Returns
+    -------
+    iterations : float
+        The largest count over the rows, or (cap reached) the extrapolation
+        ``cap log(rtol) / log(r)`` from the worst relative residual ``r``.
+    converged : bool
+    """
+    norm = B.norm(dim=1)
+    res = batched_cg(
+        lambda idx, X: ggn_matvec(obj, X), B, rtol * norm, max(cap, 1), precond
+    )
+    if bool(res.converged.all()):
+        return float(res.iterations.max()), True
+    r = float((res.residual_norm / norm).max())
+    if not 0 < r < 1:
+        return math.inf, False
+    return max(cap, 1) * math.log(rtol) / math.log(r), False
+
+
+def _flops_per_second(n: int, like: Tensor) -> float:
+    """Measured rate of an ``n x n`` matrix product in ``like``'s dtype."""
+    n = max(64, min(n, 1024))
+    a = torch.randn(n, n, dtype=like.dtype, device=like.device)
+    a @ a  # warm-up
+    t0 = time.perf_counter()
+    a @ a
+    if a.device.type == "cuda":
+        torch.cuda.synchronize(a.device)
+    return 2 * n**3 / max(time.perf_counter() - t0, 1e-9)
+
+
+def _dense_seconds(
+    n_params: int,
+    n_outputs: int,
+    n_rows: int,
+    product_s: float,
+    flops: float,
+    target: str,
+) -> float:
+    """Forming the curvature and factorising it: ``G = J^T Lambda J`` from
+    per-example Jacobians (``C`` backward passes over the data, about one
+    product each) and ``2 N C P^2`` flops, or the Hessian from ``P``
+    Hessian-vector products (about two products each); then Cholesky and
+    inverse (``P^3 / 3 + 2 P^3 / 3``)."""
+    P = n_params
+    if target == "ggn":
+        form = n_outputs * product_s + 2.0 * n_rows * P * P / flops
+    else:
+        form = 2.0 * P * product_s
+    return form + P**3 / flops
+
+
+def choose(
+    obj: LaplaceObjective,
+    candidates: dict[str, Callable[[], Callable[[Tensor], Tensor] | None]],
+    *,
+    rtol: float,
+    target: str,
+    allow_dense: bool,
+    workload: int,
+    n_outputs: int,
+    n_rows: int,
+    budget: int | None = None,
+) -> AutoChoice:
+    """Probe ``candidates`` and choose the solver and the preconditioner.
+
+    Parameters
+    ----------
+    obj : LaplaceObjective
+        The refit objective (current hyperparameters).
+    candidates : dict
+        Preconditioner name to a function building it (``None``: no
+        preconditioner), in probe order; at least one.
+    rtol : float
+        The refits' relative tolerance.
+    target : {"ggn", "hessian"}
+    allow_dense : bool
+        Whether the dense solver may be chosen (``solver="auto"`` in the
+        classic mode); otherwise only the preconditioner is chosen.
+    workload : int
+        Directions whose CG refits the dense solver's one-off cost is
+        compared with (one chunk).
+    n_outputs : int
+        Outputs ``C`` of the network.
+    n_rows : int
+        Rows of the training Jacobian, ``N C`` (all processes).
+    budget : int, optional
+        Entries the dense solver may hold (default
+        :func:`~laplace_hfl.dense.dense_budget`; in a distributed fit pass a
+        budget that every process shares).
+
+    Returns
+    -------
+    AutoChoice
+    """
+    P = obj.theta_map.numel()
+    B, product_s = probe_rhs(obj, min(_TIMED_COLUMNS, max(workload, 1)))
+    B = B[:PROBE_COLUMNS]
+    if obj.reduce is not None:  # no clock times or free memory: same everywhere
+        fits = allow_dense and dense_fits(P, CHUNK_BUDGET if budget is None else budget)
+        if fits:
+            return AutoChoice("dense", "none", f"dense: 4 P^2 (P = {P}) fits")
+    else:
+        fits = allow_dense and dense_fits(P, budget, like=obj.theta_map)
+    dense_s = math.inf
+    if fits:
+        flops = _flops_per_second(P, obj.theta_map)
+        dense_s = _dense_seconds(P, n_outputs, n_rows, product_s, flops, target)
+        if dense_s <= workload * product_s:  # below one CG iteration per direction
+            return AutoChoice(
+                "dense",
+                "none",
+                f"dense: ~{dense_s:.2g} s once, less than one CG iteration of "
+                f"{workload} directions ({product_s:.2g} s per product)",
+            )
+    probes: list[Probe] = []
+    cap = PROBE_MAX_ITER
+    for name, build in candidates.items():
+        iters, ok = probe_iterations(obj, B, rtol, cap, build())
+        probes.append(Probe(name, iters, ok))
+        if ok:
+            cap = min(cap, int(iters) + 1)
+    best = min(
+        probes,
+        key=lambda p: (
+            p.iterations,
+            _APPLY_ORDER.index(p.name) if p.name in _APPLY_ORDER else 9,
+        ),
+    )
+    shown = ", ".join(
+        f"{p.name} {p.iterations:.0f}{'' if p.converged else '+ (extrapolated)'}"
+        for p in probes
+    )
+    reason = f"CG iterations to rtol on {B.shape[0]} probe directions: {shown}"
+    solver = "cg"
+    if allow_dense and not fits:
+        reason += f"; dense: 4 P^2 (P = {P}) exceeds the memory budget"
+    elif allow_dense:
+        cg_s = workload * best.iterations * product_s
+        solver = "dense" if dense_s <= cg_s else "cg"
+        reason += (
+            f"; dense ~{dense_s:.2g} s once vs CG ~{cg_s:.2g} s per "
+            f"{workload} directions ({product_s:.2g} s per product)"
+        )
+    reason = f"{solver}/{best.name if solver == 'cg' else 'none'}: {reason}"
+    return AutoChoice(solver, best.name, reason, tuple(probes))
