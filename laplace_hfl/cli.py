@@ -1,5 +1,9 @@
 """Command-line interface: ``laplace-hfl <subcommand>``.
 
+The console script is :func:`laplace_hfl_cli.main`, which answers ``--help``
+without importing this package (torch, laplace-torch) and hands a command's
+arguments to :func:`main` here.
+
 Subcommands register themselves through an ``add_*_parser(subparsers)``
 function that adds a parser and sets ``func`` (called with the parsed
 namespace, returning an exit code). To add one (e.g. ``benchmark``), write
@@ -14,6 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from laplace_hfl_cli import COMMANDS, top_parser
 
 __all__ = [
     "main",
@@ -46,7 +52,7 @@ def add_compare_parser(
     """
     p = subparsers.add_parser(
         "compare",
-        help="compare HFL with laplace-torch's curvature backends",
+        help=COMMANDS["compare"],
         description=(
             "Fit HFL and laplace-torch's full / kron / diag / last-layer Laplace "
             "approximations (BackPACK, ASDL, curvlinops backends) on offline "
@@ -195,40 +201,16 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser
 ]
 
 
-class _CommandsHelpFormatter(argparse.HelpFormatter):
-    """Keeps each command's summary on the command's line in ``--help``.
-
-    argparse sizes the help column without the extra indent of the command
-    names, so the longest name (``benchmark``) had its summary pushed to the
-    next line.
-    """
-
-    def add_argument(self, action: argparse.Action) -> None:
-        super().add_argument(action)
-        if isinstance(action, argparse._SubParsersAction):
-            for choice in action._choices_actions:
-                width = (
-                    len(choice.dest) + self._current_indent + 2 * self._indent_increment
-                )
-                self._action_max_length = max(self._action_max_length, width)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``laplace-hfl`` parser with every subcommand in :data:`SUBCOMMANDS`."""
-    parser = argparse.ArgumentParser(
-        prog="laplace-hfl",
-        description="Hessian-free Laplace tools. "
-        "Run `laplace-hfl COMMAND --help` for a command's options and defaults.",
-        formatter_class=_CommandsHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    parser, sub = top_parser()
     for add in SUBCOMMANDS:
         add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``laplace-hfl`` console script.
+    """Run ``laplace-hfl`` for ``argv`` (the console script's commands).
 
     Parameters
     ----------
