@@ -46,6 +46,7 @@ from laplace_hfl.functional import (
     output_jacobians,
     reduce_data,
 )
+from laplace_hfl.progress import progress
 from laplace_hfl.refit import BasePoint
 
 __all__ = [
@@ -106,7 +107,9 @@ def _n_rows(X) -> int:
     return next(v.shape[0] for v in X.values() if isinstance(v, Tensor))
 
 
-def data_ggn(obj: LaplaceObjective, budget: int | None = None) -> Tensor:
+def data_ggn(
+    obj: LaplaceObjective, budget: int | None = None, progress_bar: bool = False
+) -> Tensor:
     """The data GGN ``sum_n J_n^T Lambda_n J_n`` at the MAP, ``(P, P)``.
 
     Independent of ``obj.h_factor`` and ``obj.prior_precision``. Jacobians are
@@ -120,6 +123,9 @@ def data_ggn(obj: LaplaceObjective, budget: int | None = None) -> Tensor:
         Largest number of Jacobian entries held at once (at least one
         example); default ``P^2``, so that forming ``G`` holds no more than the
         solver's own ``2 P^2``.
+    progress_bar : bool, default=False
+        A bar over the sub-batches from the start (otherwise one appears when
+        they are expected to take long: :func:`laplace_hfl.progress.progress`).
 
     Returns
     -------
@@ -130,30 +136,34 @@ def data_ggn(obj: LaplaceObjective, budget: int | None = None) -> Tensor:
     P = theta.numel()
     G = torch.zeros(P, P, dtype=theta.dtype, device=theta.device)
     budget = P * P if budget is None else budget
-    step = None
-    for X, _ in obj.batches():
-        if step is None:  # sub-batch size from the number of outputs
-            with torch.no_grad():
-                C = obj.forward(theta, slice_batch(X, 0, 1)).shape[-1]
-            step = max(1, budget // (2 * C * P))
-        for start in range(0, _n_rows(X), step):
-            J, f = output_jacobians(
-                obj.forward, theta, slice_batch(X, start, start + step)
-            )
-            J, f = J.detach(), f.detach()
-            if obj.likelihood == "regression":
-                Jf = J.reshape(-1, P)
-                G.addmm_(Jf.T, Jf)
-            else:
-                p = torch.softmax(f, dim=-1)
-                A = (p.sqrt()[:, :, None] * J).reshape(-1, P)
-                pJ = torch.einsum("bc,bcp->bp", p, J)
-                G.addmm_(A.T, A).addmm_(pJ.T, pJ, alpha=-1.0)
+    inputs = [X for X, _ in obj.batches()]
+    pieces = []
+    if inputs:  # sub-batch size from the number of outputs
+        with torch.no_grad():
+            C = obj.forward(theta, slice_batch(inputs[0], 0, 1)).shape[-1]
+        step = max(1, budget // (2 * C * P))
+        pieces = [(X, s) for X in inputs for s in range(0, _n_rows(X), step)]
+    for X, start in progress(pieces, desc="[HFL dense curvature]", always=progress_bar):
+        J, f = output_jacobians(obj.forward, theta, slice_batch(X, start, start + step))
+        J, f = J.detach(), f.detach()
+        if obj.likelihood == "regression":
+            Jf = J.reshape(-1, P)
+            G.addmm_(Jf.T, Jf)
+        else:
+            p = torch.softmax(f, dim=-1)
+            A = (p.sqrt()[:, :, None] * J).reshape(-1, P)
+            pJ = torch.einsum("bc,bcp->bp", p, J)
+            G.addmm_(A.T, A).addmm_(pJ.T, pJ, alpha=-1.0)
     G = reduce_data(obj, G)  # summed over processes in a distributed fit
     return 0.5 * (G + G.T)
 
 
-def data_hessian(obj: LaplaceObjective, theta: Tensor, chunk_size: int = 64) -> Tensor:
+def data_hessian(
+    obj: LaplaceObjective,
+    theta: Tensor,
+    chunk_size: int = 64,
+    progress_bar: bool = False,
+) -> Tensor:
     """Exact Hessian of the data term ``sum_n factor * loss_n`` at ``theta``.
 
     Built from ``P`` Hessian-vector products, ``chunk_size`` per pass over the
@@ -174,7 +184,11 @@ def data_hessian(obj: LaplaceObjective, theta: Tensor, chunk_size: int = 64) -> 
                 theta.expand(min(chunk_size, P - i), -1).clone(),
                 eye[i : i + chunk_size],
             )
-            for i in range(0, P, chunk_size)
+            for i in progress(
+                range(0, P, chunk_size),
+                desc="[HFL dense Hessian]",
+                always=progress_bar,
+            )  # fmt: skip
         ]
     )
     return 0.5 * (H + H.T)

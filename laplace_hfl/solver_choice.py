@@ -108,9 +108,18 @@ class SolverMixin:
 
     def _query_step(self, obj: LaplaceObjective, n_outputs: int) -> int:
         """Query points per prediction chunk: ``chunk_size`` directions for the
-        refits; for the dense solver as many as its memory budget allows."""
+        refits; for the dense solver as many as its memory budget allows.
+
+        Called before the prediction loop, it also does the solves' one-time
+        work (the probe of ``"auto"``; the dense factor, or the preconditioner
+        and the refits' base point), so that the first
+        chunk's time predicts the others' (the progress estimate).
+        """
         if self._uses_dense(obj.theta_map.numel(), obj):
+            self._dense(obj)
             return query_rows(obj.theta_map.numel(), max(n_outputs, 1))
+        if self._classic():
+            self._base_point(obj)  # builds the preconditioner too
         return max(1, self.chunk_size // max(n_outputs, 1))
 
     def _dense(self, obj: LaplaceObjective | None = None) -> DenseFactor:
@@ -127,11 +136,11 @@ class SolverMixin:
             obj = self._objective() if obj is None else obj
             if target == "ggn":
                 if self._dense_curv is None:
-                    self._dense_curv = data_ggn(obj)
+                    self._dense_curv = data_ggn(obj, progress_bar=self.progress_bar)
                 curv = self._dense_curv
             else:  # the exact Hessian at the refit's base point (depends on prior)
                 theta = self._base_point(obj).theta
-                curv = data_hessian(obj, theta, self.chunk_size)
+                curv = data_hessian(obj, theta, self.chunk_size, self.progress_bar)
             self._dense_factor = factorize(
                 curv, obj.h_factor, obj.prior_precision, target
             )

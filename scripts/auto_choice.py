@@ -139,7 +139,10 @@ def run_case(name: str) -> dict:
               f"{r['mean_iterations']:6.1f} it", flush=True)  # fmt: skip
     cg_fixed = {k: runs[k]["seconds"] for k in ("cg/none", "cg/kfac", "cg/nystrom")}
     all_fixed = {**cg_fixed, "dense/auto": runs["dense/auto"]["seconds"]}
-    best_cg, best_all = min(cg_fixed, key=cg_fixed.get), min(all_fixed, key=all_fixed.get)
+    best_cg, best_all = (
+        min(cg_fixed, key=cg_fixed.get),
+        min(all_fixed, key=all_fixed.get),
+    )
     return {
         "n_params": P,
         "n_data": int(X.shape[0]),
