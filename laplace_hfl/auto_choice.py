@@ -19,8 +19,8 @@ The probe (:func:`choose`) runs once per fit, at the first solve:
    numbers) fits :func:`~laplace_hfl.dense.dense_budget` (half the device's
    free memory, capped by :data:`laplace_hfl.dense.DENSE_BUDGET`) and its
    estimated time, forming the curvature and factorising it once, is below
-   the estimated time of one chunk of CG refits (``chunk_size`` directions
-   times the probed iterations): the per-direction product time is measured
+   the estimated time of one chunk of CG refits (``chunk_size`` directions,
+   three solves each, times the probed iterations): the per-direction product time is measured
    on a batch of products, and the flop rate of a matrix product of the
    problem's size, so the estimate follows the machine. In a distributed fit
    (where clock times differ between processes) the dense solver is chosen
@@ -61,6 +61,9 @@ PROBE_COLUMNS = 2
 PROBE_MAX_ITER = 60
 #: Products timed together to measure the cost of one direction's product.
 _TIMED_COLUMNS = 16
+#: CG solves per direction in a refit: the first Newton step and the
+#: corrections of the + and - refits (:func:`laplace_hfl.refit.perturbed_refits`).
+_REFIT_SOLVES = 3
 #: Apply cost order for ties: cheaper first.
 _APPLY_ORDER = ("none", "kfac", "nystrom")
 
@@ -274,7 +277,7 @@ def choose(
     if allow_dense and not fits:
         reason += f"; dense: 4 P^2 (P = {P}) exceeds the memory budget"
     elif allow_dense:
-        cg_s = workload * best.iterations * product_s
+        cg_s = _REFIT_SOLVES * workload * best.iterations * product_s
         solver = "dense" if dense_s <= cg_s else "cg"
         reason += (
             f"; dense ~{dense_s:.2g} s once vs CG ~{cg_s:.2g} s per "

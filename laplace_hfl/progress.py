@@ -87,7 +87,8 @@ def progress(items: Sequence[T], *, desc: str, always: bool = False) -> Iterator
                     # (tqdm would otherwise show "1/n [00:00<?, ?it/s]")
                     bar.start_t = bar.last_print_t = wall0
                     bar.update(1)
-                    bar.refresh()
+                    if bar.last_print_n < 1:  # update() did not print
+                        bar.refresh()
             elif bar is not None:
                 bar.update(1)
     finally:

@@ -10,13 +10,16 @@ reason). For each case the JSON records, per auto setting, the ratio of its
 time to the best fixed choice's: ``cg/auto`` against ``cg/{none,kfac,nystrom}``
 and ``auto/auto`` (the defaults) against those and ``dense``. Times are
 wall-clock on whatever machine runs this (say which when quoting them);
-iteration counts are machine-independent.
+iteration counts are machine-independent. Results are written after each
+case into ``--out``, keeping the cases of earlier runs (so that the long cases
+can run one per invocation, each under 10 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -162,11 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
+    path = Path(args.out)
+    old = json.loads(path.read_text())["cases"] if path.exists() else {}
     out = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread, "
-        "shared with other jobs (ratios are from one run)",
+        "command": "python scripts/auto_choice.py --cases NAME ... (each case "
+        "in one run; cases of earlier runs kept)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch thread, shared with other jobs",
         "torch": torch.__version__,
-        "cases": {},
+        "cases": old,
     }
     for name in args.cases:
         print(name, flush=True)
@@ -174,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  -> cg/auto {res['cg_auto_vs_best_cg']:.2f}x best CG "
               f"({res['best_cg']}); auto/auto {res['auto_vs_best_fixed']:.2f}x "
               f"best fixed ({res['best_fixed']})", flush=True)  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
     return 0
 
