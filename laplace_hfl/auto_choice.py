@@ -4,17 +4,17 @@ user's own problem.
 The probe (:func:`choose`) runs once per fit, at the first solve:
 
 1. **Preconditioner.** Every candidate (the Nyström sketch, KFAC where it
-   covers the refit parameters, none) solves the refit system
-   ``(h G + diag(p_0)) u = b`` to the refits' tolerance for
+   covers the refit parameters, none) runs conjugate gradients on the refit
+   system ``(h G + diag(p_0)) u = b`` towards the refits' tolerance for
    :data:`PROBE_COLUMNS` right-hand sides ``b = G omega`` (random directions
-   pushed through the data curvature, like the Jacobian rows of query points).
-   The first candidate may take :data:`PROBE_MAX_ITER` iterations, each later
-   one at most the best count so far (a candidate that needs more has lost):
-   the probe costs a few CG iterations per candidate plus building the
-   candidates, which the chosen one reuses. Fewest iterations wins; a tie goes
-   to the cheaper one to apply (none, then KFAC, then the sketch). Counts, not
-   clock times, decide, so the choice is reproducible (and identical on every
-   process of a distributed fit).
+   pushed through the data curvature, like the Jacobian rows of query
+   points), all candidates in one batched run of :data:`PROBE_MAX_ITER`
+   iterations (one data pass per iteration serves them all). A candidate's
+   iteration count is exact where it converged, else extrapolated from its
+   residual reduction. Fewest iterations wins; a tie goes to the cheaper one
+   to apply (none, then KFAC, then the sketch). The chosen one's data part
+   is kept for the refits. Counts, not clock times, decide, so the choice is
+   reproducible (and identical on every process of a distributed fit).
 2. **Solver.** The dense solver is chosen where its peak memory (``4 P^2``
    numbers) fits :func:`~laplace_hfl.dense.dense_budget` (half the device's
    free memory, capped by :data:`laplace_hfl.dense.DENSE_BUDGET`) and its
@@ -25,6 +25,9 @@ The probe (:func:`choose`) runs once per fit, at the first solve:
    problem's size, so the estimate follows the machine. In a distributed fit
    (where clock times differ between processes) the dense solver is chosen
    when it fits the fixed budget :data:`~laplace_hfl.dense.CHUNK_BUDGET`.
+   Problems whose dense solve costs under :data:`SMALL_DENSE_FLOPS` (a few
+   milliseconds: the test suite's networks) are solved densely without a
+   probe.
 
 The choice, the probed iterations and the estimates are in
 :attr:`AutoChoice.reason`, which :class:`~laplace_hfl.refit.RefitDiagnostics`
@@ -46,6 +49,7 @@ from laplace_hfl.functional import LaplaceObjective, data_only_objective, ggn_ma
 from laplace_hfl.solvers import batched_cg
 
 __all__ = [
+    "SMALL_DENSE_FLOPS",
     "PROBE_COLUMNS",
     "PROBE_MAX_ITER",
     "AutoChoice",
@@ -57,8 +61,11 @@ __all__ = [
 
 #: Right-hand sides solved by each candidate preconditioner.
 PROBE_COLUMNS = 2
-#: Iterations the first candidate may take; later ones at most the best count.
-PROBE_MAX_ITER = 60
+#: CG iterations of the probe (all candidates together).
+PROBE_MAX_ITER = 15
+#: Dense problems this small (``2 N C P^2 + P^3`` flops, milliseconds) are
+#: solved densely without a probe, which would cost more than they do.
+SMALL_DENSE_FLOPS = 1e8
 #: Products timed together to measure the cost of one direction's product.
 _TIMED_COLUMNS = 16
 #: CG solves per direction in a refit: the first Newton step and the
@@ -133,29 +140,51 @@ def probe_iterations(
     obj: LaplaceObjective,
     B: Tensor,
     rtol: float,
-    cap: int,
-    precond: Callable[[Tensor], Tensor] | None,
-) -> tuple[float, bool]:
+    max_iter: int,
+    preconds: list[Callable[[Tensor], Tensor] | None],
+) -> list[tuple[float, bool]]:
     """CG iterations to solve ``(h G + diag(p_0)) u = b`` for the rows of
-    ``B`` to ``rtol ||b||``, at most ``cap``.
+    ``B`` to ``rtol ||b||`` with each preconditioner of ``preconds``, all in
+    one batched CG run of at most ``max_iter`` iterations (one GGN-vector
+    product pass per iteration serves every candidate).
 
     Returns
     -------
-    iterations : float
-        The largest count over the rows, or (cap reached) the extrapolation
-        ``cap log(rtol) / log(r)`` from the worst relative residual ``r``.
-    converged : bool
+    list of (iterations, converged)
+        Per preconditioner: the largest count over the rows when they all
+        converged, else the extrapolation ``max_iter log(rtol) / log(r)``
+        from the worst relative residual ``r`` (``inf`` without reduction).
     """
-    norm = B.norm(dim=1)
-    res = batched_cg(
-        lambda idx, X: ggn_matvec(obj, X), B, rtol * norm, max(cap, 1), precond
-    )
-    if bool(res.converged.all()):
-        return float(res.iterations.max()), True
-    r = float((res.residual_norm / norm).max())
-    if not 0 < r < 1:
-        return math.inf, False
-    return max(cap, 1) * math.log(rtol) / math.log(r), False
+    m, k = B.shape[0], len(preconds)
+    group = torch.arange(k, device=B.device).repeat_interleave(m)
+    rows = {"idx": None}  # the active rows of the current iteration
+
+    def matvec(idx: Tensor, X: Tensor) -> Tensor:
+        rows["idx"] = idx  # batched_cg preconditions these rows next
+        return ggn_matvec(obj, X)
+
+    def precond(R: Tensor) -> Tensor:
+        g = group if rows["idx"] is None else group[rows["idx"]]
+        out = R.clone()
+        for i, M in enumerate(preconds):
+            sel = g == i
+            if M is not None and bool(sel.any()):
+                out[sel] = M(R[sel])
+        return out
+
+    Bs = B.repeat(k, 1)
+    norm = Bs.norm(dim=1)
+    res = batched_cg(matvec, Bs, rtol * norm, max(max_iter, 1), precond)
+    out = []
+    for i in range(k):
+        sel = group == i
+        if bool(res.converged[sel].all()):
+            out.append((float(res.iterations[sel].max()), True))
+            continue
+        r = float((res.residual_norm[sel] / norm[sel]).max())
+        its = max_iter * math.log(rtol) / math.log(r) if 0 < r < 1 else math.inf
+        out.append((its, False))
+    return out
 
 
 def _flops_per_second(n: int, like: Tensor) -> float:
@@ -235,14 +264,23 @@ def choose(
     AutoChoice
     """
     P = obj.theta_map.numel()
-    B, product_s = probe_rhs(obj, min(_TIMED_COLUMNS, max(workload, 1)))
-    B = B[:PROBE_COLUMNS]
     if obj.reduce is not None:  # no clock times or free memory: same everywhere
         fits = allow_dense and dense_fits(P, CHUNK_BUDGET if budget is None else budget)
         if fits:
             return AutoChoice("dense", "none", f"dense: 4 P^2 (P = {P}) fits")
     else:
         fits = allow_dense and dense_fits(P, budget, like=obj.theta_map)
+    dense_flops = 2.0 * n_rows * P * P + P**3
+    if fits and target == "ggn" and dense_flops <= SMALL_DENSE_FLOPS:
+        return AutoChoice(
+            "dense",
+            "none",
+            f"dense: 2 N C P^2 + P^3 = {dense_flops:.1e} flops (P = {P}), "
+            "less than a probe would cost",
+        )
+    n_rhs = min(_TIMED_COLUMNS, max(workload, 1)) if fits else PROBE_COLUMNS
+    B, product_s = probe_rhs(obj, n_rhs)
+    B = B[:PROBE_COLUMNS]
     dense_s = math.inf
     if fits:
         flops = _flops_per_second(P, obj.theta_map)
@@ -254,13 +292,11 @@ def choose(
                 f"dense: ~{dense_s:.2g} s once, less than one CG iteration of "
                 f"{workload} directions ({product_s:.2g} s per product)",
             )
-    probes: list[Probe] = []
-    cap = PROBE_MAX_ITER
-    for name, build in candidates.items():
-        iters, ok = probe_iterations(obj, B, rtol, cap, build())
-        probes.append(Probe(name, iters, ok))
-        if ok:
-            cap = min(cap, int(iters) + 1)
+    names = list(candidates)
+    counts = probe_iterations(
+        obj, B, rtol, PROBE_MAX_ITER, [candidates[n]() for n in names]
+    )
+    probes = [Probe(n, its, ok) for n, (its, ok) in zip(names, counts)]
     best = min(
         probes,
         key=lambda p: (
