@@ -9,7 +9,10 @@ The probe (:func:`choose`) runs once per fit, at the first solve:
    :data:`PROBE_COLUMNS` right-hand sides ``b = G omega`` (random directions
    pushed through the data curvature, like the Jacobian rows of query
    points), all candidates in one batched run of :data:`PROBE_MAX_ITER`
-   iterations (one data pass per iteration serves them all). A candidate's
+   iterations (one data pass per iteration serves them all), stopped as soon
+   as one candidate has converged (the others are slower); KFAC, the
+   costliest to build, only when the others need more than
+   :data:`KFAC_WORTH_ITERATIONS`. A candidate's
    iteration count is exact where it converged, else extrapolated from its
    residual reduction. Fewest iterations wins; a tie goes to the cheaper one
    to apply (none, then KFAC, then the sketch). The chosen one's data part
@@ -63,6 +66,9 @@ __all__ = [
 PROBE_COLUMNS = 2
 #: CG iterations of the probe (all candidates together).
 PROBE_MAX_ITER = 15
+#: KFAC (the costliest candidate to build: a pass with a backward per output)
+#: is probed only when the other candidates need more iterations than this.
+KFAC_WORTH_ITERATIONS = 5
 #: Dense problems this small (``2 N C P^2 + P^3`` flops, milliseconds) are
 #: solved densely without a probe, which would cost more than they do.
 SMALL_DENSE_FLOPS = 1e8
@@ -136,6 +142,14 @@ def probe_rhs(obj: LaplaceObjective, n: int, seed: int = 0) -> tuple[Tensor, flo
     return B, (time.perf_counter() - t0) / n
 
 
+class _Decided(Exception):
+    """A candidate converged: the others are slower, the probe can stop."""
+
+    def __init__(self, iterations: int, done: list[int]) -> None:
+        super().__init__(iterations)
+        self.iterations, self.done = iterations, done
+
+
 def probe_iterations(
     obj: LaplaceObjective,
     B: Tensor,
@@ -145,26 +159,34 @@ def probe_iterations(
 ) -> list[tuple[float, bool]]:
     """CG iterations to solve ``(h G + diag(p_0)) u = b`` for the rows of
     ``B`` to ``rtol ||b||`` with each preconditioner of ``preconds``, all in
-    one batched CG run of at most ``max_iter`` iterations (one GGN-vector
-    product pass per iteration serves every candidate).
+    one batched CG run (one GGN-vector product pass per iteration serves
+    every candidate) that stops when the first candidate has converged on
+    every row, or after ``max_iter`` iterations.
 
     Returns
     -------
     list of (iterations, converged)
-        Per preconditioner: the largest count over the rows when they all
-        converged, else the extrapolation ``max_iter log(rtol) / log(r)``
-        from the worst relative residual ``r`` (``inf`` without reduction).
+        Per preconditioner: the largest count over the rows where they all
+        converged; for the others, when the run stopped at the first
+        candidate's convergence after ``t`` iterations, ``t + 1`` (a lower
+        bound), else (``max_iter`` reached) the extrapolation
+        ``max_iter log(rtol) / log(r)`` from the worst relative residual
+        ``r`` (``inf`` without reduction).
     """
     m, k = B.shape[0], len(preconds)
     group = torch.arange(k, device=B.device).repeat_interleave(m)
-    rows = {"idx": None}  # the active rows of the current iteration
+    state = {"idx": None, "calls": 0}  # the active rows of this iteration
 
     def matvec(idx: Tensor, X: Tensor) -> Tensor:
-        rows["idx"] = idx  # batched_cg preconditions these rows next
+        if state["calls"] and k > 1:
+            done = sorted(set(range(k)) - set(group[idx].tolist()))
+            if done:
+                raise _Decided(state["calls"], done)
+        state["idx"], state["calls"] = idx, state["calls"] + 1
         return ggn_matvec(obj, X)
 
     def precond(R: Tensor) -> Tensor:
-        g = group if rows["idx"] is None else group[rows["idx"]]
+        g = group if state["idx"] is None else group[state["idx"]]
         out = R.clone()
         for i, M in enumerate(preconds):
             sel = g == i
@@ -174,7 +196,13 @@ def probe_iterations(
 
     Bs = B.repeat(k, 1)
     norm = Bs.norm(dim=1)
-    res = batched_cg(matvec, Bs, rtol * norm, max(max_iter, 1), precond)
+    try:
+        res = batched_cg(matvec, Bs, rtol * norm, max(max_iter, 1), precond)
+    except _Decided as stop:
+        t = stop.iterations
+        return [
+            (float(t), True) if i in stop.done else (t + 1.0, False) for i in range(k)
+        ]
     out = []
     for i in range(k):
         sel = group == i
@@ -185,6 +213,18 @@ def probe_iterations(
         its = max_iter * math.log(rtol) / math.log(r) if 0 < r < 1 else math.inf
         out.append((its, False))
     return out
+
+
+def _probe(
+    obj: LaplaceObjective,
+    B: Tensor,
+    rtol: float,
+    candidates: dict[str, Callable[[], Callable[[Tensor], Tensor] | None]],
+    names: list[str],
+    max_iter: int,
+) -> list[tuple[float, bool]]:
+    preconds = [candidates[n]() for n in names]
+    return probe_iterations(obj, B, rtol, max_iter, preconds)
 
 
 def _flops_per_second(n: int, like: Tensor) -> float:
@@ -293,10 +333,18 @@ def choose(
                 f"{workload} directions ({product_s:.2g} s per product)",
             )
     names = list(candidates)
-    counts = probe_iterations(
-        obj, B, rtol, PROBE_MAX_ITER, [candidates[n]() for n in names]
-    )
-    probes = [Probe(n, its, ok) for n, (its, ok) in zip(names, counts)]
+    first = [n for n in names if n != "kfac"] or names
+    counts = dict(zip(first, _probe(obj, B, rtol, candidates, first, PROBE_MAX_ITER)))
+    rest = [n for n in names if n not in counts]
+    skipped = ""
+    best_its = min(its for its, _ in counts.values())
+    if rest and best_its > KFAC_WORTH_ITERATIONS:
+        # it only has to beat best_its: a longer run would not change the choice
+        cap = min(PROBE_MAX_ITER, math.ceil(best_its))
+        counts.update(zip(rest, _probe(obj, B, rtol, candidates, rest, cap)))
+    elif rest:
+        skipped = f"; {', '.join(rest)} not built (<= {KFAC_WORTH_ITERATIONS} to save)"
+    probes = [Probe(n, *counts[n]) for n in names if n in counts]
     best = min(
         probes,
         key=lambda p: (
@@ -305,10 +353,9 @@ def choose(
         ),
     )
     shown = ", ".join(
-        f"{p.name} {p.iterations:.0f}{'' if p.converged else '+ (extrapolated)'}"
-        for p in probes
+        f"{p.name} {p.iterations:.0f}{'' if p.converged else '+'}" for p in probes
     )
-    reason = f"CG iterations to rtol on {B.shape[0]} probe directions: {shown}"
+    reason = f"CG iterations to rtol on {B.shape[0]} probe directions: {shown}{skipped}"
     solver = "cg"
     if allow_dense and not fits:
         reason += f"; dense: 4 P^2 (P = {P}) exceeds the memory budget"

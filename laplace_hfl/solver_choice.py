@@ -54,6 +54,7 @@ class SolverMixin:
 
     def _reset_solver_caches(self) -> None:
         self._sketch = None
+        self._sketch_rank: int | None = None
         self._kfac = None
         self._dense_curv = None
         self._dense_curv_key: tuple | None = None
@@ -252,8 +253,11 @@ class SolverMixin:
             return kfac_apply(self._kfac, obj.h_factor, obj.prior_precision)
         if name == "nystrom":
             rank = self._rank(obj.theta_map.numel())
-            if self._sketch is None or self._sketch.U.shape[1] != rank:
+            # keyed by the rank asked for: the sketch may keep fewer columns
+            # (directions a rank-deficient GGN does not resolve)
+            if self._sketch is None or self._sketch_rank != rank:
                 self._sketch = nystrom_sketch(obj, rank, chunk_size=self.chunk_size)
+                self._sketch_rank = rank
             return nystrom_apply(self._sketch, obj.h_factor, obj.prior_precision)
         return None
 
