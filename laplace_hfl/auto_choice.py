@@ -10,9 +10,9 @@ The probe (:func:`choose`) runs once per fit, at the first solve:
    pushed through the data curvature, like the Jacobian rows of query
    points), all candidates in one batched run of :data:`PROBE_MAX_ITER`
    iterations (one data pass per iteration serves them all), stopped as soon
-   as one candidate has converged (the others are slower); KFAC, the
-   costliest to build, only when the others need more than
-   :data:`KFAC_WORTH_ITERATIONS`. A candidate's
+   as one candidate has converged (the others are slower). KFAC, the
+   costliest to build, is left out when the others converge within
+   :data:`KFAC_WORTH_ITERATIONS` (a first run of that length). A candidate's
    iteration count is exact where it converged, else extrapolated from its
    residual reduction. Fewest iterations wins; a tie goes to the cheaper one
    to apply (none, then KFAC, then the sketch). The chosen one's data part
@@ -23,9 +23,10 @@ The probe (:func:`choose`) runs once per fit, at the first solve:
    free memory, capped by :data:`laplace_hfl.dense.DENSE_BUDGET`) and its
    estimated time, forming the curvature and factorising it once, is below
    the estimated time of one chunk of CG refits (``chunk_size`` directions,
-   three solves each, times the probed iterations): the per-direction product time is measured
-   on a batch of products, and the flop rate of a matrix product of the
-   problem's size, so the estimate follows the machine. In a distributed fit
+   three solves each, times the probed iterations): the per-direction
+   product time is measured on a batch of products, and the flop rate of a
+   matrix product of the problem's size, so the estimate follows the
+   machine. In a distributed fit
    (where clock times differ between processes) the dense solver is chosen
    when it fits the fixed budget :data:`~laplace_hfl.dense.CHUNK_BUDGET`.
    Problems whose dense solve costs under :data:`SMALL_DENSE_FLOPS` (a few
@@ -65,9 +66,9 @@ __all__ = [
 #: Right-hand sides solved by each candidate preconditioner.
 PROBE_COLUMNS = 2
 #: CG iterations of the probe (all candidates together).
-PROBE_MAX_ITER = 15
+PROBE_MAX_ITER = 10
 #: KFAC (the costliest candidate to build: a pass with a backward per output)
-#: is probed only when the other candidates need more iterations than this.
+#: is probed only when no other candidate converges within this many iterations.
 KFAC_WORTH_ITERATIONS = 5
 #: Dense problems this small (``2 N C P^2 + P^3`` flops, milliseconds) are
 #: solved densely without a probe, which would cost more than they do.
@@ -333,17 +334,17 @@ def choose(
                 f"{workload} directions ({product_s:.2g} s per product)",
             )
     names = list(candidates)
-    first = [n for n in names if n != "kfac"] or names
-    counts = dict(zip(first, _probe(obj, B, rtol, candidates, first, PROBE_MAX_ITER)))
-    rest = [n for n in names if n not in counts]
-    skipped = ""
-    best_its = min(its for its, _ in counts.values())
-    if rest and best_its > KFAC_WORTH_ITERATIONS:
-        # it only has to beat best_its: a longer run would not change the choice
-        cap = min(PROBE_MAX_ITER, math.ceil(best_its))
-        counts.update(zip(rest, _probe(obj, B, rtol, candidates, rest, cap)))
-    elif rest:
-        skipped = f"; {', '.join(rest)} not built (<= {KFAC_WORTH_ITERATIONS} to save)"
+    first = [n for n in names if n != "kfac"]
+    counts, skipped = {}, ""
+    if first and len(first) < len(names):  # try without KFAC first
+        found = _probe(obj, B, rtol, candidates, first, KFAC_WORTH_ITERATIONS)
+        if any(ok for _, ok in found):
+            counts = dict(zip(first, found))
+            skipped = f"; kfac not built (<= {KFAC_WORTH_ITERATIONS} to save)"
+    if not counts:
+        counts = dict(
+            zip(names, _probe(obj, B, rtol, candidates, names, PROBE_MAX_ITER))
+        )
     probes = [Probe(n, *counts[n]) for n in names if n in counts]
     best = min(
         probes,
