@@ -84,7 +84,11 @@ def test_kfac_keeps_answer_and_auto_takes_fewest_iterations(classification):
     fewest = min(("none", "kfac", "nystrom"), key=lambda n: out[n][1])
     assert out["auto"][2] == fewest
     assert out["auto"][1] == out[fewest][1]
-    assert "CG iterations" in la.last_diagnostics.choice
+    d = la.last_diagnostics
+    assert "CG iterations" in d.choice
+    # one line, whatever the number of refits; the tensors stay attributes
+    assert "\n" not in repr(d) and d.summary() in repr(d)
+    assert f"{int(d.converged.sum())}/{d.converged.numel()} refits converged" in repr(d)
     assert_unchanged(model, snap)
 
 
