@@ -101,6 +101,8 @@ def family_grid(
     for fam, names in groups.items():
         for i in range(0, len(names), max_cols):
             rows.append((fam, names[i : i + max_cols]))
+    if len(rows) > 1 and all(len(names) == 1 for _, names in rows):
+        return _singleton_grid(rows, max_cols, size, share)
     ncols = max((len(r[1]) for r in rows), default=1)
     fig, axes = plt.subplots(
         max(len(rows), 1), ncols, figsize=(size * ncols, size * 0.85 * max(len(rows), 1)),
@@ -116,4 +118,25 @@ def family_grid(
         axes[r, 0].set_ylabel(
             FAMILY_TITLES.get(fam, fam), fontsize=9, fontweight="bold"
         )
+    return fig, out
+
+
+def _singleton_grid(
+    rows: list[tuple[str, list[str]]], max_cols: int, size: float, share: bool
+) -> tuple[Figure, dict[str, Axes]]:
+    """One method per family: the panels side by side (rows of ``max_cols``)
+    instead of a one-column stack, each labelled with its family."""
+    ncols = min(max_cols, len(rows))
+    nrows = math.ceil(len(rows) / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size * ncols, size * 0.85 * nrows), squeeze=False,
+        sharex=share, sharey=share,
+    )  # fmt: skip
+    flat = list(axes.flat)
+    out: dict[str, Axes] = {}
+    for ax, (fam, names) in zip(flat, rows):
+        out[names[0]] = ax
+        ax.set_ylabel(FAMILY_TITLES.get(fam, fam), fontsize=9, fontweight="bold")
+    for ax in flat[len(rows) :]:
+        ax.axis("off")
     return fig, out
