@@ -29,6 +29,9 @@ The probe (:func:`choose`) runs once per fit, at the first solve:
    machine. In a distributed fit
    (where clock times differ between processes) the dense solver is chosen
    when it fits the fixed budget :data:`~laplace_hfl.dense.CHUNK_BUDGET`.
+   With ``target="hessian"`` (Newton refits of the network, whose cost a
+   linear probe does not predict) the dense solver is chosen where it fits
+   :data:`~laplace_hfl.dense.CHUNK_BUDGET` (``P <= 2896``), CG above.
    Problems whose dense solve costs under :data:`SMALL_DENSE_FLOPS` (a few
    milliseconds: the test suite's networks) are solved densely without a
    probe.
@@ -241,23 +244,14 @@ def _flops_per_second(n: int, like: Tensor) -> float:
 
 
 def _dense_seconds(
-    n_params: int,
-    n_outputs: int,
-    n_rows: int,
-    product_s: float,
-    flops: float,
-    target: str,
+    n_params: int, n_outputs: int, n_rows: int, product_s: float, flops: float
 ) -> float:
-    """Forming the curvature and factorising it: ``G = J^T Lambda J`` from
+    """Forming the GGN and factorising it: ``G = J^T Lambda J`` from
     per-example Jacobians (``C`` backward passes over the data, about one
-    product each) and ``2 N C P^2`` flops, or the Hessian from ``P``
-    Hessian-vector products (about two products each); then Cholesky and
-    inverse (``P^3 / 3 + 2 P^3 / 3``)."""
+    product each) and ``2 N C P^2`` flops, then Cholesky and inverse
+    (``P^3 / 3 + 2 P^3 / 3``)."""
     P = n_params
-    if target == "ggn":
-        form = n_outputs * product_s + 2.0 * n_rows * P * P / flops
-    else:
-        form = 2.0 * P * product_s
+    form = n_outputs * product_s + 2.0 * n_rows * P * P / flops
     return form + P**3 / flops
 
 
@@ -311,8 +305,17 @@ def choose(
             return AutoChoice("dense", "none", f"dense: 4 P^2 (P = {P}) fits")
     else:
         fits = allow_dense and dense_fits(P, budget, like=obj.theta_map)
+    if fits and target != "ggn":
+        # network refits: Newton steps on the exact Hessian, whose cost a
+        # linear probe does not predict; dense up to the fixed budget
+        if dense_fits(P, CHUNK_BUDGET):
+            return AutoChoice(
+                "dense", "none", f"dense: target={target!r} and 4 P^2 (P = {P}) "
+                "fits laplace_hfl.dense.CHUNK_BUDGET",
+            )  # fmt: skip
+        fits = False
     dense_flops = 2.0 * n_rows * P * P + P**3
-    if fits and target == "ggn" and dense_flops <= SMALL_DENSE_FLOPS:
+    if fits and dense_flops <= SMALL_DENSE_FLOPS:
         return AutoChoice(
             "dense",
             "none",
@@ -325,7 +328,7 @@ def choose(
     dense_s = math.inf
     if fits:
         flops = _flops_per_second(P, obj.theta_map)
-        dense_s = _dense_seconds(P, n_outputs, n_rows, product_s, flops, target)
+        dense_s = _dense_seconds(P, n_outputs, n_rows, product_s, flops)
         if dense_s <= workload * product_s:  # below one CG iteration per direction
             return AutoChoice(
                 "dense",

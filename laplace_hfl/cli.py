@@ -210,18 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``laplace-hfl`` for ``argv`` (the console script's commands).
-
-    Parameters
-    ----------
-    argv : sequence of str, optional
-        Arguments (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        Exit code (also what the console script exits with).
-    """
+    """Parse ``argv`` (default ``sys.argv[1:]``) with every subcommand's
+    parser and run the command; returns its exit code. The console script
+    (:func:`laplace_hfl_cli.main`) calls this for commands."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
