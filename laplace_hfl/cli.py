@@ -58,7 +58,7 @@ def add_compare_parser(
             "approximations (BackPACK, ASDL, curvlinops backends) on offline "
             "tasks with shared hyperparameters; print a table and write CSV, "
             "JSON and PNG figures. Default: tasks inbetween and moons, all "
-            "methods, fixed hyperparameters (under 3 minutes on 2 CPU cores)."
+            "methods, fixed hyperparameters (59-113 s measured on 2 shared CPU cores)."
         ),
     )
     p.add_argument(

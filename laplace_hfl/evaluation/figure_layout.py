@@ -23,6 +23,7 @@ __all__ = [
     "LINESTYLES",
     "colors",
     "family_grid",
+    "finish_figure",
     "group_by_family",
     "method_family",
     "panel_grid",
@@ -43,6 +44,17 @@ def panel_grid(n: int, ncols: int = 5, size: float = 2.6) -> tuple[Figure, list]
     return fig, axes
 
 
+def finish_figure(fig: Figure, title: str, path: str | os.PathLike | None) -> None:
+    """Title above the panels (room kept for it, so it covers no panel
+    title), tight layout, then :func:`save_figure`."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_size_inches()[1]))
+    else:
+        fig.tight_layout()
+    save_figure(fig, path)
+
+
 def save_figure(fig: Figure, path: str | os.PathLike | None) -> None:
     """Write ``fig`` to ``path`` (folders created) unless ``path`` is None."""
     if path is not None:
@@ -59,6 +71,7 @@ FAMILY_TITLES = {
     "diag": "diagonal",
     "ll": "last-layer Laplace",
     "map": "MAP",
+    "gp": "function space (GP)",
 }
 LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 

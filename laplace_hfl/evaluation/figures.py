@@ -25,6 +25,7 @@ from laplace_hfl.evaluation.figure_layout import (  # noqa: E402
     LINESTYLES,
     colors,
     family_grid,
+    finish_figure,
     group_by_family,
     method_family,
     panel_grid,
@@ -112,10 +113,7 @@ def plot_predictive_bands(
         ax.set_ylim(lo, hi)
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=6)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, title, path)
     return fig
 
 
@@ -157,19 +155,17 @@ def plot_reliability(
         count.index_add_(0, idx, torch.ones_like(correct, dtype=torch.float32))
         frac = (acc / count.clamp_min(1)).numpy()
         ax.bar(centers, frac, width=1 / n_bins, edgecolor="k", lw=0.3, alpha=0.8)
-        for c, f, k in zip(centers, frac, count.tolist()):
+        for c, k in zip(centers, count.tolist()):
             if k > 0:  # points per bin: an empty or thin bin says little
-                ax.text(c, min(f, 0.9) + 0.02, f"{int(k)}", ha="center",
-                        va="bottom", fontsize=4.5, rotation=90)  # fmt: skip
+                ax.text(c, 0.03, f"{int(k)}", ha="center", va="bottom",
+                        fontsize=6, rotation=90, color="w")  # fmt: skip
         ax.plot([0, 1], [0, 1], "r--", lw=0.8)
-        ax.set_xlim(0, 1)
+        # the top-label confidence is at least 1 / classes
+        ax.set_xlim(1.0 / p.probs.shape[-1], 1)
         ax.set_ylim(0, 1)
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=6)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, title, path)
     return fig
 
 
@@ -218,10 +214,7 @@ def plot_variance_scatter(
         ax.yaxis.set_minor_formatter(NullFormatter())
     fig.supylabel("method variance", fontsize=8)
     fig.supxlabel(f"reference variance ({reference})", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, title, path)
     return fig
 
 
@@ -357,10 +350,7 @@ def plot_predictive_std(
                  bbox_to_anchor=(0.5, -0.22 if bottom else -0.04))  # fmt: skip
     for a in axes[:, 0]:
         a.set_ylabel("epistemic sd  sqrt(f_var)", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, title, path)
     return fig
 
 
