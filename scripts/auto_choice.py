@@ -2,7 +2,7 @@
 in one run: ``python scripts/auto_choice.py [--out FILE] [--cases NAME ...]``.
 
 Cases: the 5-20-1 tanh regression net (P = 141, N = 200), a digits MLP
-(64-64-10, P = 4,810, N = 1,000 of sklearn's digits), the diabetes MLP
+(64-64-10, P = 4,810, N = 600 of sklearn's digits), the diabetes MLP
 (10-64-64-1, P = 4,929, N = 442) and the test suite's tiny networks. Each
 configuration is a fresh ``Laplace(..., "all", "hfl")``: fit, then the GLM
 predictive of 10 query points (wall time, CG iterations, the choice and its
@@ -60,8 +60,8 @@ def _digits_mlp():
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X[:1000] / 16.0, dtype=torch.float32)
-    y = torch.tensor(y[:1000])
+    X = torch.tensor(X[:600] / 16.0, dtype=torch.float32)
+    y = torch.tensor(y[:600])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
     train_realistic(model, X, y, "classification", epochs=30)
