@@ -188,11 +188,11 @@ def test_frozen_layer_still_supported(classification):
 def test_auto_prefers_the_sketch_when_data_cannot_determine_all_weights(
     classification,
 ):
-    """``preconditioner="auto"``: KFAC only where N * outputs >= P. With fewer
-    data than parameters the GGN is zero on P - N C directions, where A is the
-    prior exactly; KFAC is full rank there and slows CG down (LeNet: > 1,000
-    iterations vs ~450 plain). On this net (P = 51) 12 points give N C = 36 < P:
-    the Nyström sketch is chosen, and the answer is the same."""
+    """``preconditioner="auto"`` with fewer data than parameters: the GGN is
+    zero on P - N C directions, where A is the prior exactly; KFAC is full rank
+    there and slows CG down (LeNet: > 1,000 iterations vs ~450 plain). On this
+    net (P = 51) 12 points give N C = 36 < P: the probe picks the Nyström
+    sketch, and the answer is the same."""
     model, X, y = classification
     X, y = X[:12], y[:12]
     P = sum(p.numel() for p in model.parameters())
