@@ -6,9 +6,10 @@ Adam on a fixed random regression problem with ``N`` points, for each width
 ``w`` and ``N``; each method (laplace-torch's ``FullLaplace`` with
 ``CurvlinopsGGN``, its ``KronLaplace``, and HFL with every option at its
 default) is fitted on the same model and predicts the GLM variance of 10 query
-points. Recorded: wall time of fit + predict (one run each, the machine shared
-with other jobs: say so when quoting), the median relative error of the
-variances against FullLaplace's, and HFL's choice. Writes JSON (default
+points, then of 500 (``N_QUERY``). Recorded: wall times of the fit and of each
+prediction (one run each, the machine shared with other jobs: say so when
+quoting), the median relative error of the 500 variances against
+FullLaplace's, and HFL's choice. Writes JSON (default
 ``benchmarks/results/hfl_vs_full.json``); the README's "HFL or FullLaplace /
 KFAC?" section quotes it.
 """
@@ -35,6 +36,8 @@ from laplace_hfl.evaluation.training import train_realistic
 WIDTHS = (16, 32, 64)
 N_DATA = (200, 2000)
 METHODS = {"full": "full", "kfac": "kron", "hfl": "hfl"}
+#: Query points predicted after one fit: a few, then many.
+N_QUERY = (10, 500)
 
 
 def _case(width: int, n: int):
@@ -47,7 +50,8 @@ def _case(width: int, n: int):
         nn.Linear(width, 1),
     )  # fmt: skip
     train_realistic(model, X, y, "regression", epochs=max(1, 4000 // n))
-    return model, X, y, X[:10] + 0.5
+    Xq = torch.randn(N_QUERY[-1], 10, generator=g)
+    return model, X, y, Xq
 
 
 def run(width: int, n: int) -> dict:
@@ -60,8 +64,12 @@ def run(width: int, n: int) -> dict:
         la = Laplace(model, "regression", "all", structure, prior_precision=1.0)
         t0 = time.perf_counter()
         la.fit(loader)
-        _, v = la._glm_predictive_distribution(Xq)
-        out[f"{name}_s"] = time.perf_counter() - t0
+        out[f"{name}_fit_s"] = time.perf_counter() - t0
+        for q in N_QUERY:  # after the fit: first a few queries, then many
+            t0 = time.perf_counter()
+            _, v = la._glm_predictive_distribution(Xq[:q])
+            out[f"{name}_predict_{q}_s"] = time.perf_counter() - t0
+        out[f"{name}_s"] = out[f"{name}_fit_s"] + out[f"{name}_predict_10_s"]
         var[name] = v.flatten().double()
         if name == "hfl":
             out["hfl_choice"] = la.last_diagnostics.choice
@@ -82,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         for w in WIDTHS:
             r = run(w, n)
             rows.append(r)
-            print(f"P={r['n_params']:6d} N={n:5d}  full {r['full_s']:6.2f} s  "
-                  f"kfac {r['kfac_s']:6.2f} s (err {r['kfac_rel_err']:.2f})  "
-                  f"hfl {r['hfl_s']:6.2f} s (err {r['hfl_rel_err']:.1e})  "
-                  f"{r['hfl_choice'].split(':')[0]}", flush=True)  # fmt: skip
+            q = N_QUERY[-1]
+            print(f"P={r['n_params']:6d} N={n:5d}  fit + 10 queries / + {q} more: "
+                  f"full {r['full_s']:6.2f} / {r[f'full_predict_{q}_s']:6.2f} s  "
+                  f"kfac {r['kfac_s']:5.2f} / {r[f'kfac_predict_{q}_s']:5.2f} s "
+                  f"(err {r['kfac_rel_err']:.2f})  "
+                  f"hfl {r['hfl_s']:6.2f} / {r[f'hfl_predict_{q}_s']:6.2f} s "
+                  f"(err {r['hfl_rel_err']:.1e}) {r['hfl_choice'].split(':')[0]}",
+                  flush=True)  # fmt: skip
     out = {
         "command": "python scripts/hfl_vs_full.py",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, 1 torch thread, "
