@@ -88,7 +88,10 @@ HFL_OPTIONS_DOC = """
         ``laplace_hfl.dense.DENSE_BUDGET`` when set) and the dense solver's
         one-off cost, estimated from a timed GGN-vector product and the
         measured flop rate, is below one chunk of CG refits (with the probed
-        iterations); ``"cg"`` otherwise. Same answer, to the CG tolerance
+        iterations); ``"cg"`` otherwise. Problems under 1e8 flops go dense
+        without a probe; with ``target="hessian"`` ``"auto"`` is dense up to
+        ``P = 2896`` (``laplace_hfl.dense.CHUNK_BUDGET``), whose Newton refits
+        a linear probe cannot price. Same answer, to the CG tolerance
         (and, for ``target="hessian"``, without the ``O(eps^2)`` bias of the
         central differences). Amortised and minibatch modes keep their own
         paths. The choice and its reason: ``la.last_diagnostics.choice``.
