@@ -138,7 +138,8 @@ def _singleton_grid(
     rows: list[tuple[str, list[str]]], max_cols: int, size: float, share: bool
 ) -> tuple[Figure, dict[str, Axes]]:
     """One method per family: the panels side by side (rows of ``max_cols``)
-    instead of a one-column stack, each labelled with its family."""
+    instead of a one-column stack, each labelled with its family (unless the
+    family is the method's own name)."""
     ncols = min(max_cols, len(rows))
     nrows = math.ceil(len(rows) / ncols)
     fig, axes = plt.subplots(
@@ -149,7 +150,9 @@ def _singleton_grid(
     out: dict[str, Axes] = {}
     for ax, (fam, names) in zip(flat, rows):
         out[names[0]] = ax
-        ax.set_ylabel(FAMILY_TITLES.get(fam, fam), fontsize=9, fontweight="bold")
+        label = FAMILY_TITLES.get(fam, fam)
+        if label != names[0]:  # a family of its own says nothing new
+            ax.set_ylabel(label, fontsize=9, fontweight="bold")
     for ax in flat[len(rows) :]:
         ax.axis("off")
     return fig, out
