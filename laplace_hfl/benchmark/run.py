@@ -274,6 +274,8 @@ def run(mode: str = "full", out_dir: str | Path = "benchmarks/results") -> dict:
         }
     }  # fmt: skip
     warnings.simplefilter("ignore")
+    _log(f"{mode} run, results to {out_dir}/: training the in-between and digits "
+         "models, then the float64 references")  # fmt: skip
     ib = C.in_between(steps=cfg["in_between_steps"])
     dg = C.digits(n_query=cfg["digits_queries"])
     ref_ib, ref_dg = _reference(ib), _reference(dg)
@@ -316,6 +318,8 @@ def update(sections: list[str], mode: str, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     results = json.loads((out_dir / "results.json").read_text())
     warnings.simplefilter("ignore")
+    _log(f"{mode} run, results to {out_dir}/: training the in-between and digits "
+         "models, then the float64 references")  # fmt: skip
     ib = C.in_between(steps=cfg["in_between_steps"])
     if "accuracy_exact" in sections:
         results["accuracy_exact"] = accuracy_exact(ib, _reference(ib), cfg)
