@@ -8,16 +8,24 @@ laplace-torch that discovers structures by entry point (group
 
 from __future__ import annotations
 
+import os
 import warnings
 
 with warnings.catch_warnings():
-    # asdl (a laplace-torch backend) calls the deprecated ``torch.jit.script``
-    # when laplace-torch is imported; the FutureWarning is not actionable for
-    # users of this package (or of the ``laplace-hfl`` CLI, ``--help`` included).
+    # The deprecated ``torch.jit.script`` is called at import time by asdl (a
+    # laplace-torch backend, on ``import laplace``) and by torch's own
+    # ``torch._decomp.decompositions_for_jvp``, which forward-mode AD loads
+    # on the first ``jvp`` (every GGN product: the first CG refit,
+    # ``pred_type="nn"``, ``target="hessian"``). Both are imported here, once,
+    # with that FutureWarning (not actionable for users) silenced.
     warnings.filterwarnings(
         "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
     )
     import laplace  # noqa: F401
+
+    if os.environ.get("PYTORCH_JIT", "1") == "1" and __debug__:
+        # the condition under which torch.autograd.forward_ad loads it
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 from laplace_hfl.distributed import HFLDistributedError
 from laplace_hfl.errors import (

@@ -84,24 +84,33 @@ HFL_OPTIONS_DOC = """
         prior precision, ``sigma_noise`` or the temperature change and reused
         by every query, grid-search step and prediction; it holds ``2 P^2``
         numbers. ``"cg"`` runs the iterative refits. ``"auto"`` is ``"dense"``
-        when ``2 P^2 <= laplace_hfl.dense.DENSE_BUDGET`` (256 MiB of float64,
-        ``P <= 4096``: always for the last layer of a usual classifier) and
-        ``"cg"`` above. Same answer, to the CG tolerance (and, for
-        ``target="hessian"``, without the ``O(eps^2)`` bias of the central
-        differences). Amortised and minibatch modes keep their own paths.
+        where ``4 P^2`` numbers fit half the device's free memory (capped by
+        ``laplace_hfl.dense.DENSE_BUDGET`` when set) and the dense solver's
+        one-off cost, estimated from a timed GGN-vector product and the
+        measured flop rate, is below one chunk of CG refits (with the probed
+        iterations); ``"cg"`` otherwise. Problems under 1e8 flops go dense
+        without a probe; with ``target="hessian"`` ``"auto"`` is dense up to
+        ``P = 2896`` (``laplace_hfl.dense.CHUNK_BUDGET``), whose Newton refits
+        a linear probe cannot price. Same answer, to the CG tolerance
+        (and, for ``target="hessian"``, without the ``O(eps^2)`` bias of the
+        central differences). Amortised and minibatch modes keep their own
+        paths. The choice and its reason: ``la.last_diagnostics.choice``.
     preconditioner : {"auto", "kfac", "nystrom", "none"}, default="auto"
         Preconditioner of the CG refits (keyword-only). ``"kfac"``: laplace-torch's
         Kronecker-factored GGN (``CurvlinopsGGN.kron``, on a deep copy of the
         model) with the prior and ``sigma_noise`` folded in exactly through the
         factors' eigendecompositions (a diagonal prior enters by its mean per
         parameter tensor); ``Linear``/``Conv2d`` layers only. ``"nystrom"``: the
-        rank-``precondition_rank`` Nyström sketch. ``"auto"``: KFAC where it
-        covers every refit parameter and the data can determine them all
-        (``N * outputs >= P``), else the Nyström sketch (``"nystrom"`` is also
-        chosen when ``precondition_rank`` is given). On all weights of a
-        network, ``N * outputs < P`` is the rule, and there KFAC slows CG down
-        (LeNet, 1,000 digits: > 1,000 iterations against ~450 plain and ~25
-        with the rank-256 sketch). The choice is in
-        ``la.last_diagnostics.preconditioner``. It changes how fast refits
-        converge, never what they converge to.
+        rank-``precondition_rank`` Nyström sketch. ``"auto"``: a probe at the
+        first solve of a fit runs the candidates (the sketch, KFAC where it
+        covers every refit parameter, none) for a few CG iterations on the
+        refit system and keeps the one needing the fewest iterations
+        (:mod:`laplace_hfl.auto_choice`); ``"nystrom"`` is chosen when
+        ``precondition_rank`` is given, and in amortised and minibatch modes.
+        No fixed rule fits every network: a 5-20-1 tanh net (P = 141,
+        N = 200) took 176 iterations with KFAC, 89 without and 9 with the
+        sketch, while on LeNet (1,000 digits) KFAC took > 1,000, plain CG
+        ~450 and the sketch ~25. The choice is in
+        ``la.last_diagnostics.preconditioner`` (why: ``.choice``). It changes
+        how fast refits converge, never what they converge to.
 """

@@ -1,5 +1,9 @@
 """Command-line interface: ``laplace-hfl <subcommand>``.
 
+The console script is :func:`laplace_hfl_cli.main`, which answers ``--help``
+without importing this package (torch, laplace-torch) and hands a command's
+arguments to :func:`main` here.
+
 Subcommands register themselves through an ``add_*_parser(subparsers)``
 function that adds a parser and sets ``func`` (called with the parsed
 namespace, returning an exit code). To add one (e.g. ``benchmark``), write
@@ -14,6 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from laplace_hfl_cli import COMMANDS, top_parser
 
 __all__ = [
     "main",
@@ -46,13 +52,13 @@ def add_compare_parser(
     """
     p = subparsers.add_parser(
         "compare",
-        help="compare HFL with laplace-torch's curvature backends",
+        help=COMMANDS["compare"],
         description=(
             "Fit HFL and laplace-torch's full / kron / diag / last-layer Laplace "
             "approximations (BackPACK, ASDL, curvlinops backends) on offline "
             "tasks with shared hyperparameters; print a table and write CSV, "
             "JSON and PNG figures. Default: tasks inbetween and moons, all "
-            "methods, fixed hyperparameters (under 3 minutes on 2 CPU cores)."
+            "methods, fixed hyperparameters (59-113 s measured on 2 shared CPU cores)."
         ),
     )
     p.add_argument(
@@ -195,51 +201,18 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser
 ]
 
 
-class _CommandsHelpFormatter(argparse.HelpFormatter):
-    """Keeps each command's summary on the command's line in ``--help``.
-
-    argparse sizes the help column without the extra indent of the command
-    names, so the longest name (``benchmark``) had its summary pushed to the
-    next line.
-    """
-
-    def add_argument(self, action: argparse.Action) -> None:
-        super().add_argument(action)
-        if isinstance(action, argparse._SubParsersAction):
-            for choice in action._choices_actions:
-                width = (
-                    len(choice.dest) + self._current_indent + 2 * self._indent_increment
-                )
-                self._action_max_length = max(self._action_max_length, width)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``laplace-hfl`` parser with every subcommand in :data:`SUBCOMMANDS`."""
-    parser = argparse.ArgumentParser(
-        prog="laplace-hfl",
-        description="Hessian-free Laplace tools. "
-        "Run `laplace-hfl COMMAND --help` for a command's options and defaults.",
-        formatter_class=_CommandsHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    parser, sub = top_parser()
     for add in SUBCOMMANDS:
         add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``laplace-hfl`` console script.
-
-    Parameters
-    ----------
-    argv : sequence of str, optional
-        Arguments (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        Exit code (also what the console script exits with).
-    """
+    """Parse ``argv`` (default ``sys.argv[1:]``) with every subcommand's
+    parser and run the command; returns its exit code. The console script
+    (:func:`laplace_hfl_cli.main`) calls this for commands."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -21,10 +21,11 @@ No curvature backend is used. The answer is what the iterative refits converge
 to, without the solver tolerance (and, for ``"hessian"``, without the
 ``O(eps^2)`` bias of the central differences).
 
-Memory: ``A`` and its inverse hold ``2 P^2`` numbers, at most :data:`DENSE_BUDGET`
-(:func:`dense_fits`); while ``G`` is formed, ``G`` itself and per-example
-Jacobians of a sub-batch (at most ``P^2`` numbers) add ``2 P^2``: peak ``4 P^2``
-numbers on top of the cached refit batches.
+Memory: ``A`` and its inverse hold ``2 P^2`` numbers; while ``G`` is formed,
+``G`` itself and per-example Jacobians of a sub-batch (at most ``P^2`` numbers)
+add ``2 P^2``: peak ``4 P^2`` numbers on top of the cached refit batches, at most :func:`dense_budget`
+(half the device's free memory, capped by :data:`DENSE_BUDGET` when set;
+:func:`dense_fits`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from laplace_hfl.batches import slice_batch
+from laplace_hfl.device_memory import available_bytes
 from laplace_hfl.errors import IndefiniteHessianError
 from laplace_hfl.functional import (
     LaplaceObjective,
@@ -44,11 +46,14 @@ from laplace_hfl.functional import (
     output_jacobians,
     reduce_data,
 )
+from laplace_hfl.progress import progress
 from laplace_hfl.refit import BasePoint
 
 __all__ = [
+    "CHUNK_BUDGET",
     "DENSE_BUDGET",
     "DenseFactor",
+    "dense_budget",
     "dense_fits",
     "data_ggn",
     "data_hessian",
@@ -59,17 +64,41 @@ __all__ = [
     "linear_layer_order",
 ]
 
-#: Largest number of entries the dense solver may hold (256 MiB of float64):
-#: ``A = h C + diag(p_0)`` and its inverse (from the Cholesky factor), so
-#: ``P <= 4096``.
-DENSE_BUDGET = 2**25
+#: User cap on the entries the dense solver may hold (``None``: no cap beyond
+#: :func:`dense_budget`'s share of the device's free memory). Set
+#: ``laplace_hfl.dense.DENSE_BUDGET = 2**25`` to keep it under 256 MiB of
+#: float64 (``P <= 2896``).
+DENSE_BUDGET: int | None = None
+
+#: Share of the device's free memory the dense solver may take.
+FREE_MEMORY_SHARE = 0.5
+
+#: Entries held by one chunk of query rows (:func:`query_rows`): 256 MiB of
+#: float64; larger chunks do not make the products faster.
+CHUNK_BUDGET = 2**25
 
 
-def dense_fits(n_params: int, budget: int | None = None) -> bool:
-    """Whether the curvature and its factor (``2 P^2`` entries) fit ``budget``
-    (default :data:`DENSE_BUDGET`)."""
-    budget = DENSE_BUDGET if budget is None else budget
-    return 2 * n_params * n_params <= budget
+def dense_budget(like: Tensor | None = None) -> int:
+    """Entries the dense solver may hold on ``like``'s device in its dtype:
+    :data:`FREE_MEMORY_SHARE` of the free memory
+    (:func:`~laplace_hfl.device_memory.available_bytes`), at most
+    :data:`DENSE_BUDGET` when set (:data:`CHUNK_BUDGET` when the free memory
+    is unknown)."""
+    device = torch.device("cpu") if like is None else like.device
+    itemsize = 8 if like is None else like.element_size()
+    free = available_bytes(device)
+    budget = CHUNK_BUDGET if free is None else int(FREE_MEMORY_SHARE * free) // itemsize
+    return budget if DENSE_BUDGET is None else min(budget, int(DENSE_BUDGET))
+
+
+def dense_fits(
+    n_params: int, budget: int | None = None, like: Tensor | None = None
+) -> bool:
+    """Whether forming the curvature and its factor (peak ``4 P^2`` entries:
+    ``A``, ``Sigma``, and ``G`` with a sub-batch of Jacobians while ``G`` is
+    formed) fits ``budget`` (default :func:`dense_budget` of ``like``)."""
+    budget = dense_budget(like) if budget is None else budget
+    return 4 * n_params * n_params <= budget
 
 
 def _n_rows(X) -> int:
@@ -78,7 +107,9 @@ def _n_rows(X) -> int:
     return next(v.shape[0] for v in X.values() if isinstance(v, Tensor))
 
 
-def data_ggn(obj: LaplaceObjective, budget: int | None = None) -> Tensor:
+def data_ggn(
+    obj: LaplaceObjective, budget: int | None = None, progress_bar: bool = False
+) -> Tensor:
     """The data GGN ``sum_n J_n^T Lambda_n J_n`` at the MAP, ``(P, P)``.
 
     Independent of ``obj.h_factor`` and ``obj.prior_precision``. Jacobians are
@@ -92,6 +123,9 @@ def data_ggn(obj: LaplaceObjective, budget: int | None = None) -> Tensor:
         Largest number of Jacobian entries held at once (at least one
         example); default ``P^2``, so that forming ``G`` holds no more than the
         solver's own ``2 P^2``.
+    progress_bar : bool, default=False
+        A bar over the sub-batches from the start (otherwise one appears when
+        they are expected to take long: :func:`laplace_hfl.progress.progress`).
 
     Returns
     -------
@@ -102,30 +136,34 @@ def data_ggn(obj: LaplaceObjective, budget: int | None = None) -> Tensor:
     P = theta.numel()
     G = torch.zeros(P, P, dtype=theta.dtype, device=theta.device)
     budget = P * P if budget is None else budget
-    step = None
-    for X, _ in obj.batches():
-        if step is None:  # sub-batch size from the number of outputs
-            with torch.no_grad():
-                C = obj.forward(theta, slice_batch(X, 0, 1)).shape[-1]
-            step = max(1, budget // (2 * C * P))
-        for start in range(0, _n_rows(X), step):
-            J, f = output_jacobians(
-                obj.forward, theta, slice_batch(X, start, start + step)
-            )
-            J, f = J.detach(), f.detach()
-            if obj.likelihood == "regression":
-                Jf = J.reshape(-1, P)
-                G.addmm_(Jf.T, Jf)
-            else:
-                p = torch.softmax(f, dim=-1)
-                A = (p.sqrt()[:, :, None] * J).reshape(-1, P)
-                pJ = torch.einsum("bc,bcp->bp", p, J)
-                G.addmm_(A.T, A).addmm_(pJ.T, pJ, alpha=-1.0)
+    inputs = [X for X, _ in obj.batches()]
+    pieces = []
+    if inputs:  # sub-batch size from the number of outputs
+        with torch.no_grad():
+            C = obj.forward(theta, slice_batch(inputs[0], 0, 1)).shape[-1]
+        step = max(1, budget // (2 * C * P))
+        pieces = [(X, s) for X in inputs for s in range(0, _n_rows(X), step)]
+    for X, start in progress(pieces, desc="[HFL dense curvature]", always=progress_bar):
+        J, f = output_jacobians(obj.forward, theta, slice_batch(X, start, start + step))
+        J, f = J.detach(), f.detach()
+        if obj.likelihood == "regression":
+            Jf = J.reshape(-1, P)
+            G.addmm_(Jf.T, Jf)
+        else:
+            p = torch.softmax(f, dim=-1)
+            A = (p.sqrt()[:, :, None] * J).reshape(-1, P)
+            pJ = torch.einsum("bc,bcp->bp", p, J)
+            G.addmm_(A.T, A).addmm_(pJ.T, pJ, alpha=-1.0)
     G = reduce_data(obj, G)  # summed over processes in a distributed fit
     return 0.5 * (G + G.T)
 
 
-def data_hessian(obj: LaplaceObjective, theta: Tensor, chunk_size: int = 64) -> Tensor:
+def data_hessian(
+    obj: LaplaceObjective,
+    theta: Tensor,
+    chunk_size: int = 64,
+    progress_bar: bool = False,
+) -> Tensor:
     """Exact Hessian of the data term ``sum_n factor * loss_n`` at ``theta``.
 
     Built from ``P`` Hessian-vector products, ``chunk_size`` per pass over the
@@ -146,7 +184,11 @@ def data_hessian(obj: LaplaceObjective, theta: Tensor, chunk_size: int = 64) -> 
                 theta.expand(min(chunk_size, P - i), -1).clone(),
                 eye[i : i + chunk_size],
             )
-            for i in range(0, P, chunk_size)
+            for i in progress(
+                range(0, P, chunk_size),
+                desc="[HFL dense Hessian]",
+                always=progress_bar,
+            )  # fmt: skip
         ]
     )
     return 0.5 * (H + H.T)
@@ -252,7 +294,7 @@ def dense_base_point(obj: LaplaceObjective, factor: DenseFactor) -> BasePoint:
 def query_rows(n_params: int, n_outputs: int, budget: int | None = None) -> int:
     """Query points predicted together by the dense solver: their Jacobians
     and solutions (``2 B C P`` numbers) stay within half the budget."""
-    budget = DENSE_BUDGET if budget is None else budget
+    budget = CHUNK_BUDGET if budget is None else budget
     return max(1, budget // (4 * n_outputs * n_params))
 
 

@@ -155,9 +155,11 @@ def run_gridsearch(
         Validation loss of ``la`` at its current prior precision (``inf`` for a
         failed value).
     progress_bar : bool, default=False
-        tqdm bar from the start; otherwise one appears, with a
-        :class:`GridSearchCostWarning`, when the first value predicts a total
-        above :data:`laplace_hfl.progress.AUTO_PROGRESS_AFTER_S`.
+        tqdm bar from the start; otherwise one appears when the first value
+        predicts a long total, and a :class:`GridSearchCostWarning` when the
+        second value (without the fit's one-time work) predicts that the
+        remaining values take above
+        :data:`laplace_hfl.progress.AUTO_PROGRESS_AFTER_S`.
 
     Returns
     -------
@@ -167,7 +169,7 @@ def run_gridsearch(
     Warns
     -----
     GridSearchCostWarning
-        The whole grid is expected to take longer than the threshold.
+        The rest of the grid is expected to take longer than the threshold.
     """
     results: list[float] = []
     n = len(interval)
@@ -184,9 +186,15 @@ def run_gridsearch(
                 "value. Check the loss and the validation data."
             )
         results.append(value)
-        if i == 0 and n > 1:
+        # The first value also pays the fit's one-time work (curvature, probe,
+        # preconditioner): the estimate takes the second value's time for the
+        # others.
+        if i == 0:
             first = time.perf_counter() - t0
-            if is_long(first * n):
+        elif i == 1 and n > 2:
+            each = time.perf_counter() - t0 - first
+            expected = first + (n - 1) * each
+            if is_long(expected - first - each):
                 per = (
                     f"redraws all amortize={la.amortize} posterior samples"
                     if la.amortize is not None
@@ -194,8 +202,9 @@ def run_gridsearch(
                 )
                 warn_user(
                     f"Grid search over {n} prior precisions: ~"
-                    f"{format_seconds(first * n)} expected (the first took "
-                    f"{format_seconds(first)}); each value {per}. For less, "
+                    f"{format_seconds(expected)} expected (the first value took "
+                    f"{format_seconds(first)} with the fit's one-time work, the "
+                    f"second {format_seconds(each)}); each value {per}. For less, "
                     "pass a smaller grid_size or narrower log_prior_prec_min/max, "
                     "or a smaller val_loader.",
                     GridSearchCostWarning,

@@ -52,15 +52,16 @@ def validate_hfl_options(
     if not (isinstance(solver, str) and solver in SOLVERS):
         raise ValueError(
             f"solver must be one of {SOLVERS}, got {solver!r}: 'auto' solves "
-            "densely (one Cholesky factor) when the refit curvature fits "
-            "laplace_hfl.dense.DENSE_BUDGET and by conjugate gradients above."
+            "densely (one Cholesky factor) when the refit curvature fits half "
+            "the free memory and a probe estimates it faster than conjugate "
+            "gradients, else by conjugate gradients."
         )
     if not (isinstance(preconditioner, str) and preconditioner in PRECONDITIONERS):
         raise ValueError(
             f"preconditioner must be one of {PRECONDITIONERS}, got "
-            f"{preconditioner!r}: 'auto' uses KFAC where it covers every refit "
-            "parameter (Linear/Conv2d) and N * outputs >= P, and the Nystrom "
-            "sketch elsewhere."
+            f"{preconditioner!r}: 'auto' probes the candidates (Nystrom sketch, "
+            "KFAC where it covers every refit parameter, none) with a few CG "
+            "iterations and keeps the fastest."
         )
     if solver == "dense" and (amortize is not None or minibatch_epochs is not None):
         raise ValueError(

@@ -50,24 +50,26 @@ def progress(items: Sequence[T], *, desc: str, always: bool = False) -> Iterator
     desc : str
         Bar label, e.g. ``"[HFL predict]"``.
     always : bool, default=False
-        Show the bar from the start (the estimator's ``progress_bar=True``).
-        Otherwise the first step is timed and the bar appears, labelled with
-        the expected total time, only when ``len(items)`` times that exceeds
-        :data:`AUTO_PROGRESS_AFTER_S`. Loops of one step never show a bar.
+        Show the bar from the start (the estimator's ``progress_bar=True``;
+        loops of one step too). Otherwise the first step is timed and the bar
+        appears, labelled with the expected total time, only when
+        ``len(items)`` times that exceeds :data:`AUTO_PROGRESS_AFTER_S`;
+        loops of one step then show no bar. Callers do one-time setup before
+        the loop, so that the first step predicts the others.
 
     Yields
     ------
     The items of ``items``, in order.
     """
     n = len(items)
-    if n <= 1:
-        yield from items
-        return
     if always:
         yield from tqdm.tqdm(items, desc=desc)
         return
+    if n <= 1:
+        yield from items
+        return
     bar = None
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()  # tqdm's clock is time.time
     try:
         for i, item in enumerate(items):
             yield item  # the caller's loop body runs here
@@ -76,11 +78,17 @@ def progress(items: Sequence[T], *, desc: str, always: bool = False) -> Iterator
                 if is_long(first * n):
                     bar = tqdm.tqdm(
                         total=n,
-                        initial=1,
                         leave=False,
+                        delay=1e-9,  # no "0/n" line before the start is set
                         desc=f"{desc} ~{format_seconds(first * n)} expected "
                         f"({n} steps of ~{format_seconds(first)})",
                     )
+                    # the first step counts in the elapsed time and the rate
+                    # (tqdm would otherwise show "1/n [00:00<?, ?it/s]")
+                    bar.start_t = bar.last_print_t = wall0
+                    bar.update(1)
+                    if bar.last_print_n < 1:  # update() did not print
+                        bar.refresh()
             elif bar is not None:
                 bar.update(1)
     finally:

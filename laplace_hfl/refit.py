@@ -169,6 +169,12 @@ class RefitDiagnostics:
         0, ``iterations`` 0 and ``residual`` the relative linear residual).
     preconditioner : {"kfac", "nystrom", "none"}
         Preconditioner of the CG solves.
+    choice : str
+        Why this solver and preconditioner: the options as set, or what the
+        probe of ``"auto"`` measured (:mod:`laplace_hfl.auto_choice`).
+
+    ``repr`` is one line (:meth:`summary`); the per-column tensors stay
+    available as attributes.
     """
 
     eps: Tensor
@@ -177,6 +183,23 @@ class RefitDiagnostics:
     converged: Tensor
     solver: str = "cg"
     preconditioner: str = "none"
+    choice: str = ""
+
+    def summary(self) -> str:
+        """One line: solver, preconditioner, refits converged, iterations and
+        residuals (largest), and why this solver."""
+        n = self.converged.numel()
+        ok = int(self.converged.sum()) if n else 0
+        its = int(self.iterations.max()) if n else 0
+        res = float(self.residual.max()) if n else 0.0
+        why = f"; {self.choice}" if self.choice else ""
+        return (
+            f"{self.solver}/{self.preconditioner}: {ok}/{n} refits converged, "
+            f"max {its} iterations, max residual {res:.1e}{why}"
+        )
+
+    def __repr__(self) -> str:
+        return f"RefitDiagnostics({self.summary()})"
 
     @staticmethod
     def concat(parts: list[RefitDiagnostics]) -> RefitDiagnostics:
@@ -187,6 +210,7 @@ class RefitDiagnostics:
             torch.cat([p.converged for p in parts], dim=1),
             parts[0].solver,
             parts[0].preconditioner,
+            parts[0].choice,
         )
 
 

@@ -2,24 +2,24 @@
 
 :class:`SolverMixin` is part of the HFL shell (:class:`laplace_hfl.base.HFLMixin`):
 
-* ``solver="auto"`` solves densely (:mod:`laplace_hfl.dense`: one Cholesky
-  factor per prior, reused by every query, grid-search step and prediction)
-  when the refit's curvature and its factor fit :data:`~laplace_hfl.dense.DENSE_BUDGET`
-  (``P <= 4096``), and by iterative refits (conjugate gradients) above. Amortised
-  and minibatch modes keep their own paths.
-* ``preconditioner="auto"`` preconditions the CG refits by KFAC
-  (:mod:`laplace_hfl.kfac`) where KFAC covers every refit parameter (``Linear``
-  and ``Conv2d`` layers) and the data can determine them all (``N C >= P``,
-  :meth:`SolverMixin._kfac_helps`), else by the Nyström sketch
-  (:mod:`laplace_hfl.preconditioner`, rank ``precondition_rank`` or its default,
-  off when the sketch would not fit its budget). Setting ``precondition_rank``
-  with ``preconditioner="auto"`` selects the Nyström sketch (``0``: none), as
-  before this option existed.
+* ``solver="auto"`` and ``preconditioner="auto"`` are decided once per fit
+  by a probe of the user's problem (:func:`laplace_hfl.auto_choice.choose`):
+  each candidate preconditioner (the Nyström sketch, rank
+  ``precondition_rank`` or its default; KFAC (:mod:`laplace_hfl.kfac`) where
+  it covers every refit parameter; none) runs a few CG iterations on the
+  refit system, the fewest iterations wins; the dense solver
+  (:mod:`laplace_hfl.dense`: one Cholesky factor per prior, reused by every
+  query, grid-search step and prediction) is chosen where it fits half the
+  device's free memory and its measured-rate estimate beats one chunk of CG
+  refits. Setting ``precondition_rank`` with ``preconditioner="auto"``
+  selects the Nyström sketch (``0``: none), as before this option existed.
+  Amortised and minibatch modes keep their own paths (the Nyström sketch).
 
 The data curvature (dense ``G``, KFAC factors, Nyström sketch) is computed once
 per fit; only its combination with the prior precision, ``sigma_noise`` and the
 temperature is redone when those change. The choice made is recorded in
-``la.last_diagnostics.solver`` / ``.preconditioner``.
+``la.last_diagnostics.solver`` / ``.preconditioner``, and why in
+``la.last_diagnostics.choice``.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from laplace_hfl.auto_choice import AutoChoice, choose
 from laplace_hfl.dense import (
     DenseFactor,
     data_ggn,
     data_hessian,
     dense_base_point,
-    dense_fits,
     factorize,
     linear_layer_covariance,
     linear_layer_order,
@@ -54,26 +54,73 @@ class SolverMixin:
 
     def _reset_solver_caches(self) -> None:
         self._sketch = None
+        self._sketch_rank: int | None = None
         self._kfac = None
         self._dense_curv = None
         self._dense_curv_key: tuple | None = None
         self._dense_factor = None
         self._dense_key: tuple | None = None
         self._dense_linear = None
+        self._auto_choice: AutoChoice | None = None
+
+    # ------------------------------------------------------------------ auto
+    def _classic(self) -> bool:
+        return self.amortize is None and self.minibatch_epochs is None
+
+    def _auto(self, obj: LaplaceObjective | None = None) -> AutoChoice | None:
+        """The probe's choice (once per fit) where ``solver="auto"`` or
+        ``preconditioner="auto"`` leave something to decide, else ``None``."""
+        probe_solver = self.solver == "auto"
+        probe_precond = (
+            self.solver == "cg"
+            and self.preconditioner == "auto"
+            and self.precondition_rank is None
+        )
+        if not self._classic() or not (probe_solver or probe_precond):
+            return None
+        if self._auto_choice is None:
+            obj = self._objective() if obj is None else obj
+            n_outputs = max(int(getattr(self, "n_outputs", 1) or 1), 1)
+            self._auto_choice = choose(
+                obj,
+                self._precond_candidates(obj),
+                rtol=self.hfl_settings.rtol,
+                target=self.hfl_settings.target,
+                allow_dense=probe_solver,
+                workload=self.chunk_size,
+                n_outputs=n_outputs,
+                n_rows=int(self.n_data) * n_outputs,
+            )
+        return self._auto_choice
+
+    def _choice_reason(self) -> str:
+        choice = self._auto() if self._classic() else None
+        if choice is not None:
+            return choice.reason
+        return f"set: solver={self.solver!r}, preconditioner={self.preconditioner!r}"
 
     # ----------------------------------------------------------------- solver
-    def _uses_dense(self, n_params: int) -> bool:
-        if self.amortize is not None or self.minibatch_epochs is not None:
+    def _uses_dense(self, n_params: int, obj: LaplaceObjective | None = None) -> bool:
+        if not self._classic():
             return False
-        if self.solver == "dense":
-            return True
-        return self.solver == "auto" and dense_fits(n_params)
+        if self.solver != "auto":
+            return self.solver == "dense"
+        return self._auto(obj).solver == "dense"
 
     def _query_step(self, obj: LaplaceObjective, n_outputs: int) -> int:
         """Query points per prediction chunk: ``chunk_size`` directions for the
-        refits; for the dense solver as many as its memory budget allows."""
-        if self._uses_dense(obj.theta_map.numel()):
+        refits; for the dense solver as many as its memory budget allows.
+
+        Called before the prediction loop, it also does the solves' one-time
+        work (the probe of ``"auto"``; the dense factor, or the preconditioner
+        and the refits' base point), so that the first
+        chunk's time predicts the others' (the progress estimate).
+        """
+        if self._uses_dense(obj.theta_map.numel(), obj):
+            self._dense(obj)
             return query_rows(obj.theta_map.numel(), max(n_outputs, 1))
+        if self._classic():
+            self._base_point(obj)  # builds the preconditioner too
         return max(1, self.chunk_size // max(n_outputs, 1))
 
     def _dense(self, obj: LaplaceObjective | None = None) -> DenseFactor:
@@ -90,11 +137,11 @@ class SolverMixin:
             obj = self._objective() if obj is None else obj
             if target == "ggn":
                 if self._dense_curv is None:
-                    self._dense_curv = data_ggn(obj)
+                    self._dense_curv = data_ggn(obj, progress_bar=self.progress_bar)
                 curv = self._dense_curv
             else:  # the exact Hessian at the refit's base point (depends on prior)
                 theta = self._base_point(obj).theta
-                curv = data_hessian(obj, theta, self.chunk_size)
+                curv = data_hessian(obj, theta, self.chunk_size, self.progress_bar)
             self._dense_factor = factorize(
                 curv, obj.h_factor, obj.prior_precision, target
             )
@@ -114,6 +161,7 @@ class SolverMixin:
             converged=residual <= self.hfl_settings.rtol,
             solver="dense",
             preconditioner="none",
+            choice=self._choice_reason(),
         )
 
     def _dense_solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
@@ -153,46 +201,65 @@ class SolverMixin:
         return torch.nn.functional.linear(features, W, b), cov
 
     def _with_preconditioner_name(self, diag: RefitDiagnostics) -> RefitDiagnostics:
-        return dataclasses.replace(diag, preconditioner=self._precond_name)
+        return dataclasses.replace(
+            diag, preconditioner=self._precond_name, choice=self._choice_reason()
+        )
 
     # --------------------------------------------------------- preconditioner
-    def _precond_choice(self, obj: LaplaceObjective) -> tuple[str, int]:
-        """``("kfac" | "nystrom" | "none", nystrom_rank)`` for this refit."""
-        P = obj.theta_map.numel()
+    def _rank(self, n_params: int) -> int:
         rank = (
-            default_rank(P)
+            default_rank(n_params)
             if self.precondition_rank is None
             else self.precondition_rank
         )
-        rank = min(rank, P)
+        return min(rank, n_params)
+
+    def _precond_names(self, n_params: int) -> list[str]:
+        """Candidate preconditioners, in probe order (the sketch first: it
+        usually needs the fewest iterations, which caps the others' probes)."""
+        rank = self._rank(n_params)
         choice = self.preconditioner
-        if choice == "auto":
-            # amortised and minibatch modes keep their Nystrom preconditioner
-            classic = self.amortize is not None or self.minibatch_epochs is not None
-            if self.precondition_rank is None and not classic and self._kfac_helps(P):
-                return "kfac", 0
-            choice = "nystrom"
-        if choice == "nystrom":
-            return ("nystrom", rank) if rank > 0 else ("none", 0)
-        return choice, 0
+        if choice == "auto" and self.precondition_rank is None and self._classic():
+            module, layout, _ = self._refit_module()
+            kfac = ["kfac"] if kfac_supported(module, layout) else []
+            return (["nystrom"] if rank > 0 else []) + kfac + ["none"]
+        if choice in ("auto", "nystrom"):
+            return ["nystrom"] if rank > 0 else ["none"]
+        return [choice]
 
-    def _kfac_helps(self, n_params: int) -> bool:
-        """KFAC covers the refit parameters and the data GGN can have full rank
-        (``N C >= P``).
+    def _precond_candidates(
+        self, obj: LaplaceObjective
+    ) -> dict[str, Callable[[], Callable[[Tensor], Tensor] | None]]:
+        names = self._precond_names(obj.theta_map.numel())
+        return {n: (lambda n=n: self._build_precond(obj, n)) for n in names}
 
-        Below that the GGN is zero on ``P - N C`` directions, where ``A`` is
-        exactly the prior (one eigenvalue cluster that plain CG resolves in one
-        step) while KFAC's Kronecker factors are full rank: the preconditioned
-        operator gets a spread of tiny eigenvalues there. Measured on LeNet
-        (44,426 weights, 1,000 MNIST digits, N C = 10,000, prior 1, float32):
-        CG to rtol 1e-4 took ~450 iterations plain, > 1,000 with KFAC, ~25
-        with the rank-256 Nyström sketch (``benchmarks/results/solvers.json``).
-        """
-        n_outputs = max(int(getattr(self, "n_outputs", 1) or 1), 1)
-        if int(self.n_data) * n_outputs < n_params:
-            return False
-        module, layout, _ = self._refit_module()
-        return kfac_supported(module, layout)
+    def _precond_choice(self, obj: LaplaceObjective) -> tuple[str, int]:
+        """``("kfac" | "nystrom" | "none", nystrom_rank)`` for this refit."""
+        P = obj.theta_map.numel()
+        names = self._precond_names(P)
+        choice = self._auto(obj) if len(names) > 1 else None
+        name = choice.preconditioner if choice is not None else names[0]
+        return name, (self._rank(P) if name == "nystrom" else 0)
+
+    def _build_precond(
+        self, obj: LaplaceObjective, name: str
+    ) -> Callable[[Tensor], Tensor] | None:
+        """Preconditioner ``name`` for the current hyperparameters; its data
+        part (KFAC factors or Nyström sketch) is built once per fit."""
+        if name == "kfac":
+            if self._kfac is None:
+                module, layout, _ = self._refit_module()
+                self._kfac = kfac_factors(obj, module, layout)
+            return kfac_apply(self._kfac, obj.h_factor, obj.prior_precision)
+        if name == "nystrom":
+            rank = self._rank(obj.theta_map.numel())
+            # keyed by the rank asked for: the sketch may keep fewer columns
+            # (directions a rank-deficient GGN does not resolve)
+            if self._sketch is None or self._sketch_rank != rank:
+                self._sketch = nystrom_sketch(obj, rank, chunk_size=self.chunk_size)
+                self._sketch_rank = rank
+            return nystrom_apply(self._sketch, obj.h_factor, obj.prior_precision)
+        return None
 
     def _precond(self, obj: LaplaceObjective) -> Callable[[Tensor], Tensor] | None:
         """The preconditioner of the CG refits for the current hyperparameters.
@@ -200,15 +267,6 @@ class SolverMixin:
         Its data part (KFAC factors or Nyström sketch) is built once per fit
         (it does not depend on the prior, ``sigma_noise`` or the temperature).
         """
-        name, rank = self._precond_choice(obj)
+        name, _ = self._precond_choice(obj)
         self._precond_name = name
-        if name == "kfac":
-            if self._kfac is None:
-                module, layout, _ = self._refit_module()
-                self._kfac = kfac_factors(obj, module, layout)
-            return kfac_apply(self._kfac, obj.h_factor, obj.prior_precision)
-        if name == "nystrom":
-            if self._sketch is None or self._sketch.U.shape[1] != rank:
-                self._sketch = nystrom_sketch(obj, rank, chunk_size=self.chunk_size)
-            return nystrom_apply(self._sketch, obj.h_factor, obj.prior_precision)
-        return None
+        return self._build_precond(obj, name)

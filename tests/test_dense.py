@@ -295,3 +295,24 @@ def test_last_layer_fast_path_follows_hyperparameters(classification, monkeypatc
         la.prior_precision.fill_(float("nan"))
     with pytest.raises(ValueError, match="prior"):
         la._glm_predictive_distribution(Xq)
+
+
+def test_dense_budget_from_free_memory_with_a_user_cap(monkeypatch):
+    """The budget is half the free memory in the tensor's dtype, capped by
+    ``DENSE_BUDGET`` when the user sets it; unknown memory falls back to the
+    fixed chunk budget."""
+    from laplace_hfl import device_memory
+
+    like = torch.zeros(1, dtype=torch.float32)
+    monkeypatch.setattr(dense, "available_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(dense, "DENSE_BUDGET", None)
+    assert dense.dense_budget(like) == 2**30  # 4 GiB of 4-byte entries
+    assert dense.dense_fits(2**14, like=like)  # 4 P^2 = 2^30
+    assert not dense.dense_fits(2**14 + 1, like=like)
+    monkeypatch.setattr(dense, "DENSE_BUDGET", 1000)
+    assert dense.dense_budget(like) == 1000
+    monkeypatch.setattr(dense, "available_bytes", lambda device: None)
+    monkeypatch.setattr(dense, "DENSE_BUDGET", None)
+    assert dense.dense_budget(like) == dense.CHUNK_BUDGET
+    free = device_memory.available_bytes("cpu")
+    assert free is None or free > 0

@@ -154,6 +154,9 @@ def test_std_figure_groups_any_family_into_panels_with_legends_outside():
         colors = [c for c in colors if isinstance(c, tuple)]
         assert len(set(colors)) == len(colors)  # distinct within a panel
         assert not a.get_legend().get_window_extent(r).overlaps(a.get_window_extent(r))
+        if a.get_xlabel():  # the legend sits below the x label, not over it
+            label = a.xaxis.label.get_window_extent(r)
+            assert not a.get_legend().get_window_extent(r).overlaps(label)
 
 
 def test_std_figure_single_axes_legend_right_of_plot():
@@ -169,3 +172,26 @@ def test_std_figure_single_axes_legend_right_of_plot():
     assert (
         len({styles["hfl_ggn"], styles["kron_asdl_ggn"], styles["diag_asdl_ggn"]}) == 3
     )
+
+
+def test_one_method_per_family_panels_side_by_side():
+    """Notebook figures (one method per family) use the width, not a
+    one-column stack."""
+    from laplace_hfl.evaluation import plot_predictive_bands
+
+    x, preds = _preds(["hfl_ggn", "full_curvlinops_ggn", "kron_asdl_ggn"])
+    fig = plot_predictive_bands(x, preds, sigma_noise=0.1)
+    w, h = fig.get_size_inches()
+    assert w > 2 * h
+    ylabels = sorted(a.get_ylabel() for a in fig.axes if a.axison)
+    assert ylabels == sorted(["HFL (this package)", "full Laplace (P x P)", "KFAC"])
+
+
+def test_reliability_bins_show_their_counts():
+    from laplace_hfl.evaluation import Prediction, plot_reliability
+
+    probs = torch.tensor([[0.95, 0.05]] * 3 + [[0.55, 0.45]] * 2, dtype=torch.float64)
+    pred = Prediction(torch.zeros(5, 2), torch.zeros(5, 2, 2), probs=probs)
+    fig = plot_reliability({"hfl_ggn": pred}, torch.tensor([0, 0, 1, 0, 0]), n_bins=10)
+    texts = sorted(t.get_text() for t in fig.axes[0].texts)
+    assert texts == ["2", "3"]

@@ -136,3 +136,27 @@ def test_short_grid_search_is_quiet(regression_1d, capsys):
     assert "[HFL grid search]" not in capsys.readouterr().err
     assert torch.isfinite(la.prior_precision).all()
     assert la.prior_precision.dtype == DT
+
+
+def test_cost_estimate_leaves_out_the_first_values_one_time_work(monkeypatch):
+    """The first value pays the fit's one-time work (100 s on this fake clock),
+    each later one 1 s: 5 values are ~104 s, not 5 x 100 s."""
+    from types import SimpleNamespace
+
+    from laplace_hfl import gridsearch
+
+    clock = [0.0]
+    monkeypatch.setattr(gridsearch.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(progress_mod, "AUTO_PROGRESS_AFTER_S", 2.0)
+    la = SimpleNamespace(prior_precision=None, amortize=None)
+
+    def score():
+        clock[0] += 100.0 if clock[0] == 0.0 else 1.0
+        return float(la.prior_precision)
+
+    grid = [torch.tensor(v) for v in (3.0, 1.0, 2.0, 4.0, 5.0)]
+    with pytest.warns(GridSearchCostWarning) as rec:
+        best = gridsearch.run_gridsearch(la, grid, score)
+    assert float(best) == 1.0
+    msg = str(rec[0].message)
+    assert "~1.7 min expected" in msg and "second 1 s" in msg  # 104 s

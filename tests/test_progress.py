@@ -29,9 +29,22 @@ def test_bar_appears_when_the_first_step_predicts_a_long_loop(capsys, monkeypatc
 def test_short_loops_and_single_steps_stay_quiet(capsys, monkeypatch):
     assert list(progress(range(5), desc="[job]")) == list(range(5))
     monkeypatch.setattr(progress_mod, "AUTO_PROGRESS_AFTER_S", 0.0)
-    assert list(progress([7], desc="[job]", always=True)) == [7]
+    assert list(progress([7], desc="[job]")) == [7]
     assert list(progress([], desc="[job]")) == []
     assert capsys.readouterr().err == ""
+    # asked for (progress_bar=True): a bar even for one step
+    assert list(progress([7], desc="[asked]", always=True)) == [7]
+    assert "[asked]" in capsys.readouterr().err
+
+
+def test_automatic_bar_counts_the_first_step_in_its_rate(capsys, monkeypatch):
+    """The bar opened after the first step shows its elapsed time and rate,
+    not ``1/n [00:00<?, ?it/s]``."""
+    monkeypatch.setattr(progress_mod, "AUTO_PROGRESS_AFTER_S", 0.05)
+    for _ in progress(range(3), desc="[job]"):
+        time.sleep(0.06)
+    err = capsys.readouterr().err
+    assert "?it/s" not in err and "00:00<?" not in err
 
 
 def test_always_shows_the_bar_from_the_start(capsys):

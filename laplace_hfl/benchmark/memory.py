@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from laplace_hfl.benchmark.measure import rss_mb
+from laplace_hfl.device_memory import available_bytes
 
 __all__ = ["peak_rss_mb", "measure", "MEMORY_METHODS"]
 
@@ -34,13 +35,9 @@ def peak_rss_mb() -> float:
 
 
 def _available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    free = available_bytes("cpu")
+    if free is not None:
+        return free
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

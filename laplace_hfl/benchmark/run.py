@@ -20,8 +20,12 @@ import torch
 
 from laplace_hfl.benchmark import cases as C
 from laplace_hfl.benchmark.methods import METHODS, timed_fit_predict
+from laplace_hfl_cli import COMMANDS
 
 __all__ = ["main", "register", "run", "CONFIGS"]
+
+#: Default output folder per mode: a quick run never overwrites the full results.
+OUT = {"full": "benchmarks/results", "quick": "benchmarks/results/quick"}
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -270,6 +274,8 @@ def run(mode: str = "full", out_dir: str | Path = "benchmarks/results") -> dict:
         }
     }  # fmt: skip
     warnings.simplefilter("ignore")
+    _log(f"{mode} run, results to {out_dir}/: training the in-between and digits "
+         "models, then the float64 references")  # fmt: skip
     ib = C.in_between(steps=cfg["in_between_steps"])
     dg = C.digits(n_query=cfg["digits_queries"])
     ref_ib, ref_dg = _reference(ib), _reference(dg)
@@ -312,6 +318,8 @@ def update(sections: list[str], mode: str, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     results = json.loads((out_dir / "results.json").read_text())
     warnings.simplefilter("ignore")
+    _log(f"{mode} run, results to {out_dir}/: training the in-between and digits "
+         "models, then the float64 references")  # fmt: skip
     ib = C.in_between(steps=cfg["in_between_steps"])
     if "accuracy_exact" in sections:
         results["accuracy_exact"] = accuracy_exact(ib, _reference(ib), cfg)
@@ -328,20 +336,22 @@ def update(sections: list[str], mode: str, out_dir: str | Path) -> dict:
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="small CI smoke run (< 60 s) instead of the full benchmark")  # fmt: skip
+                        help="smaller smoke run instead of the full benchmark, "
+                        "written to its own folder")  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None,
                         help="recompute these sections of an existing results.json")  # fmt: skip
-    parser.add_argument("--out", default="benchmarks/results",
-                        help="output folder for results.json and PNGs "
-                        "(default: benchmarks/results)")  # fmt: skip
+    parser.add_argument("--out", default=None,
+                        help="output folder for results.json and PNGs (default: "
+                        f"{OUT['full']}; {OUT['quick']} with --quick)")  # fmt: skip
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
     mode = "quick" if args.quick else "full"
+    out = OUT[mode] if args.out is None else args.out
     if args.only:
-        update(args.only, mode, args.out)
+        update(args.only, mode, out)
     else:
-        run(mode, args.out)
+        run(mode, out)
     return 0
 
 
@@ -353,7 +363,7 @@ def _plain_doc() -> str:
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``benchmark`` subcommand to an argparse ``subparsers`` object."""
     parser = subparsers.add_parser(
-        "benchmark", help="HFL vs laplace-torch: accuracy, time, memory",
+        "benchmark", help=COMMANDS["benchmark"],
         description=_plain_doc(),
     )  # fmt: skip
     _add_arguments(parser)

@@ -40,7 +40,7 @@ from laplace_hfl.benchmark.measure import (
     rss_mb,
     timed,
 )
-from laplace_hfl.dense import DENSE_BUDGET
+from laplace_hfl.dense import dense_budget
 from laplace_hfl.evaluation.networks import LeNet, mnist_split, train_classifier
 from laplace_hfl.preconditioner import default_rank
 
@@ -82,7 +82,7 @@ def last_layer_case(model, split, n_query: int) -> dict:
     # while factorising ~7 P^2; plus one forward pass of a training batch
     out["dense_stored_mb"] = 4 * P * P * 8 / 2**20
     out["dense_factorising_peak_mb"] = 7 * P * P * 8 / 2**20
-    out["dense_budget_cap_mb"] = DENSE_BUDGET * 8 / 2**20
+    out["dense_budget_mb"] = dense_budget() * 8 / 2**20
 
     base = reset_peak()
     kron = Laplace(model, "classification", "last_layer", "kron", prior_precision=PRIOR)

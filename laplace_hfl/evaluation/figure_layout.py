@@ -23,6 +23,7 @@ __all__ = [
     "LINESTYLES",
     "colors",
     "family_grid",
+    "finish_figure",
     "group_by_family",
     "method_family",
     "panel_grid",
@@ -43,6 +44,17 @@ def panel_grid(n: int, ncols: int = 5, size: float = 2.6) -> tuple[Figure, list]
     return fig, axes
 
 
+def finish_figure(fig: Figure, title: str, path: str | os.PathLike | None) -> None:
+    """Title above the panels (room kept for it, so it covers no panel
+    title), tight layout, then :func:`save_figure`."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_size_inches()[1]))
+    else:
+        fig.tight_layout()
+    save_figure(fig, path)
+
+
 def save_figure(fig: Figure, path: str | os.PathLike | None) -> None:
     """Write ``fig`` to ``path`` (folders created) unless ``path`` is None."""
     if path is not None:
@@ -59,6 +71,7 @@ FAMILY_TITLES = {
     "diag": "diagonal",
     "ll": "last-layer Laplace",
     "map": "MAP",
+    "gp": "function space (GP)",
 }
 LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 
@@ -101,6 +114,8 @@ def family_grid(
     for fam, names in groups.items():
         for i in range(0, len(names), max_cols):
             rows.append((fam, names[i : i + max_cols]))
+    if len(rows) > 1 and all(len(names) == 1 for _, names in rows):
+        return _singleton_grid(rows, max_cols, size, share)
     ncols = max((len(r[1]) for r in rows), default=1)
     fig, axes = plt.subplots(
         max(len(rows), 1), ncols, figsize=(size * ncols, size * 0.85 * max(len(rows), 1)),
@@ -116,4 +131,28 @@ def family_grid(
         axes[r, 0].set_ylabel(
             FAMILY_TITLES.get(fam, fam), fontsize=9, fontweight="bold"
         )
+    return fig, out
+
+
+def _singleton_grid(
+    rows: list[tuple[str, list[str]]], max_cols: int, size: float, share: bool
+) -> tuple[Figure, dict[str, Axes]]:
+    """One method per family: the panels side by side (rows of ``max_cols``)
+    instead of a one-column stack, each labelled with its family (unless the
+    family is the method's own name)."""
+    ncols = min(max_cols, len(rows))
+    nrows = math.ceil(len(rows) / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size * ncols, size * 0.85 * nrows), squeeze=False,
+        sharex=share, sharey=share,
+    )  # fmt: skip
+    flat = list(axes.flat)
+    out: dict[str, Axes] = {}
+    for ax, (fam, names) in zip(flat, rows):
+        out[names[0]] = ax
+        label = FAMILY_TITLES.get(fam, fam)
+        if label != names[0]:  # a family of its own says nothing new
+            ax.set_ylabel(label, fontsize=9, fontweight="bold")
+    for ax in flat[len(rows) :]:
+        ax.axis("off")
     return fig, out

@@ -25,6 +25,7 @@ from laplace_hfl.evaluation.figure_layout import (  # noqa: E402
     LINESTYLES,
     colors,
     family_grid,
+    finish_figure,
     group_by_family,
     method_family,
     panel_grid,
@@ -112,10 +113,7 @@ def plot_predictive_bands(
         ax.set_ylim(lo, hi)
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=6)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, title, path)
     return fig
 
 
@@ -128,7 +126,7 @@ def plot_reliability(
     families: dict[str, str] | None = None,
 ) -> Figure:
     """Reliability diagrams (top-label accuracy vs confidence), one per method,
-    one row per family.
+    one row per family; the number of test points is written on each bin.
 
     Parameters
     ----------
@@ -157,15 +155,17 @@ def plot_reliability(
         count.index_add_(0, idx, torch.ones_like(correct, dtype=torch.float32))
         frac = (acc / count.clamp_min(1)).numpy()
         ax.bar(centers, frac, width=1 / n_bins, edgecolor="k", lw=0.3, alpha=0.8)
+        for c, k in zip(centers, count.tolist()):
+            if k > 0:  # points per bin: an empty or thin bin says little
+                ax.text(c, 0.03, f"{int(k)}", ha="center", va="bottom",
+                        fontsize=6, rotation=90, color="w")  # fmt: skip
         ax.plot([0, 1], [0, 1], "r--", lw=0.8)
-        ax.set_xlim(0, 1)
+        # the top-label confidence is at least 1 / classes
+        ax.set_xlim(1.0 / p.probs.shape[-1], 1)
         ax.set_ylim(0, 1)
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=6)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, title, path)
     return fig
 
 
@@ -214,10 +214,7 @@ def plot_variance_scatter(
         ax.yaxis.set_minor_formatter(NullFormatter())
     fig.supylabel("method variance", fontsize=8)
     fig.supxlabel(f"reference variance ({reference})", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, title, path)
     return fig
 
 
@@ -296,7 +293,6 @@ def plot_predictive_std(
                 train_x.reshape(-1).double().numpy(), [0.0] * train_x.numel(), "|",
                 color="k", ms=8, transform=a.get_xaxis_transform(),
             )  # fmt: skip
-        a.set_xlabel("x", fontsize=8)
         a.tick_params(labelsize=7)
 
     if ax is not None or len(sds) <= max_curves:
@@ -310,6 +306,7 @@ def plot_predictive_std(
                 ax.plot(xs, sds[name], lw=1.4, color=next(palette),
                         ls=LINESTYLES[k % len(LINESTYLES)], label=name)  # fmt: skip
         decorate(ax)
+        ax.set_xlabel("x", fontsize=8)
         ax.set_ylabel("epistemic sd  sqrt(f_var)", fontsize=8)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                   borderaxespad=0)  # fmt: skip
@@ -340,16 +337,20 @@ def plot_predictive_std(
                    label=f"{ref} (reference)")  # fmt: skip
         decorate(a)
         a.set_title(FAMILY_TITLES.get(fam, fam), fontsize=9)
-        a.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16),
-                 ncol=1, frameon=False)  # fmt: skip
     for a in axes.flat[len(panels) :]:
         a.axis("off")
+    for i, a in enumerate(axes.flat[: len(panels)]):
+        # x labels on every panel with no panel below it; the legend below
+        # the labels (not over them)
+        bottom = i + ncols >= len(panels)
+        if bottom:
+            a.xaxis.set_tick_params(labelbottom=True)
+            a.set_xlabel("x", fontsize=8)
+        a.legend(fontsize=6.5, loc="upper center", frameon=False, ncol=1,
+                 bbox_to_anchor=(0.5, -0.22 if bottom else -0.04))  # fmt: skip
     for a in axes[:, 0]:
         a.set_ylabel("epistemic sd  sqrt(f_var)", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, title, path)
     return fig
 
 

@@ -312,7 +312,12 @@ def run_comparison(
     if isinstance(task, str):
         if task not in TASKS:
             raise KeyError(f"Unknown task {task!r}; known: {sorted(TASKS)}.")
+        if progress:  # training is silent otherwise: say what is happening
+            print(f"{task}: building the task (data, MAP training) ...", flush=True)
         task = TASKS[task](seed)
+        if progress:
+            print(f"{task.name}: task built in {time.perf_counter() - t_build:.0f} s; "
+                  "fitting the methods", flush=True)  # fmt: skip
     t_build = time.perf_counter() - t_build
     specs = resolve_methods(methods)
     rows, preds = [], {}
