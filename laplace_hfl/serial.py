@@ -106,4 +106,7 @@ class SerialMixin:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.H = self._curvature_operator() if state.get("_fitted") else None
+        if state.get("_fitted"):
+            self.H = self._curvature_operator()
+        else:
+            self._init_H()

@@ -164,3 +164,14 @@ def test_another_thread_toggling_train_mode(regression_1d):
     finally:
         stop.set()
         thread.join()
+
+
+def test_unfitted_estimator_pickles_with_its_zero_curvature():
+    """An unfitted estimator's ``H`` is the zero operator (as laplace-torch's
+    ``zeros(P, P)``) before and after a pickle round trip."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    la = Laplace(model, "regression", "all", "hfl")
+    copy_ = pickle.loads(pickle.dumps(la))
+    v = torch.randn(la.n_params, dtype=torch.float64)
+    assert torch.equal(la.H @ v, torch.zeros_like(v))
+    assert torch.equal(copy_.H @ v, torch.zeros_like(v))
