@@ -12,6 +12,21 @@ never what they converge to: the solves keep their tolerance.
 The sketch does not depend on the prior precision, ``sigma_noise`` or the
 temperature (they enter :func:`nystrom_apply` only), so one sketch per fit
 serves grid searches over the prior.
+
+Spectrum floor (for the certified variance brackets of
+:mod:`laplace_hfl.solvers`). The Nyström approximation lies below the GGN,
+``G_k = G^{1/2} Pi G^{1/2} <= G`` (``Pi`` an orthogonal projection; dropping
+unresolved eigenvalues keeps it below), so with ``d = min(p_0)``::
+
+    A = h G + diag(p_0) >= h G_k + d I >= d M,
+
+because ``M`` (:func:`nystrom_apply`) equals ``(h lam + mu) / floor`` on the
+sketch's range and 1 on its complement, and ``floor >= mu >= d``. Hence
+``lambda_min(M^{-1} A) >= d``: the prior's smallest precision, in the
+objective's own scaling (``A`` is ``h G + diag(p_0)`` with ``p_0`` the prior
+precision as laplace-torch holds it). The floor handed to the solver is
+``SPECTRUM_SAFETY * d``, which leaves room for the rounding of the sketch
+(``G_k`` exceeds ``G`` by ``~eps ||G||`` in the working precision).
 """
 
 from __future__ import annotations
@@ -24,7 +39,17 @@ from torch import Tensor
 
 from laplace_hfl.functional import LaplaceObjective, data_only_objective, ggn_matvec
 
-__all__ = ["NystromSketch", "default_rank", "nystrom_sketch", "nystrom_apply"]
+__all__ = [
+    "NystromSketch",
+    "Preconditioner",
+    "default_rank",
+    "nystrom_sketch",
+    "nystrom_apply",
+    "spectrum_floor",
+]
+
+#: Fraction of the proven spectrum floor handed to the solver (module doc).
+SPECTRUM_SAFETY = 0.5
 
 #: Largest number of entries the sketch may hold (256 MiB of float64): ``k P``.
 SKETCH_BUDGET = 2**25
@@ -43,6 +68,37 @@ class NystromSketch:
 
     U: Tensor
     lam: Tensor
+
+
+@dataclass(frozen=True)
+class Preconditioner:
+    """A row-wise ``M^{-1}`` with a proven lower bound of the spectrum of
+    ``M^{-1} A`` (``None`` where none is known).
+
+    Called like the function it wraps: ``precond(R)``.
+    """
+
+    apply: Callable[[Tensor], Tensor]
+    floor: float | None = None
+
+    def __call__(self, R: Tensor) -> Tensor:
+        return self.apply(R)
+
+
+def spectrum_floor(
+    obj: LaplaceObjective, precond: Callable[[Tensor], Tensor] | None
+) -> float | None:
+    """A lower bound of the spectrum of ``M^{-1} (h G + diag(p_0))``.
+
+    Without a preconditioner ``min(p_0)`` (``G`` is positive semi-definite);
+    with one, the floor it carries (:class:`Preconditioner`). None where no
+    positive bound is known (a zero prior, a preconditioner without one).
+    """
+    if precond is None:
+        floor = float(obj.prior_precision.min())
+    else:
+        floor = getattr(precond, "floor", None)
+    return floor if floor is not None and floor > 0 else None
 
 
 def default_rank(n_params: int) -> int:
@@ -150,7 +206,7 @@ def nystrom_sketch(
 
 def nystrom_apply(
     sketch: NystromSketch, h_factor: float, prior_precision: Tensor
-) -> Callable[[Tensor], Tensor]:
+) -> Preconditioner:
     """The preconditioner ``M^{-1}`` for ``A = h G + diag(p_0)``, row-wise.
 
     ``M^{-1} r = (h lam_k + mu) U (h lam + mu)^{-1} U^T r + (I - U U^T) r`` with
@@ -158,8 +214,9 @@ def nystrom_apply(
 
     Returns
     -------
-    callable
-        Maps residuals ``(m, P)`` to preconditioned residuals ``(m, P)``.
+    Preconditioner
+        Maps residuals ``(m, P)`` to preconditioned residuals ``(m, P)``;
+        its ``floor`` is ``SPECTRUM_SAFETY * min(p_0)`` (module doc).
     """
     U, lam = sketch.U, sketch.lam
     mu = float(prior_precision.mean())
@@ -175,4 +232,4 @@ def nystrom_apply(
         UR = R @ U
         return (floor * UR / scaled - UR) @ U.T + R
 
-    return apply
+    return Preconditioner(apply, SPECTRUM_SAFETY * float(prior_precision.min()))
