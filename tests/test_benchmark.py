@@ -49,6 +49,22 @@ def test_solver_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_solver_benchmark_one_preconditioner(tmp_path):
+    """``--preconditioners nystrom`` alone runs (no "none" baseline needed)."""
+    from laplace_hfl.benchmark.solvers import main as solvers_main
+
+    out = tmp_path / "solvers.json"
+    argv = ["--n-train", "200", "--only", "all_weights", "--aw-n-train", "16",
+            "--n-dirs", "1", "--ranks", "8", "--ref-n-train", "20",
+            "--preconditioners", "nystrom", "--out", str(out)]  # fmt: skip
+    assert solvers_main(argv) == 0
+    res = json.loads(out.read_text())
+    assert list(res["all_weights"]["runs"]) == ["nystrom8"]
+    assert "iteration_reduction_vs_none" not in res["all_weights"]
+    assert res["reference_check"]["reference"] == "FullLaplace(CurvlinopsGGN)"
+
+
+@pytest.mark.slow
 def test_amortized_benchmark_cg_reference_equals_dual():
     """The CG reference of ``benchmark.amortized`` (used where the dense dual
     does not fit, N > 1500) equals the float64 dual on LeNet at N = 300
