@@ -43,6 +43,7 @@ __all__ = [
     "NystromSketch",
     "Preconditioner",
     "default_rank",
+    "memory_rank",
     "nystrom_sketch",
     "nystrom_apply",
     "spectrum_floor",
@@ -68,6 +69,8 @@ class NystromSketch:
 
     U: Tensor
     lam: Tensor
+    #: GGN-vector products the sketch cost (its rank ``k``).
+    products: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,14 +104,39 @@ def spectrum_floor(
     return floor if floor is not None and floor > 0 else None
 
 
-def default_rank(n_params: int) -> int:
+def default_rank(n_params: int, like: Tensor | None = None) -> int:
     """Sketch rank used when none is given.
 
-    ``min(256, P // 2)`` when that sketch holds at most 256 MiB of float64
-    (``P`` up to ~130k), else 0 (off), so that memory stays that of training.
+    On the CPU (or without ``like``): ``min(256, P // 2)`` when that sketch
+    holds at most 256 MiB of float64 (``P`` up to ~130k), else 0 (off), so
+    that memory stays that of training. On an accelerator (``like`` a tensor
+    there): :func:`memory_rank` of its free memory, up to
+    :data:`DEVICE_MAX_RANK`.
     """
+    if like is not None and like.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(like.device)
+        return memory_rank(n_params, free, like.element_size())
     rank = min(256, n_params // 2)
     return rank if rank * n_params <= SKETCH_BUDGET else 0
+
+
+#: Largest automatic rank on an accelerator: the sketch's ``k x k``
+#: eigendecompositions and ``(m, k)`` products stay small next to the data passes.
+DEVICE_MAX_RANK = 4096
+#: Share of the free device memory the sketch may take (its ``(P, k)`` buffer;
+#: the build's chunk of products and the solves' directions use the rest).
+DEVICE_MEMORY_SHARE = 0.25
+
+
+def memory_rank(n_params: int, free_bytes: int, item_bytes: int) -> int:
+    """The Nyström rank that fits :data:`DEVICE_MEMORY_SHARE` of ``free_bytes``.
+
+    ``min(DEVICE_MAX_RANK, P // 2, share * free / (P * item_bytes))``, rounded
+    down to a multiple of 64 (one product chunk); 0 below 64.
+    """
+    fits = int(DEVICE_MEMORY_SHARE * free_bytes) // max(1, n_params * item_bytes)
+    rank = min(DEVICE_MAX_RANK, n_params // 2, fits)
+    return rank // 64 * 64
 
 
 def _omega_rows(
@@ -201,7 +229,7 @@ def nystrom_sketch(
     U = _right_multiply_(
         U, torch.linalg.solve_triangular(R, Z.flip(1), upper=True), _ROWS
     )
-    return NystromSketch(U, lam.flip(0).clamp_min(0))
+    return NystromSketch(U, lam.flip(0).clamp_min(0), rank)
 
 
 def nystrom_apply(

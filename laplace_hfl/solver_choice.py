@@ -160,7 +160,7 @@ class SolverMixin:
         """``("kfac" | "nystrom" | "none", nystrom_rank)`` for this refit."""
         P = obj.theta_map.numel()
         rank = (
-            default_rank(P)
+            default_rank(P, obj.theta_map)
             if self.precondition_rank is None
             else self.precondition_rank
         )

@@ -9,7 +9,12 @@ from laplace import Laplace
 from torch import nn
 from torch.func import jacrev
 
-from laplace_hfl.preconditioner import default_rank, nystrom_apply, nystrom_sketch
+from laplace_hfl.preconditioner import (
+    default_rank,
+    memory_rank,
+    nystrom_apply,
+    nystrom_sketch,
+)
 
 
 def test_full_rank_sketch_reproduces_ggn(regression_multi):
@@ -56,6 +61,17 @@ def test_default_rank():
     assert default_rank(10_000) == 256
     assert default_rank(100_000) == 256
     assert default_rank(1_000_000) == 0  # sketch would not fit in 256 MiB
+    assert default_rank(10_000, torch.zeros(1)) == 256  # CPU: as without
+
+
+def test_memory_rank():
+    """Device rule: a quarter of the free memory, multiples of 64, capped."""
+    gib = 2**30
+    assert memory_rank(44_426, 100 * gib, 4) == 4096  # H200-sized: the cap
+    assert memory_rank(1_150_000, 100 * gib, 4) == 4096
+    assert memory_rank(1_150_000, 8 * gib, 4) == 448  # 2 GiB / 4.6 MB
+    assert memory_rank(100, 100 * gib, 4) == 0  # P // 2 = 50 < 64
+    assert memory_rank(10**9, gib, 4) == 0
 
 
 def _peak_rss_mb(fn) -> float:
