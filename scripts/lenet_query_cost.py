@@ -44,6 +44,18 @@ def _clock(fn):
     return out, time.perf_counter() - t0
 
 
+def _row(t_solve, t_fit, sketch_q, n_query, iterations) -> dict:
+    """Seconds and iterations of one rule; per query with and without the
+    sketch's share (``sketch_q``, seconds per query)."""
+    per_query = (t_solve + t_fit) / n_query
+    return {
+        "solve_s": t_solve,
+        "mean_iterations": float(iterations.float().mean()),
+        "per_query_s_with_sketch": per_query + sketch_q,
+        "per_query_s_without_sketch": per_query,
+    }
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-query", type=int, default=3)
@@ -115,19 +127,13 @@ def main(argv=None):
             "sketch_s": t_sketch,
             "sketch_products": la._sketch.products,
             "residual_rule": {
-                "solve_s": t_ref,
-                "mean_iterations": float(ref.iterations.float().mean()),
+                **_row(t_ref, t_fit, sketch_q, args.n_query, ref.iterations),
                 "products": ref.products,
-                "per_query_s_with_sketch": (t_ref + t_fit) / args.n_query + sketch_q,
-                "per_query_s_without_sketch": (t_ref + t_fit) / args.n_query,
                 "certified_relative_width_max": width,
             },
             "variance_stop": {
-                "predict_s": t_new,
-                "mean_iterations": float(d.iterations.float().mean()),
+                **_row(t_new, t_fit, sketch_q, args.n_query, d.iterations),
                 "products": d.products,
-                "per_query_s_with_sketch": (t_new + t_fit) / args.n_query + sketch_q,
-                "per_query_s_without_sketch": (t_new + t_fit) / args.n_query,
                 "max_relative_error_vs_reference": err,
                 "max_certified_gap": float(
                     ((d.variance_upper - d.variance_lower) / d.variance_lower).max()
