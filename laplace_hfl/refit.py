@@ -107,10 +107,11 @@ class RefitSettings:
         is at its default 1e-6 or looser; a tighter ``rtol`` asks for the
         residual rule's accuracy, and the variance stop is then off (the
         bracket is still recorded). The bracket certifies the variances
-        (diagonal entries); a covariance ``v_i^T u_j`` is off by at most
-        ``sqrt(var_i (upper_j - lower_j))`` (Cauchy-Schwarz in the ``A``
-        inner product), i.e. ``sqrt(var_rtol)`` relative to
-        ``sqrt(var_i var_j)``.
+        (diagonal entries); after the Rayleigh-Ritz step of
+        :func:`galerkin_refine` a covariance is off by at most
+        ``sqrt(gap_i gap_j) <= var_rtol sqrt(var_i var_j)`` within one step's
+        block (all directions of a call up to :data:`GALERKIN_BUDGET`, else a
+        chunk); across blocks by at most ``sqrt(var_i gap_j)``.
     max_iter : int
         Conjugate-gradient iterations per linear solve.
     max_newton : int
@@ -207,8 +208,9 @@ class RefitDiagnostics:
         ``(m,)`` (float64), from the Gauss and Gauss-Radau quadrature of the
         CG coefficients (:mod:`laplace_hfl.solvers`); NaN where none is
         certified (``target="hessian"``: no lower bound of the Hessian's
-        spectrum; a zero prior precision). The reported variance is the lower
-        end (the CG iterate's ``v^T u``). None for other solvers.
+        spectrum; a zero prior precision). The reported variance ``v^T u``
+        (after :func:`galerkin_refine`) is itself a Gauss lower bound; the
+        lower end is the larger of it and CG's. None for other solvers.
     products : float
         Cost in GGN-product equivalents: data passes x directions (CG
         products, Newton gradients), comparable across machines.
