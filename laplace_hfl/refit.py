@@ -53,7 +53,12 @@ from laplace_hfl.functional import (
 )
 from laplace_hfl.preconditioner import spectrum_floor
 from laplace_hfl.progress import progress
-from laplace_hfl.solvers import NegativeCurvature, batched_cg
+from laplace_hfl.solvers import (
+    RECURRENCE_DTYPE,
+    NegativeCurvature,
+    batched_cg,
+    mixed_precision,
+)
 
 __all__ = [
     "TARGETS",
@@ -479,13 +484,21 @@ def _perturbed_chunk(
     # certified bracket of v^T A^-1 v.
     where = "the first Newton step of the network refits"
     floor = spectrum_floor(obj, precond) if settings.target == "ggn" else None
+
+    def first_matvec(idx: Tensor, X: Tensor) -> Tensor:
+        return curvature(base.theta.expand(m, -1), idx, X)
+
+    matvec, cg_precond = first_matvec, precond
+    if settings.target == "ggn" and obj.theta_map.dtype != RECURRENCE_DTYPE:
+        # float32 products, float64 recurrences (V arrives in float64 here)
+        matvec, cg_precond = mixed_precision(matvec, precond, obj.theta_map.dtype)
     try:
         first = batched_cg(
-            lambda idx, X: curvature(base.theta.expand(m, -1), idx, X),
+            matvec,
             V,
             settings.rtol * v_norm,
             settings.max_iter,
-            precond=precond,
+            precond=cg_precond,
             spectrum_floor=floor,
             var_rtol=settings.variance_rtol,
         )
@@ -635,7 +648,9 @@ def perturbed_refits(
     settings : RefitSettings
     chunk_size : int, default=64
         Directions refit together (each costs two refits); memory grows as
-        ``chunk_size * P``.
+        ``chunk_size * P``. With ``target="ggn"`` and a float32 objective the
+        products run in float32 and CG's recurrences, brackets and the
+        Rayleigh-Ritz step in float64 (:func:`laplace_hfl.solvers.mixed_precision`).
     progress_bar : bool, default=False
         Show a tqdm bar over chunks from the start (otherwise one appears when
         the chunks are expected to take long: :func:`laplace_hfl.progress.progress`).
@@ -659,10 +674,14 @@ def perturbed_refits(
     IndefiniteHessianError
         ``target="hessian"`` and negative curvature is met.
     """
+    out_dtype = V.dtype
+    ggn = settings.target == "ggn"
+    if ggn:  # CG recurrences and the Rayleigh-Ritz step in float64
+        V = V.to(RECURRENCE_DTYPE)
     U = torch.zeros_like(V)
     nonzero = torch.nonzero(V.norm(dim=1) > 0).flatten()
     parts: list[RefitDiagnostics] = []
-    R = torch.zeros_like(V) if settings.target == "ggn" else None
+    R = torch.zeros_like(V) if ggn else None
     starts = range(0, nonzero.numel(), chunk_size)
     for start in progress(starts, desc="[HFL refits]", always=progress_bar):
         idx = nonzero[start : start + chunk_size]
@@ -715,4 +734,4 @@ def perturbed_refits(
             ),
             RefitConvergenceWarning,
         )
-    return U, diag
+    return U.to(out_dtype), diag

@@ -32,7 +32,37 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CGResult", "NegativeCurvature", "batched_cg"]
+__all__ = ["CGResult", "NegativeCurvature", "batched_cg", "mixed_precision"]
+
+#: Precision of the CG recurrences (iterates, residuals, brackets) when the
+#: products run in float32: see :func:`mixed_precision`.
+RECURRENCE_DTYPE = torch.float64
+
+
+def mixed_precision(
+    matvec: Callable[[Tensor, Tensor], Tensor],
+    precond: Callable[[Tensor], Tensor] | None,
+    product_dtype: torch.dtype,
+) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor] | None]:
+    """``matvec`` and ``precond`` taking and returning :data:`RECURRENCE_DTYPE`
+    vectors while computing in ``product_dtype``.
+
+    CG's recurrences then keep float64 accuracy (orthogonality, the brackets'
+    sums) and only the products carry float32 rounding: the solve is that of
+    ``A + E`` with ``|E| ~ 1e-7 |A|``, instead of a float32 CG whose attainable
+    accuracy stalls near the float32 resolution of the residual.
+    """
+
+    def mv(idx: Tensor, X: Tensor) -> Tensor:
+        return matvec(idx, X.to(product_dtype)).to(RECURRENCE_DTYPE)
+
+    if precond is None:
+        return mv, None
+
+    def pc(R: Tensor) -> Tensor:
+        return precond(R.to(product_dtype)).to(RECURRENCE_DTYPE)
+
+    return mv, pc
 
 
 class NegativeCurvature(ArithmeticError):

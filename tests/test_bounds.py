@@ -175,3 +175,26 @@ def test_variance_rtol_default_and_validation():
     assert RefitSettings(rtol=1e-9, var_rtol=1e-5).variance_rtol == 1e-5
     with pytest.raises(ValueError, match="var_rtol"):
         RefitSettings(var_rtol=0.0)
+
+
+def test_float32_products_float64_recurrences(classification):
+    """compute_dtype=float32: products in float32, CG and brackets in float64.
+    The brackets hold the float64 truth up to the products' rounding (the
+    solve is that of A + E, |E| ~ 1e-7 |A|): 1e-5 slack here; the variances
+    come back in float32 and within the variance tolerance."""
+    model, X, y = classification
+    Xq = X[:40] * 1.5 + 0.3
+    ref, _ = dense_reference(model, X, y, Xq, "classification", "ggn")
+    truth = ref.diagonal(0, 1, 2).flatten()
+    la = Laplace(
+        model, "classification", "all", "hfl", prior_precision=PRIOR, solver="cg",
+        preconditioner="nystrom", compute_dtype=torch.float32,
+    )  # fmt: skip
+    la.fit(loader(X, y))
+    var = la.functional_variance(_jacobians(model, Xq, False).float())
+    d = la.last_diagnostics
+    assert var.dtype == torch.float32
+    assert d.variance_lower.dtype == torch.float64
+    assert (d.variance_lower <= truth * (1 + 1e-5)).all()
+    assert (d.variance_upper >= truth * (1 - 1e-5)).all()
+    assert ((var.diagonal(0, 1, 2).flatten() - truth).abs() / truth).max() <= 1e-3
