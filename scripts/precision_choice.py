@@ -82,20 +82,25 @@ def _case(model, X, y, likelihood):
     return rows
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/precision_choice.json")
-    args = ap.parse_args(argv)
-    warnings.simplefilter("ignore")
+def _networks():
+    """The test suite's 2-8-3 networks at a stationary MAP."""
     from conftest import make_classification, make_regression, train_stationary
 
-    out = {"command": "python scripts/precision_choice.py", "rows": {}}
     for name, (model, X, y), lik in (
         ("classification 2-8-3", make_classification(), "classification"),
         ("regression 2-8-3", make_regression(n=40, d_in=2, d_out=3, hidden=8, seed=1),
          "regression"),
     ):  # fmt: skip
-        train_stationary(model, X, y, lik)
+        yield name, train_stationary(model, X, y, lik), X, y, lik
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/precision_choice.json")
+    warnings.simplefilter("ignore")
+    args = parser.parse_args(argv)
+    out = {"command": "python scripts/precision_choice.py", "rows": {}}
+    for name, model, X, y, lik in _networks():
         out["rows"][name] = _case(model, X, y, lik)
         print(name, json.dumps(out["rows"][name], indent=1), flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
