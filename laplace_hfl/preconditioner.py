@@ -52,8 +52,11 @@ __all__ = [
 #: Fraction of the proven spectrum floor handed to the solver (module doc).
 SPECTRUM_SAFETY = 0.5
 
-#: Largest number of entries the sketch may hold (256 MiB of float64): ``k P``.
+#: Largest number of entries a rank-256 sketch may hold (256 MiB of float64):
+#: ``k P``.
 SKETCH_BUDGET = 2**25
+#: Largest number of entries a rank-1,024 CPU sketch may hold (1 GiB of float64).
+CPU_SKETCH_BUDGET = 2**27
 
 #: Rows of the test matrix drawn from one seeded generator: the sketch is
 #: reproducible and independent of ``chunk_size``.
@@ -107,17 +110,22 @@ def spectrum_floor(
 def default_rank(n_params: int, like: Tensor | None = None) -> int:
     """Sketch rank used when none is given.
 
-    On the CPU (or without ``like``): ``min(256, P // 2)`` when that sketch
-    holds at most 256 MiB of float64 (``P`` up to ~130k), else 0 (off), so
-    that memory stays that of training. On an accelerator (``like`` a tensor
-    there): :func:`memory_rank` of its free memory, up to
-    :data:`DEVICE_MAX_RANK`.
+    On the CPU (or without ``like``): ``min(1024, P // 2)`` when that sketch
+    holds at most 1 GiB of float64 (:data:`CPU_SKETCH_BUDGET`, ``P`` up to
+    ~130k), else ``min(256, P // 2)`` within 256 MiB, else 0 (off). Rank 1,024
+    costs 768 more products once per fit than 256 and pays off from ~7 query
+    images (LeNet on 1,000 digits: 4.0 instead of 16.3 CG iterations per
+    refit, ``docs/cost.md``). On an accelerator (``like`` a tensor there):
+    :func:`memory_rank` of its free memory, up to :data:`DEVICE_MAX_RANK`.
     """
     if like is not None and like.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(like.device)
         return memory_rank(n_params, free, like.element_size())
-    rank = min(256, n_params // 2)
-    return rank if rank * n_params <= SKETCH_BUDGET else 0
+    for cap, budget in ((1024, CPU_SKETCH_BUDGET), (256, SKETCH_BUDGET)):
+        rank = min(cap, n_params // 2)
+        if rank * n_params <= budget:
+            return rank
+    return 0
 
 
 #: Largest automatic rank on an accelerator: the sketch's ``k x k``

@@ -58,10 +58,11 @@ def test_preconditioning_keeps_answer_and_cuts_iterations(classification):
 
 def test_default_rank():
     assert default_rank(10) == 5
-    assert default_rank(10_000) == 256
-    assert default_rank(100_000) == 256
-    assert default_rank(1_000_000) == 0  # sketch would not fit in 256 MiB
-    assert default_rank(10_000, torch.zeros(1)) == 256  # CPU: as without
+    assert default_rank(1_000) == 500
+    assert default_rank(10_000) == 1024
+    assert default_rank(100_000) == 1024  # 0.8 GB of float64
+    assert default_rank(200_000) == 0  # neither 1 GiB nor 256 MiB holds it
+    assert default_rank(10_000, torch.zeros(1)) == 1024  # CPU: as without
 
 
 def test_memory_rank():
