@@ -128,9 +128,11 @@ def default_rank(n_params: int, like: Tensor | None = None) -> int:
     return 0
 
 
-#: Largest automatic rank on an accelerator: the sketch's ``k x k``
-#: eigendecompositions and ``(m, k)`` products stay small next to the data passes.
-DEVICE_MAX_RANK = 4096
+#: Largest automatic rank on an accelerator. The sketch costs ``k`` products
+#: once per fit; past ~1,024 the iterations it saves cannot repay that (LeNet,
+#: 1,000 digits: 4.0 CG iterations per refit at 1,024, so at most ~3 more to
+#: save per direction; ``docs/cost.md``). Memory caps it below that.
+DEVICE_MAX_RANK = 1024
 #: Share of the free device memory the sketch may take (its ``(P, k)`` buffer;
 #: the build's chunk of products and the solves' directions use the rest).
 DEVICE_MEMORY_SHARE = 0.25

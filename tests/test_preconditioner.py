@@ -68,8 +68,8 @@ def test_default_rank():
 def test_memory_rank():
     """Device rule: a quarter of the free memory, multiples of 64, capped."""
     gib = 2**30
-    assert memory_rank(44_426, 100 * gib, 4) == 4096  # H200-sized: the cap
-    assert memory_rank(1_150_000, 100 * gib, 4) == 4096
+    assert memory_rank(44_426, 100 * gib, 4) == 1024  # H200-sized: the cap
+    assert memory_rank(1_150_000, 100 * gib, 4) == 1024
     assert memory_rank(1_150_000, 8 * gib, 4) == 448  # 2 GiB / 4.6 MB
     assert memory_rank(100, 100 * gib, 4) == 0  # P // 2 = 50 < 64
     assert memory_rank(10**9, gib, 4) == 0
