@@ -12,6 +12,21 @@ never what they converge to: the solves keep their tolerance.
 The sketch does not depend on the prior precision, ``sigma_noise`` or the
 temperature (they enter :func:`nystrom_apply` only), so one sketch per fit
 serves grid searches over the prior.
+
+Spectrum floor (for the certified variance brackets of
+:mod:`laplace_hfl.solvers`). The Nyström approximation lies below the GGN,
+``G_k = G^{1/2} Pi G^{1/2} <= G`` (``Pi`` an orthogonal projection; dropping
+unresolved eigenvalues keeps it below), so with ``d = min(p_0)``::
+
+    A = h G + diag(p_0) >= h G_k + d I >= d M,
+
+because ``M`` (:func:`nystrom_apply`) equals ``(h lam + mu) / floor`` on the
+sketch's range and 1 on its complement, and ``floor >= mu >= d``. Hence
+``lambda_min(M^{-1} A) >= d``: the prior's smallest precision, in the
+objective's own scaling (``A`` is ``h G + diag(p_0)`` with ``p_0`` the prior
+precision as laplace-torch holds it). The floor handed to the solver is
+``SPECTRUM_SAFETY * d``, which leaves room for the rounding of the sketch
+(``G_k`` exceeds ``G`` by ``~eps ||G||`` in the working precision).
 """
 
 from __future__ import annotations
@@ -24,10 +39,24 @@ from torch import Tensor
 
 from laplace_hfl.functional import LaplaceObjective, data_only_objective, ggn_matvec
 
-__all__ = ["NystromSketch", "default_rank", "nystrom_sketch", "nystrom_apply"]
+__all__ = [
+    "NystromSketch",
+    "Preconditioner",
+    "default_rank",
+    "memory_rank",
+    "nystrom_sketch",
+    "nystrom_apply",
+    "spectrum_floor",
+]
 
-#: Largest number of entries the sketch may hold (256 MiB of float64): ``k P``.
+#: Fraction of the proven spectrum floor handed to the solver (module doc).
+SPECTRUM_SAFETY = 0.5
+
+#: Largest number of entries a rank-256 sketch may hold (256 MiB of float64):
+#: ``k P``.
 SKETCH_BUDGET = 2**25
+#: Largest number of entries a rank-1,024 CPU sketch may hold (1 GiB of float64).
+CPU_SKETCH_BUDGET = 2**27
 
 #: Rows of the test matrix drawn from one seeded generator: the sketch is
 #: reproducible and independent of ``chunk_size``.
@@ -43,16 +72,81 @@ class NystromSketch:
 
     U: Tensor
     lam: Tensor
+    #: GGN-vector products the sketch cost (its rank ``k``).
+    products: int = 0
 
 
-def default_rank(n_params: int) -> int:
+@dataclass(frozen=True)
+class Preconditioner:
+    """A row-wise ``M^{-1}`` with a proven lower bound of the spectrum of
+    ``M^{-1} A`` (``None`` where none is known).
+
+    Called like the function it wraps: ``precond(R)``.
+    """
+
+    apply: Callable[[Tensor], Tensor]
+    floor: float | None = None
+
+    def __call__(self, R: Tensor) -> Tensor:
+        return self.apply(R)
+
+
+def spectrum_floor(
+    obj: LaplaceObjective, precond: Callable[[Tensor], Tensor] | None
+) -> float | None:
+    """A lower bound of the spectrum of ``M^{-1} (h G + diag(p_0))``.
+
+    Without a preconditioner ``min(p_0)`` (``G`` is positive semi-definite);
+    with one, the floor it carries (:class:`Preconditioner`). None where no
+    positive bound is known (a zero prior, a preconditioner without one).
+    """
+    if precond is None:
+        floor = float(obj.prior_precision.min())
+    else:
+        floor = getattr(precond, "floor", None)
+    return floor if floor is not None and floor > 0 else None
+
+
+def default_rank(n_params: int, like: Tensor | None = None) -> int:
     """Sketch rank used when none is given.
 
-    ``min(256, P // 2)`` when that sketch holds at most 256 MiB of float64
-    (``P`` up to ~130k), else 0 (off), so that memory stays that of training.
+    On the CPU (or without ``like``): ``min(1024, P // 2)`` when that sketch
+    holds at most 1 GiB of float64 (:data:`CPU_SKETCH_BUDGET`, ``P`` up to
+    ~130k), else ``min(256, P // 2)`` within 256 MiB, else 0 (off). Rank 1,024
+    costs 768 more products once per fit than 256 and pays off from ~7 query
+    images (LeNet on 1,000 digits: 4.0 instead of 16.3 CG iterations per
+    refit, ``docs/cost.md``). On an accelerator (``like`` a tensor there):
+    :func:`memory_rank` of its free memory, up to :data:`DEVICE_MAX_RANK`.
     """
-    rank = min(256, n_params // 2)
-    return rank if rank * n_params <= SKETCH_BUDGET else 0
+    if like is not None and like.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(like.device)
+        return memory_rank(n_params, free, like.element_size())
+    for cap, budget in ((1024, CPU_SKETCH_BUDGET), (256, SKETCH_BUDGET)):
+        rank = min(cap, n_params // 2)
+        if rank * n_params <= budget:
+            return rank
+    return 0
+
+
+#: Largest automatic rank on an accelerator. The sketch costs ``k`` products
+#: once per fit; past ~1,024 the iterations it saves cannot repay that (LeNet,
+#: 1,000 digits: 4.0 CG iterations per refit at 1,024, so at most ~3 more to
+#: save per direction; ``docs/cost.md``). Memory caps it below that.
+DEVICE_MAX_RANK = 1024
+#: Share of the free device memory the sketch may take (its ``(P, k)`` buffer;
+#: the build's chunk of products and the solves' directions use the rest).
+DEVICE_MEMORY_SHARE = 0.25
+
+
+def memory_rank(n_params: int, free_bytes: int, item_bytes: int) -> int:
+    """The Nyström rank that fits :data:`DEVICE_MEMORY_SHARE` of ``free_bytes``.
+
+    ``min(DEVICE_MAX_RANK, P // 2, share * free / (P * item_bytes))``, rounded
+    down to a multiple of 64 (one product chunk); 0 below 64.
+    """
+    fits = int(DEVICE_MEMORY_SHARE * free_bytes) // max(1, n_params * item_bytes)
+    rank = min(DEVICE_MAX_RANK, n_params // 2, fits)
+    return rank // 64 * 64
 
 
 def _omega_rows(
@@ -145,12 +239,12 @@ def nystrom_sketch(
     U = _right_multiply_(
         U, torch.linalg.solve_triangular(R, Z.flip(1), upper=True), _ROWS
     )
-    return NystromSketch(U, lam.flip(0).clamp_min(0))
+    return NystromSketch(U, lam.flip(0).clamp_min(0), rank)
 
 
 def nystrom_apply(
     sketch: NystromSketch, h_factor: float, prior_precision: Tensor
-) -> Callable[[Tensor], Tensor]:
+) -> Preconditioner:
     """The preconditioner ``M^{-1}`` for ``A = h G + diag(p_0)``, row-wise.
 
     ``M^{-1} r = (h lam_k + mu) U (h lam + mu)^{-1} U^T r + (I - U U^T) r`` with
@@ -158,8 +252,9 @@ def nystrom_apply(
 
     Returns
     -------
-    callable
-        Maps residuals ``(m, P)`` to preconditioned residuals ``(m, P)``.
+    Preconditioner
+        Maps residuals ``(m, P)`` to preconditioned residuals ``(m, P)``;
+        its ``floor`` is ``SPECTRUM_SAFETY * min(p_0)`` (module doc).
     """
     U, lam = sketch.U, sketch.lam
     mu = float(prior_precision.mean())
@@ -175,4 +270,4 @@ def nystrom_apply(
         UR = R @ U
         return (floor * UR / scaled - UR) @ U.T + R
 
-    return apply
+    return Preconditioner(apply, SPECTRUM_SAFETY * float(prior_precision.min()))

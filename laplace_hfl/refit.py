@@ -51,8 +51,14 @@ from laplace_hfl.functional import (
     objective_grad,
     objective_value,
 )
+from laplace_hfl.preconditioner import spectrum_floor
 from laplace_hfl.progress import progress
-from laplace_hfl.solvers import NegativeCurvature, batched_cg
+from laplace_hfl.solvers import (
+    RECURRENCE_DTYPE,
+    NegativeCurvature,
+    batched_cg,
+    mixed_precision,
+)
 
 __all__ = [
     "TARGETS",
@@ -64,6 +70,11 @@ __all__ = [
 ]
 
 TARGETS = ("ggn", "hessian")
+
+#: Default relative width of a variance's certified bracket at which a
+#: ``"ggn"`` refit stops (:attr:`RefitSettings.variance_rtol`).
+VARIANCE_RTOL = 1e-3
+_DEFAULT_RTOL = 1e-6
 
 _INDEFINITE_HINT = (
     "The exact Hessian of the Laplace objective is indefinite at the MAP, so "
@@ -93,6 +104,19 @@ class RefitSettings:
         A refit has converged when its residual gradient norm is at most
         ``rtol * eps_j * ||v_j||``; the unperturbed refit when it is at most
         ``rtol`` times the gradient scale at the MAP.
+    var_rtol : float or None
+        Variance tolerance of the ``"ggn"`` refits: a direction also stops
+        (whichever rule comes first) once the certified bracket of its
+        variance ``v^T A^{-1} v`` (:mod:`laplace_hfl.solvers`) is within
+        ``var_rtol`` relative. None: :data:`VARIANCE_RTOL` (1e-3) when ``rtol``
+        is at its default 1e-6 or looser; a tighter ``rtol`` asks for the
+        residual rule's accuracy, and the variance stop is then off (the
+        bracket is still recorded). The bracket certifies the variances
+        (diagonal entries); after the Rayleigh-Ritz step of
+        :func:`galerkin_refine` a covariance is off by at most
+        ``sqrt(gap_i gap_j) <= var_rtol sqrt(var_i var_j)`` within one step's
+        block (all directions of a call up to :data:`GALERKIN_BUDGET`, else a
+        chunk); across blocks by at most ``sqrt(var_i gap_j)``.
     max_iter : int
         Conjugate-gradient iterations per linear solve.
     max_newton : int
@@ -101,9 +125,10 @@ class RefitSettings:
 
     target: str = "ggn"
     eps: float = 1e-3
-    rtol: float = 1e-6
+    rtol: float = _DEFAULT_RTOL
     max_iter: int = 1000
     max_newton: int = 20
+    var_rtol: float | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -116,10 +141,24 @@ class RefitSettings:
             raise ValueError(f"eps must be a positive number, got {self.eps!r}.")
         if not (isinstance(self.rtol, int | float) and self.rtol > 0):
             raise ValueError(f"rtol must be a positive number, got {self.rtol!r}.")
+        if self.var_rtol is not None and not (
+            isinstance(self.var_rtol, int | float) and 0 < self.var_rtol < 1
+        ):
+            raise ValueError(
+                f"var_rtol must be None or in (0, 1), got {self.var_rtol!r}."
+            )
         for name in ("max_iter", "max_newton"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+    @property
+    def variance_rtol(self) -> float | None:
+        """The variance tolerance in force (``var_rtol`` or its default;
+        None: residual rule only)."""
+        if self.var_rtol is not None:
+            return float(self.var_rtol)
+        return VARIANCE_RTOL if self.rtol >= _DEFAULT_RTOL else None
 
 
 @dataclass(frozen=True)
@@ -169,6 +208,19 @@ class RefitDiagnostics:
         0, ``iterations`` 0 and ``residual`` the relative linear residual).
     preconditioner : {"kfac", "nystrom", "none"}
         Preconditioner of the CG solves.
+    variance_lower, variance_upper : Tensor or None
+        Certified bracket of each direction's variance ``v_j^T A^{-1} v_j``
+        ``(m,)`` (float64), from the Gauss and Gauss-Radau quadrature of the
+        CG coefficients (:mod:`laplace_hfl.solvers`); NaN where none is
+        certified (``target="hessian"``: no lower bound of the Hessian's
+        spectrum; a zero prior precision). The reported variance ``v^T u``
+        (after :func:`galerkin_refine`) is itself a Gauss lower bound; the
+        lower end is the larger of it and CG's. None for other solvers.
+    products : float
+        Cost in GGN-product equivalents: data passes x directions (CG
+        products, Newton gradients), comparable across machines.
+    passes : float
+        Data passes (each serves every direction still iterating).
     choice : str
         Why this solver and preconditioner: the options as set, or what the
         probe of ``"auto"`` measured (:mod:`laplace_hfl.auto_choice`).
@@ -183,6 +235,10 @@ class RefitDiagnostics:
     converged: Tensor
     solver: str = "cg"
     preconditioner: str = "none"
+    variance_lower: Tensor | None = None
+    variance_upper: Tensor | None = None
+    products: float = 0.0
+    passes: float = 0.0
     choice: str = ""
 
     def summary(self) -> str:
@@ -193,9 +249,10 @@ class RefitDiagnostics:
         its = int(self.iterations.max()) if n else 0
         res = float(self.residual.max()) if n else 0.0
         why = f"; {self.choice}" if self.choice else ""
+        cost = f", {self.products:.0f} products" if self.products else ""
         return (
             f"{self.solver}/{self.preconditioner}: {ok}/{n} refits converged, "
-            f"max {its} iterations, max residual {res:.1e}{why}"
+            f"max {its} iterations, max residual {res:.1e}{cost}{why}"
         )
 
     def __repr__(self) -> str:
@@ -203,6 +260,10 @@ class RefitDiagnostics:
 
     @staticmethod
     def concat(parts: list[RefitDiagnostics]) -> RefitDiagnostics:
+        def cat(name: str) -> Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+
         return RefitDiagnostics(
             torch.cat([p.eps for p in parts]),
             torch.cat([p.residual for p in parts], dim=1),
@@ -210,6 +271,10 @@ class RefitDiagnostics:
             torch.cat([p.converged for p in parts], dim=1),
             parts[0].solver,
             parts[0].preconditioner,
+            cat("variance_lower"),
+            cat("variance_upper"),
+            float(sum(p.products for p in parts)),
+            float(sum(p.passes for p in parts)),
             parts[0].choice,
         )
 
@@ -327,6 +392,35 @@ def unperturbed_refit(
     return BasePoint(theta, g, g0_norm, displacement, iterations)
 
 
+#: Largest ``m^2 P`` (flops / 2) of one Rayleigh-Ritz step over all the
+#: directions of a call (~7e10: seconds on a CPU core, small next to the CG
+#: products it refines); above it the step runs per chunk.
+GALERKIN_BUDGET = 2**35
+
+
+def galerkin_refine(V: Tensor, U: Tensor, R: Tensor) -> Tensor:
+    """The best answers in the span of a chunk's CG solutions (Rayleigh-Ritz).
+
+    CG answers ``A x_j = v_j`` column by column, each in its own Krylov space,
+    so a cross term ``v_i^T u_j`` is off by ``v_i^T e_j``: first order in the
+    errors ``e_j`` (a covariance matrix then need not be positive semi-definite).
+    Projecting every ``x_j`` A-orthogonally onto ``W = span(u_1..u_m)``
+    (``S = U A U^T = U (V - R)^T`` from the residuals, no product) gives
+    ``u~_j`` with ``v_i^T u~_j = u~_i^T A u~_j``: symmetric, positive
+    semi-definite, off by ``e~_i^T A e~_j`` (second order,
+    ``|.| <= sqrt(gap_i gap_j)``), and each variance no worse (a bigger space).
+    Costs ``2 m^2 P`` flops per chunk of ``m`` directions.
+    """
+    S = U @ (V - R).T
+    S = 0.5 * (S + S.T)
+    F = U @ V.T
+    lam, Q = torch.linalg.eigh(S)
+    keep = lam > lam.shape[0] * torch.finfo(lam.dtype).eps * lam.abs().max()
+    Q, lam = Q[:, keep], lam[keep]
+    C = Q @ ((Q.T @ F) / lam[:, None])  # S^+ F
+    return C.T @ U
+
+
 _EPS_REDUCTIONS = 4
 #: Largest relative asymmetry ``||D+ + D-|| / ||D+ - D-||`` of a pair of
 #: network refits accepted as quadratic (measured: 2e-2 at the default eps on
@@ -346,11 +440,12 @@ def _newton_corrections(
     refit_grad,
     settings: RefitSettings,
     precond: Callable[[Tensor], Tensor] | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[int]]:
     """Start both refits at the first Newton step and correct until converged.
 
-    For ``"ggn"`` the objective is quadratic and usually no correction is
-    needed. Raises :class:`NegativeCurvature` from the inner solves.
+    Returns the displacements, residual gradients, signed perturbations, goals,
+    iterations and the cost ``[products, passes]`` spent here. Raises
+    :class:`NegativeCurvature` from the inner solves.
     """
     v_norm = V.norm(dim=1)
     W = torch.cat([eps[:, None] * V, -eps[:, None] * V])  # signed perturbations
@@ -358,6 +453,7 @@ def _newton_corrections(
     goal = settings.rtol * torch.cat([eps * v_norm, eps * v_norm])
     iterations = torch.cat([first_iterations, first_iterations])
     G = refit_grad(base.theta + D) - W
+    cost = [D.shape[0], 1]
     for _ in range(settings.max_newton):
         g_norm = G.norm(dim=1)
         idx = torch.nonzero(g_norm > goal).flatten()
@@ -374,7 +470,9 @@ def _newton_corrections(
         iterations[idx] += res.iterations
         D[idx] += res.x
         G[idx] = refit_grad(base.theta + D[idx]) - W[idx]
-    return D, G, W, goal, iterations
+        cost[0] += res.products + idx.numel()
+        cost[1] += res.passes + 1
+    return D, G, W, goal, iterations, cost
 
 
 def _perturbed_chunk(
@@ -384,7 +482,9 @@ def _perturbed_chunk(
     settings: RefitSettings,
     precond: Callable[[Tensor], Tensor] | None,
     refinements: int = _REFINEMENTS,
-) -> tuple[Tensor, RefitDiagnostics]:
+) -> tuple[Tensor, RefitDiagnostics, Tensor | None]:
+    """Refits of one chunk: displacements ``(m, P)``, diagnostics, and for
+    ``"ggn"`` the CG residuals (for :func:`galerkin_refine`; None else)."""
     m = V.shape[0]
     v_norm = V.norm(dim=1)
     if settings.target == "ggn":
@@ -405,14 +505,27 @@ def _perturbed_chunk(
 
     # First Newton step of a refit under a unit perturbation: A u0 = v. It is
     # shared (up to sign) by the + and - refits and sets the scale of eps_j.
+    # For "ggn" it is the whole answer (see below), and it carries the
+    # certified bracket of v^T A^-1 v.
     where = "the first Newton step of the network refits"
+    floor = spectrum_floor(obj, precond) if settings.target == "ggn" else None
+
+    def first_matvec(idx: Tensor, X: Tensor) -> Tensor:
+        return curvature(base.theta.expand(m, -1), idx, X)
+
+    matvec, cg_precond = first_matvec, precond
+    if settings.target == "ggn" and obj.theta_map.dtype != RECURRENCE_DTYPE:
+        # float32 products, float64 recurrences (V arrives in float64 here)
+        matvec, cg_precond = mixed_precision(matvec, precond, obj.theta_map.dtype)
     try:
         first = batched_cg(
-            lambda idx, X: curvature(base.theta.expand(m, -1), idx, X),
+            matvec,
             V,
             settings.rtol * v_norm,
             settings.max_iter,
-            precond=precond,
+            precond=cg_precond,
+            spectrum_floor=floor,
+            var_rtol=settings.variance_rtol,
         )
     except NegativeCurvature as err:
         _raise_indefinite(err, where)
@@ -440,6 +553,28 @@ def _perturbed_chunk(
             f"Non-positive curvature v^T A^-1 v = {float(var0[j]):.3e} for "
             f"column {j} during {where}. " + _INDEFINITE_HINT
         )
+    nan = torch.full((m,), float("nan"), dtype=torch.float64, device=V.device)
+    if settings.target == "ggn":
+        # The refit objective is quadratic: each of the +/- refits converges
+        # to base -/+ eps_j A^-1 v_j up to the same correction for the base
+        # point's residual, which cancels in the central difference exactly,
+        # so (theta_+ - theta_-) / (2 eps_j) = A^-1 v_j: the first step
+        # already is the refits' answer, certified by its bracket.
+        eps = settings.eps / var0.sqrt()
+        rel = (first.residual_norm / v_norm).expand(2, m)
+        lower = nan if first.lower is None else first.lower
+        upper = nan if first.upper is None else first.upper
+        diag = RefitDiagnostics(
+            eps=eps,
+            residual=rel.clone(),
+            iterations=first.iterations.expand(2, m).clone(),
+            converged=first.converged.expand(2, m).clone(),
+            variance_lower=lower,
+            variance_upper=upper,
+            products=float(first.products),
+            passes=float(first.passes),
+        )
+        return u0, diag, first.r
     # Each refit moves f_c by eps posterior sd. If a network refit meets
     # negative curvature away from the base point (a Hessian that is nearly
     # singular at the MAP turns indefinite within the step), shrink eps: the
@@ -449,7 +584,7 @@ def _perturbed_chunk(
     for attempt in range(_EPS_REDUCTIONS + 1):
         eps = scale / var0.sqrt()
         try:
-            D, G, W, goal, iterations = _newton_corrections(
+            D, G, W, goal, iterations, cost = _newton_corrections(
                 base,
                 V,
                 u0,
@@ -478,12 +613,14 @@ def _perturbed_chunk(
         bad = torch.nonzero(asym > ASYMMETRY_TOL).flatten()
         if bad.numel() and refinements > 0:
             sub = dataclasses.replace(settings, eps=scale / 10)
-            U_b, d_b = _perturbed_chunk(
+            U_b, d_b, _ = _perturbed_chunk(
                 obj, base, V[bad], sub, precond, refinements - 1
             )
             U[bad], eps[bad] = U_b, d_b.eps
             residual[:, bad] = d_b.residual
             iterations[:, bad] += d_b.iterations
+            cost[0] += d_b.products
+            cost[1] += d_b.passes
         elif bad.numel():
             warn_user(
                 f"{bad.numel()} network refits stayed outside the quadratic "
@@ -499,6 +636,10 @@ def _perturbed_chunk(
         residual=residual,
         iterations=iterations,
         converged=residual <= settings.rtol * (1 + 1e-6),
+        variance_lower=nan,
+        variance_upper=nan,
+        products=float(first.products + cost[0]),
+        passes=float(first.passes + cost[1]),
     )
     if settings.target == "hessian":
         var = (V * U).sum(1)
@@ -508,7 +649,7 @@ def _perturbed_chunk(
                 f"The network refit returned a non-positive variance "
                 f"{float(var[j]):.3e} for column {j}. " + _INDEFINITE_HINT
             )
-    return U, diag
+    return U, diag, None
 
 
 def perturbed_refits(
@@ -532,7 +673,9 @@ def perturbed_refits(
     settings : RefitSettings
     chunk_size : int, default=64
         Directions refit together (each costs two refits); memory grows as
-        ``chunk_size * P``.
+        ``chunk_size * P``. With ``target="ggn"`` and a float32 objective the
+        products run in float32 and CG's recurrences, brackets and the
+        Rayleigh-Ritz step in float64 (:func:`laplace_hfl.solvers.mixed_precision`).
     progress_bar : bool, default=False
         Show a tqdm bar over chunks from the start (otherwise one appears when
         the chunks are expected to take long: :func:`laplace_hfl.progress.progress`).
@@ -556,13 +699,20 @@ def perturbed_refits(
     IndefiniteHessianError
         ``target="hessian"`` and negative curvature is met.
     """
+    out_dtype = V.dtype
+    ggn = settings.target == "ggn"
+    if ggn:  # CG recurrences and the Rayleigh-Ritz step in float64
+        V = V.to(RECURRENCE_DTYPE)
     U = torch.zeros_like(V)
     nonzero = torch.nonzero(V.norm(dim=1) > 0).flatten()
     parts: list[RefitDiagnostics] = []
+    R = torch.zeros_like(V) if ggn else None
     starts = range(0, nonzero.numel(), chunk_size)
     for start in progress(starts, desc="[HFL refits]", always=progress_bar):
         idx = nonzero[start : start + chunk_size]
-        U[idx], diag = _perturbed_chunk(obj, base, V[idx], settings, precond)
+        U[idx], diag, R_c = _perturbed_chunk(obj, base, V[idx], settings, precond)
+        if R is not None:
+            R[idx] = R_c
         parts.append(diag)
     if parts:
         diag = RefitDiagnostics.concat(parts)
@@ -574,12 +724,31 @@ def perturbed_refits(
             V.new_zeros(2, 0, dtype=torch.long),
             V.new_zeros(2, 0, dtype=torch.bool),
         )
+    if R is not None and parts:
+        # one Rayleigh-Ritz step over all directions of the call when it is
+        # cheap, else per chunk (covariances across chunks stay first order)
+        m = nonzero.numel()
+        block = m if m * m * V.shape[1] <= GALERKIN_BUDGET else chunk_size
+        for start in range(0, m, block):
+            idx = nonzero[start : start + block]
+            U[idx] = galerkin_refine(V[idx], U[idx], R[idx])
+        if diag.variance_lower is not None:  # the refined v^T u: a Gauss bound
+            refined = (V[nonzero] * U[nonzero]).sum(1).to(diag.variance_lower)
+            lower = torch.maximum(diag.variance_lower, refined)  # NaN stays NaN
+            diag = dataclasses.replace(diag, variance_lower=lower)
     if diag.converged.numel() and not bool(diag.converged.all()):
         n_bad = int((~diag.converged).sum())
         warn_user(
             f"{n_bad} of {diag.converged.numel()} refits did not converge: largest "
             f"residual gradient {float(diag.residual.max()):.3e} x eps*||J|| "
-            f"(tolerance rtol={settings.rtol:.1e}) after at most "
+            f"(tolerance rtol={settings.rtol:.1e}"
+            + (
+                f", or a certified variance bracket within "
+                f"var_rtol={settings.variance_rtol:.1e}"
+                if settings.target == "ggn"
+                else ""
+            )
+            + ") after at most "
             f"{int(diag.iterations.max())} CG iterations (max_iter="
             f"{settings.max_iter}). Variances are biased towards 0; increase "
             "max_iter"
@@ -590,4 +759,4 @@ def perturbed_refits(
             ),
             RefitConvergenceWarning,
         )
-    return U, diag
+    return U.to(out_dtype), diag

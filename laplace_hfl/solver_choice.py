@@ -208,7 +208,10 @@ class SolverMixin:
     # --------------------------------------------------------- preconditioner
     def _rank(self, n_params: int) -> int:
         rank = (
-            default_rank(n_params)
+            default_rank(
+                n_params,
+                torch.empty(0, device=self._device, dtype=self.compute_dtype),
+            )
             if self.precondition_rank is None
             else self.precondition_rank
         )

@@ -50,6 +50,36 @@ def test_solver_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_solver_benchmark_one_preconditioner(tmp_path):
+    """``--preconditioners nystrom`` alone runs (no "none" baseline needed)."""
+    from laplace_hfl.benchmark.solvers import main as solvers_main
+
+    out = tmp_path / "solvers.json"
+    argv = "--n-train 200 --only all_weights --aw-n-train 16 --n-dirs 1 --ranks 8"
+    argv = argv.split() + ["--ref-n-train", "20", "--preconditioners", "nystrom"]
+    assert solvers_main(argv + ["--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["all_weights"]["runs"]) == ["nystrom8"]
+    assert "iteration_reduction_vs_none" not in res["all_weights"]
+    assert res["reference_check"]["reference"] == "FullLaplace(CurvlinopsGGN)"
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_tiny_on_cpu():
+    """The device benchmark's cases run at CI sizes on the CPU and report the
+    quantities its targets are about."""
+    from laplace_hfl.benchmark.gpu import run
+
+    res = run(tiny=True, spawn=False)["cases"]
+    exact = res["lenet_exact"]
+    assert exact["exact"]["mean_iterations_per_refit"] > 0
+    assert exact["exact_over_kfac_per_query"] > 0
+    assert 0 <= exact["amortized"]["median_rel_error_vs_exact"] < 10
+    assert res["bn_cnn"]["fit_over_epoch"] > 0
+    assert res["last_layer"]["hfl_over_kfac"] > 0
+
+
+@pytest.mark.slow
 def test_amortized_benchmark_cg_reference_equals_dual():
     """The CG reference of ``benchmark.amortized`` (used where the dense dual
     does not fit, N > 1500) equals the float64 dual on LeNet at N = 300

@@ -9,7 +9,12 @@ from laplace import Laplace
 from torch import nn
 from torch.func import jacrev
 
-from laplace_hfl.preconditioner import default_rank, nystrom_apply, nystrom_sketch
+from laplace_hfl.preconditioner import (
+    default_rank,
+    memory_rank,
+    nystrom_apply,
+    nystrom_sketch,
+)
 
 
 def test_full_rank_sketch_reproduces_ggn(regression_multi):
@@ -53,9 +58,21 @@ def test_preconditioning_keeps_answer_and_cuts_iterations(classification):
 
 def test_default_rank():
     assert default_rank(10) == 5
-    assert default_rank(10_000) == 256
-    assert default_rank(100_000) == 256
-    assert default_rank(1_000_000) == 0  # sketch would not fit in 256 MiB
+    assert default_rank(1_000) == 500
+    assert default_rank(10_000) == 1024
+    assert default_rank(100_000) == 1024  # 0.8 GB of float64
+    assert default_rank(200_000) == 0  # neither 1 GiB nor 256 MiB holds it
+    assert default_rank(10_000, torch.zeros(1)) == 1024  # CPU: as without
+
+
+def test_memory_rank():
+    """Device rule: a quarter of the free memory, multiples of 64, capped."""
+    gib = 2**30
+    assert memory_rank(44_426, 100 * gib, 4) == 1024  # H200-sized: the cap
+    assert memory_rank(1_150_000, 100 * gib, 4) == 1024
+    assert memory_rank(1_150_000, 8 * gib, 4) == 448  # 2 GiB / 4.6 MB
+    assert memory_rank(100, 100 * gib, 4) == 0  # P // 2 = 50 < 64
+    assert memory_rank(10**9, gib, 4) == 0
 
 
 def _peak_rss_mb(fn) -> float:
