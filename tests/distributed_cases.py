@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -192,6 +193,19 @@ def _start_barrier(rank: int, world: int, tmp: str, limit: float = 120.0) -> Non
         time.sleep(0.05)
 
 
+def _exit_after_broken_group() -> None:
+    """End a worker whose process group saw a peer fail, its results saved.
+
+    A spawned child finalises the interpreter on exit; gloo's threads of a
+    group whose peer died or timed out can then abort the process ("terminate
+    called without an active exception", exit code -6) at random. The results
+    are on disk, so the worker leaves without finalisation, as a forked child
+    does (``os._exit``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _init(rank: int, world: int, tmp: str, timeout: float) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -287,6 +301,7 @@ def failure_worker(rank: int, world: int, tmp: str, timeout: float) -> None:
     torch.save(res, Path(tmp) / f"fail{rank}.pt")
     if rank == 1:
         time.sleep(timeout + 2)  # alive, never joining the collective
+    _exit_after_broken_group()
 
 
 def exit_worker(rank: int, world: int, tmp: str, timeout: float) -> None:
@@ -302,3 +317,4 @@ def exit_worker(rank: int, world: int, tmp: str, timeout: float) -> None:
         os._exit(3)
     res = _attempt(lambda: la(data["Xq"]))
     torch.save(res, Path(tmp) / "exit0.pt")
+    _exit_after_broken_group()
