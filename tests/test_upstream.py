@@ -72,7 +72,7 @@ def test_series_layout(make_patch):
     names = sorted(str(p.relative_to(PATCHES)) for p in PATCHES.rglob("*.patch"))
     main = [f"{pr.slug}.patch" for pr in make_patch.MAIN_CHAIN]
     parts = [
-        f"in-tree/{i + 1}-{part.slug}.patch"
+        f"in-tree/{i + 1:02d}-{part.slug}.patch"
         for i, part in enumerate(make_patch.intree.PARTS)
     ]
     assert names == sorted(main + parts)

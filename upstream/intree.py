@@ -45,72 +45,94 @@ class Part:
 # part. ``extra`` keys are filled in by make_patch.py.
 PARTS = (
     Part(
-        "hfl-refits",
-        "hfl (1/8): refit engine — perturbed refits and CG solvers",
-        "The numerical core: perturbed re-optimisation of the Laplace objective\n"
-        "(implicit-function-theorem columns P^-1 J^T), batched CG, errors and\n"
-        "warnings, progress. Not reachable from Laplace() until part 7.",
-        ("errors", "functional", "solvers", "progress", "refit"),
+        "hfl-engine",
+        "hfl (1/10): objective, validation and batched CG",
+        "The numerical base: the Laplace objective over flat parameters and its\n"
+        "JVP/VJP curvature products, argument validation, errors and warnings,\n"
+        "progress bars, and batched CG with certified variance brackets.\n"
+        "Not reachable from Laplace() until the estimator part.",
+        ("errors", "validation", "functional", "progress", "solvers"),  # fmt: skip
         ("package_init", "module_import_test"),
     ),
     Part(
+        "hfl-refits",
+        "hfl (2/10): perturbed refits and preconditioners",
+        "The estimator's core: perturbed re-optimisation of the Laplace objective\n"
+        "(implicit-function-theorem columns P^-1 J^T) and the Nystrom and KFAC\n"
+        "preconditioners of its CG solves.",
+        ("preconditioner", "kfac", "refit"),  # fmt: skip
+    ),
+    Part(
         "hfl-solvers",
-        "hfl (2/8): data batches, preconditioners, dense fallback, solver choice",
-        "Batches of (X, y) and dict data, KFAC / Nystrom preconditioners, the\n"
-        "dense path for small models, the automatic solver choice, Lanczos.",
-        ("batches", "kfac", "preconditioner", "dense", "solver_choice", "lanczos"),
-    ),
-    Part(
-        "hfl-sampling",
-        "hfl (3/8): sample-then-optimise posterior samples (amortised mode)",
-        "Stochastic solvers, amortised predictions from S posterior samples,\n"
-        "the weight-space posterior and the estimator's state.",
-        ("stochastic", "amortized", "state", "weight_posterior"),
-    ),
-    Part(
-        "hfl-logdet",
-        "hfl (4/8): log-determinant and weight space without a matrix",
-        "Stochastic Lanczos quadrature, the log-determinant of the posterior\n"
-        "precision, matrix-free posterior operators, the weight-space mixin.",
-        ("slq", "logdet", "operators", "weight_space"),
-    ),
-    Part(
-        "hfl-options",
-        "hfl (5/8): options, validation, data sharding, predictive helpers",
-        "Argument validation and options of the estimator, distributed data\n"
-        "and shards, hyperparameters, predictive helpers, example noise.",
+        "hfl (3/10): data batches, dense solver, automatic solver choice",
+        "Batches of (X, y) and dict data, the dense path for small models, free\n"
+        "memory of the device, and the measured choice of solver and preconditioner.",
         (
-            "distributed",
-            "shards",
-            "validation",
-            "options",
-            "hyperparameters",
-            "predictive",
-            "example_noise",
+            "batches",
+            "device_memory",
+            "dense",
+            "auto_choice",
+            "solver_choice",
         ),  # fmt: skip
     ),
     Part(
-        "hfl-tuning-prediction",
-        "hfl (6/8): prior tuning (marglik, MacKay, grid search), GLM predictive",
-        "Marginal likelihood and its tuning, grid search, and the GLM predictive\n"
-        "mixin (covariances from refit columns, link approximations).",
-        ("gridsearch", "mackay", "tuning", "prediction"),
+        "hfl-sampling",
+        "hfl (4/10): sample-then-optimise posterior samples (amortised mode)",
+        "Lanczos, stochastic (minibatch) refits, amortised predictions from S\n"
+        "posterior samples and the weight-space posterior's samplers.",
+        ("lanczos", "stochastic", "amortized", "weight_posterior"),  # fmt: skip
+    ),
+    Part(
+        "hfl-logdet",
+        "hfl (5/10): log-determinant and matrix-free posterior operators",
+        "Stochastic Lanczos quadrature, the log-determinant of the posterior\n"
+        "precision and the matrix-free operators behind la.H / posterior_precision.",
+        ("slq", "logdet", "operators"),  # fmt: skip
+    ),
+    Part(
+        "hfl-prediction",
+        "hfl (6/10): weight space and the GLM predictive",
+        "The weight-space mixin (posterior precision, samples, density), covariances\n"
+        "from refit columns, and the GLM predictive mixin (link approximations).",
+        ("weight_space", "predictive", "prediction"),  # fmt: skip
+    ),
+    Part(
+        "hfl-state",
+        "hfl (7/10): options, data sharding, hyperparameters, state",
+        "Options of the estimator, distributed data and shards, hyperparameters,\n"
+        "example noise, serialised calls and state_dict with value checks.",
+        (
+            "distributed",
+            "shards",
+            "options",
+            "hyperparameters",
+            "example_noise",
+            "state_checks",
+            "state",
+            "serial",
+        ),  # fmt: skip
+    ),
+    Part(
+        "hfl-tuning",
+        "hfl (8/10): prior tuning (marglik, MacKay, grid search)",
+        "Marginal likelihood and its tuning, MacKay's fixed point and grid search.",
+        ("gridsearch", "mackay", "tuning"),  # fmt: skip
     ),
     Part(
         "hfl-estimator",
-        "hfl (7/8): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
+        "hfl (9/10): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
         "The laplace-torch classes (all weights, last layer), HessianStructure.HFL,\n"
         "the Laplace docstring and the exports.",
-        ("_docs", "base", "hessian_free", "last_layer"),
+        ("_docs", "base", "hessian_free", "last_layer"),  # fmt: skip
         ("package_exports", "enum_docstring_exports"),
     ),
     Part(
         "hfl-tests-docs",
-        "hfl (8/8): tests against dense float64 references, example, docs",
+        "hfl (10/10): tests against dense float64 references, example, docs",
         "tests/test_hfl.py compares HFL with FullLaplace / FullLLLaplace (GGN and\n"
         "exact Hessian) on tiny float64 models; examples/hfl_example.py;\n"
         "docs/hfl.md and its API reference.",
-        (),
+        (),  # fmt: skip
         ("tests_example_docs",),
     ),
 )

@@ -8,7 +8,7 @@ to the laplace-torch 0.3 sdist from PyPI:
   backends, discovery of Hessian structures of installed packages by entry
   point (group ``laplace.structures``), and HFL documented as such a
   third-party structure with the extra ``laplace-torch[hfl]``;
-* ``in-tree/1-...`` to ``in-tree/7-...`` (after patch 2, instead of 3): HFL
+* ``in-tree/01-...`` to ``in-tree/NN-...`` (one per part of ``intree.PARTS``) (after patch 2, instead of 3): HFL
   vendored as ``laplace/hfl/``, one file per ``laplace_hfl`` module, grouped
   by topic (``upstream/intree.py``), each part at most ``MAX_PART_LINES`` lines.
 
@@ -338,7 +338,7 @@ def generate(sdist: Path, out: Path) -> list[Path]:
             available |= set(modules)
             _ruff(src, _apply_part(src, part, available))
             _commit(src, part.subject)
-            name = f"{IN_TREE}/{i + 1}-{part.slug}.patch"
+            name = f"{IN_TREE}/{i + 1:02d}-{part.slug}.patch"
             text = _patch_text(src, part.subject, part.body, ", ".join(applied))
             if _diff_lines(text) > MAX_PART_LINES:
                 raise GeneratorError(

@@ -11,7 +11,7 @@
 #    step imports laplace from the patched tree (PYTHONPATH=tree);
 # 3. the sdist is unpacked into a git repository and each PR is applied in
 #    order (`git apply --check`, then `git apply`): 1, 2, 3; then, from the
-#    tree after 2, the in-tree parts in-tree/1 .. in-tree/8 (PR 1's tests run
+#    tree after 2, the in-tree parts in-tree/01 .. in-tree/NN (zero-padded, so the glob is in order) (PR 1's tests run
 #    first without the fix and must fail). After each: ruff
 #    (upstream's configuration) on the Python files it adds or changes, its own
 #    tests, and for 1, 2 and the last part a fast subset of laplace-torch's own
