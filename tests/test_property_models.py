@@ -29,6 +29,8 @@ from laplace import Laplace
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from laplace_hfl.refit import VARIANCE_RTOL
+
 EXAMPLES = int(os.environ.get("HFL_PROPERTY_EXAMPLES", "10"))
 KINDS = ("mlp", "shared", "hooked", "buffer", "frozen")
 
@@ -168,5 +170,10 @@ def test_correct_or_named_error_and_model_unchanged(
     ref = _reference(
         model, subset, X, X[:3], likelihood, prior, 1 / (sigma**2 * temperature)
     )
-    torch.testing.assert_close(f_var, ref, rtol=1e-5, atol=1e-10)
+    if solver == "dense":
+        torch.testing.assert_close(f_var, ref, rtol=1e-5, atol=1e-10)
+    else:  # the documented guarantee of the default variance stop (var_rtol)
+        d = torch.diagonal(ref, dim1=-2, dim2=-1)
+        bound = VARIANCE_RTOL * (d.unsqueeze(-1) * d.unsqueeze(-2)).sqrt() + 1e-10
+        assert bool(((f_var - ref).abs() <= bound).all()), (f_var - ref).abs().max()
     assert_unchanged(model, snap)
