@@ -11,7 +11,7 @@ import os
 
 import torch
 
-__all__ = ["available_bytes"]
+__all__ = ["available_bytes", "total_bytes"]
 
 
 def available_bytes(device: torch.device | str = "cpu") -> int | None:
@@ -44,3 +44,12 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def total_bytes(device: torch.device | str = "cpu") -> int:
+    """Total memory of ``device`` in bytes (CUDA: the device's; otherwise the
+    machine's physical memory by ``os.sysconf``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from laplace_hfl.device_memory import available_bytes
 from laplace_hfl.functional import LaplaceObjective, data_only_objective, ggn_matvec
 
 __all__ = [
@@ -119,7 +120,7 @@ def default_rank(n_params: int, like: Tensor | None = None) -> int:
     :func:`memory_rank` of its free memory, up to :data:`DEVICE_MAX_RANK`.
     """
     if like is not None and like.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(like.device)
+        free = available_bytes(like.device)
         return memory_rank(n_params, free, like.element_size())
     for cap, budget in ((1024, CPU_SKETCH_BUDGET), (256, SKETCH_BUDGET)):
         rank = min(cap, n_params // 2)

@@ -62,6 +62,7 @@ class SolverMixin:
         self._dense_key: tuple | None = None
         self._dense_linear = None
         self._auto_choice: AutoChoice | None = None
+        self._auto_rank: int | None = None
 
     # ------------------------------------------------------------------ auto
     def _classic(self) -> bool:
@@ -207,14 +208,15 @@ class SolverMixin:
 
     # --------------------------------------------------------- preconditioner
     def _rank(self, n_params: int) -> int:
-        rank = (
-            default_rank(
-                n_params,
-                torch.empty(0, device=self._device, dtype=self.compute_dtype),
-            )
-            if self.precondition_rank is None
-            else self.precondition_rank
-        )
+        """``precondition_rank``, or the automatic rank decided once per fit
+        (on CUDA it reads the free memory, which the sketch itself then takes:
+        read again, it would shrink and rebuild the sketch on every solve)."""
+        rank = self.precondition_rank
+        if rank is None:
+            if getattr(self, "_auto_rank", None) is None:
+                like = torch.empty(0, device=self._device, dtype=self.compute_dtype)
+                self._auto_rank = default_rank(n_params, like)
+            rank = self._auto_rank
         return min(rank, n_params)
 
     def _precond_names(self, n_params: int) -> list[str]:

@@ -8,13 +8,14 @@ do. Nothing here keeps or changes state.
 from __future__ import annotations
 
 import numbers
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from laplace_hfl.device_memory import total_bytes
 
 __all__ = [
     "check_constructor_values",
@@ -288,10 +289,7 @@ def check_fits_in_memory(
         ``n_numbers`` of ``dtype`` exceed the total memory of ``device``.
     """
     need = n_numbers * torch.empty((), dtype=dtype).element_size()
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = total_bytes(device)
     if need > total:
         raise ValueError(
             f"{what} would need {need / 2**30:.3g} GiB, more than the "

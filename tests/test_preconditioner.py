@@ -65,6 +65,43 @@ def test_default_rank():
     assert default_rank(10_000, torch.zeros(1)) == 1024  # CPU: as without
 
 
+def test_automatic_rank_decided_once_per_fit(classification, monkeypatch):
+    """The automatic rank is read once per fit: on a GPU it follows the free
+    memory, which the sketch itself takes, so a rank read at every solve
+    would shrink and rebuild the sketch each time."""
+    import laplace_hfl.solver_choice as solver_choice
+
+    model, X, y = classification
+    ranks = iter([16, 8, 4, 2, 1, 1, 1, 1])
+    calls = []
+
+    def shrinking(n_params, like=None):
+        calls.append(n_params)
+        return next(ranks)
+
+    built = []
+    real_sketch = solver_choice.nystrom_sketch
+
+    def counted(obj, rank, **kw):
+        built.append(rank)
+        return real_sketch(obj, rank, **kw)
+
+    monkeypatch.setattr(solver_choice, "default_rank", shrinking)
+    monkeypatch.setattr(solver_choice, "nystrom_sketch", counted)
+    la = Laplace(
+        model, "classification", "all", "hfl", prior_precision=PRIOR,
+        solver="cg", preconditioner="nystrom",
+    )  # fmt: skip
+    la.fit(loader(X, y))
+    la._glm_predictive_distribution(X[:2])
+    la.prior_precision = 2 * PRIOR
+    la._glm_predictive_distribution(X[2:4])
+    assert len(calls) == 1 and built == [16]
+    la.fit(loader(X, y))  # a new fit decides again
+    la._glm_predictive_distribution(X[:2])
+    assert len(calls) == 2 and built == [16, 8]
+
+
 def test_memory_rank():
     """Device rule: a quarter of the free memory, multiples of 64, capped."""
     gib = 2**30

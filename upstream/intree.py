@@ -49,9 +49,17 @@ PARTS = (
         "hfl (1/10): objective, validation and batched CG",
         "The numerical base: the Laplace objective over flat parameters and its\n"
         "JVP/VJP curvature products, argument validation, errors and warnings,\n"
-        "progress bars, and batched CG with certified variance brackets.\n"
+        "free memory of the device, progress bars, and batched CG with certified\n"
+        "variance brackets.\n"
         "Not reachable from Laplace() until the estimator part.",
-        ("errors", "validation", "functional", "progress", "solvers"),  # fmt: skip
+        (
+            "errors",
+            "device_memory",
+            "validation",
+            "functional",
+            "progress",
+            "solvers",
+        ),  # fmt: skip
         ("package_init", "module_import_test"),
     ),
     Part(
@@ -65,11 +73,10 @@ PARTS = (
     Part(
         "hfl-solvers",
         "hfl (3/10): data batches, dense solver, automatic solver choice",
-        "Batches of (X, y) and dict data, the dense path for small models, free\n"
-        "memory of the device, and the measured choice of solver and preconditioner.",
+        "Batches of (X, y) and dict data, the dense path for small models, and the\n"
+        "measured choice of solver and preconditioner.",
         (
             "batches",
-            "device_memory",
             "dense",
             "auto_choice",
             "solver_choice",

@@ -8,7 +8,6 @@ subprocess per case so that peaks do not mix.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -17,7 +16,7 @@ import warnings
 import torch
 
 from laplace_hfl.benchmark.measure import rss_mb
-from laplace_hfl.device_memory import available_bytes
+from laplace_hfl.device_memory import available_bytes, total_bytes
 
 __all__ = ["peak_rss_mb", "measure", "MEMORY_METHODS"]
 
@@ -38,7 +37,7 @@ def _available_bytes() -> int:
     free = available_bytes("cpu")
     if free is not None:
         return free
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total_bytes("cpu")
 
 
 def measure(method: str, n_params: int) -> dict:
