@@ -53,10 +53,8 @@ __all__ = [
 #: Fraction of the proven spectrum floor handed to the solver (module doc).
 SPECTRUM_SAFETY = 0.5
 
-#: Largest number of entries a rank-256 sketch may hold (256 MiB of float64):
-#: ``k P``.
-SKETCH_BUDGET = 2**25
-#: Largest number of entries a rank-1,024 CPU sketch may hold (1 GiB of float64).
+#: Largest number of entries an automatic CPU sketch may hold (1 GiB of
+#: float64): ``k P``.
 CPU_SKETCH_BUDGET = 2**27
 
 #: Rows of the test matrix drawn from one seeded generator: the sketch is
@@ -113,7 +111,8 @@ def default_rank(n_params: int, like: Tensor | None = None) -> int:
 
     On the CPU (or without ``like``): ``min(1024, P // 2)`` when that sketch
     holds at most 1 GiB of float64 (:data:`CPU_SKETCH_BUDGET`, ``P`` up to
-    ~130k), else ``min(256, P // 2)`` within 256 MiB, else 0 (off). Rank 1,024
+    ~130k), else 0 (off; a rank-256 tier within 256 MiB would end at the same
+    ``P``). Rank 1,024
     costs 768 more products once per fit than 256 and pays off from ~7 query
     images (LeNet on 1,000 digits: 4.0 instead of 16.3 CG iterations per
     refit, ``docs/cost.md``). On an accelerator (``like`` a tensor there):
@@ -122,11 +121,8 @@ def default_rank(n_params: int, like: Tensor | None = None) -> int:
     if like is not None and like.device.type == "cuda":
         free = available_bytes(like.device)
         return memory_rank(n_params, free, like.element_size())
-    for cap, budget in ((1024, CPU_SKETCH_BUDGET), (256, SKETCH_BUDGET)):
-        rank = min(cap, n_params // 2)
-        if rank * n_params <= budget:
-            return rank
-    return 0
+    rank = min(1024, n_params // 2)
+    return rank if rank * n_params <= CPU_SKETCH_BUDGET else 0
 
 
 #: Largest automatic rank on an accelerator. The sketch costs ``k`` products
@@ -191,8 +187,8 @@ def nystrom_sketch(
     ``G ~= Y (Omega^T Y)^+ Y^T`` with ``Y = G Omega`` for a Gaussian test
     matrix ``Omega`` ``(P, k)``, then eigendecomposed into orthonormal
     ``U`` and ``lam``. Memory: the one ``(P, k)`` buffer that holds ``Y`` and
-    then ``U`` in place (``k P`` numbers, at most :data:`SKETCH_BUDGET` with
-    :func:`default_rank`), plus one chunk of GGN-vector products (what a
+    then ``U`` in place (``k P`` numbers, at most :data:`CPU_SKETCH_BUDGET` with
+    :func:`default_rank` on the CPU), plus one chunk of GGN-vector products (what a
     solve of ``chunk_size`` directions uses); ``Omega`` is drawn from its
     seed one chunk at a time and never held whole (each chunk also gives its
     block row of ``Omega^T Y``), and every other intermediate is ``k x k``. Directions the sketch does not resolve in the
