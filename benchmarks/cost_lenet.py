@@ -1,7 +1,7 @@
 """What one query costs on a CNN: LeNet (44,426 parameters) on 4,000 MNIST digits.
 
 ``python benchmarks/cost_lenet.py [--out benchmarks/results/cost_lenet.json]
-[--exact-timeout 900]`` trains LeNet (``laplace_hfl.evaluation.networks``),
+[--exact-timeout 900]`` trains LeNet (``laplace_hfl.bench.evaluation.networks``),
 then times fit + prediction per query image for last-layer HFL, laplace-torch's
 last-layer KFAC and full-network KFAC, and all-weights exact HFL on one image
 (in a subprocess with a time limit, recorded as a lower bound when it runs
@@ -25,7 +25,7 @@ PRIOR = 2.0  # = N * weight_decay of the Adam training (4000 * 5e-4)
 
 
 def _setup():
-    from laplace_hfl.evaluation.networks import train_lenet
+    from laplace_hfl.bench.evaluation.networks import train_lenet
 
     t0 = time.perf_counter()
     model, split = train_lenet()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command device benchmark (see laplace_hfl/benchmark/gpu.py): <= 8 minutes
+# One-command device benchmark (see laplace_hfl/bench/benchmark/gpu.py): <= 8 minutes
 # on one GPU, no network access. Writes ${OUT:-benchmarks/results}/gpu.json.
 #   benchmarks/gpu.sh            full sizes (LeNet n=4000, BN CNN 1.15M params)
 #   benchmarks/gpu.sh --tiny     CI sizes, a minute or two on a CPU
@@ -7,4 +7,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
-exec timeout 480 python3 -m laplace_hfl.benchmark.gpu --out "${OUT:-benchmarks/results}" "$@"
+exec timeout 480 python3 -m laplace_hfl.bench.benchmark.gpu --out "${OUT:-benchmarks/results}" "$@"

@@ -30,7 +30,7 @@ HFL_OPTIONS_DOC = """
         Show tqdm bars over prediction and refit chunks from the start. When
         False, a bar still appears, labelled with the expected total time,
         once the first chunk shows that the call will take longer than
-        ``laplace_hfl.progress.AUTO_PROGRESS_AFTER_S`` (10 s); short calls
+        ``laplace_hfl.engine.progress.AUTO_PROGRESS_AFTER_S`` (10 s); short calls
         stay quiet.
     amortize : int or None, default=None
         Amortised mode (keyword-only, ``target="ggn"`` only): the number ``S`` of
@@ -54,7 +54,7 @@ HFL_OPTIONS_DOC = """
         not ``S P``, besides the ``S P`` samples kept). Unconverged samples
         (CG residual above that tolerance, or SGD full-batch residual above
         ``max(rtol, 0.1)``) raise a ``RefitConvergenceWarning`` with the
-        numbers. See :mod:`laplace_hfl.amortized`.
+        numbers. See :mod:`laplace_hfl.engine.amortized`.
     precondition_rank : int or None, default=None
         Rank ``k`` of the randomised Nyström preconditioner of the refit solves
         (keyword-only): ``k`` GGN-vector products once per fit, ``2 k P``
@@ -66,7 +66,7 @@ HFL_OPTIONS_DOC = """
         Minibatch refits (keyword-only, ``target="ggn"``): instead of full-batch
         CG, run the perturbed refits by preconditioned SGD, one training batch
         per step, for this many epochs, with iterate averaging over the second
-        half (:mod:`laplace_hfl.stochastic`). For data too large for many full
+        half (:mod:`laplace_hfl.engine.stochastic`). For data too large for many full
         passes; combine with ``fit(..., cache_data=False)`` and a shuffling
         loader. One step is one batch of the loader (also with
         ``cache_data=True``: cached blocks are cut back into the loader's
@@ -85,12 +85,12 @@ HFL_OPTIONS_DOC = """
         by every query, grid-search step and prediction; it holds ``2 P^2``
         numbers. ``"cg"`` runs the iterative refits. ``"auto"`` is ``"dense"``
         where ``4 P^2`` numbers fit half the device's free memory (capped by
-        ``laplace_hfl.dense.DENSE_BUDGET`` when set) and the dense solver's
+        ``laplace_hfl.engine.dense.DENSE_BUDGET`` when set) and the dense solver's
         one-off cost, estimated from a timed GGN-vector product and the
         measured flop rate, is below one chunk of CG refits (with the probed
         iterations); ``"cg"`` otherwise. Problems under 1e8 flops go dense
         without a probe; with ``target="hessian"`` ``"auto"`` is dense up to
-        ``P = 2896`` (``laplace_hfl.dense.CHUNK_BUDGET``), whose Newton refits
+        ``P = 2896`` (``laplace_hfl.engine.dense.CHUNK_BUDGET``), whose Newton refits
         a linear probe cannot price. Same answer, to the CG tolerance
         (and, for ``target="hessian"``, without the ``O(eps^2)`` bias of the
         central differences). Amortised and minibatch modes keep their own
@@ -105,7 +105,7 @@ HFL_OPTIONS_DOC = """
         first solve of a fit runs the candidates (the sketch, KFAC where it
         covers every refit parameter, none) for a few CG iterations on the
         refit system and keeps the one needing the fewest iterations
-        (:mod:`laplace_hfl.auto_choice`); ``"nystrom"`` is chosen when
+        (:mod:`laplace_hfl.engine.auto_choice`); ``"nystrom"`` is chosen when
         ``precondition_rank`` is given, and in amortised and minibatch modes.
         No fixed rule fits every network: a 5-20-1 tanh net (P = 141,
         N = 200) took 176 iterations with KFAC, 89 without and 9 with the

@@ -1,7 +1,7 @@
 """The stateful shell shared by the HFL laplace-torch classes.
 
 :class:`HFLMixin` adapts laplace-torch's ``ParametricLaplace`` interface to the
-pure estimator in :mod:`laplace_hfl.refit`. Concrete classes say *what* is refit
+pure estimator in :mod:`laplace_hfl.engine.refit`. Concrete classes say *what* is refit
 (the whole network, or the last layer on cached features) through three hooks:
 ``_fit_pass``, ``_refit_module`` and ``_query_inputs``.
 
@@ -24,14 +24,19 @@ from laplace.lllaplace import LLLaplace
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from laplace_hfl.amortized import (
+from laplace_hfl.distributed import (
+    DistributedMixin,
+    data_reducer,
+    is_distributed,
+)
+from laplace_hfl.engine.amortized import (
     AmortizedState,
     amortized_solve,
     posterior_samples,
     sample_rtol,
     sgd_posterior_samples,
 )
-from laplace_hfl.batches import (
+from laplace_hfl.engine.batches import (
     buffers_kept,
     check_output,
     check_targets,
@@ -39,14 +44,8 @@ from laplace_hfl.batches import (
     merge_batches,
     split_batch,
 )
-from laplace_hfl.distributed import (
-    DistributedMixin,
-    data_reducer,
-    is_distributed,
-)
-from laplace_hfl.errors import HFLNotFittedError
-from laplace_hfl.example_noise import batch_noise
-from laplace_hfl.functional import (
+from laplace_hfl.engine.example_noise import batch_noise
+from laplace_hfl.engine.functional import (
     LaplaceObjective,
     ParamLayout,
     batch_loss,
@@ -54,22 +53,14 @@ from laplace_hfl.functional import (
     private_modules,
     to_compute,
 )
-from laplace_hfl.hyperparameters import HyperparameterMixin
-from laplace_hfl.options import HFLOptions, validate_hfl_options
-from laplace_hfl.prediction import PredictionMixin
-from laplace_hfl.refit import (
+from laplace_hfl.engine.refit import (
     BasePoint,
     RefitDiagnostics,
     perturbed_refits,
     unperturbed_refit,
 )
-from laplace_hfl.serial import SerialMixin
-from laplace_hfl.shards import fit_shard
-from laplace_hfl.solver_choice import SolverMixin
-from laplace_hfl.state import StateMixin
-from laplace_hfl.stochastic import MINIBATCH_RTOL, minibatch_refits
-from laplace_hfl.tuning import TuningMixin
-from laplace_hfl.validation import (
+from laplace_hfl.engine.stochastic import MINIBATCH_RTOL, minibatch_refits
+from laplace_hfl.engine.validation import (
     as_bool,
     as_int,
     check_finite_batch,
@@ -77,6 +68,15 @@ from laplace_hfl.validation import (
     curvature_likelihood,
     dataset_size,
 )
+from laplace_hfl.errors import HFLNotFittedError
+from laplace_hfl.hyperparameters import HyperparameterMixin
+from laplace_hfl.options import HFLOptions, validate_hfl_options
+from laplace_hfl.prediction import PredictionMixin
+from laplace_hfl.serial import SerialMixin
+from laplace_hfl.shards import fit_shard
+from laplace_hfl.solver_choice import SolverMixin
+from laplace_hfl.state import StateMixin
+from laplace_hfl.tuning import TuningMixin
 from laplace_hfl.weight_space import WeightSpaceMixin
 
 __all__ = ["HFLMixin"]

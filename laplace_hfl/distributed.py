@@ -24,7 +24,7 @@ What this module guarantees beside the sums:
   the process group's own error when its connection closes or its timeout
   (``init_process_group(timeout=...)``) expires.
 * Amortised right-hand sides draw the noise of example ``n`` from a generator
-  keyed by ``n``'s global index (:mod:`laplace_hfl.example_noise`), so the samples equal
+  keyed by ``n``'s global index (:mod:`laplace_hfl.engine.example_noise`), so the samples equal
   those of one process on the full data.
 """
 
@@ -109,7 +109,7 @@ def collective(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 class AllReduce:
-    """``reduce`` hook of :class:`~laplace_hfl.functional.LaplaceObjective`:
+    """``reduce`` hook of :class:`~laplace_hfl.engine.functional.LaplaceObjective`:
     sums a data term over all ranks (``all_reduce(SUM)``), in place.
 
     Raises

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from laplace_hfl.validation import (
+from laplace_hfl.engine.validation import (
     check_prior_precision,
     check_sigma_noise,
     check_temperature,

@@ -16,10 +16,13 @@ from torch.utils.data import DataLoader
 
 from laplace_hfl._docs import HFL_OPTIONS_DOC
 from laplace_hfl.base import HFLMixin
-from laplace_hfl.batches import eval_mode, split_batch
 from laplace_hfl.distributed import unwrap_model
-from laplace_hfl.functional import ParamLayout, to_compute
-from laplace_hfl.validation import check_constructor_values, check_prior_precision
+from laplace_hfl.engine.batches import eval_mode, split_batch
+from laplace_hfl.engine.functional import ParamLayout, to_compute
+from laplace_hfl.engine.validation import (
+    check_constructor_values,
+    check_prior_precision,
+)
 
 __all__ = ["HessianFreeLLLaplace"]
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from laplace_hfl.refit import RefitSettings
-from laplace_hfl.validation import MAX_EPS, as_bool, as_int, as_number
+from laplace_hfl.engine.refit import RefitSettings
+from laplace_hfl.engine.validation import MAX_EPS, as_bool, as_int, as_number
 
 __all__ = ["HFLOptions", "SOLVERS", "PRECONDITIONERS", "validate_hfl_options"]
 

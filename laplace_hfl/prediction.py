@@ -10,12 +10,12 @@ import torch
 from laplace.utils.enums import LinkApprox, PredType
 from torch import Tensor
 
-from laplace_hfl.amortized import amortized_covariance
-from laplace_hfl.batches import batch_size, eval_mode, slice_batch
-from laplace_hfl.functional import output_jacobians
-from laplace_hfl.predictive import joint_covariance, marginal_covariance
-from laplace_hfl.progress import progress
-from laplace_hfl.validation import check_finite_result, check_query_rows
+from laplace_hfl.engine.amortized import amortized_covariance
+from laplace_hfl.engine.batches import batch_size, eval_mode, slice_batch
+from laplace_hfl.engine.functional import output_jacobians
+from laplace_hfl.engine.predictive import joint_covariance, marginal_covariance
+from laplace_hfl.engine.progress import progress
+from laplace_hfl.engine.validation import check_finite_result, check_query_rows
 from laplace_hfl.weight_space import check_n_samples
 
 __all__ = ["PredictionMixin"]

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from laplace_hfl.batches import merge_batches
 from laplace_hfl.distributed import (
     HFLDistributedError,
     collective,
@@ -26,6 +25,7 @@ from laplace_hfl.distributed import (
     is_distributed,
     world,
 )
+from laplace_hfl.engine.batches import merge_batches
 
 __all__ = ["ShardLoader", "FitShard", "fit_shard"]
 

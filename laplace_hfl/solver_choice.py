@@ -3,12 +3,12 @@
 :class:`SolverMixin` is part of the HFL shell (:class:`laplace_hfl.base.HFLMixin`):
 
 * ``solver="auto"`` and ``preconditioner="auto"`` are decided once per fit
-  by a probe of the user's problem (:func:`laplace_hfl.auto_choice.choose`):
+  by a probe of the user's problem (:func:`laplace_hfl.engine.auto_choice.choose`):
   each candidate preconditioner (the Nyström sketch, rank
-  ``precondition_rank`` or its default; KFAC (:mod:`laplace_hfl.kfac`) where
+  ``precondition_rank`` or its default; KFAC (:mod:`laplace_hfl.engine.kfac`) where
   it covers every refit parameter; none) runs a few CG iterations on the
   refit system, the fewest iterations wins; the dense solver
-  (:mod:`laplace_hfl.dense`: one Cholesky factor per prior, reused by every
+  (:mod:`laplace_hfl.engine.dense`: one Cholesky factor per prior, reused by every
   query, grid-search step and prediction) is chosen where it fits half the
   device's free memory and its measured-rate estimate beats one chunk of CG
   refits. Setting ``precondition_rank`` with ``preconditioner="auto"``
@@ -30,8 +30,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from laplace_hfl.auto_choice import AutoChoice, choose
-from laplace_hfl.dense import (
+from laplace_hfl.engine.auto_choice import AutoChoice, choose
+from laplace_hfl.engine.dense import (
     DenseFactor,
     data_ggn,
     data_hessian,
@@ -41,10 +41,14 @@ from laplace_hfl.dense import (
     linear_layer_order,
     query_rows,
 )
-from laplace_hfl.functional import LaplaceObjective
-from laplace_hfl.kfac import kfac_apply, kfac_factors, kfac_supported
-from laplace_hfl.preconditioner import default_rank, nystrom_apply, nystrom_sketch
-from laplace_hfl.refit import RefitDiagnostics
+from laplace_hfl.engine.functional import LaplaceObjective
+from laplace_hfl.engine.kfac import kfac_apply, kfac_factors, kfac_supported
+from laplace_hfl.engine.preconditioner import (
+    default_rank,
+    nystrom_apply,
+    nystrom_sketch,
+)
+from laplace_hfl.engine.refit import RefitDiagnostics
 
 __all__ = ["SolverMixin"]
 
@@ -177,7 +181,7 @@ class SolverMixin:
         self, module: nn.Linear, features: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Mean and ``J Sigma J^T`` per input for a ``Linear`` refit module
-        from its inputs (:func:`~laplace_hfl.dense.linear_layer_covariance`).
+        from its inputs (:func:`~laplace_hfl.engine.dense.linear_layer_covariance`).
 
         The reordered ``Sigma`` is cached per factor, and the objective is
         built only when the factor has to be formed (:meth:`_dense`): a

@@ -11,18 +11,18 @@ from typing import Any
 
 import torch
 
-from laplace_hfl.amortized import AmortizedState
-from laplace_hfl.batches import slice_batch
-from laplace_hfl.functional import make_forward
+from laplace_hfl.engine.amortized import AmortizedState
+from laplace_hfl.engine.batches import slice_batch
+from laplace_hfl.engine.functional import make_forward
+from laplace_hfl.engine.refit import RefitSettings
+from laplace_hfl.engine.validation import curvature_likelihood
 from laplace_hfl.options import validate_hfl_options
-from laplace_hfl.refit import RefitSettings
 from laplace_hfl.state_checks import (
     check_state_batches,
     check_state_map,
     check_state_numbers,
     check_state_tensor,
 )
-from laplace_hfl.validation import curvature_likelihood
 
 __all__ = ["StateMixin", "architecture_fingerprint"]
 

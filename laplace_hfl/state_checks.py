@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from laplace_hfl.validation import (
+from laplace_hfl.engine.validation import (
     check_prior_precision,
     check_sigma_noise,
     check_temperature,

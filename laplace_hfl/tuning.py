@@ -1,8 +1,8 @@
 """Prior-precision tuning and the marginal likelihood of the HFL shell.
 
-The math lives in :mod:`laplace_hfl.logdet` (log-determinant by stochastic
+The math lives in :mod:`laplace_hfl.engine.logdet` (log-determinant by stochastic
 Lanczos quadrature over curvature-vector products) and
-:mod:`laplace_hfl.mackay` (fixed-point prior update); this mixin wires them to
+:mod:`laplace_hfl.engine.mackay` (fixed-point prior update); this mixin wires them to
 laplace-torch's ``log_det_posterior_precision``, ``log_marginal_likelihood``
 and ``optimize_prior_precision``. ``log_likelihood``, ``scatter``,
 ``log_det_prior_precision`` and ``log_det_ratio`` are laplace-torch's own.
@@ -20,11 +20,11 @@ from laplace.utils.utils import validate
 from torch import Tensor
 from torch.linalg import LinAlgError
 
-from laplace_hfl.batches import eval_mode
-from laplace_hfl.dense import data_ggn
-from laplace_hfl.functional import LaplaceObjective
-from laplace_hfl.gridsearch import check_loss, run_gridsearch
-from laplace_hfl.logdet import (
+from laplace_hfl.engine.batches import eval_mode
+from laplace_hfl.engine.dense import data_ggn
+from laplace_hfl.engine.functional import LaplaceObjective
+from laplace_hfl.engine.gridsearch import check_loss, run_gridsearch
+from laplace_hfl.engine.logdet import (
     LogDetEstimate,
     MarglikSettings,
     curvature_quadrature,
@@ -35,9 +35,9 @@ from laplace_hfl.logdet import (
     isotropic_trace_inverse,
     posterior_logdet,
 )
-from laplace_hfl.mackay import FixedPointResult, mackay_fixed_point
-from laplace_hfl.slq import Quadrature
-from laplace_hfl.validation import as_int
+from laplace_hfl.engine.mackay import FixedPointResult, mackay_fixed_point
+from laplace_hfl.engine.slq import Quadrature
+from laplace_hfl.engine.validation import as_int
 
 __all__ = ["TuningMixin"]
 
@@ -246,7 +246,7 @@ class TuningMixin:
             laplace-torch's options (``n_steps``, ``lr``, ``init_prior_prec``,
             ``prior_structure``, ``val_loader``, ``grid_size``, ...). For grid
             search in regression pass a loss that scores the variance,
-            ``loss=laplace_hfl.gridsearch.gaussian_nll_loss(la.sigma_noise)``:
+            ``loss=laplace_hfl.engine.gridsearch.gaussian_nll_loss(la.sigma_noise)``:
             laplace-torch's default (MSE of the mean) ignores the prior.
 
         Raises
@@ -322,7 +322,7 @@ class TuningMixin:
         progress_bar: bool = False,
     ) -> Tensor:
         """laplace-torch's grid search, timed: warns with the expected total
-        when it will take long (see :mod:`laplace_hfl.gridsearch`)."""
+        when it will take long (see :mod:`laplace_hfl.engine.gridsearch`)."""
 
         def score() -> float:
             try:

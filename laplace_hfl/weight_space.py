@@ -3,11 +3,11 @@
 ``N(theta_MAP, P^{-1})`` with ``P = _H_factor * H + diag(p_0)`` as in
 laplace-torch's ``FullLaplace``, but never formed: ``posterior_precision``,
 ``posterior_covariance`` and ``H`` are matrix-free
-:class:`~laplace_hfl.operators.SymmetricOperator` objects, and ``sample``
+:class:`~laplace_hfl.engine.operators.SymmetricOperator` objects, and ``sample``
 draws exactly: from the dense solver's Cholesky factor where one is used
 (small ``P``, the GGN), else sample-then-optimise for the GGN and Lanczos
 ``P^{-1/2} z`` for the exact Hessian. The math lives in
-:mod:`laplace_hfl.weight_posterior`; this mixin only wires it to the estimator.
+:mod:`laplace_hfl.engine.weight_posterior`; this mixin only wires it to the estimator.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from laplace_hfl.batches import eval_mode
-from laplace_hfl.errors import IndefiniteHessianError
-from laplace_hfl.logdet import precision_quadratic
-from laplace_hfl.operators import SymmetricOperator
-from laplace_hfl.solvers import NegativeCurvature
-from laplace_hfl.validation import check_fits_in_memory
-from laplace_hfl.weight_posterior import (
+from laplace_hfl.engine.batches import eval_mode
+from laplace_hfl.engine.logdet import precision_quadratic
+from laplace_hfl.engine.operators import SymmetricOperator
+from laplace_hfl.engine.solvers import NegativeCurvature
+from laplace_hfl.engine.validation import check_fits_in_memory
+from laplace_hfl.engine.weight_posterior import (
     curvature_matvec,
     precision_matvec,
     solve_precision,
     weight_samples,
 )
+from laplace_hfl.errors import IndefiniteHessianError
 
 __all__ = ["WeightSpaceMixin"]
 

@@ -5,7 +5,7 @@ without importing torch.
 module alone (importing :mod:`laplace_hfl` loads torch and laplace-torch,
 whose dependencies take seconds, or tens of seconds on a cold disk). A
 command (``laplace-hfl compare ...``) prints that it is loading, then hands
-its arguments to :func:`laplace_hfl.cli.main`, which owns every subcommand's
+its arguments to :func:`laplace_hfl.bench.cli.main`, which owns every subcommand's
 options.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 __all__ = ["COMMANDS", "DESCRIPTION", "CommandsHelpFormatter", "main", "top_parser"]
 
-#: Subcommand name to its one-line summary (``laplace_hfl.cli`` registers the
+#: Subcommand name to its one-line summary (``laplace_hfl.bench.cli`` registers the
 #: full parsers under these names and summaries).
 COMMANDS = {
     "compare": "compare HFL with laplace-torch's curvature backends",
@@ -81,6 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not any(a in ("-h", "--help", "--list") for a in argv[1:]):
         print(f"laplace-hfl {argv[0]}: loading torch and laplace-torch ...", flush=True)
-    from laplace_hfl.cli import main as command_main
+    from laplace_hfl.bench.cli import main as command_main
 
     return command_main(argv)

@@ -4,7 +4,7 @@
 ``benchmarks/results/amortized_fit_lenet_n4000.json``: the 8-epoch MAP training time,
 the amortised fit time with the default (Monte Carlo-matched) sample tolerance, the CG
 iterations and residuals. Accuracy against exact HFL is
-``python -m laplace_hfl.benchmark.amortized --n-train 4000 --epochs 0``.
+``python -m laplace_hfl.bench.benchmark.amortized --n-train 4000 --epochs 0``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from laplace import Laplace
 
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
-from laplace_hfl.amortized import sample_rtol
-from laplace_hfl.benchmark.measure import describe_device, pick_device, timed
-from laplace_hfl.evaluation.networks import mnist_split, train_lenet
+from laplace_hfl.bench.benchmark.measure import describe_device, pick_device, timed
+from laplace_hfl.bench.evaluation.networks import mnist_split, train_lenet
+from laplace_hfl.engine.amortized import sample_rtol
 
 OUT = Path("benchmarks/results/amortized_fit_lenet_n4000.json")
 

@@ -4,8 +4,8 @@
 right-hand sides) with CG tolerances 1e-6, 1e-3 and 1e-2, and prints per tolerance the
 CG iterations, the time of the draw and the median error of the 64 x 10 predictive
 variances against the dense float64 dual reference, then the change of the variances
-against the 1e-6 draw. Its numbers are quoted in ``laplace_hfl/amortized.py``'s module
-doc (basis of :func:`laplace_hfl.amortized.sample_rtol`).
+against the 1e-6 draw. Its numbers are quoted in ``laplace_hfl/engine/amortized.py``'s module
+doc (basis of :func:`laplace_hfl.engine.amortized.sample_rtol`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 from laplace import Laplace
 
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
-from laplace_hfl.amortized import posterior_samples
-from laplace_hfl.batches import eval_mode
-from laplace_hfl.benchmark.amortized import dual_variances
-from laplace_hfl.evaluation.networks import mnist_split, train_lenet
-from laplace_hfl.example_noise import batch_noise
+from laplace_hfl.bench.benchmark.amortized import dual_variances
+from laplace_hfl.bench.evaluation.networks import mnist_split, train_lenet
+from laplace_hfl.engine.amortized import posterior_samples
+from laplace_hfl.engine.batches import eval_mode
+from laplace_hfl.engine.example_noise import batch_noise
 
 
 def main() -> None:

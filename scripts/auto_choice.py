@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import laplace_hfl  # noqa: E402, F401  (registers hessian_structure="hfl")
-from laplace_hfl.evaluation.training import train_realistic  # noqa: E402
+from laplace_hfl.bench.evaluation.training import train_realistic  # noqa: E402
 from tests.conftest import (  # noqa: E402
     make_classification,
     make_regression,

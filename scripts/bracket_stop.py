@@ -34,10 +34,10 @@ def _case(name, model, X, y, likelihood, subset):
     from conftest import PRIOR, SIGMA, dense_reference, loader
     from laplace import Laplace
 
-    from laplace_hfl.functional import ggn_matvec, output_jacobians
-    from laplace_hfl.preconditioner import spectrum_floor
-    from laplace_hfl.refit import galerkin_refine
-    from laplace_hfl.solvers import batched_cg
+    from laplace_hfl.engine.functional import ggn_matvec, output_jacobians
+    from laplace_hfl.engine.preconditioner import spectrum_floor
+    from laplace_hfl.engine.refit import galerkin_refine
+    from laplace_hfl.engine.solvers import batched_cg
 
     kw = {"sigma_noise": SIGMA} if likelihood == "regression" else {}
     la = Laplace(model, likelihood, subset, "hfl", prior_precision=PRIOR,

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
-from laplace_hfl.evaluation.training import train_realistic
+from laplace_hfl.bench.evaluation.training import train_realistic
 
 WIDTHS = (16, 32, 64)
 N_DATA = (200, 2000)

@@ -70,11 +70,11 @@ def main(argv=None):
     from laplace import Laplace
 
     import laplace_hfl  # noqa: F401
-    from laplace_hfl.batches import eval_mode
-    from laplace_hfl.evaluation.networks import mnist_split, train_lenet
-    from laplace_hfl.functional import ggn_matvec, output_jacobians
-    from laplace_hfl.preconditioner import spectrum_floor
-    from laplace_hfl.solvers import batched_cg
+    from laplace_hfl.bench.evaluation.networks import mnist_split, train_lenet
+    from laplace_hfl.engine.batches import eval_mode
+    from laplace_hfl.engine.functional import ggn_matvec, output_jacobians
+    from laplace_hfl.engine.preconditioner import spectrum_floor
+    from laplace_hfl.engine.solvers import batched_cg
 
     split = mnist_split(n_train=N_TRAIN)
     (model, split), t_train = _clock(lambda: train_lenet(split))

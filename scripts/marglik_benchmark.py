@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import laplace_hfl  # noqa: E402, F401
-from laplace_hfl.benchmark import cases as C  # noqa: E402
+from laplace_hfl.bench.benchmark import cases as C  # noqa: E402
 
 
 def _run(case: C.Case, structure: str, fixed_point: bool = False) -> dict:

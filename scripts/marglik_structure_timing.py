@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's laplace_hfl
 from laplace import Laplace  # noqa: E402
 
 import laplace_hfl  # noqa: E402, F401  (registers "hfl")
-from laplace_hfl.benchmark.measure import timed  # noqa: E402
+from laplace_hfl.bench.benchmark.measure import timed  # noqa: E402
 
 DT = torch.float64
 

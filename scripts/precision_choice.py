@@ -30,10 +30,10 @@ def _case(model, X, y, likelihood):
     from conftest import PRIOR, SIGMA, dense_reference, loader
     from laplace import Laplace
 
-    from laplace_hfl.functional import ggn_matvec, output_jacobians
-    from laplace_hfl.preconditioner import spectrum_floor
-    from laplace_hfl.refit import galerkin_refine
-    from laplace_hfl.solvers import batched_cg, mixed_precision
+    from laplace_hfl.engine.functional import ggn_matvec, output_jacobians
+    from laplace_hfl.engine.preconditioner import spectrum_floor
+    from laplace_hfl.engine.refit import galerkin_refine
+    from laplace_hfl.engine.solvers import batched_cg, mixed_precision
 
     g = torch.Generator().manual_seed(1)
     Xq = X[torch.randint(len(X), (66,), generator=g)] * 1.5 + 0.3

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
-from laplace_hfl.amortized import (
+from laplace_hfl.engine.amortized import (
     amortized_covariance,
     loss_hessian_sqrt_apply,
     posterior_samples,
@@ -171,7 +171,7 @@ def test_functional_variance_and_joint(regression):
     f_mu, f_cov = la._glm_predictive_distribution(Xq[:5], joint=True)
     _, f_var = la._glm_predictive_distribution(Xq[:5])
     torch.testing.assert_close(torch.diagonal(f_cov), f_var.flatten())
-    from laplace_hfl.functional import output_jacobians
+    from laplace_hfl.engine.functional import output_jacobians
 
     obj = la._objective()
     Js, _ = output_jacobians(obj.forward, obj.theta_map, Xq[:5])
@@ -249,7 +249,7 @@ def test_minibatch_amortized_matches_full_ggn(case, request):
 def test_minibatch_amortized_converges_and_is_reproducible(regression):
     """The right-hand sides are fixed for the run (drawn once per chunk), so
     more epochs lower the full-batch residual; a seed gives the same samples."""
-    from laplace_hfl.amortized import sgd_posterior_samples
+    from laplace_hfl.engine.amortized import sgd_posterior_samples
 
     model, X, y, _, likelihood = regression
     la = _hfl(model, likelihood, "all", None)
@@ -287,7 +287,7 @@ def test_benchmark_dual_reference_matches_dense():
     from conftest import PRIOR as P0
     from conftest import dense_reference, make_classification, train_stationary
 
-    from laplace_hfl.benchmark.amortized import dual_variances
+    from laplace_hfl.bench.benchmark.amortized import dual_variances
 
     model, X, y = make_classification()
     model = train_stationary(model, X, y, "classification")

@@ -8,7 +8,7 @@ import torch
 from conftest import PRIOR, dense_reference, loader, rel_err
 from laplace import Laplace
 
-from laplace_hfl import auto_choice
+from laplace_hfl.engine import auto_choice
 
 
 @pytest.mark.parametrize("flops", [1e3, 1e15])
@@ -37,8 +37,8 @@ def test_probe_counts_match_full_cg_runs(classification):
     """The probe's count for the winner is the iterations CG needs to the
     tolerance on its right-hand sides (it stops once one candidate has
     converged; slower ones get a lower bound above it)."""
-    from laplace_hfl.functional import ggn_matvec
-    from laplace_hfl.solvers import batched_cg
+    from laplace_hfl.engine.functional import ggn_matvec
+    from laplace_hfl.engine.solvers import batched_cg
 
     model, X, y = classification
     la = Laplace(model, "classification", "all", "hfl", prior_precision=PRIOR,

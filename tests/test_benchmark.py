@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from laplace_hfl.benchmark import main, register
+from laplace_hfl.bench.benchmark import main, register
 
 
 def test_register_adds_benchmark_subcommand():
@@ -31,9 +31,9 @@ def test_quick_benchmark_writes_json_and_png(tmp_path):
 
 @pytest.mark.slow
 def test_solver_benchmark_smoke(tmp_path):
-    """``python -m laplace_hfl.benchmark.solvers`` at toy sizes writes its JSON
+    """``python -m laplace_hfl.bench.benchmark.solvers`` at toy sizes writes its JSON
     and figure, with every preconditioner converging to the reference."""
-    from laplace_hfl.benchmark.solvers import main as solvers_main
+    from laplace_hfl.bench.benchmark.solvers import main as solvers_main
 
     out = tmp_path / "solvers.json"
     argv = ["--n-train", "200", "--n-query", "2", "--aw-n-train", "16",
@@ -52,7 +52,7 @@ def test_solver_benchmark_smoke(tmp_path):
 @pytest.mark.slow
 def test_solver_benchmark_one_preconditioner(tmp_path):
     """``--preconditioners nystrom`` alone runs (no "none" baseline needed)."""
-    from laplace_hfl.benchmark.solvers import main as solvers_main
+    from laplace_hfl.bench.benchmark.solvers import main as solvers_main
 
     out = tmp_path / "solvers.json"
     argv = "--n-train 200 --only all_weights --aw-n-train 16 --n-dirs 1 --ranks 8"
@@ -68,7 +68,7 @@ def test_solver_benchmark_one_preconditioner(tmp_path):
 def test_gpu_benchmark_runs_tiny_on_cpu():
     """The device benchmark's cases run at CI sizes on the CPU and report the
     quantities its targets are about."""
-    from laplace_hfl.benchmark.gpu import run
+    from laplace_hfl.bench.benchmark.gpu import run
 
     res = run(tiny=True, spawn=False)["cases"]
     exact = res["lenet_exact"]
@@ -87,8 +87,8 @@ def test_amortized_benchmark_cg_reference_equals_dual():
     import torch
     from laplace import Laplace
 
-    from laplace_hfl.benchmark.amortized import cg_variances, dual_variances
-    from laplace_hfl.evaluation.networks import mnist_split, train_lenet
+    from laplace_hfl.bench.benchmark.amortized import cg_variances, dual_variances
+    from laplace_hfl.bench.evaluation.networks import mnist_split, train_lenet
 
     split = mnist_split(n_train=300)
     model, _ = train_lenet(split, epochs=2)

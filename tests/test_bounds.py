@@ -9,11 +9,11 @@ from conftest import DT, PRIOR, SIGMA, dense_reference, loader
 from laplace import Laplace
 from torch.func import functional_call, jacrev
 
-from laplace_hfl.functional import ggn_matvec
-from laplace_hfl.kfac import kfac_apply, kfac_factors
-from laplace_hfl.preconditioner import nystrom_apply, nystrom_sketch
-from laplace_hfl.refit import RefitSettings
-from laplace_hfl.solvers import batched_cg
+from laplace_hfl.engine.functional import ggn_matvec
+from laplace_hfl.engine.kfac import kfac_apply, kfac_factors
+from laplace_hfl.engine.preconditioner import nystrom_apply, nystrom_sketch
+from laplace_hfl.engine.refit import RefitSettings
+from laplace_hfl.engine.solvers import batched_cg
 
 #: Rounding slack of a bracket end (float64 CG on well-scaled problems).
 SLACK = 1e-10

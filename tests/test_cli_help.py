@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from laplace_hfl.cli import main
+from laplace_hfl.bench.cli import main
 
 
 def test_help_does_not_import_torch():
@@ -30,7 +30,7 @@ def test_help_does_not_import_torch():
 
 def test_launcher_help_matches_the_full_parser(capsys):
     import laplace_hfl_cli
-    from laplace_hfl.cli import build_parser
+    from laplace_hfl.bench.cli import build_parser
 
     with pytest.raises(SystemExit):
         laplace_hfl_cli.main(["--help"])
@@ -82,7 +82,7 @@ def test_compare_list_has_column_headers(capsys):
 
 
 def test_no_progress_silences_hfl_automatic_bars(tmp_path, capsys, monkeypatch):
-    import laplace_hfl.progress as hp
+    import laplace_hfl.engine.progress as hp
 
     monkeypatch.setattr(hp, "AUTO_PROGRESS_AFTER_S", 0.0)
     args = ["compare", "--task", "tiny", "--methods", "map", "--out", str(tmp_path),

@@ -27,9 +27,9 @@ from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
 from torch.func import jacrev
 
-import laplace_hfl.dense as dense
+import laplace_hfl.engine.dense as dense
 from laplace_hfl import IndefiniteHessianError
-from laplace_hfl.dense import data_ggn, data_hessian, factorize
+from laplace_hfl.engine.dense import data_ggn, data_hessian, factorize
 
 TOL = 1e-8
 FULL_TOL = 1e-6
@@ -301,7 +301,7 @@ def test_dense_budget_from_free_memory_with_a_user_cap(monkeypatch):
     """The budget is half the free memory in the tensor's dtype, capped by
     ``DENSE_BUDGET`` when the user sets it; unknown memory falls back to the
     fixed chunk budget."""
-    from laplace_hfl import device_memory
+    from laplace_hfl.engine import device_memory
 
     like = torch.zeros(1, dtype=torch.float32)
     monkeypatch.setattr(dense, "available_bytes", lambda device: 8 * 2**30)

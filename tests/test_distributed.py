@@ -27,9 +27,9 @@ from distributed_cases import (
 )
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from laplace_hfl.amortized import perturbed_rhs
-from laplace_hfl.example_noise import example_noise
-from laplace_hfl.functional import (
+from laplace_hfl.engine.amortized import perturbed_rhs
+from laplace_hfl.engine.example_noise import example_noise
+from laplace_hfl.engine.functional import (
     LaplaceObjective,
     ParamLayout,
     ggn_matvec,

@@ -1,4 +1,4 @@
-"""Tests of laplace_hfl.evaluation: metrics against hand-computed values, a
+"""Tests of laplace_hfl.bench.evaluation: metrics against hand-computed values, a
 smoke run of the harness on the tiny task, failure recording, the CLI."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from laplace_hfl.cli import main
-from laplace_hfl.evaluation import (
+from laplace_hfl.bench.cli import main
+from laplace_hfl.bench.evaluation import (
     METHODS,
     TASKS,
     MethodSpec,

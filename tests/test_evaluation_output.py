@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import laplace_hfl
-from laplace_hfl.evaluation import PeakMemory, format_table
-from laplace_hfl.evaluation.report import LEGEND
+from laplace_hfl.bench.evaluation import PeakMemory, format_table
+from laplace_hfl.bench.evaluation.report import LEGEND
 
 ROW = {
     "method": "hfl_ggn",
@@ -36,7 +36,7 @@ def test_table_has_a_legend_line_for_every_column(likelihood):
 
 
 def test_legend_covers_every_possible_column():
-    from laplace_hfl.evaluation import report
+    from laplace_hfl.bench.evaluation import report
 
     names = [c[1] for c in report._COMMON_HEAD + report._COMMON_TAIL]
     names += [c[1] for c in report._REGRESSION + report._CLASSIFICATION]
@@ -105,7 +105,7 @@ def test_no_import_cycles_in_the_package():
 
 
 def test_ood_auroc_variance_hand_computed():
-    from laplace_hfl.evaluation import classification_metrics, ood_auroc_variance
+    from laplace_hfl.bench.evaluation import classification_metrics, ood_auroc_variance
 
     var_in = torch.tensor([[[1.0]], [[2.0]], [[3.0]]])  # (3, 1, 1)
     var_out = torch.tensor([[[2.5]], [[4.0]]])
@@ -122,7 +122,7 @@ def test_ood_auroc_variance_hand_computed():
 
 
 def _preds(names, n=9):
-    from laplace_hfl.evaluation import Prediction
+    from laplace_hfl.bench.evaluation import Prediction
 
     x = torch.linspace(-2, 2, n, dtype=torch.float64).reshape(-1, 1)
     out = {}
@@ -133,8 +133,8 @@ def _preds(names, n=9):
 
 
 def test_std_figure_groups_any_family_into_panels_with_legends_outside():
-    from laplace_hfl.evaluation import plot_predictive_std
-    from laplace_hfl.evaluation.registry import REFERENCE_GGN, REFERENCE_HESSIAN
+    from laplace_hfl.bench.evaluation import plot_predictive_std
+    from laplace_hfl.bench.evaluation.registry import REFERENCE_GGN, REFERENCE_HESSIAN
 
     names = ["hfl_ggn", "hfl_ll", "kron_backpack_ggn", "kron_asdl_ggn",
              "diag_asdl_ggn", "newfam_a", "newfam_b", "newfam_c",
@@ -160,7 +160,7 @@ def test_std_figure_groups_any_family_into_panels_with_legends_outside():
 
 
 def test_std_figure_single_axes_legend_right_of_plot():
-    from laplace_hfl.evaluation import plot_predictive_std
+    from laplace_hfl.bench.evaluation import plot_predictive_std
 
     x, preds = _preds(["hfl_ggn", "kron_asdl_ggn", "diag_asdl_ggn"])
     fig = plot_predictive_std(x, preds)
@@ -177,7 +177,7 @@ def test_std_figure_single_axes_legend_right_of_plot():
 def test_one_method_per_family_panels_side_by_side():
     """Notebook figures (one method per family) use the width, not a
     one-column stack."""
-    from laplace_hfl.evaluation import plot_predictive_bands
+    from laplace_hfl.bench.evaluation import plot_predictive_bands
 
     x, preds = _preds(["hfl_ggn", "full_curvlinops_ggn", "kron_asdl_ggn"])
     fig = plot_predictive_bands(x, preds, sigma_noise=0.1)
@@ -188,7 +188,7 @@ def test_one_method_per_family_panels_side_by_side():
 
 
 def test_reliability_bins_show_their_counts():
-    from laplace_hfl.evaluation import Prediction, plot_reliability
+    from laplace_hfl.bench.evaluation import Prediction, plot_reliability
 
     probs = torch.tensor([[0.95, 0.05]] * 3 + [[0.55, 0.45]] * 2, dtype=torch.float64)
     pred = Prediction(torch.zeros(5, 2), torch.zeros(5, 2, 2), probs=probs)

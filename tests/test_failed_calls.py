@@ -11,7 +11,7 @@ import torch
 from conftest import DT, loader
 from laplace import Laplace
 
-from laplace_hfl.gridsearch import gaussian_nll_loss
+from laplace_hfl.engine.gridsearch import gaussian_nll_loss
 
 
 def _state(la):

@@ -13,8 +13,8 @@ from conftest import DT, PRIOR, SIGMA, assert_unchanged, loader, snapshot
 from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
 
-from laplace_hfl import progress as progress_mod
-from laplace_hfl.gridsearch import (
+from laplace_hfl.engine import progress as progress_mod
+from laplace_hfl.engine.gridsearch import (
     GridSearchCostWarning,
     VarianceBlindLossWarning,
     gaussian_nll_loss,
@@ -143,7 +143,7 @@ def test_cost_estimate_leaves_out_the_first_values_one_time_work(monkeypatch):
     each later one 1 s: 5 values are ~104 s, not 5 x 100 s."""
     from types import SimpleNamespace
 
-    from laplace_hfl import gridsearch
+    from laplace_hfl.engine import gridsearch
 
     clock = [0.0]
     monkeypatch.setattr(gridsearch.time, "perf_counter", lambda: clock[0])

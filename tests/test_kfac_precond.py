@@ -25,7 +25,7 @@ from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
 from torch import nn
 
-from laplace_hfl.kfac import kfac_apply, kfac_factors, kfac_supported
+from laplace_hfl.engine.kfac import kfac_apply, kfac_factors, kfac_supported
 
 
 def _hfl(model, X, y, **kw):

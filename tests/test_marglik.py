@@ -31,10 +31,10 @@ from laplace.curvature import CurvlinopsGGN, CurvlinopsHessian
 from torch.func import functional_call, jacrev
 
 from laplace_hfl import HFLNotFittedError, IndefiniteHessianError
+from laplace_hfl.engine.gridsearch import gaussian_nll_loss
+from laplace_hfl.engine.logdet import MarglikSettings
+from laplace_hfl.engine.slq import lanczos_quadrature, make_probes, quadrature_estimate
 from laplace_hfl.errors import RefitConvergenceWarning
-from laplace_hfl.gridsearch import gaussian_nll_loss
-from laplace_hfl.logdet import MarglikSettings
-from laplace_hfl.slq import lanczos_quadrature, make_probes, quadrature_estimate
 
 CASES = ["regression_1d", "regression_multi", "classification"]
 
@@ -487,7 +487,7 @@ def test_evaluation_tune_marglik_matches_full():
     HFL lands on FullLaplace's (same GGN) prior. (BackPACK's GGN here: on this
     task laplace-torch's CurvlinopsGGN differs from BackPACK/ASDL/HFL by
     1.5e-4 in the tuned prior, which agree with each other to 1e-12.)"""
-    from laplace_hfl.evaluation import TASKS, run_comparison
+    from laplace_hfl.bench.evaluation import TASKS, run_comparison
 
     methods = ["map", "hfl_ggn", "full_backpack_ggn", "kron_backpack_ggn", "hfl_ll"]
     methods.append("ll_full_curvlinops_ggn")

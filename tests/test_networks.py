@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from laplace_hfl.evaluation.networks import (
+from laplace_hfl.bench.evaluation.networks import (
     LeNet,
     load_mnist_5k,
     mnist_split,

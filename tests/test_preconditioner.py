@@ -9,7 +9,7 @@ from laplace import Laplace
 from torch import nn
 from torch.func import jacrev
 
-from laplace_hfl.preconditioner import (
+from laplace_hfl.engine.preconditioner import (
     default_rank,
     memory_rank,
     nystrom_apply,
@@ -141,7 +141,7 @@ def test_sketch_memory_within_budget():
 
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux /proc/self/clear_refs to measure peak RSS")
-    from laplace_hfl.functional import data_only_objective, ggn_matvec
+    from laplace_hfl.engine.functional import data_only_objective, ggn_matvec
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 240), nn.Tanh(), nn.Linear(240, 240),

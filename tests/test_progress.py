@@ -11,8 +11,8 @@ from conftest import DT, PRIOR, SIGMA, assert_unchanged, dense_reference, loader
 from conftest import snapshot as take_snapshot
 from laplace import Laplace
 
-from laplace_hfl import progress as progress_mod
-from laplace_hfl.progress import format_seconds, progress
+from laplace_hfl.engine import progress as progress_mod
+from laplace_hfl.engine.progress import format_seconds, progress
 
 
 def test_bar_appears_when_the_first_step_predicts_a_long_loop(capsys, monkeypatch):

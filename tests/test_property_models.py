@@ -29,7 +29,7 @@ from laplace import Laplace
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from laplace_hfl.refit import VARIANCE_RTOL
+from laplace_hfl.engine.refit import VARIANCE_RTOL
 
 EXAMPLES = int(os.environ.get("HFL_PROPERTY_EXAMPLES", "10"))
 KINDS = ("mlp", "shared", "hooked", "buffer", "frozen")

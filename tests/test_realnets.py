@@ -15,7 +15,7 @@ from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
 from torch.utils.data import DataLoader
 
-from laplace_hfl.benchmark.realnets import (
+from laplace_hfl.bench.benchmark.realnets import (
     GRID,
     Case,
     _level_order,
@@ -23,11 +23,11 @@ from laplace_hfl.benchmark.realnets import (
     plot_realnets,
     run_case,
 )
-from laplace_hfl.benchmark.realnets_methods import RealMethod, real_methods
-from laplace_hfl.evaluation import METHODS, TASKS, run_comparison
-from laplace_hfl.evaluation.networks import BNConvNet, LeNet
-from laplace_hfl.evaluation.registry import _la
-from laplace_hfl.evaluation.text import (
+from laplace_hfl.bench.benchmark.realnets_methods import RealMethod, real_methods
+from laplace_hfl.bench.evaluation import METHODS, TASKS, run_comparison
+from laplace_hfl.bench.evaluation.networks import BNConvNet, LeNet
+from laplace_hfl.bench.evaluation.registry import _la
+from laplace_hfl.bench.evaluation.text import (
     DictDataset,
     TinyTextClassifier,
     synthetic_text,

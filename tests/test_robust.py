@@ -11,8 +11,8 @@ from conftest import DT, PRIOR, SIGMA, assert_unchanged, loader, snapshot
 from laplace import Laplace
 from torch import nn
 
+from laplace_hfl.engine.preconditioner import NystromSketch, nystrom_apply
 from laplace_hfl.errors import MissingDictKeyError
-from laplace_hfl.preconditioner import NystromSketch, nystrom_apply
 
 
 def _linear_problem(n=40, d=3, seed=0):
@@ -810,7 +810,7 @@ def test_amortize_pushforward_bounded_by_chunk_size(regression_1d, monkeypatch):
     """Stored amortised samples are pushed through the network chunk_size at a
     time (memory ~ chunk_size * B * C plus activations, was all S at once);
     same answer."""
-    import laplace_hfl.amortized as amortized
+    import laplace_hfl.engine.amortized as amortized
 
     model, X, y = regression_1d
     widths = []

@@ -117,8 +117,9 @@ def test_in_tree_parts_add_the_estimators_modules_and_stay_small(make_patch):
     }
     graph = make_patch.intree.module_graph(make_patch.PACKAGE)
     modules = {p for p in added if p.startswith("laplace/hfl/")}
-    assert modules == {f"laplace/hfl/{m}.py" for m in graph} | {
-        "laplace/hfl/__init__.py"
+    assert modules == {"laplace/hfl/" + m.replace(".", "/") + ".py" for m in graph} | {
+        "laplace/hfl/__init__.py",
+        "laplace/hfl/engine/__init__.py",
     }
     assert max(sizes.values()) <= make_patch.MAX_PART_LINES, sizes
 
@@ -175,11 +176,11 @@ def test_generator_refuses_part_over_size_limit(make_patch, sdist, monkeypatch):
 
 def test_rewritten_module_refers_to_laplace_hfl_subpackage(make_patch):
     text = make_patch.intree.rewrite_module(
-        '"""See :mod:`laplace_hfl.refit` (laplace-hfl)."""\n'
+        '"""See :mod:`laplace_hfl.engine.refit` (laplace-hfl)."""\n'
         "from laplace_hfl.errors import HFLError\n"
     )
     assert text == (
-        '"""See :mod:`laplace.hfl.refit` (HFL)."""\n'
+        '"""See :mod:`laplace.hfl.engine.refit` (HFL)."""\n'
         "from laplace.hfl.errors import HFLError\n"
     )
 

@@ -32,12 +32,12 @@ from laplace_hfl import (
     IndefiniteHessianError,
     RefitConvergenceWarning,
 )
-from laplace_hfl.amortized import perturbed_rhs
-from laplace_hfl.batches import eval_mode
-from laplace_hfl.lanczos import lanczos_inv_sqrt
-from laplace_hfl.operators import SymmetricOperator
-from laplace_hfl.solvers import NegativeCurvature
-from laplace_hfl.weight_posterior import weight_samples
+from laplace_hfl.engine.amortized import perturbed_rhs
+from laplace_hfl.engine.batches import eval_mode
+from laplace_hfl.engine.lanczos import lanczos_inv_sqrt
+from laplace_hfl.engine.operators import SymmetricOperator
+from laplace_hfl.engine.solvers import NegativeCurvature
+from laplace_hfl.engine.weight_posterior import weight_samples
 
 CASES = [
     ("regression_1d", "regression"),
@@ -393,7 +393,7 @@ def test_operator_logdet_matches_full_laplace(classification, subset, solver):
 def test_operator_logdet_stochastic_above_the_exact_size():
     """P > EXACT_LOGDET_MAX without an owner's value: SLQ, within 4 standard
     errors of the dense log det; below it exact (1e-12)."""
-    from laplace_hfl.operators import EXACT_LOGDET_MAX
+    from laplace_hfl.engine.operators import EXACT_LOGDET_MAX
 
     for P in (EXACT_LOGDET_MAX, EXACT_LOGDET_MAX + 44):
         g = torch.Generator().manual_seed(P)

@@ -54,11 +54,11 @@ PARTS = (
         "Not reachable from Laplace() until the estimator part.",
         (
             "errors",
-            "device_memory",
-            "validation",
-            "functional",
-            "progress",
-            "solvers",
+            "engine.device_memory",
+            "engine.validation",
+            "engine.functional",
+            "engine.progress",
+            "engine.solvers",
         ),  # fmt: skip
         ("package_init", "module_import_test"),
     ),
@@ -68,7 +68,7 @@ PARTS = (
         "The estimator's core: perturbed re-optimisation of the Laplace objective\n"
         "(implicit-function-theorem columns P^-1 J^T) and the Nystrom and KFAC\n"
         "preconditioners of its CG solves.",
-        ("preconditioner", "kfac", "refit"),  # fmt: skip
+        ("engine.preconditioner", "engine.kfac", "engine.refit"),  # fmt: skip
     ),
     Part(
         "hfl-solvers",
@@ -76,9 +76,9 @@ PARTS = (
         "Batches of (X, y) and dict data, the dense path for small models, and the\n"
         "measured choice of solver and preconditioner.",
         (
-            "batches",
-            "dense",
-            "auto_choice",
+            "engine.batches",
+            "engine.dense",
+            "engine.auto_choice",
             "solver_choice",
         ),  # fmt: skip
     ),
@@ -87,21 +87,26 @@ PARTS = (
         "hfl (4/10): sample-then-optimise posterior samples (amortised mode)",
         "Lanczos, stochastic (minibatch) refits, amortised predictions from S\n"
         "posterior samples and the weight-space posterior's samplers.",
-        ("lanczos", "stochastic", "amortized", "weight_posterior"),  # fmt: skip
+        (
+            "engine.lanczos",
+            "engine.stochastic",
+            "engine.amortized",
+            "engine.weight_posterior",
+        ),  # fmt: skip
     ),
     Part(
         "hfl-logdet",
         "hfl (5/10): log-determinant and matrix-free posterior operators",
         "Stochastic Lanczos quadrature, the log-determinant of the posterior\n"
         "precision and the matrix-free operators behind la.H / posterior_precision.",
-        ("slq", "logdet", "operators"),  # fmt: skip
+        ("engine.slq", "engine.logdet", "engine.operators"),  # fmt: skip
     ),
     Part(
         "hfl-prediction",
         "hfl (6/10): weight space and the GLM predictive",
         "The weight-space mixin (posterior precision, samples, density), covariances\n"
         "from refit columns, and the GLM predictive mixin (link approximations).",
-        ("weight_space", "predictive", "prediction"),  # fmt: skip
+        ("weight_space", "engine.predictive", "prediction"),  # fmt: skip
     ),
     Part(
         "hfl-state",
@@ -113,7 +118,7 @@ PARTS = (
             "shards",
             "options",
             "hyperparameters",
-            "example_noise",
+            "engine.example_noise",
             "state_checks",
             "state",
             "serial",
@@ -123,7 +128,7 @@ PARTS = (
         "hfl-tuning",
         "hfl (8/10): prior tuning (marglik, MacKay, grid search)",
         "Marginal likelihood and its tuning, MacKay's fixed point and grid search.",
-        ("gridsearch", "mackay", "tuning"),  # fmt: skip
+        ("engine.gridsearch", "engine.mackay", "tuning"),  # fmt: skip
     ),
     Part(
         "hfl-estimator",
@@ -161,19 +166,19 @@ def pkg_module(node: ast.Import | ast.ImportFrom, current: str) -> str | None:
     if node.level:
         if node.level != 1 or not node.module:
             raise GeneratorError(f"{current}.py: unsupported relative import.")
-        return node.module.split(".")[0]
+        return node.module
     if node.module == PKG:
         raise GeneratorError(
             f"{current}.py: 'from {PKG} import ...' is not supported; import "
             "from the defining submodule."
         )
     if node.module and node.module.startswith(PKG + "."):
-        return node.module[len(PKG) + 1 :].split(".")[0]
+        return node.module[len(PKG) + 1 :]
     return None
 
 
 def read(package: Path, name: str) -> str:
-    path = package / f"{name}.py"
+    path = package.joinpath(*name.split(".")).with_suffix(".py")
     if not path.is_file():
         raise GeneratorError(f"{PKG}.{name} is imported but {path} does not exist.")
     return path.read_text()

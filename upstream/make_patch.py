@@ -179,7 +179,7 @@ def _apply_part(src: Path, part: intree.Part, available: set[str]) -> list[str]:
     """Write one in-tree part into ``src``; return the Python files touched."""
     touched = []
     for name in part.modules:
-        rel = f"laplace/hfl/{name}.py"
+        rel = "laplace/hfl/" + name.replace(".", "/") + ".py"
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(
             intree.rewrite_module(intree.read(_SOURCE["package"], name))
@@ -190,6 +190,12 @@ def _apply_part(src: Path, part: intree.Part, available: set[str]) -> list[str]:
             (src / "laplace/hfl").mkdir(parents=True, exist_ok=True)
             (src / "laplace/hfl/__init__.py").write_text(_hfl_init([]))
             touched.append("laplace/hfl/__init__.py")
+            (src / "laplace/hfl/engine").mkdir(parents=True, exist_ok=True)
+            engine_init = _SOURCE["package"] / "engine" / "__init__.py"
+            (src / "laplace/hfl/engine/__init__.py").write_text(
+                intree.rewrite_module(engine_init.read_text())
+            )
+            touched.append("laplace/hfl/engine/__init__.py")
         elif key == "module_import_test":
             touched.append(
                 _copy_template("test_hfl_modules.py", src, "tests/test_hfl_modules.py")

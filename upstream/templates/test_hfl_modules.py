@@ -9,7 +9,9 @@ import pytest
 
 import laplace.hfl
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(laplace.hfl.__path__))
+MODULES = sorted(
+    m.name for m in pkgutil.walk_packages(laplace.hfl.__path__, "laplace.hfl.")
+)
 
 
 def test_subpackage_has_modules():
@@ -18,6 +20,6 @@ def test_subpackage_has_modules():
 
 @pytest.mark.parametrize("name", MODULES)
 def test_module_imports_and_defines_its_exports(name):
-    module = importlib.import_module(f"laplace.hfl.{name}")
+    module = importlib.import_module(name)
     missing = [n for n in getattr(module, "__all__", ()) if not hasattr(module, n)]
-    assert not missing, f"laplace.hfl.{name} does not define {missing}"
+    assert not missing, f"{name} does not define {missing}"

@@ -1,0 +1,3 @@
+from laplace_hfl.bench.benchmark.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The methods compared, each as ``fit`` (one-time) and ``predict`` (per query).
+
+Every method returns the linearised (GLM) predictive mean and output
+covariance ``(B, C, C)`` at the query inputs; times are wall-clock seconds.
+All use the same fixed ``sigma_noise`` and prior precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import laplace_hfl  # noqa: F401  (registers "hfl")
+from laplace_hfl.bench.benchmark.cases import Case
+from laplace_hfl.engine.functional import output_jacobians
+
+__all__ = ["METHODS", "build", "timed_fit_predict", "cg_inverse_predictor"]
+
+#: name -> (label, subset, structure, backend name or None, extra kwargs)
+METHODS: dict[str, tuple[str, str, str, str | None, dict[str, Any]]] = {
+    "hfl_naive": (
+        "HFL naive (1 direction at a time, plain CG)",
+        "all",
+        "hfl",
+        None,
+        {"chunk_size": 1, "solver": "cg", "preconditioner": "none"},
+    ),
+    "hfl_batched_plain": (
+        "HFL batched, plain CG",
+        "all",
+        "hfl",
+        None,
+        {"chunk_size": 256, "solver": "cg", "preconditioner": "none"},
+    ),
+    "hfl_batched": (
+        "HFL batched + Nystrom-preconditioned",
+        "all",
+        "hfl",
+        None,
+        {"chunk_size": 256, "solver": "cg", "preconditioner": "nystrom"},
+    ),
+    "hfl_amortized": ("HFL amortised (S=256)", "all", "hfl", None, {"amortize": 256}),
+    "full_ggn": ("FullLaplace GGN", "all", "full", "CurvlinopsGGN", {}),
+    "full_hessian": ("FullLaplace Hessian", "all", "full", "CurvlinopsHessian", {}),
+    "kron": ("KronLaplace (KFAC)", "all", "kron", None, {}),
+    "diag": ("DiagLaplace", "all", "diag", None, {}),
+    "ll_kron": ("last-layer KFAC", "last_layer", "kron", None, {}),
+    "cg_inverse": ("curvlinops CG inverse", "all", "cg", None, {}),
+}
+
+
+def _backend(name: str | None):
+    if name is None:
+        return {}
+    import laplace.curvature as lc
+
+    return {"backend": getattr(lc, name)}
+
+
+def build(case: Case, method: str, **overrides: Any):
+    """A fitted-ready estimator (``Laplace`` object or CG predictor)."""
+    from laplace import Laplace
+
+    _, subset, structure, backend, kwargs = METHODS[method]
+    kwargs = {**kwargs, **overrides}
+    if structure == "cg":
+        return None
+    sigma = case.sigma if case.likelihood == "regression" else 1.0
+    return Laplace(
+        copy.deepcopy(case.model), case.likelihood, subset, structure,
+        sigma_noise=sigma, prior_precision=case.prior, **_backend(backend), **kwargs,
+    )  # fmt: skip
+
+
+class _ScaledDamped:
+    """``scale * A + damping * I`` for a curvlinops operator (3.0.1 has no sum)."""
+
+    @staticmethod
+    def make(A, scale: float, damping: float):
+        from curvlinops._torch_base import PyTorchLinearOperator
+
+        class Damped(PyTorchLinearOperator):
+            SELF_ADJOINT = True
+
+            def __init__(self) -> None:
+                super().__init__(A._in_shape, A._out_shape)
+
+            def _matmat(self, X):
+                return [scale * a + damping * x for a, x in zip(A._matmat(X), X)]
+
+            def _adjoint(self):
+                return self
+
+        return Damped()
+
+
+def cg_inverse_predictor(
+    case: Case, tolerance: float = 1e-6, max_iter: int = 1000
+) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """curvlinops' ``CGInverseLinearOperator`` on the damped GGN (float64).
+
+    ``scale * GGN_sum + prior * I`` equals laplace-torch's posterior precision
+    (``scale = 1/(2 sigma^2)`` for a summed MSE, 1 for a summed cross-entropy).
+    Prediction forms the query Jacobians ``(B, C, P)`` and applies the inverse
+    to all ``B*C`` columns at once.
+    """
+    from curvlinops import CGInverseLinearOperator, GGNLinearOperator
+
+    model = copy.deepcopy(case.model).double().eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if case.likelihood == "regression":
+        loss, scale = nn.MSELoss(reduction="sum"), 1 / (2 * case.sigma**2)
+    else:
+        loss, scale = nn.CrossEntropyLoss(reduction="sum"), 1.0
+    data = [
+        (
+            case.X.double(),
+            case.y.double() if case.likelihood == "regression" else case.y,
+        )
+    ]
+    G = GGNLinearOperator(model, loss, params, data, check_deterministic=False)
+    A = _ScaledDamped.make(G, scale, case.prior)
+    Ainv = CGInverseLinearOperator(A, tolerance=tolerance, max_iter=max_iter)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    from laplace_hfl.engine.functional import ParamLayout, make_forward
+
+    layout = ParamLayout(tuple(names), tuple(p.shape for p in params))
+    fixed = {n: b for n, b in model.named_buffers()}
+    forward = make_forward(model, layout, fixed)
+    theta = torch.cat([p.detach().flatten() for p in params])
+
+    def predict(Xq: Tensor) -> tuple[Tensor, Tensor]:
+        Js, f = output_jacobians(forward, theta, Xq.double())
+        B, C, P = Js.shape
+        U = Ainv @ Js.reshape(B * C, P).T  # (P, B*C)
+        cov = torch.einsum("bcp,pbk->bck", Js, U.reshape(P, B, C))
+        return f, 0.5 * (cov + cov.transpose(1, 2))
+
+    return predict
+
+
+def timed_fit_predict(
+    case: Case, method: str, Xq: Tensor, **overrides: Any
+) -> dict[str, Any]:
+    """Fit once, predict at ``Xq``; returns times and the predictive."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        if method == "cg_inverse":
+            predict = cg_inverse_predictor(case, **overrides)
+        else:
+            la = build(case, method, **overrides)
+            la.fit(case.loader())
+            if method.startswith("hfl") and "amortize" not in METHODS[method][4]:
+                la._glm_predictive_distribution(case.Xq[:1])  # unperturbed refit
+
+            def predict(X: Tensor) -> tuple[Tensor, Tensor]:
+                return la._glm_predictive_distribution(X)
+
+        t1 = time.perf_counter()
+        f_mu, f_var = predict(Xq)
+        t2 = time.perf_counter()
+    return {
+        "fit_s": t1 - t0,
+        "predict_s": t2 - t1,
+        "f_mu": f_mu.detach().double(),
+        "f_var": f_var.detach().double(),
+    }

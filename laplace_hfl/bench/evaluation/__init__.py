@@ -1,0 +1,96 @@
+"""Shared evaluation of HFL against laplace-torch's curvature backends.
+
+Public API (used by ``laplace-hfl compare``, notebooks and the benchmark)::
+
+    from laplace_hfl.bench.evaluation import (
+        TASKS, METHODS, run_comparison, run_method, predict_inputs,
+        regression_metrics, classification_metrics, plot_predictive_bands,
+        plot_predictive_std, plot_confidence_map, plot_reliability,
+        plot_variance_scatter, format_table, format_header,
+    )
+
+See ``docs/evaluation.md``.
+"""
+
+from __future__ import annotations
+
+from laplace_hfl.bench.evaluation.figures import (
+    plot_confidence_map,
+    plot_predictive_bands,
+    plot_predictive_std,
+    plot_reliability,
+    plot_variance_scatter,
+)
+from laplace_hfl.bench.evaluation.memory import PeakMemory
+from laplace_hfl.bench.evaluation.metrics import (
+    brier_score,
+    classification_metrics,
+    classification_nll,
+    expected_calibration_error,
+    gaussian_nll,
+    interval_coverage,
+    ood_auroc,
+    ood_auroc_variance,
+    probit_probs,
+    regression_metrics,
+    variance_agreement,
+)
+from laplace_hfl.bench.evaluation.registry import (
+    DEFAULT_METHODS,
+    METHODS,
+    REFERENCE_GGN,
+    REFERENCE_HESSIAN,
+    MethodSpec,
+    register_method,
+    resolve_methods,
+)
+from laplace_hfl.bench.evaluation.report import (
+    format_header,
+    format_table,
+    write_results,
+)
+from laplace_hfl.bench.evaluation.results import ComparisonResult, Prediction
+from laplace_hfl.bench.evaluation.runner import (
+    predict_inputs,
+    run_comparison,
+    run_method,
+)
+from laplace_hfl.bench.evaluation.tasks import TASKS, Task, register_task
+
+__all__ = [
+    "TASKS",
+    "Task",
+    "register_task",
+    "METHODS",
+    "DEFAULT_METHODS",
+    "REFERENCE_GGN",
+    "REFERENCE_HESSIAN",
+    "MethodSpec",
+    "register_method",
+    "resolve_methods",
+    "run_comparison",
+    "run_method",
+    "predict_inputs",
+    "ComparisonResult",
+    "Prediction",
+    "PeakMemory",
+    "regression_metrics",
+    "classification_metrics",
+    "gaussian_nll",
+    "interval_coverage",
+    "probit_probs",
+    "expected_calibration_error",
+    "brier_score",
+    "classification_nll",
+    "ood_auroc",
+    "ood_auroc_variance",
+    "variance_agreement",
+    "plot_predictive_bands",
+    "plot_predictive_std",
+    "plot_confidence_map",
+    "plot_reliability",
+    "plot_variance_scatter",
+    "format_table",
+    "format_header",
+    "write_results",
+]

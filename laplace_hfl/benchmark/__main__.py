@@ -1,3 +1,0 @@
-from laplace_hfl.benchmark.run import main
-
-raise SystemExit(main())

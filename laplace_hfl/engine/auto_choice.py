@@ -1,0 +1,378 @@
+"""``solver="auto"`` and ``preconditioner="auto"``, decided by a probe of the
+user's own problem.
+
+The probe (:func:`choose`) runs once per fit, at the first solve:
+
+1. **Preconditioner.** Every candidate (the Nyström sketch, KFAC where it
+   covers the refit parameters, none) runs conjugate gradients on the refit
+   system ``(h G + diag(p_0)) u = b`` towards the refits' tolerance for
+   :data:`PROBE_COLUMNS` right-hand sides ``b = G omega`` (random directions
+   pushed through the data curvature, like the Jacobian rows of query
+   points), all candidates in one batched run of :data:`PROBE_MAX_ITER`
+   iterations (one data pass per iteration serves them all), stopped as soon
+   as one candidate has converged (the others are slower). KFAC, the
+   costliest to build, is left out when the others converge within
+   :data:`KFAC_WORTH_ITERATIONS` (a first run of that length). A candidate's
+   iteration count is exact where it converged, else extrapolated from its
+   residual reduction. Fewest iterations wins; a tie goes to the cheaper one
+   to apply (none, then KFAC, then the sketch). The chosen one's data part
+   is kept for the refits. Counts, not clock times, decide, so the choice is
+   reproducible (and identical on every process of a distributed fit).
+2. **Solver.** The dense solver is chosen where its peak memory (``4 P^2``
+   numbers) fits :func:`~laplace_hfl.engine.dense.dense_budget` (half the device's
+   free memory, capped by :data:`laplace_hfl.engine.dense.DENSE_BUDGET`) and its
+   estimated time, forming the curvature and factorising it once, is below
+   the estimated time of one chunk of CG refits (``chunk_size`` directions,
+   three solves each, times the probed iterations): the per-direction
+   product time is measured on a batch of products, and the flop rate of a
+   matrix product of the problem's size, so the estimate follows the
+   machine. In a distributed fit
+   (where clock times differ between processes) the dense solver is chosen
+   when it fits the fixed budget :data:`~laplace_hfl.engine.dense.CHUNK_BUDGET`.
+   With ``target="hessian"`` (Newton refits of the network, whose cost a
+   linear probe does not predict) the dense solver is chosen where it fits
+   :data:`~laplace_hfl.engine.dense.CHUNK_BUDGET` (``P <= 2896``), CG above.
+   Problems whose dense solve costs under :data:`SMALL_DENSE_FLOPS` (a few
+   milliseconds: the test suite's networks) are solved densely without a
+   probe.
+
+The choice, the probed iterations and the estimates are in
+:attr:`AutoChoice.reason`, which :class:`~laplace_hfl.engine.refit.RefitDiagnostics`
+carries as ``la.last_diagnostics.choice``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from laplace_hfl.engine.dense import CHUNK_BUDGET, dense_fits
+from laplace_hfl.engine.functional import (
+    LaplaceObjective,
+    data_only_objective,
+    ggn_matvec,
+)
+from laplace_hfl.engine.solvers import batched_cg
+
+__all__ = [
+    "SMALL_DENSE_FLOPS",
+    "PROBE_COLUMNS",
+    "PROBE_MAX_ITER",
+    "AutoChoice",
+    "Probe",
+    "choose",
+    "probe_iterations",
+    "probe_rhs",
+]
+
+#: Right-hand sides solved by each candidate preconditioner.
+PROBE_COLUMNS = 2
+#: CG iterations of the probe (all candidates together).
+PROBE_MAX_ITER = 10
+#: KFAC (the costliest candidate to build: a pass with a backward per output)
+#: is probed only when no other candidate converges within this many iterations.
+KFAC_WORTH_ITERATIONS = 5
+#: Dense problems this small (``2 N C P^2 + P^3`` flops, milliseconds) are
+#: solved densely without a probe, which would cost more than they do.
+SMALL_DENSE_FLOPS = 1e8
+#: Products timed together to measure the cost of one direction's product.
+_TIMED_COLUMNS = 16
+#: CG solves per direction in a refit: the first Newton step and the
+#: corrections of the + and - refits (:func:`laplace_hfl.engine.refit.perturbed_refits`).
+_REFIT_SOLVES = 3
+#: Apply cost order for ties: cheaper first.
+_APPLY_ORDER = ("none", "kfac", "nystrom")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One candidate preconditioner's probe.
+
+    Attributes
+    ----------
+    name : str
+    iterations : float
+        CG iterations to the refits' tolerance (the largest over the probe's
+        columns); when the cap was reached first, extrapolated from the
+        residual reduction so far (``inf`` without any reduction).
+    converged : bool
+        Whether the probe reached the tolerance within its cap.
+    """
+
+    name: str
+    iterations: float
+    converged: bool
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``"auto"`` chose, and why.
+
+    Attributes
+    ----------
+    solver : {"dense", "cg"}
+    preconditioner : {"kfac", "nystrom", "none"}
+    reason : str
+        One line: the probed iterations of every candidate and the time
+        estimates behind the solver choice.
+    probes : tuple of Probe
+    """
+
+    solver: str
+    preconditioner: str
+    reason: str
+    probes: tuple[Probe, ...] = ()
+
+
+def probe_rhs(obj: LaplaceObjective, n: int, seed: int = 0) -> tuple[Tensor, float]:
+    """``n`` right-hand sides ``G omega`` and the time of one direction's
+    GGN-vector product, measured on the batch.
+
+    Returns
+    -------
+    B : Tensor
+        ``(n, P)``.
+    seconds : float
+        Wall time of the batched product divided by ``n``.
+    """
+    theta = obj.theta_map
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, theta.numel(), generator=g, dtype=theta.dtype)
+    t0 = time.perf_counter()
+    B = ggn_matvec(data_only_objective(obj), omega.to(theta.device))
+    if B.device.type == "cuda":
+        torch.cuda.synchronize(B.device)
+    return B, (time.perf_counter() - t0) / n
+
+
+class _Decided(Exception):
+    """A candidate converged: the others are slower, the probe can stop."""
+
+    def __init__(self, iterations: int, done: list[int]) -> None:
+        super().__init__(iterations)
+        self.iterations, self.done = iterations, done
+
+
+def probe_iterations(
+    obj: LaplaceObjective,
+    B: Tensor,
+    rtol: float,
+    max_iter: int,
+    preconds: list[Callable[[Tensor], Tensor] | None],
+) -> list[tuple[float, bool]]:
+    """CG iterations to solve ``(h G + diag(p_0)) u = b`` for the rows of
+    ``B`` to ``rtol ||b||`` with each preconditioner of ``preconds``, all in
+    one batched CG run (one GGN-vector product pass per iteration serves
+    every candidate) that stops when the first candidate has converged on
+    every row, or after ``max_iter`` iterations.
+
+    Returns
+    -------
+    list of (iterations, converged)
+        Per preconditioner: the largest count over the rows where they all
+        converged; for the others, when the run stopped at the first
+        candidate's convergence after ``t`` iterations, ``t + 1`` (a lower
+        bound), else (``max_iter`` reached) the extrapolation
+        ``max_iter log(rtol) / log(r)`` from the worst relative residual
+        ``r`` (``inf`` without reduction).
+    """
+    m, k = B.shape[0], len(preconds)
+    group = torch.arange(k, device=B.device).repeat_interleave(m)
+    state = {"idx": None, "calls": 0}  # the active rows of this iteration
+
+    def matvec(idx: Tensor, X: Tensor) -> Tensor:
+        if state["calls"] and k > 1:
+            done = sorted(set(range(k)) - set(group[idx].tolist()))
+            if done:
+                raise _Decided(state["calls"], done)
+        state["idx"], state["calls"] = idx, state["calls"] + 1
+        return ggn_matvec(obj, X)
+
+    def precond(R: Tensor) -> Tensor:
+        g = group if state["idx"] is None else group[state["idx"]]
+        out = R.clone()
+        for i, M in enumerate(preconds):
+            sel = g == i
+            if M is not None and bool(sel.any()):
+                out[sel] = M(R[sel])
+        return out
+
+    Bs = B.repeat(k, 1)
+    norm = Bs.norm(dim=1)
+    try:
+        res = batched_cg(matvec, Bs, rtol * norm, max(max_iter, 1), precond)
+    except _Decided as stop:
+        t = stop.iterations
+        return [
+            (float(t), True) if i in stop.done else (t + 1.0, False) for i in range(k)
+        ]
+    out = []
+    for i in range(k):
+        sel = group == i
+        if bool(res.converged[sel].all()):
+            out.append((float(res.iterations[sel].max()), True))
+            continue
+        r = float((res.residual_norm[sel] / norm[sel]).max())
+        its = max_iter * math.log(rtol) / math.log(r) if 0 < r < 1 else math.inf
+        out.append((its, False))
+    return out
+
+
+def _probe(
+    obj: LaplaceObjective,
+    B: Tensor,
+    rtol: float,
+    candidates: dict[str, Callable[[], Callable[[Tensor], Tensor] | None]],
+    names: list[str],
+    max_iter: int,
+) -> list[tuple[float, bool]]:
+    preconds = [candidates[n]() for n in names]
+    return probe_iterations(obj, B, rtol, max_iter, preconds)
+
+
+def _flops_per_second(n: int, like: Tensor) -> float:
+    """Measured rate of an ``n x n`` matrix product in ``like``'s dtype."""
+    n = max(64, min(n, 1024))
+    a = torch.randn(n, n, dtype=like.dtype, device=like.device)
+    a @ a  # warm-up
+    t0 = time.perf_counter()
+    a @ a
+    if a.device.type == "cuda":
+        torch.cuda.synchronize(a.device)
+    return 2 * n**3 / max(time.perf_counter() - t0, 1e-9)
+
+
+def _dense_seconds(
+    n_params: int, n_outputs: int, n_rows: int, product_s: float, flops: float
+) -> float:
+    """Forming the GGN and factorising it: ``G = J^T Lambda J`` from
+    per-example Jacobians (``C`` backward passes over the data, about one
+    product each) and ``2 N C P^2`` flops, then Cholesky and inverse
+    (``P^3 / 3 + 2 P^3 / 3``)."""
+    P = n_params
+    form = n_outputs * product_s + 2.0 * n_rows * P * P / flops
+    return form + P**3 / flops
+
+
+def choose(
+    obj: LaplaceObjective,
+    candidates: dict[str, Callable[[], Callable[[Tensor], Tensor] | None]],
+    *,
+    rtol: float,
+    target: str,
+    allow_dense: bool,
+    workload: int,
+    n_outputs: int,
+    n_rows: int,
+    budget: int | None = None,
+) -> AutoChoice:
+    """Probe ``candidates`` and choose the solver and the preconditioner.
+
+    Parameters
+    ----------
+    obj : LaplaceObjective
+        The refit objective (current hyperparameters).
+    candidates : dict
+        Preconditioner name to a function building it (``None``: no
+        preconditioner), in probe order; at least one.
+    rtol : float
+        The refits' relative tolerance.
+    target : {"ggn", "hessian"}
+    allow_dense : bool
+        Whether the dense solver may be chosen (``solver="auto"`` in the
+        classic mode); otherwise only the preconditioner is chosen.
+    workload : int
+        Directions whose CG refits the dense solver's one-off cost is
+        compared with (one chunk).
+    n_outputs : int
+        Outputs ``C`` of the network.
+    n_rows : int
+        Rows of the training Jacobian, ``N C`` (all processes).
+    budget : int, optional
+        Entries the dense solver may hold (default
+        :func:`~laplace_hfl.engine.dense.dense_budget`; in a distributed fit pass a
+        budget that every process shares).
+
+    Returns
+    -------
+    AutoChoice
+    """
+    P = obj.theta_map.numel()
+    if obj.reduce is not None:  # no clock times or free memory: same everywhere
+        fits = allow_dense and dense_fits(P, CHUNK_BUDGET if budget is None else budget)
+        if fits:
+            return AutoChoice("dense", "none", f"dense: 4 P^2 (P = {P}) fits")
+    else:
+        fits = allow_dense and dense_fits(P, budget, like=obj.theta_map)
+    if fits and target != "ggn":
+        # network refits: Newton steps on the exact Hessian, whose cost a
+        # linear probe does not predict; dense up to the fixed budget
+        if dense_fits(P, CHUNK_BUDGET):
+            return AutoChoice(
+                "dense", "none", f"dense: target={target!r} and 4 P^2 (P = {P}) "
+                "fits laplace_hfl.engine.dense.CHUNK_BUDGET",
+            )  # fmt: skip
+        fits = False
+    dense_flops = 2.0 * n_rows * P * P + P**3
+    if fits and dense_flops <= SMALL_DENSE_FLOPS:
+        return AutoChoice(
+            "dense",
+            "none",
+            f"dense: 2 N C P^2 + P^3 = {dense_flops:.1e} flops (P = {P}), "
+            "less than a probe would cost",
+        )
+    n_rhs = min(_TIMED_COLUMNS, max(workload, 1)) if fits else PROBE_COLUMNS
+    B, product_s = probe_rhs(obj, n_rhs)
+    B = B[:PROBE_COLUMNS]
+    dense_s = math.inf
+    if fits:
+        flops = _flops_per_second(P, obj.theta_map)
+        dense_s = _dense_seconds(P, n_outputs, n_rows, product_s, flops)
+        if dense_s <= workload * product_s:  # below one CG iteration per direction
+            return AutoChoice(
+                "dense",
+                "none",
+                f"dense: ~{dense_s:.2g} s once, less than one CG iteration of "
+                f"{workload} directions ({product_s:.2g} s per product)",
+            )
+    names = list(candidates)
+    first = [n for n in names if n != "kfac"]
+    counts, skipped = {}, ""
+    if first and len(first) < len(names):  # try without KFAC first
+        found = _probe(obj, B, rtol, candidates, first, KFAC_WORTH_ITERATIONS)
+        if any(ok for _, ok in found):
+            counts = dict(zip(first, found))
+            skipped = f"; kfac not built (<= {KFAC_WORTH_ITERATIONS} to save)"
+    if not counts:
+        counts = dict(
+            zip(names, _probe(obj, B, rtol, candidates, names, PROBE_MAX_ITER))
+        )
+    probes = [Probe(n, *counts[n]) for n in names if n in counts]
+    best = min(
+        probes,
+        key=lambda p: (
+            p.iterations,
+            _APPLY_ORDER.index(p.name) if p.name in _APPLY_ORDER else 9,
+        ),
+    )
+    shown = ", ".join(
+        f"{p.name} {p.iterations:.0f}{'' if p.converged else '+'}" for p in probes
+    )
+    reason = f"CG iterations to rtol on {B.shape[0]} probe directions: {shown}{skipped}"
+    solver = "cg"
+    if allow_dense and not fits:
+        reason += f"; dense: 4 P^2 (P = {P}) exceeds the memory budget"
+    elif allow_dense:
+        cg_s = _REFIT_SOLVES * workload * best.iterations * product_s
+        solver = "dense" if dense_s <= cg_s else "cg"
+        reason += (
+            f"; dense ~{dense_s:.2g} s once vs CG ~{cg_s:.2g} s per "
+            f"{workload} directions ({product_s:.2g} s per product)"
+        )
+    reason = f"{solver}/{best.name if solver == 'cg' else 'none'}: {reason}"
+    return AutoChoice(solver, best.name, reason, tuple(probes))
