@@ -70,7 +70,7 @@ from laplace_hfl.engine.validation import (
 )
 from laplace_hfl.errors import HFLNotFittedError
 from laplace_hfl.hyperparameters import HyperparameterMixin
-from laplace_hfl.options import HFLOptions, validate_hfl_options
+from laplace_hfl.options import OPTION_NAMES, HFLOptions
 from laplace_hfl.prediction import PredictionMixin
 from laplace_hfl.serial import SerialMixin
 from laplace_hfl.shards import fit_shard
@@ -107,14 +107,9 @@ class HFLMixin(
     # ------------------------------------------------------------------ options
     def _set_hfl_options(self, options: HFLOptions) -> None:
         self.hfl_settings = options.settings
-        self.chunk_size = options.chunk_size
-        self.compute_dtype = options.compute_dtype
-        self.progress_bar = options.progress_bar
-        self.amortize = options.amortize
-        self.precondition_rank = options.precondition_rank
-        self.minibatch_epochs = options.minibatch_epochs
-        self.solver = options.solver
-        self.preconditioner = options.preconditioner
+        for name in OPTION_NAMES:
+            if not hasattr(self.hfl_settings, name):  # the rest are attributes
+                setattr(self, name, getattr(options, name))
         self._amortized: AmortizedState | None = None
         self._amortized_key: tuple | None = None
         self._fitted = False
@@ -127,7 +122,13 @@ class HFLMixin(
         self._reset_solver_caches()
         self.last_diagnostics: RefitDiagnostics | None = None
 
-    _validate_hfl_options = staticmethod(validate_hfl_options)
+    def _hfl_options(self) -> dict[str, Any]:
+        """The options in force by name (``hfl_settings`` and the attributes,
+        which may have been reassigned since construction)."""
+        return {
+            name: getattr(self.hfl_settings, name, getattr(self, name, None))
+            for name in OPTION_NAMES
+        }
 
     # ------------------------------------------------------- hooks for classes
     def _fit_pass(

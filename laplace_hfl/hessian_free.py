@@ -17,6 +17,7 @@ from laplace_hfl.distributed import unwrap_model
 from laplace_hfl.engine.batches import eval_mode
 from laplace_hfl.engine.functional import ParamLayout, to_compute
 from laplace_hfl.engine.validation import check_constructor_values
+from laplace_hfl.options import hfl_signature, validate_hfl_options
 
 __all__ = ["HessianFreeLaplace"]
 
@@ -67,6 +68,7 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
 
     _key = ("all", "hfl")
 
+    @hfl_signature
     def __init__(
         self,
         model: nn.Module,
@@ -81,37 +83,10 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
         backend: type[CurvatureInterface] | None = None,
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
-        *,
-        eps: float = 1e-3,
-        target: str = "ggn",
-        rtol: float = 1e-6,
-        max_iter: int = 1000,
-        max_newton: int = 20,
-        chunk_size: int = 64,
-        compute_dtype: torch.dtype = torch.float64,
-        progress_bar: bool = False,
-        amortize: int | None = None,
-        precondition_rank: int | None = None,
-        minibatch_epochs: int | None = None,
-        solver: str = "auto",
-        preconditioner: str = "auto",
+        **hfl_options: Any,
     ) -> None:
-        options = self._validate_hfl_options(
-            likelihood,
-            enable_backprop,
-            eps=eps,
-            target=target,
-            rtol=rtol,
-            max_iter=max_iter,
-            max_newton=max_newton,
-            chunk_size=chunk_size,
-            compute_dtype=compute_dtype,
-            progress_bar=progress_bar,
-            amortize=amortize,
-            precondition_rank=precondition_rank,
-            minibatch_epochs=minibatch_epochs,
-            solver=solver,
-            preconditioner=preconditioner,
+        options = validate_hfl_options(
+            likelihood, enable_backprop, hfl_options, type(self).__name__
         )
         check_constructor_values(unwrap_model(model), sigma_noise, temperature)
         super().__init__(

@@ -23,6 +23,7 @@ from laplace_hfl.engine.validation import (
     check_constructor_values,
     check_prior_precision,
 )
+from laplace_hfl.options import hfl_signature, validate_hfl_options
 
 __all__ = ["HessianFreeLLLaplace"]
 
@@ -111,6 +112,7 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
     _key = ("last_layer", "hfl")
     _state_holds_data = True
 
+    @hfl_signature
     def __init__(
         self,
         model: nn.Module,
@@ -127,37 +129,10 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
         last_layer_name: str | None = None,
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
-        *,
-        eps: float = 1e-3,
-        target: str = "ggn",
-        rtol: float = 1e-6,
-        max_iter: int = 1000,
-        max_newton: int = 20,
-        chunk_size: int = 64,
-        compute_dtype: torch.dtype = torch.float64,
-        progress_bar: bool = False,
-        amortize: int | None = None,
-        precondition_rank: int | None = None,
-        minibatch_epochs: int | None = None,
-        solver: str = "auto",
-        preconditioner: str = "auto",
+        **hfl_options: Any,
     ) -> None:
-        options = self._validate_hfl_options(
-            likelihood,
-            enable_backprop,
-            eps=eps,
-            target=target,
-            rtol=rtol,
-            max_iter=max_iter,
-            max_newton=max_newton,
-            chunk_size=chunk_size,
-            compute_dtype=compute_dtype,
-            progress_bar=progress_bar,
-            amortize=amortize,
-            precondition_rank=precondition_rank,
-            minibatch_epochs=minibatch_epochs,
-            solver=solver,
-            preconditioner=preconditioner,
+        options = validate_hfl_options(
+            likelihood, enable_backprop, hfl_options, type(self).__name__
         )
         if likelihood == "reward_modeling":
             raise NotImplementedError(

@@ -1,54 +1,139 @@
-"""Validation of the keyword-only HFL options of the two estimator classes."""
+"""The keyword-only HFL options of both estimator classes, in one place.
+
+:class:`HFLOptions` names every option with its default;
+:func:`validate_hfl_options` turns the keywords a constructor received into a
+checked :class:`HFLOptions`; :func:`hfl_signature` gives a constructor that
+takes them as ``**hfl_options`` the explicit keyword-only signature (what
+``inspect.signature`` and ``help`` show). Adding an option is one field here,
+its checks in :func:`validate_hfl_options` and its entry in
+:data:`laplace_hfl._docs.HFL_OPTIONS_DOC`.
+
+``chunk_size`` has one meaning: the number of ``P``-vectors (refit directions)
+handled by one vectorised product. Every other batch size is derived from it
+by one named function here: :func:`query_points`, :func:`hessian_rows`,
+:func:`sketch_columns` and :func:`sample_chunk`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
 from laplace_hfl.engine.refit import RefitSettings
 from laplace_hfl.engine.validation import MAX_EPS, as_bool, as_int, as_number
 
-__all__ = ["HFLOptions", "SOLVERS", "PRECONDITIONERS", "validate_hfl_options"]
+__all__ = [
+    "HFLOptions",
+    "OPTION_NAMES",
+    "SOLVERS",
+    "PRECONDITIONERS",
+    "validate_hfl_options",
+    "hfl_signature",
+    "query_points",
+    "hessian_rows",
+    "sketch_columns",
+    "sample_chunk",
+]
 
 
 @dataclass(frozen=True)
 class HFLOptions:
-    """The validated keyword-only HFL options of a constructor."""
+    """The keyword-only HFL options of a constructor, with their defaults.
 
-    settings: RefitSettings
-    chunk_size: int
-    compute_dtype: torch.dtype
-    progress_bar: bool
-    amortize: int | None
-    precondition_rank: int | None
-    minibatch_epochs: int | None
+    Documented for users in :data:`laplace_hfl._docs.HFL_OPTIONS_DOC`; built
+    checked by :func:`validate_hfl_options`.
+    """
+
+    eps: float = 1e-3
+    target: str = "ggn"
+    rtol: float = 1e-6
+    max_iter: int = 1000
+    max_newton: int = 20
+    chunk_size: int = 64
+    compute_dtype: torch.dtype = torch.float64
+    progress_bar: bool = False
+    amortize: int | None = None
+    precondition_rank: int | None = None
+    minibatch_epochs: int | None = None
     solver: str = "auto"
     preconditioner: str = "auto"
 
+    @property
+    def settings(self) -> RefitSettings:
+        """The numerical settings of the refits."""
+        return RefitSettings(
+            self.target, self.eps, self.rtol, self.max_iter, self.max_newton
+        )
 
+
+#: The option names, in signature order.
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(HFLOptions))
 SOLVERS = ("auto", "dense", "cg")
 PRECONDITIONERS = ("auto", "kfac", "nystrom", "none")
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def hfl_signature(init: _Init) -> _Init:
+    """Show ``init``'s ``**hfl_options`` as the keyword-only options.
+
+    The constructor keeps its own positional parameters; its variadic
+    keywords are replaced, in ``init.__signature__``, by one keyword-only
+    parameter per :class:`HFLOptions` field with its default and type.
+    """
+    sig = inspect.signature(init)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                          annotation=f.type)
+        for f in dataclasses.fields(HFLOptions)
+    ]  # fmt: skip
+    init.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return init
 
 
 def validate_hfl_options(
     likelihood: str,
     enable_backprop: bool,
-    *,
-    eps: float,
-    target: str,
-    rtol: float,
-    max_iter: int,
-    max_newton: int,
-    chunk_size: int,
-    compute_dtype: torch.dtype,
-    progress_bar: bool,
-    amortize: int | None,
-    precondition_rank: int | None,
-    minibatch_epochs: int | None,
-    solver: str = "auto",
-    preconditioner: str = "auto",
+    options: Mapping[str, Any],
+    owner: str = "HFLOptions",
 ) -> HFLOptions:
+    """The checked options from the keywords a constructor received.
+
+    Parameters
+    ----------
+    likelihood : str
+    enable_backprop : bool
+    options : mapping
+        Keyword options by name; missing ones take their defaults.
+    owner : str, default="HFLOptions"
+        The constructor's name, for the message about an unknown keyword.
+
+    Returns
+    -------
+    HFLOptions
+
+    Raises
+    ------
+    TypeError
+        A keyword that is not an option.
+    ValueError, NotImplementedError
+        A value out of range, or a combination the estimator does not support.
+    """
+    unknown = [name for name in options if name not in OPTION_NAMES]
+    if unknown:
+        raise TypeError(
+            f"{owner}.__init__() got an unexpected keyword argument {unknown[0]!r}"
+        )
+    o = dataclasses.replace(HFLOptions(), **options)
+    solver, preconditioner = o.solver, o.preconditioner
+    amortize, minibatch_epochs = o.amortize, o.minibatch_epochs
+    precondition_rank, target = o.precondition_rank, o.target
     if not (isinstance(solver, str) and solver in SOLVERS):
         raise ValueError(
             f"solver must be one of {SOLVERS}, got {solver!r}: 'auto' solves "
@@ -79,22 +164,22 @@ def validate_hfl_options(
             f"HFL supports likelihood='regression', 'classification' or "
             f"'reward_modeling', not {likelihood!r}."
         )
-    eps = as_number("eps", eps)
+    eps = as_number("eps", o.eps)
     if not (0 < eps <= MAX_EPS):
         raise ValueError(
             f"eps must be in (0, {MAX_EPS}], got {eps!r}: it is the perturbation "
             "in posterior standard deviations (default 1e-3)."
         )
-    rtol = as_number("rtol", rtol)
+    rtol = as_number("rtol", o.rtol)
     if not (0 < rtol < 1):
         raise ValueError(
             f"rtol must be in (0, 1), got {rtol!r}: it is the relative residual "
             "at which a refit counts as converged (default 1e-6)."
         )
-    max_iter = as_int("max_iter", max_iter, 1)
-    max_newton = as_int("max_newton", max_newton, 1)
-    chunk_size = as_int("chunk_size", chunk_size, 1)
-    progress_bar = as_bool("progress_bar", progress_bar)
+    max_iter = as_int("max_iter", o.max_iter, 1)
+    max_newton = as_int("max_newton", o.max_newton, 1)
+    chunk_size = as_int("chunk_size", o.chunk_size, 1)
+    progress_bar = as_bool("progress_bar", o.progress_bar)
     if minibatch_epochs is not None:
         minibatch_epochs = _option_int("minibatch_epochs", minibatch_epochs, 2)
     if amortize is not None:
@@ -106,60 +191,38 @@ def validate_hfl_options(
             "enable_backprop=True (gradients of the predictive w.r.t. inputs) "
             "is available for exact HFL only; use amortize=None."
         )
-    if minibatch_epochs is not None:
-        if isinstance(minibatch_epochs, bool) or not (
-            isinstance(minibatch_epochs, int) and minibatch_epochs >= 2
-        ):
-            raise ValueError(
-                "minibatch_epochs must be None (full-batch CG refits) or the "
-                f"number of epochs (an integer >= 2), got {minibatch_epochs!r}."
-            )
-        if target != "ggn":
-            raise ValueError(
-                "minibatch_epochs (minibatch refits) is available for "
-                "target='ggn' only: the network refit (target='hessian') needs "
-                "full-batch Newton steps."
-            )
-    if precondition_rank is not None and not (
-        isinstance(precondition_rank, int)
-        and not isinstance(precondition_rank, bool)
-        and precondition_rank >= 0
-    ):
+    if minibatch_epochs is not None and target != "ggn":
         raise ValueError(
-            "precondition_rank must be None (automatic), 0 (no preconditioner) "
-            f"or a positive integer, got {precondition_rank!r}."
+            "minibatch_epochs (minibatch refits) is available for "
+            "target='ggn' only: the network refit (target='hessian') needs "
+            "full-batch Newton steps."
         )
-    if compute_dtype not in (torch.float32, torch.float64):
+    if o.compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"compute_dtype must be torch.float64 (default) or torch.float32, "
-            f"got {compute_dtype}."
+            f"got {o.compute_dtype}."
         )
-    if amortize is not None:
-        if isinstance(amortize, bool) or not (
-            isinstance(amortize, int) and amortize >= 2
-        ):
-            raise ValueError(
-                f"amortize must be None or the number of posterior samples "
-                f"(an integer >= 2), got {amortize!r}."
-            )
-        if target != "ggn":
-            raise ValueError(
-                "amortize is only available with target='ggn': the amortised "
-                "mode draws posterior samples by perturbed refits of the "
-                "linearised network (sample-then-optimise), which needs a "
-                "square root of the curvature that the exact Hessian lacks. "
-                "Use target='ggn', or amortize=None for exact Hessian refits."
-            )
-    return HFLOptions(
-        RefitSettings(target, eps, rtol, max_iter, max_newton),
-        chunk_size,
-        compute_dtype,
-        progress_bar,
-        amortize,
-        precondition_rank,
-        minibatch_epochs,
-        solver,
-        preconditioner,
+    if amortize is not None and target != "ggn":
+        raise ValueError(
+            "amortize is only available with target='ggn': the amortised "
+            "mode draws posterior samples by perturbed refits of the "
+            "linearised network (sample-then-optimise), which needs a "
+            "square root of the curvature that the exact Hessian lacks. "
+            "Use target='ggn', or amortize=None for exact Hessian refits."
+        )
+    # RefitSettings checks the target's name (its message lists the targets).
+    RefitSettings(target, eps, rtol, max_iter, max_newton)
+    return dataclasses.replace(
+        o,
+        eps=eps,
+        rtol=rtol,
+        max_iter=max_iter,
+        max_newton=max_newton,
+        chunk_size=chunk_size,
+        progress_bar=progress_bar,
+        amortize=amortize,
+        precondition_rank=precondition_rank,
+        minibatch_epochs=minibatch_epochs,
     )
 
 
@@ -169,3 +232,32 @@ def _option_int(name: str, value: object, minimum: int) -> int:
         return as_int(name, value, minimum)
     except ValueError as err:
         raise ValueError(f"{err} ({name}=None switches it off.)") from None
+
+
+# ------------------------------------------------- quantities from chunk_size
+def query_points(chunk_size: int, n_outputs: int) -> int:
+    """Query inputs per prediction chunk of the refits.
+
+    Each input brings ``n_outputs`` Jacobian rows, i.e. refit directions, so
+    ``chunk_size // n_outputs`` inputs (at least one) fill one product.
+    """
+    return max(1, chunk_size // max(n_outputs, 1))
+
+
+def hessian_rows(chunk_size: int) -> int:
+    """Rows of the data Hessian formed per batched Hessian-vector pass (one
+    direction each) by the dense solver with ``target="hessian"``."""
+    return chunk_size
+
+
+def sketch_columns(chunk_size: int) -> int:
+    """Columns of the Nyström sketch formed per batched curvature pass (one
+    direction each)."""
+    return chunk_size
+
+
+def sample_chunk(chunk_size: int) -> int:
+    """Posterior samples (amortised mode, ``sample()``) solved together, and
+    pushed through one vectorised Jacobian-vector product when predicting:
+    one direction each."""
+    return chunk_size

@@ -151,15 +151,17 @@ class StateMixin:
         check_state_numbers(state)
         try:
             settings = validate_hfl_options(
-                self.likelihood, self.enable_backprop, eps=state["hfl_eps"],
-                target=state["hfl_target"], rtol=state["hfl_rtol"],
-                max_iter=state["hfl_max_iter"], max_newton=state["hfl_max_newton"],
-                chunk_size=self.chunk_size, compute_dtype=self.compute_dtype,
-                progress_bar=self.progress_bar, amortize=self.amortize,
-                precondition_rank=self.precondition_rank,
-                minibatch_epochs=self.minibatch_epochs, solver=self.solver,
-                preconditioner=self.preconditioner,
-            ).settings  # fmt: skip
+                self.likelihood,
+                self.enable_backprop,
+                {
+                    **self._hfl_options(),
+                    "eps": state["hfl_eps"],
+                    "target": state["hfl_target"],
+                    "rtol": state["hfl_rtol"],
+                    "max_iter": state["hfl_max_iter"],
+                    "max_newton": state["hfl_max_newton"],
+                },
+            ).settings
         except ValueError as err:
             raise ValueError(f"The state's HFL settings are invalid: {err}") from None
         module, layout, _ = self._refit_module()
