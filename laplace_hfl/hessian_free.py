@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from laplace.baselaplace import ParametricLaplace
-from laplace.curvature.curvature import CurvatureInterface
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
@@ -17,7 +16,7 @@ from laplace_hfl.distributed import unwrap_model
 from laplace_hfl.engine.batches import eval_mode
 from laplace_hfl.engine.functional import ParamLayout, to_compute
 from laplace_hfl.engine.validation import check_constructor_values
-from laplace_hfl.options import hfl_signature, validate_hfl_options
+from laplace_hfl.options import constructor_arguments, hfl_signature
 
 __all__ = ["HessianFreeLaplace"]
 
@@ -68,41 +67,16 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
 
     _key = ("all", "hfl")
 
-    @hfl_signature
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: str,
-        sigma_noise: float | Tensor = 1.0,
-        prior_precision: float | Tensor = 1.0,
-        prior_mean: float | Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type[CurvatureInterface] | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-        **hfl_options: Any,
-    ) -> None:
-        options = validate_hfl_options(
-            likelihood, enable_backprop, hfl_options, type(self).__name__
+    @hfl_signature(ParametricLaplace)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        arguments, options = constructor_arguments(
+            ParametricLaplace, type(self).__name__, args, kwargs
         )
-        check_constructor_values(unwrap_model(model), sigma_noise, temperature)
-        super().__init__(
-            unwrap_model(model),  # a DDP-wrapped model: its .module
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-            asdl_fisher_kwargs=asdl_fisher_kwargs,
+        model = unwrap_model(arguments.pop("model"))  # DDP-wrapped: its .module
+        check_constructor_values(
+            model, arguments["sigma_noise"], arguments["temperature"]
         )
+        super().__init__(model, **arguments)
         if self.n_params == 0:
             raise ValueError(
                 "Every parameter of the model has requires_grad=False, so there "

@@ -6,9 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from laplace.curvature.curvature import CurvatureInterface
 from laplace.lllaplace import LLLaplace
-from laplace.utils.feature_extractor import FeatureReduction
 from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 from torch.nn.utils import parameters_to_vector
@@ -23,7 +21,7 @@ from laplace_hfl.engine.validation import (
     check_constructor_values,
     check_prior_precision,
 )
-from laplace_hfl.options import hfl_signature, validate_hfl_options
+from laplace_hfl.options import constructor_arguments, hfl_signature
 
 __all__ = ["HessianFreeLLLaplace"]
 
@@ -112,29 +110,12 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
     _key = ("last_layer", "hfl")
     _state_holds_data = True
 
-    @hfl_signature
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: str,
-        sigma_noise: float | Tensor = 1.0,
-        prior_precision: float | Tensor = 1.0,
-        prior_mean: float | Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        feature_reduction: FeatureReduction | str | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type[CurvatureInterface] | None = None,
-        last_layer_name: str | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-        **hfl_options: Any,
-    ) -> None:
-        options = validate_hfl_options(
-            likelihood, enable_backprop, hfl_options, type(self).__name__
+    @hfl_signature(LLLaplace)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        arguments, options = constructor_arguments(
+            LLLaplace, type(self).__name__, args, kwargs
         )
-        if likelihood == "reward_modeling":
+        if arguments["likelihood"] == "reward_modeling":
             raise NotImplementedError(
                 "likelihood='reward_modeling' is available for "
                 "subset_of_weights='all' HFL; the last-layer features of "
@@ -142,33 +123,19 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
             )
         # LLLaplace stores the prior bypassing its setter until the last layer
         # is found: check it here.
-        check_prior_precision(prior_precision)
-        model = unwrap_model(model)  # a DDP-wrapped model: its .module
-        check_constructor_values(model, sigma_noise, temperature)
-        if last_layer_name is not None and last_layer_name not in dict(
-            model.named_modules()
-        ):
+        check_prior_precision(arguments["prior_precision"])
+        model = unwrap_model(arguments.pop("model"))  # DDP-wrapped: its .module
+        check_constructor_values(
+            model, arguments["sigma_noise"], arguments["temperature"]
+        )
+        name = arguments["last_layer_name"]
+        if name is not None and name not in dict(model.named_modules()):
             raise ValueError(
-                f"last_layer_name={last_layer_name!r} is not a module of the model; "
+                f"last_layer_name={name!r} is not a module of the model; "
                 "pass a name from dict(model.named_modules()) (the final "
                 "nn.Linear), or None to find it from the first batch."
             )
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            feature_reduction=feature_reduction,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            last_layer_name=last_layer_name,
-            backend_kwargs=backend_kwargs,
-            asdl_fisher_kwargs=asdl_fisher_kwargs,
-        )
+        super().__init__(model, **arguments)
         # LLLaplace.__init__ resets cooperative options: set ours afterwards.
         self._set_hfl_options(options)
         _picklable_feature_hook(self.model)

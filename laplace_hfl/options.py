@@ -1,10 +1,10 @@
 """The keyword-only HFL options of both estimator classes, in one place.
 
 :class:`HFLOptions` names every option with its default;
-:func:`validate_hfl_options` turns the keywords a constructor received into a
-checked :class:`HFLOptions`; :func:`hfl_signature` gives a constructor that
-takes them as ``**hfl_options`` the explicit keyword-only signature (what
-``inspect.signature`` and ``help`` show). Adding an option is one field here,
+:func:`validate_hfl_options` checks them; :func:`hfl_signature` shows a
+constructor with laplace-torch's signature followed by the options, and
+:func:`constructor_arguments` splits and checks a call of that signature, so
+neither class repeats the argument list. Adding an option is one field here,
 its checks in :func:`validate_hfl_options` and its entry in
 :data:`laplace_hfl._docs.HFL_OPTIONS_DOC`.
 
@@ -34,6 +34,7 @@ __all__ = [
     "PRECONDITIONERS",
     "validate_hfl_options",
     "hfl_signature",
+    "constructor_arguments",
     "query_points",
     "hessian_rows",
     "sketch_columns",
@@ -79,29 +80,74 @@ PRECONDITIONERS = ("auto", "kfac", "nystrom", "none")
 _Init = TypeVar("_Init", bound=Callable[..., None])
 
 
-def hfl_signature(init: _Init) -> _Init:
-    """Show ``init``'s ``**hfl_options`` as the keyword-only options.
+def hfl_signature(parent: type) -> Callable[[_Init], _Init]:
+    """Decorator: show a constructor ``__init__(self, *args, **kwargs)`` with
+    the signature users call, ``parent.__init__``'s (laplace-torch's
+    arguments) followed by one keyword-only parameter per :class:`HFLOptions`
+    field with its default and type (what ``inspect.signature`` and ``help``
+    show)."""
 
-    The constructor keeps its own positional parameters; its variadic
-    keywords are replaced, in ``init.__signature__``, by one keyword-only
-    parameter per :class:`HFLOptions` field with its default and type.
+    def decorate(init: _Init) -> _Init:
+        sig = inspect.signature(parent.__init__)
+        params = [*sig.parameters.values()] + [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                              default=f.default, annotation=f.type)
+            for f in dataclasses.fields(HFLOptions)
+        ]  # fmt: skip
+        init.__signature__ = sig.replace(parameters=params, return_annotation=None)  # type: ignore[attr-defined]
+        return init
+
+    return decorate
+
+
+def constructor_arguments(
+    parent: type, owner: str, args: tuple, kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], HFLOptions]:
+    """Split and check a constructor call of the signature :func:`hfl_signature`
+    shows.
+
+    Parameters
+    ----------
+    parent : type
+        The laplace-torch class whose ``__init__`` takes the other arguments.
+    owner : str
+        The constructor's class name, for the message of a wrong call.
+    args, kwargs
+        The call's positional and keyword arguments (without ``self``).
+
+    Returns
+    -------
+    dict
+        ``parent``'s arguments by name, defaults filled in.
+    HFLOptions
+        The checked options (:func:`validate_hfl_options`).
+
+    Raises
+    ------
+    TypeError
+        A call that does not fit the signature, as Python words it.
+    ValueError, NotImplementedError
+        As :func:`validate_hfl_options`.
     """
-    sig = inspect.signature(init)
-    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    params += [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                          annotation=f.type)
-        for f in dataclasses.fields(HFLOptions)
-    ]  # fmt: skip
-    init.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    return init
+    options = {k: v for k, v in kwargs.items() if k in OPTION_NAMES}
+    rest = {k: v for k, v in kwargs.items() if k not in OPTION_NAMES}
+    try:
+        bound = inspect.signature(parent.__init__).bind(None, *args, **rest)
+    except TypeError as err:
+        raise TypeError(f"{owner}.__init__() {err}") from None
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    del arguments[next(iter(arguments))]  # self
+    checked = validate_hfl_options(
+        arguments["likelihood"], arguments["enable_backprop"], options
+    )
+    return arguments, checked
 
 
 def validate_hfl_options(
     likelihood: str,
     enable_backprop: bool,
     options: Mapping[str, Any],
-    owner: str = "HFLOptions",
 ) -> HFLOptions:
     """The checked options from the keywords a constructor received.
 
@@ -111,8 +157,6 @@ def validate_hfl_options(
     enable_backprop : bool
     options : mapping
         Keyword options by name; missing ones take their defaults.
-    owner : str, default="HFLOptions"
-        The constructor's name, for the message about an unknown keyword.
 
     Returns
     -------
@@ -121,14 +165,14 @@ def validate_hfl_options(
     Raises
     ------
     TypeError
-        A keyword that is not an option.
+        A name that is not an option.
     ValueError, NotImplementedError
         A value out of range, or a combination the estimator does not support.
     """
     unknown = [name for name in options if name not in OPTION_NAMES]
     if unknown:
         raise TypeError(
-            f"{owner}.__init__() got an unexpected keyword argument {unknown[0]!r}"
+            f"{unknown[0]!r} is not an HFL option; they are {OPTION_NAMES}."
         )
     o = dataclasses.replace(HFLOptions(), **options)
     solver, preconditioner = o.solver, o.preconditioner
