@@ -21,7 +21,11 @@ HFL_OPTIONS_DOC = """
     max_newton : int, default=20
         Newton steps per network refit (``target="hessian"``).
     chunk_size : int, default=64
-        Query directions (points x outputs) refit together; memory grows as
+        Parameter vectors handled by one vectorised product: refit directions
+        (query points x outputs) solved together, so ``chunk_size // C``
+        query points per prediction chunk; likewise Hessian rows (dense
+        ``target="hessian"``), Nyström sketch columns and posterior samples
+        per pass (:mod:`laplace_hfl.options`). Memory grows as
         ``chunk_size * n_params``.
     compute_dtype : torch.dtype, default=torch.float64
         Precision of the refits. Float32 models are refit in float64 so that

@@ -70,7 +70,7 @@ from laplace_hfl.engine.validation import (
 )
 from laplace_hfl.errors import HFLNotFittedError
 from laplace_hfl.hyperparameters import HyperparameterMixin
-from laplace_hfl.options import OPTION_NAMES, HFLOptions
+from laplace_hfl.options import OPTION_NAMES, HFLOptions, sample_chunk
 from laplace_hfl.prediction import PredictionMixin
 from laplace_hfl.serial import SerialMixin
 from laplace_hfl.shards import fit_shard
@@ -432,7 +432,7 @@ class HFLMixin(
                     int(self.amortize),
                     self.minibatch_epochs,
                     batch_rows=self._minibatch_rows,
-                    chunk_size=self.chunk_size,
+                    chunk_size=sample_chunk(self.chunk_size),
                     precond=self._precond(obj),
                     rtol=max(self.hfl_settings.rtol, MINIBATCH_RTOL),
                     noise=noise,
@@ -443,7 +443,7 @@ class HFLMixin(
                     int(self.amortize),
                     rtol=sample_rtol(int(self.amortize), self.hfl_settings.rtol),
                     max_iter=self.hfl_settings.max_iter,
-                    chunk_size=self.chunk_size,
+                    chunk_size=sample_chunk(self.chunk_size),
                     precond=self._precond(obj),
                     noise=noise,
                 )

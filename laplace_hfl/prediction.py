@@ -16,6 +16,7 @@ from laplace_hfl.engine.functional import output_jacobians
 from laplace_hfl.engine.predictive import joint_covariance, marginal_covariance
 from laplace_hfl.engine.progress import progress
 from laplace_hfl.engine.validation import check_finite_result, check_query_rows
+from laplace_hfl.options import sample_chunk
 from laplace_hfl.weight_space import check_n_samples
 
 __all__ = ["PredictionMixin"]
@@ -74,7 +75,7 @@ class PredictionMixin:
                 samples = self._amortized_state(obj).samples
                 f_mu, f_var = amortized_covariance(
                     obj.forward, obj.theta_map, Xq, samples, joint=joint,
-                    chunk_size=self.chunk_size,
+                    chunk_size=sample_chunk(self.chunk_size),
                 )  # fmt: skip
             check_finite_result(f_mu, "predictive means")
             check_finite_result(f_var, "predictive covariances")

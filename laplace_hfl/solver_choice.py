@@ -49,6 +49,7 @@ from laplace_hfl.engine.preconditioner import (
     nystrom_sketch,
 )
 from laplace_hfl.engine.refit import RefitDiagnostics
+from laplace_hfl.options import hessian_rows, query_points, sketch_columns
 
 __all__ = ["SolverMixin"]
 
@@ -126,7 +127,7 @@ class SolverMixin:
             return query_rows(obj.theta_map.numel(), max(n_outputs, 1))
         if self._classic():
             self._base_point(obj)  # builds the preconditioner too
-        return max(1, self.chunk_size // max(n_outputs, 1))
+        return query_points(self.chunk_size, n_outputs)
 
     def _dense(self, obj: LaplaceObjective | None = None) -> DenseFactor:
         """The Cholesky factor of ``h C + diag(p_0)``, cached per
@@ -146,7 +147,9 @@ class SolverMixin:
                 curv = self._dense_curv
             else:  # the exact Hessian at the refit's base point (depends on prior)
                 theta = self._base_point(obj).theta
-                curv = data_hessian(obj, theta, self.chunk_size, self.progress_bar)
+                curv = data_hessian(
+                    obj, theta, hessian_rows(self.chunk_size), self.progress_bar
+                )
             self._dense_factor = factorize(
                 curv, obj.h_factor, obj.prior_precision, target
             )
@@ -265,7 +268,9 @@ class SolverMixin:
             # keyed by the rank asked for: the sketch may keep fewer columns
             # (directions a rank-deficient GGN does not resolve)
             if self._sketch is None or self._sketch_rank != rank:
-                self._sketch = nystrom_sketch(obj, rank, chunk_size=self.chunk_size)
+                self._sketch = nystrom_sketch(
+                    obj, rank, chunk_size=sketch_columns(self.chunk_size)
+                )
                 self._sketch_rank = rank
             return nystrom_apply(self._sketch, obj.h_factor, obj.prior_precision)
         return None

@@ -32,6 +32,7 @@ from laplace_hfl.engine.weight_posterior import (
     weight_samples,
 )
 from laplace_hfl.errors import IndefiniteHessianError
+from laplace_hfl.options import sample_chunk
 
 __all__ = ["WeightSpaceMixin"]
 
@@ -322,7 +323,7 @@ class WeightSpaceMixin:
                 generator=generator,
                 rtol=self.hfl_settings.rtol,
                 max_iter=self.hfl_settings.max_iter,
-                chunk_size=self.chunk_size,
+                chunk_size=sample_chunk(self.chunk_size),
                 precond=self._precond(obj) if target == "ggn" else None,
             )
         except NegativeCurvature as err:

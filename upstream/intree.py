@@ -72,11 +72,12 @@ PARTS = (
     ),
     Part(
         "hfl-solvers",
-        "hfl (3/10): data batches, dense solver, automatic solver choice",
-        "Batches of (X, y) and dict data, the dense path for small models, and the\n"
-        "measured choice of solver and preconditioner.",
+        "hfl (3/10): data batches, options, dense solver, automatic solver choice",
+        "Batches of (X, y) and dict data, the estimator's options, the dense path\n"
+        "for small models, and the measured choice of solver and preconditioner.",
         (
             "engine.batches",
+            "options",
             "engine.dense",
             "engine.auto_choice",
             "solver_choice",
@@ -110,13 +111,12 @@ PARTS = (
     ),
     Part(
         "hfl-state",
-        "hfl (7/10): options, data sharding, hyperparameters, state",
-        "Options of the estimator, distributed data and shards, hyperparameters,\n"
+        "hfl (7/10): data sharding, hyperparameters, state",
+        "Distributed data and shards, hyperparameters,\n"
         "example noise, serialised calls and state_dict with value checks.",
         (
             "distributed",
             "shards",
-            "options",
             "hyperparameters",
             "engine.example_noise",
             "state_checks",
