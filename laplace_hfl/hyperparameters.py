@@ -1,17 +1,22 @@
 """Validated hyperparameters: laplace-torch's setters, checked at assignment.
 
 ``prior_precision``, ``sigma_noise`` and ``temperature`` are checked when they
-are assigned (constructor, ``la.prior_precision = ...``, grid search) and again
-when a refit uses them (:meth:`HyperparameterMixin._check_hyperparameters`),
-which also catches in-place edits of the stored tensors.
+are assigned (constructor, ``la.prior_precision = ...``, grid search): that is
+the check every later use relies on. Where a refit uses them,
+:meth:`HyperparameterMixin._check_hyperparameters` checks again only what may
+have changed without an assignment (a stored tensor edited in place): the
+prior precision is checked again only when its values differ from those last
+checked (:class:`~laplace_hfl.engine.keys.TensorKey`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
+import torch
 
+from laplace_hfl.engine.keys import TensorKey
 from laplace_hfl.engine.validation import (
     check_prior_precision,
     check_sigma_noise,
@@ -21,31 +26,28 @@ from laplace_hfl.engine.validation import (
 __all__ = ["HyperparameterMixin"]
 
 
-def _parent_property(cls: type, obj: object, name: str) -> property:
-    """The property ``name`` that ``cls`` overrides in ``type(obj)``'s MRO."""
-    return getattr(super(cls, type(obj)), name)
+def _checked_parent_property(name: str, check: Callable[[Any], None]) -> property:
+    """The laplace-torch property ``name`` (the one :class:`HyperparameterMixin`
+    overrides in the instance's MRO) with ``check`` run before its setter."""
+
+    def parent(obj: object) -> property:
+        return getattr(super(HyperparameterMixin, type(obj)), name)
+
+    def fget(self: object) -> Any:
+        return parent(self).fget(self)
+
+    def fset(self: object, value: Any) -> None:
+        check(value)
+        parent(self).fset(self, value)
+
+    return property(fget, fset, doc=f"laplace-torch's ``{name}``, checked.")
 
 
 class HyperparameterMixin:
     """Checks laplace-torch's hyperparameter setters before delegating to them."""
 
-    @property
-    def prior_precision(self) -> Tensor:
-        return _parent_property(HyperparameterMixin, self, "prior_precision").fget(self)
-
-    @prior_precision.setter
-    def prior_precision(self, value: float | Tensor) -> None:
-        check_prior_precision(value)
-        _parent_property(HyperparameterMixin, self, "prior_precision").fset(self, value)
-
-    @property
-    def sigma_noise(self) -> Tensor:
-        return _parent_property(HyperparameterMixin, self, "sigma_noise").fget(self)
-
-    @sigma_noise.setter
-    def sigma_noise(self, value: float | Tensor) -> None:
-        check_sigma_noise(value)
-        _parent_property(HyperparameterMixin, self, "sigma_noise").fset(self, value)
+    prior_precision = _checked_parent_property("prior_precision", check_prior_precision)
+    sigma_noise = _checked_parent_property("sigma_noise", check_sigma_noise)
 
     @property
     def temperature(self) -> float:
@@ -64,6 +66,9 @@ class HyperparameterMixin:
         ValueError
             A value made invalid after assignment (e.g. edited in place).
         """
-        check_prior_precision(self.prior_precision)
+        prior = TensorKey(torch.as_tensor(self.prior_precision))
+        if prior != getattr(self, "_checked_prior", None):
+            check_prior_precision(prior.values)
+            self._checked_prior = prior
         check_sigma_noise(self.sigma_noise)
         check_temperature(self.temperature)

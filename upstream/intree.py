@@ -55,6 +55,7 @@ PARTS = (
         (
             "errors",
             "engine.device_memory",
+            "engine.keys",
             "engine.validation",
             "engine.functional",
             "engine.progress",
