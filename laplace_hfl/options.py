@@ -208,28 +208,32 @@ def validate_hfl_options(
             f"HFL supports likelihood='regression', 'classification' or "
             f"'reward_modeling', not {likelihood!r}."
         )
-    eps = as_number("eps", o.eps)
-    if not (0 < eps <= MAX_EPS):
+    clean: dict[str, Any] = {"eps": as_number("eps", o.eps)}
+    if not (0 < clean["eps"] <= MAX_EPS):
         raise ValueError(
-            f"eps must be in (0, {MAX_EPS}], got {eps!r}: it is the perturbation "
-            "in posterior standard deviations (default 1e-3)."
+            f"eps must be in (0, {MAX_EPS}], got {clean['eps']!r}: it is the "
+            "perturbation in posterior standard deviations (default 1e-3)."
         )
-    rtol = as_number("rtol", o.rtol)
-    if not (0 < rtol < 1):
+    clean["rtol"] = as_number("rtol", o.rtol)
+    if not (0 < clean["rtol"] < 1):
         raise ValueError(
-            f"rtol must be in (0, 1), got {rtol!r}: it is the relative residual "
-            "at which a refit counts as converged (default 1e-6)."
+            f"rtol must be in (0, 1), got {clean['rtol']!r}: it is the relative "
+            "residual at which a refit counts as converged (default 1e-6)."
         )
-    max_iter = as_int("max_iter", o.max_iter, 1)
-    max_newton = as_int("max_newton", o.max_newton, 1)
-    chunk_size = as_int("chunk_size", o.chunk_size, 1)
-    progress_bar = as_bool("progress_bar", o.progress_bar)
+    for name in ("max_iter", "max_newton", "chunk_size"):
+        clean[name] = as_int(name, getattr(o, name), 1)
+    clean["progress_bar"] = as_bool("progress_bar", o.progress_bar)
     if minibatch_epochs is not None:
         minibatch_epochs = _option_int("minibatch_epochs", minibatch_epochs, 2)
     if amortize is not None:
         amortize = _option_int("amortize", amortize, 2)
     if precondition_rank is not None:
         precondition_rank = _option_int("precondition_rank", precondition_rank, 0)
+    clean.update(
+        minibatch_epochs=minibatch_epochs,
+        amortize=amortize,
+        precondition_rank=precondition_rank,
+    )
     if enable_backprop and amortize is not None:
         raise NotImplementedError(
             "enable_backprop=True (gradients of the predictive w.r.t. inputs) "
@@ -254,20 +258,9 @@ def validate_hfl_options(
             "square root of the curvature that the exact Hessian lacks. "
             "Use target='ggn', or amortize=None for exact Hessian refits."
         )
-    # RefitSettings checks the target's name (its message lists the targets).
-    RefitSettings(target, eps, rtol, max_iter, max_newton)
-    return dataclasses.replace(
-        o,
-        eps=eps,
-        rtol=rtol,
-        max_iter=max_iter,
-        max_newton=max_newton,
-        chunk_size=chunk_size,
-        progress_bar=progress_bar,
-        amortize=amortize,
-        precondition_rank=precondition_rank,
-        minibatch_epochs=minibatch_epochs,
-    )
+    o = dataclasses.replace(o, **clean)
+    o.settings  # noqa: B018  (RefitSettings checks the target's name)
+    return o
 
 
 def _option_int(name: str, value: object, minimum: int) -> int:

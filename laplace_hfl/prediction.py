@@ -3,7 +3,7 @@ samples of the linearised predictive."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,6 +20,39 @@ from laplace_hfl.options import sample_chunk
 from laplace_hfl.weight_space import check_n_samples
 
 __all__ = ["PredictionMixin"]
+
+
+def _checked_sampler(name: str, summary: str) -> Callable[..., Tensor]:
+    """laplace-torch's sampling method ``name`` (``functional_samples`` or
+    ``predictive_samples``), its arguments checked first."""
+
+    def method(
+        self,
+        x: Tensor | Mapping[str, Any],
+        pred_type: str = "glm",
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self._check_pred_type(pred_type)
+        check_n_samples(n_samples)
+        self._check_generator(generator)
+        parent = getattr(super(PredictionMixin, self), name)
+        return parent(x, pred_type, n_samples, diagonal_output, generator)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = summary + _SAMPLER_RAISES
+    return method
+
+
+_SAMPLER_RAISES = """
+        Raises
+        ------
+        ValueError
+            Unknown ``pred_type``.
+        NotImplementedError
+            ``pred_type="gp"``.
+        """
 
 
 class PredictionMixin:
@@ -261,14 +294,10 @@ class PredictionMixin:
             likelihood = self.likelihood
             if likelihood == "reward_modeling":  # as laplace-torch: pairs at fit
                 likelihood = "classification" if fitting else "regression"
+            fs = self._nn_functional_samples(x, n_samples, generator, **model_kwargs)
             if likelihood == "regression":
-                fs = self._nn_functional_samples(
-                    x, n_samples, generator, **model_kwargs
-                )
                 return fs.mean(dim=0), fs.var(dim=0)
-            return self._nn_predictive_classification(
-                x, n_samples, generator, **model_kwargs
-            )
+            return torch.softmax(fs, dim=-1).mean(dim=0)
         return super().__call__(
             x,
             pred_type=pred_type,
@@ -339,63 +368,20 @@ class PredictionMixin:
         return fs if self.likelihood == "regression" else torch.softmax(fs, dim=-1)
 
     def _nn_predictive_classification(
-        self,
-        X: Tensor | Mapping[str, Any],
-        n_samples: int = 100,
-        generator: torch.Generator | None = None,
-        **model_kwargs: Any,
+        self, X: Tensor | Mapping[str, Any], n_samples: int = 100, **model_kwargs: Any
     ) -> Tensor:
-        return self._nn_predictive_samples(
-            X, n_samples, generator, **model_kwargs
-        ).mean(dim=0)
+        """laplace-torch's, without writing the draws into the model."""
+        return self._nn_predictive_samples(X, n_samples, **model_kwargs).mean(dim=0)
 
-    def functional_samples(
-        self,
-        x: Tensor | Mapping[str, Any],
-        pred_type: str = "glm",
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    functional_samples = _checked_sampler(
+        "functional_samples",
         """Samples of the function-space posterior ``(n_samples, B, C)``.
 
         ``pred_type="glm"``: of the linearised predictive; ``"nn"``: network
         outputs at exact weight draws.
-
-        Raises
-        ------
-        ValueError
-            Unknown ``pred_type``.
-        NotImplementedError
-            ``pred_type="gp"``.
-        """
-        self._check_pred_type(pred_type)
-        check_n_samples(n_samples)
-        self._check_generator(generator)
-        return super().functional_samples(
-            x, pred_type, n_samples, diagonal_output, generator
-        )
-
-    def predictive_samples(
-        self,
-        x: Tensor | Mapping[str, Any],
-        pred_type: str = "glm",
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Samples of the predictive (softmax applied for classification).
-
-        Raises
-        ------
-        ValueError
-            Unknown ``pred_type``.
-        NotImplementedError
-            ``pred_type="gp"``.
-        """
-        self._check_pred_type(pred_type)
-        check_n_samples(n_samples)
-        self._check_generator(generator)
-        return super().predictive_samples(
-            x, pred_type, n_samples, diagonal_output, generator
-        )
+        """,
+    )
+    predictive_samples = _checked_sampler(
+        "predictive_samples",
+        "Samples of the predictive (softmax applied for classification).",
+    )
