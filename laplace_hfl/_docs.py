@@ -1,6 +1,12 @@
-"""Shared numpydoc text for the HFL classes' keyword-only options."""
+"""Shared numpydoc text of the HFL classes: ``enable_backprop``, the
+keyword-only options (:class:`laplace_hfl.options.HFLOptions`, in its order)
+and what the constructors raise."""
 
 HFL_OPTIONS_DOC = """
+    enable_backprop : bool, default=False
+        Make the GLM predictive differentiable w.r.t. the inputs (e.g. for
+        Bayesian optimisation): refit displacements are constants of autograd
+        and the Jacobians carry the gradient (exact for symmetric ``P^{-1}``).
     eps : float, default=1e-3
         Relative perturbation size (keyword-only). Each direction ``v`` is
         perturbed by ``eps / sqrt(v^T A^{-1} v)`` on the summed objective (``A``
@@ -117,4 +123,11 @@ HFL_OPTIONS_DOC = """
         ~450 and the sketch ~25. The choice is in
         ``la.last_diagnostics.preconditioner`` (why: ``.choice``). It changes
         how fast refits converge, never what they converge to.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``target``, non-positive ``eps``/``rtol``, unsupported likelihood.
+    NotImplementedError
+        ``enable_backprop=True`` together with ``amortize``.
 """

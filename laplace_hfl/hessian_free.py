@@ -41,19 +41,9 @@ class HessianFreeLaplace(HFLMixin, ParametricLaplace):
     dict_key_y, backend, backend_kwargs, asdl_fisher_kwargs
         As in laplace-torch's ``BaseLaplace``. ``backend`` is accepted for
         compatibility and unused (HFL needs no curvature backend).
-    enable_backprop : bool, default=False
-        Make the GLM predictive differentiable w.r.t. the inputs (e.g. for
-        Bayesian optimisation): refit displacements are constants of autograd
-        and the Jacobians carry the gradient (exact for symmetric ``P^{-1}``).
 """
         + HFL_OPTIONS_DOC
         + """
-    Raises
-    ------
-    ValueError
-        Unknown ``target``, non-positive ``eps``/``rtol``, unsupported likelihood.
-    NotImplementedError
-        ``enable_backprop=True`` together with ``amortize``.
 
     Examples
     --------

@@ -89,22 +89,10 @@ class HessianFreeLLLaplace(HFLMixin, LLLaplace):
     sigma_noise, prior_precision, prior_mean, temperature, feature_reduction,
     dict_key_x, dict_key_y, backend, last_layer_name, backend_kwargs
         As in laplace-torch's ``LLLaplace``.
-    enable_backprop : bool, default=False
-        Make the GLM predictive differentiable w.r.t. the inputs (e.g. for
-        Bayesian optimisation): refit displacements are constants of autograd
-        and the Jacobians carry the gradient (exact for symmetric ``P^{-1}``).
     asdl_fisher_kwargs : None
         Must be None, as in ``LLLaplace``.
 """
         + HFL_OPTIONS_DOC
-        + """
-    Raises
-    ------
-    ValueError
-        Unknown ``target``, non-positive ``eps``/``rtol``, unsupported likelihood.
-    NotImplementedError
-        ``enable_backprop=True`` together with ``amortize``.
-    """
     )
 
     _key = ("last_layer", "hfl")

@@ -357,14 +357,10 @@ class PredictionMixin:
             fs = fs.detach()
         return fs.to(self._dtype)
 
-    def _nn_predictive_samples(
-        self,
-        X: Tensor | Mapping[str, Any],
-        n_samples: int = 100,
-        generator: torch.Generator | None = None,
-        **model_kwargs: Any,
-    ) -> Tensor:
-        fs = self._nn_functional_samples(X, n_samples, generator, **model_kwargs)
+    def _nn_predictive_samples(self, *args: Any, **kwargs: Any) -> Tensor:
+        """:meth:`_nn_functional_samples` (same arguments), with the softmax
+        applied unless the likelihood is regression."""
+        fs = self._nn_functional_samples(*args, **kwargs)
         return fs if self.likelihood == "regression" else torch.softmax(fs, dim=-1)
 
     def _nn_predictive_classification(

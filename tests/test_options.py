@@ -44,7 +44,7 @@ def test_signature_is_laplace_torchs_plus_the_options(cls, parent):
 
 def test_every_option_is_documented_in_order():
     documented = re.findall(r"^    (\w+) : ", HFL_OPTIONS_DOC, flags=re.M)
-    assert documented == list(OPTION_NAMES)
+    assert documented == ["enable_backprop", *OPTION_NAMES]
 
 
 def test_constructor_keeps_options_and_refuses_unknown_keywords():
