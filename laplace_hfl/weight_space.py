@@ -396,10 +396,8 @@ class WeightSpaceMixin:
 
         Raises
         ------
-        HFLNotFittedError
-            Not fitted (or no training data).
-        ValueError
-            ``value`` is not of shape ``(P,)`` or ``(n, P)``, or not finite.
+        HFLNotFittedError, ValueError
+            As :meth:`log_prob`.
         """
         return -2 * self.log_prob(value, normalized=False)
 

@@ -68,6 +68,7 @@ from laplace_hfl.engine.functional import (
 )
 from laplace_hfl.engine.solvers import batched_cg
 from laplace_hfl.engine.stochastic import MINIBATCH_RTOL, averaged_sgd, warn_unconverged
+from laplace_hfl.engine.validation import as_int
 from laplace_hfl.errors import RefitConvergenceWarning, warn_user
 
 #: ``noise(key, k, shape)``: standard normals of training batch ``k``.
@@ -248,8 +249,7 @@ def posterior_samples(
     RefitConvergenceWarning
         Some sample's relative CG residual exceeds ``rtol`` after ``max_iter``.
     """
-    if not (isinstance(n_samples, int) and n_samples >= 2):
-        raise ValueError(f"n_samples must be an integer >= 2, got {n_samples!r}.")
+    n_samples = as_int("n_samples", n_samples, 2)
     device = obj.theta_map.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -328,15 +328,14 @@ def sgd_posterior_samples(
     Raises
     ------
     ValueError
-        ``n_samples`` is not an integer >= 2.
+        As :func:`posterior_samples`.
 
     Warns
     -----
     RefitConvergenceWarning
         Some sample's full-batch relative residual exceeds ``rtol``.
     """
-    if not (isinstance(n_samples, int) and n_samples >= 2):
-        raise ValueError(f"n_samples must be an integer >= 2, got {n_samples!r}.")
+    n_samples = as_int("n_samples", n_samples, 2)
     theta = obj.theta_map
     dtype, device = theta.dtype, theta.device
     gen = torch.Generator(device=device)

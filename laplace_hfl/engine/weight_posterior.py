@@ -75,20 +75,8 @@ def precision_matvec(obj: LaplaceObjective, target: str, V: Tensor) -> Tensor:
 
 
 def curvature_matvec(obj: LaplaceObjective, target: str, V: Tensor) -> Tensor:
-    """``H v``: the data curvature alone (no ``_H_factor``, no prior).
-
-    Parameters
-    ----------
-    obj : LaplaceObjective
-    target : {"ggn", "hessian"}
-    V : Tensor
-        ``(m, P)``.
-
-    Returns
-    -------
-    Tensor
-        ``(m, P)``.
-    """
+    """``H v``: the data curvature alone (no ``_H_factor``, no prior); the
+    arguments and the result are those of :func:`precision_matvec`."""
     bare = data_only_objective(obj)
     return precision_matvec(bare, target, V)
 
