@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from laplace_hfl.engine.validation import flagged
 from laplace_hfl.errors import MissingDictKeyError
 
 __all__ = [
@@ -240,12 +241,11 @@ def _check_class_probabilities(y: Tensor) -> None:
             "pass class indices as a 1-D integer tensor instead."
         )
     sums = y.sum(-1)
-    bad = (y < 0).any(-1) | ((sums - 1).abs() > 1e-6 * y.shape[-1])
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten()[:10].tolist()
+    rows = flagged((y < 0).any(-1) | ((sums - 1).abs() > 1e-6 * y.shape[-1]), 10)
+    if rows:
         raise ValueError(
             f"Class-probability targets must be non-negative rows summing to 1; "
-            f"rows {rows} sum to {sums[bad][:10].tolist()}. Cross-entropy with "
+            f"rows {rows} sum to {sums[rows].tolist()}. Cross-entropy with "
             "other rows is not a likelihood, and the Laplace curvature would "
             "not match it: normalise the targets (y / y.sum(-1, keepdim=True))."
         )

@@ -89,10 +89,8 @@ def joint_covariance(Js: Tensor, U: Tensor) -> Tensor:
 
     Parameters
     ----------
-    Js : Tensor
-        Jacobians ``(B, C, P)``.
-    U : Tensor
-        Refit displacements ``(B*C, P)``.
+    Js, U : Tensor
+        As in :func:`marginal_covariance`.
 
     Returns
     -------

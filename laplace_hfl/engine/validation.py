@@ -8,7 +8,7 @@ do. Nothing here keeps or changes state.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ __all__ = [
     "check_query_rows",
     "check_finite_result",
     "nonfinite_rows",
+    "flagged",
     "dataset_size",
     "curvature_likelihood",
     "MAX_EPS",
@@ -95,6 +96,11 @@ def as_bool(name: str, value: Any) -> bool:
     raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
+def flagged(mask: Tensor, limit: int | None = None) -> list[int]:
+    """Indices of the ``True`` entries of a 1-D mask (the first ``limit``)."""
+    return mask.nonzero().flatten()[:limit].tolist()
+
+
 def _values(name: str, value: Any) -> Tensor:
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_complex():
@@ -112,12 +118,11 @@ def check_prior_precision(value: Any) -> None:
         NaN, infinite or negative entries, booleans or non-numbers.
     """
     v = _values("prior_precision", value)
-    bad = ~torch.isfinite(v) | (v < 0)
-    if bool(bad.any()):
-        idx = bad.nonzero().flatten()[:5].tolist()
+    idx = flagged(~torch.isfinite(v) | (v < 0), 5)
+    if idx:
         raise ValueError(
             f"prior_precision must be finite and >= 0; entries {idx} are "
-            f"{v[bad][:5].tolist()}. Use a positive value (e.g. 1.0), or tune it "
+            f"{v[idx].tolist()}. Use a positive value (e.g. 1.0), or tune it "
             "with la.optimize_prior_precision(method='gridsearch', val_loader=...)."
         )
 
@@ -136,32 +141,29 @@ def _check_positive_value(name: str, value: Any, fix: str) -> None:
         )
 
 
-def check_sigma_noise(value: Any) -> None:
-    """The observation noise standard deviation must be finite and positive.
+def _positive_check(name: str, what: str, fix: str) -> Callable[[Any], None]:
+    """A check that ``name`` (``what``) is one finite positive number."""
 
-    Raises
-    ------
-    ValueError
-        Zero, negative, NaN or infinite.
-    """
-    _check_positive_value(
-        "sigma_noise", value, "It is the standard deviation of the regression "
-        "noise, e.g. the residual RMSE of the MAP on training data."
-    )  # fmt: skip
+    def check(value: Any) -> None:
+        _check_positive_value(name, value, fix)
+
+    check.__name__ = check.__qualname__ = f"check_{name}"
+    check.__doc__ = (
+        f"{what} must be finite and positive.\n\n    Raises\n    ------\n"
+        "    ValueError\n        Zero, negative, NaN or infinite.\n    "
+    )
+    return check
 
 
-def check_temperature(value: Any) -> None:
-    """The posterior temperature must be finite and positive.
-
-    Raises
-    ------
-    ValueError
-        Zero, negative, NaN or infinite.
-    """
-    _check_positive_value(
-        "temperature", value, "Use 1.0 for the plain Laplace posterior; values "
-        "below 1 sharpen it, above 1 widen it."
-    )  # fmt: skip
+check_sigma_noise = _positive_check(
+    "sigma_noise", "The observation noise standard deviation", "It is the standard "
+    "deviation of the regression noise, e.g. the residual RMSE of the MAP on "
+    "training data.",
+)  # fmt: skip
+check_temperature = _positive_check(
+    "temperature", "The posterior temperature", "Use 1.0 for the plain Laplace "
+    "posterior; values below 1 sharpen it, above 1 widen it.",
+)  # fmt: skip
 
 
 def nonfinite_rows(X: Any) -> list[int]:
@@ -182,7 +184,7 @@ def nonfinite_rows(X: Any) -> list[int]:
             continue
         rows = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(-1)
         bad = rows if bad is None or bad.shape != rows.shape else bad | rows
-    return [] if bad is None else bad.nonzero().flatten().tolist()
+    return [] if bad is None else flagged(bad)
 
 
 def check_finite_batch(X: Any, y: Any, batch_index: int) -> None:
