@@ -25,17 +25,9 @@ from laplace_hfl.distributed import (
     is_distributed,
     world,
 )
-from laplace_hfl.engine.batches import merge_batches
+from laplace_hfl.engine.batches import batch_rows, merge_batches
 
 __all__ = ["ShardLoader", "FitShard", "fit_shard"]
-
-
-def _batch_rows(data: Any) -> int:
-    if isinstance(data, Tensor):
-        return int(data.shape[0])
-    if isinstance(data, MutableMapping):
-        return int(next(v for v in data.values() if isinstance(v, Tensor)).shape[0])
-    return _batch_rows(data[0])
 
 
 def _take(data: Any, keep: Tensor, n: int) -> Any:
@@ -97,7 +89,7 @@ class ShardLoader:
             n_total, step = len(self.sampler.dataset), self.sampler.num_replicas
         indices, pos = [], 0
         for data in self.loader:
-            n = _batch_rows(data)
+            n = batch_rows(data)
             k = torch.arange(pos, pos + n)
             pos += n
             if order is not None:

@@ -22,6 +22,7 @@ __all__ = [
     "split_batch",
     "check_output",
     "batch_size",
+    "batch_rows",
     "check_targets",
     "merge_batches",
     "slice_batch",
@@ -168,6 +169,17 @@ def check_output(out: Any) -> Tensor:
             f"{tuple(out.shape)}."
         )
     return out
+
+
+def batch_rows(data: Any) -> int:
+    """Rows of a batch: a tensor's first dimension; for a mapping (a dict
+    batch) that of its first tensor value; for a sequence (an ``(X, y)``
+    pair) that of its first item."""
+    if isinstance(data, Tensor):
+        return int(data.shape[0])
+    if isinstance(data, Mapping):
+        return int(next(v for v in data.values() if isinstance(v, Tensor)).shape[0])
+    return batch_rows(data[0])
 
 
 def batch_size(X: Any, dict_key_x: str) -> int:

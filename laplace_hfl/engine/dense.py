@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from laplace_hfl.engine.batches import slice_batch
+from laplace_hfl.engine.batches import batch_rows, slice_batch
 from laplace_hfl.engine.device_memory import available_bytes
 from laplace_hfl.engine.functional import (
     LaplaceObjective,
@@ -101,12 +101,6 @@ def dense_fits(
     return 4 * n_params * n_params <= budget
 
 
-def _n_rows(X) -> int:
-    if isinstance(X, Tensor):
-        return X.shape[0]
-    return next(v.shape[0] for v in X.values() if isinstance(v, Tensor))
-
-
 def data_ggn(
     obj: LaplaceObjective, budget: int | None = None, progress_bar: bool = False
 ) -> Tensor:
@@ -142,7 +136,7 @@ def data_ggn(
         with torch.no_grad():
             C = obj.forward(theta, slice_batch(inputs[0], 0, 1)).shape[-1]
         step = max(1, budget // (2 * C * P))
-        pieces = [(X, s) for X in inputs for s in range(0, _n_rows(X), step)]
+        pieces = [(X, s) for X in inputs for s in range(0, batch_rows(X), step)]
     for X, start in progress(pieces, desc="[HFL dense curvature]", always=progress_bar):
         J, f = output_jacobians(obj.forward, theta, slice_batch(X, start, start + step))
         J, f = J.detach(), f.detach()

@@ -9,22 +9,18 @@ example ``n`` draws the same numbers (see :mod:`laplace_hfl.distributed`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from laplace_hfl.engine.batches import batch_rows
+
 __all__ = ["NOISE_BLOCK", "example_noise", "batch_noise"]
 
 #: Examples per noise block of :func:`example_noise`.
 NOISE_BLOCK = 256
-
-
-def _first_rows(X: Any) -> int:
-    if isinstance(X, MutableMapping):
-        return int(next(v for v in X.values() if isinstance(v, Tensor)).shape[0])
-    return int(X.shape[0])
 
 
 def _block_seed(key: int, block: int) -> int:
@@ -83,7 +79,7 @@ def batch_noise(
     for refit batches with global indices ``index`` (positions in ``batches``
     when None, e.g. after ``load_state_dict``)."""
     if index is None:
-        sizes = [_first_rows(X) for X, _ in batches or []]
+        sizes = [batch_rows(X) for X, _ in batches or []]
         starts = [sum(sizes[:k]) for k in range(len(sizes))]
         index = [torch.arange(s, s + n) for s, n in zip(starts, sizes)]
 
