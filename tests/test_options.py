@@ -52,6 +52,9 @@ def test_constructor_keeps_options_and_refuses_unknown_keywords():
     la = Laplace(model, "regression", "all", "hfl", chunk_size=5, eps=1e-2)
     assert (la.chunk_size, la.hfl_settings.eps) == (5, 1e-2)
     assert la.hfl_settings == HFLOptions(chunk_size=5, eps=1e-2).settings
+    positional = HessianFreeLLLaplace(model, "regression", 0.3, 2.0, eps=1e-2)
+    assert float(positional.sigma_noise) == 0.3
+    assert float(positional.prior_precision) == 2.0
     with pytest.raises(TypeError, match="unexpected keyword argument 'chunk'"):
         HessianFreeLLLaplace(model, "regression", chunk=5)
     with pytest.raises(TypeError, match="missing a required argument"):
