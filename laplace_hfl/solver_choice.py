@@ -89,9 +89,11 @@ class SolverMixin:
         if self._auto_choice is None:
             obj = self._objective() if obj is None else obj
             n_outputs = max(int(getattr(self, "n_outputs", 1) or 1), 1)
+            P = obj.theta_map.numel()
             self._auto_choice = choose(
                 obj,
                 self._precond_candidates(obj),
+                build_products={"nystrom": self._rank(P), "kfac": n_outputs},
                 rtol=self.hfl_settings.rtol,
                 target=self.hfl_settings.target,
                 allow_dense=probe_solver,
