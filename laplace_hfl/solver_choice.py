@@ -299,6 +299,10 @@ class SolverMixin:
         part (KFAC factors or Nyström sketch) is built once per fit."""
         if name == "kfac":
             if self._kfac is None:
+                # KFAC deep-copies the refit module, whose hooks may hold a
+                # tensor of a finished torch.func transform (the last-layer
+                # extractor's features after a probe's products)
+                self._release_transients()
                 module, layout, _ = self._refit_module()
                 self._kfac = kfac_factors(obj, module, layout)
             return kfac_apply(self._kfac, obj.h_factor, obj.prior_precision)
