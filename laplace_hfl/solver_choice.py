@@ -30,7 +30,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from laplace_hfl.distributed import is_distributed
 from laplace_hfl.engine.auto_choice import AutoChoice, choose
 from laplace_hfl.engine.batches import eval_mode
 from laplace_hfl.engine.dense import (
@@ -187,7 +186,6 @@ class SolverMixin:
             not self._classic()
             or self.solver == "cg"
             or self.hfl_settings.target != "ggn"
-            or is_distributed()
         ):
             return
         P = int(self.mean.numel())
@@ -196,7 +194,7 @@ class SolverMixin:
             return
         with eval_mode(self.model):
             obj = self._objective()
-            if self._uses_dense(P, obj):
+            if obj.reduce is None and self._uses_dense(P, obj):  # not distributed
                 self._dense_ggn(obj)
 
     def _dense_diagnostics(self, factor: DenseFactor, m: int, like: Tensor) -> None:
