@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PRIOR, SIGMA, assert_unchanged, loader, snapshot
+from conftest import PRIOR, assert_unchanged, fit_hfl, loader, snapshot
 from laplace import Laplace
 
 import laplace_hfl.engine.auto_choice as auto_choice
@@ -25,31 +25,21 @@ pytestmark = pytest.mark.filterwarnings("ignore:By default `link_approx`")
 
 @pytest.fixture
 def ggn_calls(monkeypatch):
-    """Counts the data GGNs formed (each is one pass over the training data)."""
+    """Counts the data GGNs formed (each is one pass over the training data)
+    and the auto choices made, as the solver choice calls them."""
     calls = {"ggn": 0, "choose": 0}
-    real_ggn, real_choose = sc.data_ggn, sc.choose
+    for key, name in (("ggn", "data_ggn"), ("choose", "choose")):
 
-    def spy_ggn(*a, **k):
-        calls["ggn"] += 1
-        return real_ggn(*a, **k)
+        def spy(*a, _real=getattr(sc, name), _key=key, **k):
+            calls[_key] += 1
+            return _real(*a, **k)
 
-    def spy_choose(*a, **k):
-        calls["choose"] += 1
-        return real_choose(*a, **k)
-
-    monkeypatch.setattr(sc, "data_ggn", spy_ggn)
-    monkeypatch.setattr(sc, "choose", spy_choose)
+        monkeypatch.setattr(sc, name, spy)
     return calls
 
 
 def _fitted(model, X, y, likelihood="classification", subset="all", **kw):
-    sigma = SIGMA if likelihood == "regression" else 1.0
-    la = Laplace(
-        model, likelihood, subset, "hfl", sigma_noise=sigma,
-        prior_precision=PRIOR, **kw,
-    )  # fmt: skip
-    la.fit(loader(X, y))
-    return la
+    return fit_hfl(model, X, y, likelihood, subset, **kw)
 
 
 def _results(la, Xq) -> dict[str, torch.Tensor]:
