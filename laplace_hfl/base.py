@@ -247,8 +247,12 @@ class HFLMixin(
     ) -> None:
         """Record the MAP and the training data the refits run over.
 
-        No curvature is computed here: HFL's work happens at prediction time
-        (and is cached per prior precision and noise).
+        Where the dense solver is used with ``target="ggn"`` (``solver="dense"``,
+        or ``"auto"`` choosing it: its probe runs here), the data GGN is formed
+        here, as FullLaplace does, so that the first ``sample``, ``pred_type="nn"``
+        call or prediction only factorises it with the prior. Otherwise no
+        curvature is computed here: HFL's work happens at prediction time (and
+        is cached per prior precision and noise).
 
         Parameters
         ----------
@@ -337,6 +341,7 @@ class HFLMixin(
         self._fitted = True
         self.H = self._curvature_operator()
         self.progress_bar = self.progress_bar or progress_bar
+        self._fit_curvature()  # the data GGN where the dense solver uses it
         if self.amortize is not None:
             with eval_mode(self.model):
                 self._amortized_state(self._objective())

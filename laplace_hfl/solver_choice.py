@@ -31,11 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from laplace_hfl.engine.auto_choice import AutoChoice, choose
+from laplace_hfl.engine.batches import eval_mode
 from laplace_hfl.engine.dense import (
     DenseFactor,
     data_ggn,
     data_hessian,
     dense_base_point,
+    dense_fits,
     factorize,
     linear_layer_covariance,
     linear_layer_order,
@@ -87,9 +89,11 @@ class SolverMixin:
         if self._auto_choice is None:
             obj = self._objective() if obj is None else obj
             n_outputs = max(int(getattr(self, "n_outputs", 1) or 1), 1)
+            P = obj.theta_map.numel()
             self._auto_choice = choose(
                 obj,
                 self._precond_candidates(obj),
+                build_products={"nystrom": self._rank(P), "kfac": n_outputs},
                 rtol=self.hfl_settings.rtol,
                 target=self.hfl_settings.target,
                 allow_dense=probe_solver,
@@ -142,9 +146,7 @@ class SolverMixin:
         if self._dense_factor is None or self._dense_key != key:
             obj = self._objective() if obj is None else obj
             if target == "ggn":
-                if self._dense_curv is None:
-                    self._dense_curv = data_ggn(obj, progress_bar=self.progress_bar)
-                curv = self._dense_curv
+                curv = self._dense_ggn(obj)
             else:  # the exact Hessian at the refit's base point (depends on prior)
                 theta = self._base_point(obj).theta
                 curv = data_hessian(
@@ -159,6 +161,44 @@ class SolverMixin:
                 self._base = dense_base_point(obj, self._dense_factor)
                 self._base_key = key
         return self._dense_factor
+
+    def _dense_ggn(self, obj: LaplaceObjective) -> Tensor:
+        """The data GGN of the dense solver, formed once per fit (at ``fit``
+        where :meth:`_fit_curvature` applies) and shared by the solves, the
+        samples and the marginal likelihood."""
+        if self._dense_curv is None:
+            with eval_mode(self.model):
+                self._dense_curv = data_ggn(obj, progress_bar=self.progress_bar)
+        return self._dense_curv
+
+    def _fit_curvature(self) -> None:
+        """The solves' one-time work done by ``fit``, as FullLaplace forms its
+        GGN there: the probe of ``"auto"`` and, where the dense solver is used
+        with ``target="ggn"``, the data GGN (independent of the prior,
+        ``sigma_noise`` and the temperature), so that the first ``sample``,
+        ``pred_type="nn"`` call or prediction only factorises.
+
+        Left to the first solve where it could be wasted or is not
+        prior-independent: ``solver="cg"``, a dense solver that does not fit
+        in memory (CG for sure), ``target="hessian"`` (curvature at the
+        prior's base point), amortised and minibatch modes (their own
+        fit-time work) and distributed fits (collective work stays in the
+        calls every rank makes together).
+        """
+        if (
+            not self._classic()
+            or self.solver == "cg"
+            or self.hfl_settings.target != "ggn"
+        ):
+            return
+        P = int(self.mean.numel())
+        like = torch.empty(0, device=self._device, dtype=self.compute_dtype)
+        if self.solver == "auto" and not dense_fits(P, like=like):
+            return
+        with eval_mode(self.model):
+            obj = self._objective()
+            if obj.reduce is None and self._uses_dense(P, obj):  # not distributed
+                self._dense_ggn(obj)
 
     def _dense_diagnostics(self, factor: DenseFactor, m: int, like: Tensor) -> None:
         residual = like.new_full((2, m), factor.residual)
@@ -260,6 +300,10 @@ class SolverMixin:
         part (KFAC factors or Nyström sketch) is built once per fit."""
         if name == "kfac":
             if self._kfac is None:
+                # KFAC deep-copies the refit module, whose hooks may hold a
+                # tensor of a finished torch.func transform (the last-layer
+                # extractor's features after a probe's products)
+                self._release_transients()
                 module, layout, _ = self._refit_module()
                 self._kfac = kfac_factors(obj, module, layout)
             return kfac_apply(self._kfac, obj.h_factor, obj.prior_precision)

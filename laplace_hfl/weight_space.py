@@ -331,14 +331,9 @@ class WeightSpaceMixin:
         return draws.deviations
 
     def _draw_factor(self, obj) -> Tensor:
-        """Lower Cholesky factor of the dense solver's ``A`` (formed once per
-        dense factor, i.e. per fit and hyperparameters)."""
-        factor = self._dense(obj)
-        cached = getattr(self, "_draw_chol", None)
-        if cached is None or cached[0] is not factor:
-            cached = (factor, torch.linalg.cholesky(factor.A))
-            self._draw_chol = cached
-        return cached[1]
+        """Lower Cholesky factor of the dense solver's ``A`` (the one its
+        factor was formed with, once per fit and hyperparameters)."""
+        return self._dense(obj).L
 
     def sample(
         self, n_samples: int = 100, generator: torch.Generator | None = None

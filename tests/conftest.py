@@ -114,6 +114,20 @@ def loader(X, y, batch_size=16):
     return DataLoader(TensorDataset(X, y), batch_size=batch_size)
 
 
+def fit_hfl(model, X, y, likelihood, subset="all", **kw):
+    """An HFL Laplace at the fixtures' prior (and ``SIGMA`` for regression),
+    fitted on ``(X, y)``."""
+    from laplace import Laplace
+
+    sigma = SIGMA if likelihood == "regression" else 1.0
+    la = Laplace(
+        model, likelihood, subset, "hfl", sigma_noise=sigma,
+        prior_precision=PRIOR, **kw,
+    )  # fmt: skip
+    la.fit(loader(X, y))
+    return la
+
+
 def dense_reference(model, X, y, Xq, likelihood, kind, last_layer=False):
     """Independent torch.func computation of J P^{-1} J^T, ``(B, C, C)`` and joint.
 

@@ -58,3 +58,43 @@ def test_probe_counts_match_full_cg_runs(classification):
     loser = 1 - winner
     assert not counts[loser][1] and its[loser] >= counts[loser][0] > its[winner]
     assert torch.isfinite(torch.tensor(counts[loser][0]))
+
+
+@pytest.mark.parametrize(
+    "dense_products, preconditioner, built",
+    [(10, "auto", False), (30, "auto", True), (10, "nystrom", False)],
+)
+def test_sketch_dearer_than_dense_is_not_built(
+    classification, monkeypatch, dense_products, preconditioner, built
+):
+    """The rank-25 sketch costs 25 products: against a dense estimate of 10
+    products (above one CG iteration of the 8-direction chunk, so the probe
+    runs) it is neither built nor probed and the dense solver is chosen;
+    against 30 products it is probed as before."""
+    import laplace_hfl.solver_choice as sc
+
+    model, X, y = classification
+    monkeypatch.setattr(auto_choice, "SMALL_DENSE_FLOPS", 0.0)
+    monkeypatch.setattr(
+        auto_choice, "_dense_seconds", lambda P, C, N, s, f: dense_products * s
+    )
+    sketches = []
+    real = sc.nystrom_sketch
+    monkeypatch.setattr(
+        sc, "nystrom_sketch", lambda *a, **k: sketches.append(1) or real(*a, **k)
+    )
+    la = Laplace(
+        model, "classification", "all", "hfl", prior_precision=PRIOR,
+        chunk_size=8, precondition_rank=None, preconditioner=preconditioner,
+    )  # fmt: skip
+    la.fit(loader(X, y))
+    assert la._rank(la.n_params) == 25
+    Xq = X[:3] - 0.2
+    f_var = la._glm_predictive_distribution(Xq)[1]
+    d = la.last_diagnostics
+    assert bool(sketches) == built
+    if not built:
+        assert d.solver == "dense"
+        assert d.choice.startswith("dense") and "nystrom" in d.choice
+    ref, _ = dense_reference(model, X, y, Xq, "classification", "ggn")
+    assert rel_err(f_var, ref).max() <= 1e-4

@@ -15,7 +15,6 @@ import torch
 from conftest import (
     DT,
     PRIOR,
-    SIGMA,
     assert_unchanged,
     dense_reference,
     loader,
@@ -23,6 +22,7 @@ from conftest import (
     saddle_regression,
     snapshot,
 )
+from conftest import fit_hfl as _hfl
 from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
 from torch.func import jacrev
@@ -33,16 +33,6 @@ from laplace_hfl.engine.dense import data_ggn, data_hessian, factorize
 
 TOL = 1e-8
 FULL_TOL = 1e-6
-
-
-def _hfl(model, X, y, likelihood, subset="all", **kw):
-    sigma = SIGMA if likelihood == "regression" else 1.0
-    la = Laplace(
-        model, likelihood, subset, "hfl", sigma_noise=sigma,
-        prior_precision=PRIOR, **kw,
-    )  # fmt: skip
-    la.fit(loader(X, y))
-    return la
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,10 @@ The probe (:func:`choose`) runs once per fit, at the first solve:
    :data:`~laplace_hfl.engine.dense.CHUNK_BUDGET` (``P <= 2896``), CG above.
    Problems whose dense solve costs under :data:`SMALL_DENSE_FLOPS` (a few
    milliseconds: the test suite's networks) are solved densely without a
-   probe.
+   probe. Where the dense solver fits, a candidate preconditioner whose
+   build alone costs at least the dense estimate (the Nyström sketch: its
+   rank in products) is not built nor probed: the dense solver beats CG with
+   it for any number of queries (its own per-query cost is a matrix product).
 
 The choice, the probed iterations and the estimates are in
 :attr:`AutoChoice.reason`, which :class:`~laplace_hfl.engine.refit.RefitDiagnostics`
@@ -238,7 +241,8 @@ def _probe(
 def _flops_per_second(n: int, like: Tensor) -> float:
     """Measured rate of an ``n x n`` matrix product in ``like``'s dtype."""
     n = max(64, min(n, 1024))
-    a = torch.randn(n, n, dtype=like.dtype, device=like.device)
+    # any values time the same; random ones would draw from the global RNG
+    a = torch.ones(n, n, dtype=like.dtype, device=like.device)
     a @ a  # warm-up
     t0 = time.perf_counter()
     a @ a
@@ -270,6 +274,7 @@ def choose(
     n_outputs: int,
     n_rows: int,
     budget: int | None = None,
+    build_products: dict[str, float] | None = None,
 ) -> AutoChoice:
     """Probe ``candidates`` and choose the solver and the preconditioner.
 
@@ -297,6 +302,12 @@ def choose(
         Entries the dense solver may hold (default
         :func:`~laplace_hfl.engine.dense.dense_budget`; in a distributed fit pass a
         budget that every process shares).
+    build_products : dict, optional
+        Preconditioner name to a lower bound on the GGN-vector products its
+        build takes (the Nyström sketch: its rank). Where the dense solver
+        fits and such a build alone costs at least the dense solver's
+        one-time estimate, that candidate is not built: the dense solver beats
+        it for any number of queries.
 
     Returns
     -------
@@ -340,14 +351,31 @@ def choose(
                 f"dense: ~{dense_s:.2g} s once, less than one CG iteration of "
                 f"{workload} directions ({product_s:.2g} s per product)",
             )
-    names = list(candidates)
+    names, dear = list(candidates), []
+    if fits and build_products:
+        # building such a candidate alone costs more than the dense solver's
+        # whole one-time work, which then beats it for any number of queries
+        dear = [n for n in names if build_products.get(n, 0) * product_s >= dense_s]
+    if dear and len(dear) == len(names):
+        return AutoChoice(
+            "dense",
+            names[0],
+            f"dense: ~{dense_s:.2g} s once, less than building the "
+            f"preconditioner ({', '.join(dear)}) of CG ({product_s:.2g} s per product)",
+        )
+    default, names = names[0], [n for n in names if n not in dear]
     first = [n for n in names if n != "kfac"]
-    counts, skipped = {}, ""
+    counts = {}
+    skipped = (
+        f"; {', '.join(dear)} not built (building costs more than dense)"
+        if dear
+        else ""
+    )
     if first and len(first) < len(names):  # try without KFAC first
         found = _probe(obj, B, rtol, candidates, first, KFAC_WORTH_ITERATIONS)
         if any(ok for _, ok in found):
             counts = dict(zip(first, found))
-            skipped = f"; kfac not built (<= {KFAC_WORTH_ITERATIONS} to save)"
+            skipped += f"; kfac not built (<= {KFAC_WORTH_ITERATIONS} to save)"
     if not counts:
         counts = dict(
             zip(names, _probe(obj, B, rtol, candidates, names, PROBE_MAX_ITER))
@@ -375,4 +403,6 @@ def choose(
             f"{workload} directions ({product_s:.2g} s per product)"
         )
     reason = f"{solver}/{best.name if solver == 'cg' else 'none'}: {reason}"
-    return AutoChoice(solver, best.name, reason, tuple(probes))
+    # CG elsewhere (posterior_covariance) keeps the default of unbuilt ones
+    precond = default if solver == "dense" and dear else best.name
+    return AutoChoice(solver, precond, reason, tuple(probes))

@@ -21,9 +21,10 @@ No curvature backend is used. The answer is what the iterative refits converge
 to, without the solver tolerance (and, for ``"hessian"``, without the
 ``O(eps^2)`` bias of the central differences).
 
-Memory: ``A`` and its inverse hold ``2 P^2`` numbers; while ``G`` is formed,
-``G`` itself and per-example Jacobians of a sub-batch (at most ``P^2`` numbers)
-add ``2 P^2``: peak ``4 P^2`` numbers on top of the cached refit batches, at most :func:`dense_budget`
+Memory: ``G`` is kept (for other priors), and ``A``, its inverse and its
+Cholesky factor hold ``3 P^2`` numbers; while ``G`` is formed, per-example
+Jacobians of a sub-batch add at most ``P^2``: peak ``4 P^2`` numbers on top
+of the cached refit batches, at most :func:`dense_budget`
 (half the device's free memory, capped by :data:`DENSE_BUDGET` when set;
 :func:`dense_fits`).
 """
@@ -95,8 +96,9 @@ def dense_fits(
     n_params: int, budget: int | None = None, like: Tensor | None = None
 ) -> bool:
     """Whether forming the curvature and its factor (peak ``4 P^2`` entries:
-    ``A``, ``Sigma``, and ``G`` with a sub-batch of Jacobians while ``G`` is
-    formed) fits ``budget`` (default :func:`dense_budget` of ``like``)."""
+    ``G`` with ``A``, ``Sigma`` and ``L``, or with a sub-batch of Jacobians
+    while ``G`` is formed) fits ``budget`` (default :func:`dense_budget` of
+    ``like``)."""
     budget = dense_budget(like) if budget is None else budget
     return 4 * n_params * n_params <= budget
 
@@ -190,8 +192,9 @@ def data_hessian(
 
 @dataclass(frozen=True)
 class DenseFactor:
-    """``A = h C + diag(p_0)`` and its inverse ``Sigma`` (from its Cholesky
-    factor): ``2 P^2`` numbers, and every solve is one matrix product.
+    """``A = h C + diag(p_0)``, its inverse ``Sigma`` and its lower Cholesky
+    factor ``L`` (which weight samples draw from): ``3 P^2`` numbers, and
+    every solve is one matrix product.
 
     ``residual`` is the largest relative residual ``||A Sigma z - z|| / ||z||``
     over a few random probes ``z``, measured once by :func:`factorize`: the
@@ -202,6 +205,7 @@ class DenseFactor:
     A: Tensor
     Sigma: Tensor
     residual: float = 0.0
+    L: Tensor | None = None
 
     def solve(self, V: Tensor) -> Tensor:
         """``A^{-1} v`` for the rows of ``V``: ``(m, P)`` (accuracy: ``residual``)."""
@@ -268,7 +272,7 @@ def factorize(
     g = torch.Generator(device="cpu").manual_seed(0)
     Z = torch.randn(4, A.shape[0], generator=g, dtype=A.dtype).to(A.device)
     residual = ((Z @ Sigma) @ A - Z).norm(dim=1) / Z.norm(dim=1)
-    return DenseFactor(A, Sigma, float(residual.max()))
+    return DenseFactor(A, Sigma, float(residual.max()), L)
 
 
 def dense_base_point(obj: LaplaceObjective, factor: DenseFactor) -> BasePoint:
