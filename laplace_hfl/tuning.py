@@ -21,7 +21,6 @@ from torch import Tensor
 from torch.linalg import LinAlgError
 
 from laplace_hfl.engine.batches import eval_mode
-from laplace_hfl.engine.dense import data_ggn
 from laplace_hfl.engine.functional import LaplaceObjective
 from laplace_hfl.engine.gridsearch import check_loss, run_gridsearch
 from laplace_hfl.engine.logdet import (
@@ -99,17 +98,15 @@ class TuningMixin:
         dense solver is used (``target="ggn"``), unless ``exact_max=0`` asks
         for the stochastic estimator."""
         return (
-            self.hfl_settings.target == "ggn"
+            not self.hfl_settings.curvature.at_base_point
             and self.marglik_settings.exact_max > 0
             and self._uses_dense(obj.theta_map.numel())
         )
 
     def _dense_ggn(self, obj: LaplaceObjective) -> Tensor:
         """The data GGN of the dense solver (formed once per fit, shared)."""
-        if self._dense_curv is None:
-            with eval_mode(self.model):
-                self._dense_curv = data_ggn(obj)
-        return self._dense_curv
+        with eval_mode(self.model):
+            return self._solver(obj).data_curvature(obj, self.hfl_settings.curvature)
 
     def _dense_log_det(self, obj: LaplaceObjective, h: Tensor) -> Tensor:
         """Exact ``log det P``: eigenvalues of ``G`` (once per fit) for a
