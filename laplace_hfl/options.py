@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from laplace_hfl.engine.precond_objects import PRECONDITIONERS as _PRECONDS
 from laplace_hfl.engine.refit import RefitSettings
+from laplace_hfl.engine.solver_objects import solver_names
 from laplace_hfl.engine.validation import MAX_EPS, as_bool, as_int, as_number
 
 __all__ = ["HFLOptions", "SOLVERS", "PRECONDITIONERS", "validate_hfl_options"]
@@ -27,8 +29,8 @@ class HFLOptions:
     preconditioner: str = "auto"
 
 
-SOLVERS = ("auto", "dense", "cg")
-PRECONDITIONERS = ("auto", "kfac", "nystrom", "none")
+SOLVERS = ("auto", *solver_names())  # as registered at import
+PRECONDITIONERS = ("auto", *_PRECONDS)
 
 
 def validate_hfl_options(
@@ -49,16 +51,18 @@ def validate_hfl_options(
     solver: str = "auto",
     preconditioner: str = "auto",
 ) -> HFLOptions:
-    if not (isinstance(solver, str) and solver in SOLVERS):
+    solvers = ("auto", *solver_names())  # the registry now
+    if not (isinstance(solver, str) and solver in solvers):
         raise ValueError(
-            f"solver must be one of {SOLVERS}, got {solver!r}: 'auto' solves "
+            f"solver must be one of {solvers}, got {solver!r}: 'auto' solves "
             "densely (one Cholesky factor) when the refit curvature fits half "
             "the free memory and a probe estimates it faster than conjugate "
             "gradients, else by conjugate gradients."
         )
-    if not (isinstance(preconditioner, str) and preconditioner in PRECONDITIONERS):
+    preconds = ("auto", *_PRECONDS)  # the registry now
+    if not (isinstance(preconditioner, str) and preconditioner in preconds):
         raise ValueError(
-            f"preconditioner must be one of {PRECONDITIONERS}, got "
+            f"preconditioner must be one of {preconds}, got "
             f"{preconditioner!r}: 'auto' probes the candidates (Nystrom sketch, "
             "KFAC where it covers every refit parameter, none) with a few CG "
             "iterations and keeps the fastest."

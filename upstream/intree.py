@@ -64,23 +64,27 @@ PARTS = (
     ),
     Part(
         "hfl-refits",
-        "hfl (2/10): perturbed refits and preconditioners",
-        "The estimator's core: perturbed re-optimisation of the Laplace objective\n"
-        "(implicit-function-theorem columns P^-1 J^T) and the Nystrom and KFAC\n"
-        "preconditioners of its CG solves.",
-        ("engine.preconditioner", "engine.kfac", "engine.refit"),  # fmt: skip
-    ),
-    Part(
-        "hfl-solvers",
-        "hfl (3/10): data batches, dense solver, automatic solver choice",
-        "Batches of (X, y) and dict data, the dense path for small models, and the\n"
-        "measured choice of solver and preconditioner.",
+        "hfl (2/10): data batches, dense curvature and preconditioners",
+        "Batches of (X, y) and dict data, the dense data GGN / Hessian and their\n"
+        "Cholesky factor for small models, and the Nystrom and KFAC\n"
+        "preconditioners of the CG solves, as objects (build once per fit, apply\n"
+        "per prior).",
         (
             "engine.batches",
             "engine.dense",
-            "engine.auto_choice",
-            "solver_choice",
+            "engine.preconditioner",
+            "engine.kfac",
+            "engine.precond_objects",
         ),  # fmt: skip
+    ),
+    Part(
+        "hfl-solvers",
+        "hfl (3/10): curvature objects, perturbed refits, automatic solver choice",
+        "The GGN and exact-Hessian curvature objects, the estimator's core:\n"
+        "perturbed re-optimisation of the Laplace objective (implicit-function-\n"
+        "theorem columns P^-1 J^T), and the measured choice of solver and\n"
+        "preconditioner.",
+        ("engine.curvature", "engine.refit", "engine.auto_choice"),  # fmt: skip
     ),
     Part(
         "hfl-sampling",
@@ -103,10 +107,17 @@ PARTS = (
     ),
     Part(
         "hfl-prediction",
-        "hfl (6/10): weight space and the GLM predictive",
-        "The weight-space mixin (posterior precision, samples, density), covariances\n"
-        "from refit columns, and the GLM predictive mixin (link approximations).",
-        ("weight_space", "engine.predictive", "prediction"),  # fmt: skip
+        "hfl (6/10): solver objects, weight space and the GLM predictive",
+        "The solver objects (dense Cholesky, CG refits, minibatch refits, amortised\n"
+        "samples; each owns its cache), the weight-space mixin (posterior precision,\n"
+        "samples, density), covariances from refit columns, and the GLM predictive\n"
+        "mixin (link approximations).",
+        (
+            "engine.solver_objects",
+            "weight_space",
+            "engine.predictive",
+            "prediction",
+        ),  # fmt: skip
     ),
     Part(
         "hfl-state",
@@ -135,7 +146,7 @@ PARTS = (
         "hfl (9/10): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
         "The laplace-torch classes (all weights, last layer), HessianStructure.HFL,\n"
         "the Laplace docstring and the exports.",
-        ("_docs", "base", "hessian_free", "last_layer"),  # fmt: skip
+        ("_docs", "solver_choice", "base", "hessian_free", "last_layer"),  # fmt: skip
         ("package_exports", "enum_docstring_exports"),
     ),
     Part(
