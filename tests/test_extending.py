@@ -14,18 +14,9 @@ built once per fit.
 
 from __future__ import annotations
 
+import conftest as common
 import pytest
 import torch
-from conftest import (
-    DT,
-    PRIOR,
-    SIGMA,
-    assert_unchanged,
-    dense_reference,
-    loader,
-    rel_err,
-    snapshot,
-)
 from laplace import Laplace
 
 import laplace_hfl.engine.precond_objects as precond_objects
@@ -48,15 +39,17 @@ from laplace_hfl.engine.solver_objects import (
 #: Relative tolerance of an exact dense solve against the reference.
 EXACT_TOL = 1e-8
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available(), reason="no CUDA device"
-        ),
-    ),
-]
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """Replaces ``module.name`` by a wrapper that records each call."""
+    calls, real = [], getattr(module, name)
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
 
 
 # ------------------------------------------------------------ the toy solver
@@ -96,10 +89,10 @@ def linalg(monkeypatch):
 
 def _fit(model, X, y, likelihood, subset, **kw):
     la = Laplace(
-        model, likelihood, subset, "hfl", prior_precision=PRIOR,
-        sigma_noise=SIGMA if likelihood == "regression" else 1.0, **kw,
+        model, likelihood, subset, "hfl", prior_precision=common.PRIOR,
+        sigma_noise=common.SIGMA if likelihood == "regression" else 1.0, **kw,
     )  # fmt: skip
-    la.fit(loader(X, y))
+    la.fit(common.loader(X, y))
     return la
 
 
@@ -113,31 +106,33 @@ def test_registered_solver_matches_dense_reference(
     likelihood = "classification" if case == "classification" else "regression"
     Xq = X[:5] * 1.1
     kind = "hessian" if target == "hessian" and subset == "all" else "ggn"
-    ref, _ = dense_reference(
+    ref, _ = common.dense_reference(
         model, X, y, Xq, likelihood, kind, last_layer=subset == "last_layer"
     )
-    before = snapshot(model)
+    before = common.snapshot(model)
     la = _fit(model, X, y, likelihood, subset, solver=linalg, target=target)
     f_var = la._glm_predictive_distribution(Xq)[1]
     assert la.last_diagnostics.solver == linalg
-    assert f_var.dtype == DT
-    err = rel_err(f_var.diagonal(0, 1, 2), ref.diagonal(0, 1, 2)).max()
+    assert f_var.dtype == common.DT
+    err = common.rel_err(f_var.diagonal(0, 1, 2), ref.diagonal(0, 1, 2)).max()
     assert err <= EXACT_TOL, f"max relative error {err:.2e}"
     assert LinalgSolve.builds == 1  # one precision for one prior
-    assert_unchanged(model, before)
+    common.assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_registered_solver_on_device(linalg, classification, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     model, X, y = classification
     Xq = X[:4] * 1.1
-    ref, _ = dense_reference(model, X, y, Xq, "classification", "ggn")
+    ref, _ = common.dense_reference(model, X, y, Xq, "classification", "ggn")
     model, X, y = model.to(device), X.to(device), y.to(device)
     la = _fit(model, X, y, "classification", "all", solver=linalg)
     f_mu, f_var = la._glm_predictive_distribution(Xq.to(device))
     assert f_mu.device.type == device and f_var.device.type == device
     est, want = f_var.cpu().diagonal(0, 1, 2), ref.diagonal(0, 1, 2)
-    assert rel_err(est, want).max() <= EXACT_TOL
+    assert common.rel_err(est, want).max() <= EXACT_TOL
 
 
 def test_unregistered_solver_is_refused(classification):
@@ -153,15 +148,15 @@ def test_solver_cache_rebuilt_exactly_when_the_key_changes(linalg, classificatio
     la._glm_predictive_distribution(X[:2])
     la._glm_predictive_distribution(X[2:4])
     assert LinalgSolve.builds == 1  # same hyperparameters: reused
-    la.prior_precision = 2 * PRIOR
+    la.prior_precision = 2 * common.PRIOR
     la._glm_predictive_distribution(X[:2])
     assert LinalgSolve.builds == 2  # new key: rebuilt
     la._glm_predictive_distribution(X[:2])
     assert LinalgSolve.builds == 2
-    la.prior_precision = PRIOR  # back: the cache holds one key only
+    la.prior_precision = common.PRIOR  # back: the cache holds one key only
     la._glm_predictive_distribution(X[:2])
     assert LinalgSolve.builds == 3
-    la.fit(loader(X, y))  # a new fit starts with a new object
+    la.fit(common.loader(X, y))  # a new fit starts with a new object
     la._glm_predictive_distribution(X[:2])
     assert LinalgSolve.builds == 4
 
@@ -192,41 +187,27 @@ def test_cache_slots_share_one_key():
 
 def test_base_point_cached_per_key(classification, monkeypatch):
     model, X, y = classification
-    calls = []
-    real = solver_objects.unperturbed_refit
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(solver_objects, "unperturbed_refit", counted)
+    calls = _count_calls(monkeypatch, solver_objects, "unperturbed_refit")
     la = _fit(model, X, y, "classification", "all", solver="cg")
     la._glm_predictive_distribution(X[:2])
     la._glm_predictive_distribution(X[2:4])
     assert len(calls) == 1
-    la.prior_precision = PRIOR  # set again to the same value: same key
+    la.prior_precision = common.PRIOR  # set again to the same value: same key
     la._glm_predictive_distribution(X[:2])
     assert len(calls) == 1
-    la.prior_precision = 3 * PRIOR
+    la.prior_precision = 3 * common.PRIOR
     la._glm_predictive_distribution(X[:2])
     assert len(calls) == 2
 
 
 def test_amortized_samples_drawn_once_per_key(regression_1d, monkeypatch):
     model, X, y = regression_1d
-    calls = []
-    real = solver_objects.posterior_samples
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(solver_objects, "posterior_samples", counted)
+    calls = _count_calls(monkeypatch, solver_objects, "posterior_samples")
     la = _fit(model, X, y, "regression", "all", amortize=4)
     assert len(calls) == 1  # drawn at fit
     la._glm_predictive_distribution(X[:2])
     assert len(calls) == 1
-    la.prior_precision = 2 * PRIOR
+    la.prior_precision = 2 * common.PRIOR
     la._glm_predictive_distribution(X[:2])
     assert len(calls) == 2
 
@@ -236,21 +217,14 @@ def test_amortized_samples_drawn_once_per_key(regression_1d, monkeypatch):
 def test_preconditioner_data_built_once_per_fit(classification, monkeypatch, name):
     model, X, y = classification
     target = {"nystrom": "nystrom_sketch", "kfac": "kfac_factors"}[name]
-    calls = []
-    real = getattr(precond_objects, target)
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(precond_objects, target, counted)
+    calls = _count_calls(monkeypatch, precond_objects, target)
     la = _fit(model, X, y, "classification", "all", solver="cg", preconditioner=name)
     la._glm_predictive_distribution(X[:2])
     assert la.last_diagnostics.preconditioner == name  # the object's own name
-    la.prior_precision = 5 * PRIOR  # only apply() is redone
+    la.prior_precision = 5 * common.PRIOR  # only apply() is redone
     la._glm_predictive_distribution(X[:2])
     assert len(calls) == 1
-    la.fit(loader(X, y))
+    la.fit(common.loader(X, y))
     la._glm_predictive_distribution(X[:2])
     assert len(calls) == 2
 
@@ -259,13 +233,13 @@ def _objective(model, X, y, likelihood):
     named = list(model.named_parameters())
     layout = ParamLayout(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
     theta = torch.cat([p.detach().flatten() for _, p in named])
-    h = 1 / SIGMA**2 if likelihood == "regression" else 1.0
+    h = 1 / common.SIGMA**2 if likelihood == "regression" else 1.0
     return LaplaceObjective(
         forward=make_forward(model, layout, {}),
         batches=lambda: [(X, y)],
         likelihood=likelihood,
         h_factor=h,
-        prior_precision=torch.full_like(theta, PRIOR),
+        prior_precision=torch.full_like(theta, common.PRIOR),
         prior_mean=torch.zeros((), dtype=theta.dtype),
         theta_map=theta,
     )
@@ -290,7 +264,7 @@ def test_preconditioner_objects_build_apply_and_availability(classification):
     assert nys.sketch is sketch  # once
     nys.build(obj, PrecondSetup(4, 4, setup.refit_module))
     assert nys.sketch is not sketch and nys.rank == 4  # a new rank asked for
-    R = torch.randn(3, P, dtype=DT, generator=torch.Generator().manual_seed(0))
+    R = torch.randn(3, P, dtype=common.DT, generator=torch.Generator().manual_seed(0))
     for name in ("nystrom", "kfac"):
         method = PRECONDITIONERS[name]()
         method.build(obj, setup)
@@ -311,7 +285,7 @@ def test_curvature_objects_products_match_their_dense_form(regression_1d, target
     assert curvature.gauss_newton == (target == "ggn")
     assert curvature.at_base_point == (target == "hessian")
     P = obj.theta_map.numel()
-    V = torch.randn(3, P, dtype=DT, generator=torch.Generator().manual_seed(1))
+    V = torch.randn(3, P, dtype=common.DT, generator=torch.Generator().manual_seed(1))
     A = obj.h_factor * curvature.dense_data(obj, obj.theta_map) + torch.diag(
         obj.prior_precision
     )

@@ -50,6 +50,9 @@ __all__ = [
 class PrecondSetup:
     """What building a preconditioner may read, supplied by the estimator.
 
+    One per call: building reads only what it needs (KFAC the refit module,
+    Nyström the rank and ``chunk_size``).
+
     Attributes
     ----------
     rank : int
