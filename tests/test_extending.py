@@ -7,7 +7,8 @@ The toy solver below (a plain ``torch.linalg.solve`` on the dense posterior
 precision) is defined and registered here only, and runs through the accuracy
 matrix against the independent float64 ``torch.func`` reference of
 ``J P^-1 J^T`` (``conftest.dense_reference``), on the CPU and, where present,
-on CUDA. The unit tests check the objects' caches: a solver's cache is rebuilt
+on CUDA; a toy preconditioner (``diag(p_0)``) is registered the same way. The
+unit tests check the objects' caches: a solver's cache is rebuilt
 exactly when the hyperparameter key changes, a preconditioner's data part is
 built once per fit.
 """
@@ -27,7 +28,12 @@ from laplace_hfl.engine.functional import (
     ParamLayout,
     make_forward,
 )
-from laplace_hfl.engine.precond_objects import PRECONDITIONERS, PrecondSetup
+from laplace_hfl.engine.precond_objects import (
+    PRECONDITIONERS,
+    PreconditionerMethod,
+    PrecondSetup,
+)
+from laplace_hfl.engine.preconditioner import Preconditioner
 from laplace_hfl.engine.refit import RefitDiagnostics, RefitSettings
 from laplace_hfl.engine.solver_objects import (
     SOLVERS,
@@ -227,6 +233,31 @@ def test_preconditioner_data_built_once_per_fit(classification, monkeypatch, nam
     la.fit(common.loader(X, y))
     la._glm_predictive_distribution(X[:2])
     assert len(calls) == 2
+
+
+class PriorDiagonal(PreconditionerMethod):
+    """Toy preconditioner ``M = diag(p_0)`` (no data part)."""
+
+    name = "prior_diagonal"
+
+    def apply(self, h_factor, prior_precision):
+        return Preconditioner(lambda R: R / prior_precision)
+
+
+def test_registered_preconditioner_is_used_and_exact(classification, monkeypatch):
+    model, X, y = classification
+    monkeypatch.setitem(PRECONDITIONERS, PriorDiagonal.name, PriorDiagonal)
+    Xq = X[:4] * 1.1
+    want, _ = common.dense_reference(model, X, y, Xq, "classification", "ggn")
+    la = _fit(
+        model, X, y, "classification", "all", solver="cg",
+        preconditioner=PriorDiagonal.name, rtol=1e-9,
+    )  # fmt: skip
+    f_var = la._glm_predictive_distribution(Xq)[1]
+    assert la.last_diagnostics.preconditioner == PriorDiagonal.name
+    assert la.last_diagnostics.converged.all()
+    err = common.rel_err(f_var.diagonal(0, 1, 2), want.diagonal(0, 1, 2)).max()
+    assert err <= 1e-6
 
 
 def _objective(model, X, y, likelihood):
