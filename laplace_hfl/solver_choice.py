@@ -1,6 +1,10 @@
-"""Which solver and which preconditioner a refit uses, and their caches.
+"""Which solver and preconditioner objects a refit uses; keeps them for one fit.
 
-:class:`SolverMixin` is part of the HFL shell (:class:`laplace_hfl.base.HFLMixin`):
+:class:`SolverMixin` is part of the HFL shell (:class:`laplace_hfl.base.HFLMixin`).
+It picks names from the registries of :mod:`laplace_hfl.engine.solver_objects`
+and :mod:`laplace_hfl.engine.precond_objects`, keeps the objects (each owns
+its cache) and calls them with a :class:`~laplace_hfl.engine.solver_objects.SolveContext`
+of the estimator's current values:
 
 * ``solver="auto"`` and ``preconditioner="auto"`` are decided once per fit
   by a probe of the user's problem (:func:`laplace_hfl.engine.auto_choice.choose`):
@@ -16,7 +20,7 @@
   Amortised and minibatch modes keep their own paths (the Nyström sketch).
 
 The data curvature (dense ``G``, KFAC factors, Nyström sketch) is computed once
-per fit; only its combination with the prior precision, ``sigma_noise`` and the
+per fit (a fit, or a loaded state, starts with new objects); only its combination with the prior precision, ``sigma_noise`` and the
 temperature is redone when those change. The choice made is recorded in
 ``la.last_diagnostics.solver`` / ``.preconditioner``, and why in
 ``la.last_diagnostics.choice``.
