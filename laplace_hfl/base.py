@@ -5,8 +5,9 @@ pure estimator in :mod:`laplace_hfl.engine.refit`. Concrete classes say *what* i
 (the whole network, or the last layer on cached features) through three hooks:
 ``_fit_pass``, ``_refit_module`` and ``_query_inputs``.
 
-This module holds the core (options, fit, the refit objective, the solver
-choice and its caches). The rest of the laplace-torch interface lives beside
+This module holds the core (options, fit, the refit objective and its
+hyperparameter key); the solver and preconditioner objects in use, with their
+caches, are kept by :mod:`laplace_hfl.solver_choice`. The rest of the laplace-torch interface lives beside
 it, one mixin a concern: :mod:`laplace_hfl.prediction` (GLM predictive),
 :mod:`laplace_hfl.tuning` (prior tuning, marginal likelihood),
 :mod:`laplace_hfl.weight_space` (posterior precision, samples, density) and
@@ -29,13 +30,6 @@ from laplace_hfl.distributed import (
     data_reducer,
     is_distributed,
 )
-from laplace_hfl.engine.amortized import (
-    AmortizedState,
-    amortized_solve,
-    posterior_samples,
-    sample_rtol,
-    sgd_posterior_samples,
-)
 from laplace_hfl.engine.batches import (
     buffers_kept,
     check_output,
@@ -44,7 +38,6 @@ from laplace_hfl.engine.batches import (
     merge_batches,
     split_batch,
 )
-from laplace_hfl.engine.example_noise import batch_noise
 from laplace_hfl.engine.functional import (
     LaplaceObjective,
     ParamLayout,
@@ -53,13 +46,7 @@ from laplace_hfl.engine.functional import (
     private_modules,
     to_compute,
 )
-from laplace_hfl.engine.refit import (
-    BasePoint,
-    RefitDiagnostics,
-    perturbed_refits,
-    unperturbed_refit,
-)
-from laplace_hfl.engine.stochastic import MINIBATCH_RTOL, minibatch_refits
+from laplace_hfl.engine.refit import RefitDiagnostics
 from laplace_hfl.engine.validation import (
     as_bool,
     as_int,
@@ -70,7 +57,7 @@ from laplace_hfl.engine.validation import (
 )
 from laplace_hfl.errors import HFLNotFittedError
 from laplace_hfl.hyperparameters import HyperparameterMixin
-from laplace_hfl.options import OPTION_NAMES, HFLOptions, sample_chunk
+from laplace_hfl.options import OPTION_NAMES, HFLOptions
 from laplace_hfl.prediction import PredictionMixin
 from laplace_hfl.serial import SerialMixin
 from laplace_hfl.shards import fit_shard
@@ -110,15 +97,11 @@ class HFLMixin(
         for name in OPTION_NAMES:
             if not hasattr(self.hfl_settings, name):  # the rest are attributes
                 setattr(self, name, getattr(options, name))
-        self._amortized: AmortizedState | None = None
-        self._amortized_key: tuple | None = None
         self._fitted = False
         self._minibatch_rows: int | None = None
         self._training_data: list[tuple[Any, Tensor]] | None = None
         self._train_loader: DataLoader | None = None
         self._training_index: list[Tensor] | None = None
-        self._base: BasePoint | None = None
-        self._base_key: tuple | None = None
         self._reset_solver_caches()
         self.last_diagnostics: RefitDiagnostics | None = None
 
@@ -333,11 +316,7 @@ class HFLMixin(
         self._train_loader = shard.loader if shard.cached is None else None
         self._training_index = shard.index
         self._fit_likelihood = self.likelihood
-        self._base = None
-        self._base_key = None
         self._reset_solver_caches()
-        self._amortized = None
-        self._amortized_key = None
         self._fitted = True
         self.H = self._curvature_operator()
         self.progress_bar = self.progress_bar or progress_bar
@@ -412,79 +391,6 @@ class HFLMixin(
             self.hfl_settings,
         )
 
-    def _base_point(self, obj: LaplaceObjective) -> BasePoint:
-        key = self._hyper_key()
-        if self._base is None or self._base_key != key:
-            self._base = unperturbed_refit(obj, self.hfl_settings, self._precond(obj))
-            self._base_key = key
-        return self._base
-
-    def _amortized_state(self, obj: LaplaceObjective) -> AmortizedState:
-        """Posterior samples for the current hyperparameters (built once)."""
-        key = self._hyper_key() + (int(self.amortize),)
-        if self._amortized is None or self._amortized_key != key:
-            if self._training_data is None and self._train_loader is None:
-                raise HFLNotFittedError(
-                    "The stored amortised samples belong to other hyperparameters "
-                    "(prior precision, sigma_noise, temperature or settings changed "
-                    "since they were drawn) and this estimator has no training data "
-                    "to redraw them: call la.fit(train_loader) again."
-                )
-            noise = batch_noise(self._training_index, self._training_data)
-            if self.minibatch_epochs is not None:
-                self._amortized = sgd_posterior_samples(
-                    obj,
-                    int(self.amortize),
-                    self.minibatch_epochs,
-                    batch_rows=self._minibatch_rows,
-                    chunk_size=sample_chunk(self.chunk_size),
-                    precond=self._precond(obj),
-                    rtol=max(self.hfl_settings.rtol, MINIBATCH_RTOL),
-                    noise=noise,
-                )
-            else:
-                self._amortized = posterior_samples(
-                    obj,
-                    int(self.amortize),
-                    rtol=sample_rtol(int(self.amortize), self.hfl_settings.rtol),
-                    max_iter=self.hfl_settings.max_iter,
-                    chunk_size=sample_chunk(self.chunk_size),
-                    precond=self._precond(obj),
-                    noise=noise,
-                )
-            self._amortized_key = key
-        return self._amortized
-
-    def _solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
-        """``P^{-1} v`` estimates for the rows of ``V`` by perturbed refits."""
-        if self.minibatch_epochs is not None and self.amortize is None:
-            res = minibatch_refits(
-                obj,
-                V,
-                self.n_data,
-                epochs=self.minibatch_epochs,
-                precond=self._precond(obj),
-                batch_rows=self._minibatch_rows,
-                rtol=max(self.hfl_settings.rtol, MINIBATCH_RTOL),
-            )
-            self.last_diagnostics = res
-            return res.U
-        if self.amortize is not None:
-            return amortized_solve(self._amortized_state(obj).samples, V)
-        if self._uses_dense(obj.theta_map.numel()):
-            return self._dense_solve(obj, V)
-        U, diag = perturbed_refits(
-            obj,
-            self._base_point(obj),
-            V,
-            self.hfl_settings,
-            chunk_size=self.chunk_size,
-            progress_bar=self.progress_bar,
-            precond=self._precond(obj),
-        )
-        self.last_diagnostics = self._with_preconditioner_name(diag)
-        return U
-
     @property
     def map_gradient_norm(self) -> float:
         """``||grad L(theta_MAP)||``: how stationary the MAP is.
@@ -492,4 +398,6 @@ class HFLMixin(
         Computed by the first exact prediction; ``nan`` before that (and in
         amortised mode, which never needs it).
         """
-        return float("nan") if self._base is None else self._base.map_grad_norm
+        solver = self._solver_object
+        base = None if solver is None else solver.base
+        return float("nan") if base is None else base.map_grad_norm

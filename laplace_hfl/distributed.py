@@ -233,5 +233,4 @@ class DistributedMixin:
 
     def _amortized_stale(self) -> bool:
         """Whether the next amortised prediction redraws samples (collective)."""
-        key = self._hyper_key() + (int(self.amortize),)
-        return self._amortized is None or self._amortized_key != key
+        return not self._solver().is_current(self._solve_context())

@@ -24,7 +24,9 @@ from typing import Any, TypeVar
 
 import torch
 
+from laplace_hfl.engine.precond_objects import PRECONDITIONERS as _PRECONDS
 from laplace_hfl.engine.refit import RefitSettings
+from laplace_hfl.engine.solver_objects import solver_names
 from laplace_hfl.engine.validation import MAX_EPS, as_bool, as_int, as_number
 
 __all__ = [
@@ -35,10 +37,6 @@ __all__ = [
     "validate_hfl_options",
     "hfl_signature",
     "constructor_arguments",
-    "query_points",
-    "hessian_rows",
-    "sketch_columns",
-    "sample_chunk",
 ]
 
 
@@ -74,8 +72,8 @@ class HFLOptions:
 
 #: The option names, in signature order.
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(HFLOptions))
-SOLVERS = ("auto", "dense", "cg")
-PRECONDITIONERS = ("auto", "kfac", "nystrom", "none")
+SOLVERS = ("auto", *solver_names())  # as registered at import
+PRECONDITIONERS = ("auto", *_PRECONDS)
 
 _Init = TypeVar("_Init", bound=Callable[..., None])
 
@@ -178,16 +176,18 @@ def validate_hfl_options(
     solver, preconditioner = o.solver, o.preconditioner
     amortize, minibatch_epochs = o.amortize, o.minibatch_epochs
     precondition_rank, target = o.precondition_rank, o.target
-    if not (isinstance(solver, str) and solver in SOLVERS):
+    solvers = ("auto", *solver_names())  # the registry now
+    if not (isinstance(solver, str) and solver in solvers):
         raise ValueError(
-            f"solver must be one of {SOLVERS}, got {solver!r}: 'auto' solves "
+            f"solver must be one of {solvers}, got {solver!r}: 'auto' solves "
             "densely (one Cholesky factor) when the refit curvature fits half "
             "the free memory and a probe estimates it faster than conjugate "
             "gradients, else by conjugate gradients."
         )
-    if not (isinstance(preconditioner, str) and preconditioner in PRECONDITIONERS):
+    preconds = ("auto", *_PRECONDS)  # the registry now
+    if not (isinstance(preconditioner, str) and preconditioner in preconds):
         raise ValueError(
-            f"preconditioner must be one of {PRECONDITIONERS}, got "
+            f"preconditioner must be one of {preconds}, got "
             f"{preconditioner!r}: 'auto' probes the candidates (Nystrom sketch, "
             "KFAC where it covers every refit parameter, none) with a few CG "
             "iterations and keeps the fastest."
@@ -272,29 +272,3 @@ def _option_int(name: str, value: object, minimum: int) -> int:
 
 
 # ------------------------------------------------- quantities from chunk_size
-def query_points(chunk_size: int, n_outputs: int) -> int:
-    """Query inputs per prediction chunk of the refits.
-
-    Each input brings ``n_outputs`` Jacobian rows, i.e. refit directions, so
-    ``chunk_size // n_outputs`` inputs (at least one) fill one product.
-    """
-    return max(1, chunk_size // max(n_outputs, 1))
-
-
-def hessian_rows(chunk_size: int) -> int:
-    """Rows of the data Hessian formed per batched Hessian-vector pass (one
-    direction each) by the dense solver with ``target="hessian"``."""
-    return chunk_size
-
-
-def sketch_columns(chunk_size: int) -> int:
-    """Columns of the Nyström sketch formed per batched curvature pass (one
-    direction each)."""
-    return chunk_size
-
-
-def sample_chunk(chunk_size: int) -> int:
-    """Posterior samples (amortised mode, ``sample()``) solved together, and
-    pushed through one vectorised Jacobian-vector product when predicting:
-    one direction each."""
-    return chunk_size

@@ -10,13 +10,11 @@ import torch
 from laplace.utils.enums import LinkApprox, PredType
 from torch import Tensor
 
-from laplace_hfl.engine.amortized import amortized_covariance
 from laplace_hfl.engine.batches import batch_size, eval_mode, slice_batch
 from laplace_hfl.engine.functional import output_jacobians
 from laplace_hfl.engine.predictive import joint_covariance, marginal_covariance
 from laplace_hfl.engine.progress import progress
 from laplace_hfl.engine.validation import check_finite_result, check_query_rows
-from laplace_hfl.options import sample_chunk
 from laplace_hfl.weight_space import check_n_samples
 
 __all__ = ["PredictionMixin"]
@@ -59,7 +57,8 @@ class PredictionMixin:
     """``__call__``, ``functional_variance``/``covariance`` and samples.
 
     Relies on the core of :class:`laplace_hfl.base.HFLMixin` (``_objective``,
-    ``_solve``, ``_amortized_state``, ``_query_inputs``).
+    ``_query_inputs``) and on :class:`laplace_hfl.solver_choice.SolverMixin`
+    (``_solver``, ``_solve``, ``_base_point``).
     """
 
     def _check_ready(self, x: Any) -> None:
@@ -102,14 +101,12 @@ class PredictionMixin:
         backprop = self.enable_backprop
         with eval_mode(self.model), torch.set_grad_enabled(backprop):
             Xq = self._query_inputs(X)
-        if self.amortize is not None:
-            with eval_mode(self.model):
-                obj = self._objective()
-                samples = self._amortized_state(obj).samples
-                f_mu, f_var = amortized_covariance(
-                    obj.forward, obj.theta_map, Xq, samples, joint=joint,
-                    chunk_size=sample_chunk(self.chunk_size),
-                )  # fmt: skip
+        with eval_mode(self.model):  # without Jacobians where the solver can
+            direct = self._solver().predictive(
+                self._objective, Xq, joint, self._solve_context()
+            )
+        if direct is not None:  # amortised: from the stored samples
+            f_mu, f_var = direct
             check_finite_result(f_mu, "predictive means")
             check_finite_result(f_var, "predictive covariances")
             if joint:
@@ -183,14 +180,12 @@ class PredictionMixin:
         direction gave a 55% variance error on a two-weight network with
         prior 1e-4 (``tests/test_robust.py``, item 4).
         """
-        if (
-            self.hfl_settings.target != "hessian"
-            or self.amortize is not None
-            or self.minibatch_epochs is not None
-        ):
+        if not self.hfl_settings.curvature.at_base_point:
             return obj.theta_map
-        base = self._base_point(obj).theta
-        return obj.theta_map if torch.equal(base, obj.theta_map) else base
+        base = self._base_point(obj)  # None: the solver refits nothing
+        if base is None or torch.equal(base.theta, obj.theta_map):
+            return obj.theta_map
+        return base.theta
 
     def _solve_jacobians(self, Js: Tensor) -> tuple[Tensor, Tensor]:
         self._check_H_init()

@@ -1,6 +1,10 @@
-"""Which solver and which preconditioner a refit uses, and their caches.
+"""Which solver and preconditioner objects a refit uses; keeps them for one fit.
 
-:class:`SolverMixin` is part of the HFL shell (:class:`laplace_hfl.base.HFLMixin`):
+:class:`SolverMixin` is part of the HFL shell (:class:`laplace_hfl.base.HFLMixin`).
+It picks names from the registries of :mod:`laplace_hfl.engine.solver_objects`
+and :mod:`laplace_hfl.engine.precond_objects`, keeps the objects (each owns
+its cache) and calls them with a :class:`~laplace_hfl.engine.solver_objects.SolveContext`
+of the estimator's current values:
 
 * ``solver="auto"`` and ``preconditioner="auto"`` are decided once per fit
   by a probe of the user's problem (:func:`laplace_hfl.engine.auto_choice.choose`):
@@ -16,7 +20,7 @@
   Amortised and minibatch modes keep their own paths (the Nyström sketch).
 
 The data curvature (dense ``G``, KFAC factors, Nyström sketch) is computed once
-per fit; only its combination with the prior precision, ``sigma_noise`` and the
+per fit (a fit, or a loaded state, starts with new objects); only its combination with the prior precision, ``sigma_noise`` and the
 temperature is redone when those change. The choice made is recorded in
 ``la.last_diagnostics.solver`` / ``.preconditioner``, and why in
 ``la.last_diagnostics.choice``.
@@ -24,50 +28,48 @@ temperature is redone when those change. The choice made is recorded in
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from laplace_hfl.engine.amortized import AmortizedState
 from laplace_hfl.engine.auto_choice import AutoChoice, choose
 from laplace_hfl.engine.batches import eval_mode
+from laplace_hfl.engine.chunks import sketch_columns
 from laplace_hfl.engine.dense import (
     DenseFactor,
-    data_ggn,
-    data_hessian,
-    dense_base_point,
     dense_fits,
-    factorize,
     linear_layer_covariance,
-    linear_layer_order,
     query_rows,
 )
-from laplace_hfl.engine.functional import LaplaceObjective
-from laplace_hfl.engine.kfac import kfac_apply, kfac_factors, kfac_supported
-from laplace_hfl.engine.preconditioner import (
-    default_rank,
-    nystrom_apply,
-    nystrom_sketch,
+from laplace_hfl.engine.example_noise import batch_noise
+from laplace_hfl.engine.functional import LaplaceObjective, ParamLayout
+from laplace_hfl.engine.precond_objects import (
+    PRECONDITIONERS,
+    PreconditionerMethod,
+    PrecondSetup,
 )
-from laplace_hfl.engine.refit import RefitDiagnostics
-from laplace_hfl.options import hessian_rows, query_points, sketch_columns
+from laplace_hfl.engine.preconditioner import default_rank
+from laplace_hfl.engine.refit import BasePoint
+from laplace_hfl.engine.solver_objects import (
+    SOLVERS,
+    AmortizedSampling,
+    DenseCholesky,
+    SolveContext,
+    Solver,
+)
 
 __all__ = ["SolverMixin"]
 
 
 class SolverMixin:
-    """Solver and preconditioner choice with per-fit caches (see module doc)."""
+    """Solver and preconditioner choice; keeps the chosen objects (one fit)."""
 
     def _reset_solver_caches(self) -> None:
-        self._sketch = None
-        self._sketch_rank: int | None = None
-        self._kfac = None
-        self._dense_curv = None
-        self._dense_curv_key: tuple | None = None
-        self._dense_factor = None
-        self._dense_key: tuple | None = None
-        self._dense_linear = None
+        self._solver_object: Solver | None = None
+        self._preconds: dict[str, PreconditionerMethod] = {}
         self._auto_choice: AutoChoice | None = None
         self._auto_rank: int | None = None
 
@@ -110,12 +112,54 @@ class SolverMixin:
         return f"set: solver={self.solver!r}, preconditioner={self.preconditioner!r}"
 
     # ----------------------------------------------------------------- solver
-    def _uses_dense(self, n_params: int, obj: LaplaceObjective | None = None) -> bool:
-        if not self._classic():
-            return False
+    def _solver_name(self, obj: LaplaceObjective | None = None) -> str:
+        """The registry name of the solver in use: the modes ``amortize`` and
+        ``minibatch_epochs`` first, then ``solver`` (``"auto"``: the probe's)."""
+        if self.amortize is not None:
+            return "amortized"
+        if self.minibatch_epochs is not None:
+            return "minibatch"
         if self.solver != "auto":
-            return self.solver == "dense"
-        return self._auto(obj).solver == "dense"
+            return self.solver
+        return self._auto(obj).solver
+
+    def _solver(self, obj: LaplaceObjective | None = None) -> Solver:
+        """The solver object in use (one per fit, with its caches)."""
+        name = self._solver_name(obj)
+        if self._solver_object is None or self._solver_object.name != name:
+            self._solver_object = SOLVERS[name]()
+        return self._solver_object
+
+    def _solve_context(self) -> SolveContext:
+        """What the solver objects read from this estimator, now."""
+        return SolveContext(
+            key=self._hyper_key(),
+            settings=self.hfl_settings,
+            chunk_size=self.chunk_size,
+            progress_bar=self.progress_bar,
+            preconditioner=self._preconditioner,
+            choice=self._choice_reason,
+            n_data=getattr(self, "n_data", 0),
+            batch_rows=self._minibatch_rows,
+            epochs=self.minibatch_epochs,
+            n_samples=self.amortize,
+            noise=lambda: batch_noise(self._training_index, self._training_data),
+            has_data=self._training_data is not None or self._train_loader is not None,
+        )
+
+    def _solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
+        """``P^{-1} v`` estimates for the rows of ``V`` by the solver in use."""
+        U, diag = self._solver(obj).solve(obj, V, self._solve_context())
+        if diag is not None:
+            self.last_diagnostics = diag
+        return U
+
+    def _base_point(self, obj: LaplaceObjective) -> BasePoint | None:
+        """Where the solver's refits start (``None``: the MAP)."""
+        return self._solver(obj).base_point(obj, self._solve_context())
+
+    def _uses_dense(self, n_params: int, obj: LaplaceObjective | None = None) -> bool:
+        return isinstance(self._solver(obj), DenseCholesky)
 
     def _query_step(self, obj: LaplaceObjective, n_outputs: int) -> int:
         """Query points per prediction chunk: ``chunk_size`` directions for the
@@ -126,57 +170,56 @@ class SolverMixin:
         and the refits' base point), so that the first
         chunk's time predicts the others' (the progress estimate).
         """
-        if self._uses_dense(obj.theta_map.numel(), obj):
-            self._dense(obj)
-            return query_rows(obj.theta_map.numel(), max(n_outputs, 1))
-        if self._classic():
-            self._base_point(obj)  # builds the preconditioner too
-        return query_points(self.chunk_size, n_outputs)
+        solver = self._solver(obj)
+        return solver.query_step(obj, n_outputs, self._solve_context())
+
+    def _amortized_state(self, obj: LaplaceObjective) -> AmortizedState:
+        """Posterior samples for the current hyperparameters (built once)."""
+        return self._solver(obj).samples(self._solve_context(), lambda: obj)
+
+    @property
+    def _amortized(self) -> AmortizedState | None:
+        """The amortised samples held (``None``: none drawn or loaded)."""
+        stored = self._stored_samples()
+        return None if stored is None else stored[0]
+
+    def _stored_samples(self) -> tuple[AmortizedState, tuple] | None:
+        """The amortised samples held and the hyperparameter key they were
+        drawn for (``state_dict``)."""
+        solver = self.__dict__.get("_solver_object")
+        return solver.stored() if isinstance(solver, AmortizedSampling) else None
+
+    def _restore_samples(self, state: AmortizedState, key: tuple) -> None:
+        """Hold loaded amortised samples drawn for the hyperparameter ``key``."""
+        solver = self._solver()
+        solver.restore(state, key, int(self.amortize))
 
     def _dense(self, obj: LaplaceObjective | None = None) -> DenseFactor:
-        """The Cholesky factor of ``h C + diag(p_0)``, cached per
-        hyperparameters (``C`` cached per fit for ``"ggn"``).
+        """The Cholesky factor of ``h C + diag(p_0)`` of the dense solver,
+        cached per hyperparameters (``C`` cached per fit for ``"ggn"``).
 
         ``obj`` is built (:meth:`_objective`, which checks the
         hyperparameters) only when the factor has to be formed; a cached
         factor's key equals the values checked when it was formed.
         """
-        target = self.hfl_settings.target
-        key = self._hyper_key()
-        if self._dense_factor is None or self._dense_key != key:
-            obj = self._objective() if obj is None else obj
-            if target == "ggn":
-                curv = self._dense_ggn(obj)
-            else:  # the exact Hessian at the refit's base point (depends on prior)
-                theta = self._base_point(obj).theta
-                curv = data_hessian(
-                    obj, theta, hessian_rows(self.chunk_size), self.progress_bar
-                )
-            self._dense_factor = factorize(
-                curv, obj.h_factor, obj.prior_precision, target
-            )
-            self._dense_key = key
-            self._dense_linear = None
-            if target == "ggn":  # records how stationary the MAP is
-                self._base = dense_base_point(obj, self._dense_factor)
-                self._base_key = key
-        return self._dense_factor
+        objective = self._objective if obj is None else (lambda: obj)
+        return self._solver(obj).factor(self._solve_context(), objective)
 
     def _dense_ggn(self, obj: LaplaceObjective) -> Tensor:
         """The data GGN of the dense solver, formed once per fit (at ``fit``
         where :meth:`_fit_curvature` applies) and shared by the solves, the
         samples and the marginal likelihood."""
-        if self._dense_curv is None:
-            with eval_mode(self.model):
-                self._dense_curv = data_ggn(obj, progress_bar=self.progress_bar)
-        return self._dense_curv
+        with eval_mode(self.model):
+            return self._solver(obj).data_curvature(
+                obj, self.hfl_settings.curvature, self.progress_bar
+            )
 
     def _fit_curvature(self) -> None:
         """The solves' one-time work done by ``fit``, as FullLaplace forms its
         GGN there: the probe of ``"auto"`` and, where the dense solver is used
-        with ``target="ggn"``, the data GGN (independent of the prior,
-        ``sigma_noise`` and the temperature), so that the first ``sample``,
-        ``pred_type="nn"`` call or prediction only factorises.
+        on a curvature that does not depend on the prior (the GGN at the MAP),
+        the data curvature, so that the first ``sample``, ``pred_type="nn"``
+        call or prediction only factorises.
 
         Left to the first solve where it could be wasted or is not
         prior-independent: ``solver="cg"``, a dense solver that does not fit
@@ -188,7 +231,7 @@ class SolverMixin:
         if (
             not self._classic()
             or self.solver == "cg"
-            or self.hfl_settings.target != "ggn"
+            or self.hfl_settings.curvature.at_base_point
         ):
             return
         P = int(self.mean.numel())
@@ -199,26 +242,6 @@ class SolverMixin:
             obj = self._objective()
             if obj.reduce is None and self._uses_dense(P, obj):  # not distributed
                 self._dense_ggn(obj)
-
-    def _dense_diagnostics(self, factor: DenseFactor, m: int, like: Tensor) -> None:
-        residual = like.new_full((2, m), factor.residual)
-        self.last_diagnostics = RefitDiagnostics(
-            eps=like.new_zeros(m),
-            residual=residual,
-            iterations=torch.zeros(2, m, dtype=torch.long, device=like.device),
-            converged=residual <= self.hfl_settings.rtol,
-            solver="dense",
-            preconditioner="none",
-            choice=self._choice_reason(),
-        )
-
-    def _dense_solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:
-        """``(h C + diag(p_0))^{-1} v`` for the rows of ``V`` by one Cholesky
-        factor (:meth:`_dense`)."""
-        factor = self._dense(obj)
-        U = factor.solve(V)
-        self._dense_diagnostics(factor, V.shape[0], V)
-        return U
 
     def _dense_linear_predictive(
         self, module: nn.Linear, features: Tensor
@@ -233,25 +256,22 @@ class SolverMixin:
         in chunks of the dense budget.
         """
         self._check_fit_likelihood()
-        factor = self._dense()
+        solver, ctx = self._solver(), self._solve_context()
+        factor = solver.factor(ctx, self._objective)
         C, D, bias = module.out_features, module.in_features, module.bias is not None
-        if self._dense_linear is None:
-            self._dense_linear = linear_layer_order(factor.Sigma, C, D, bias)
-        step = query_rows(self._dense_linear.shape[1] * C, C)
+        order = solver.linear_order(ctx, self._objective, (C, D, bias))
+        step = query_rows(order.shape[1] * C, C)
         covs = [
-            linear_layer_covariance(self._dense_linear, features[i : i + step], C, bias)
+            linear_layer_covariance(order, features[i : i + step], C, bias)
             for i in range(0, features.shape[0], step)
         ]
         cov = covs[0] if len(covs) == 1 else torch.cat(covs)
-        self._dense_diagnostics(factor, features.shape[0] * C, cov)
+        self.last_diagnostics = solver.diagnostics(
+            factor, features.shape[0] * C, cov, ctx
+        )
         theta = self.mean.detach().to(features)  # the MAP, as the refits see it
         W, b = theta[: C * D].reshape(C, D), theta[C * D :] if bias else None
         return torch.nn.functional.linear(features, W, b), cov
-
-    def _with_preconditioner_name(self, diag: RefitDiagnostics) -> RefitDiagnostics:
-        return dataclasses.replace(
-            diag, preconditioner=self._precond_name, choice=self._choice_reason()
-        )
 
     # --------------------------------------------------------- preconditioner
     def _rank(self, n_params: int) -> int:
@@ -266,17 +286,32 @@ class SolverMixin:
             rank = self._auto_rank
         return min(rank, n_params)
 
+    def _precond_setup(self, n_params: int) -> PrecondSetup:
+        return PrecondSetup(
+            self._rank(n_params),
+            sketch_columns(self.chunk_size),
+            self._refit_module_to_copy,
+        )
+
+    def _refit_module_to_copy(self) -> tuple[nn.Module, ParamLayout, Any]:
+        """The refit module for a preconditioner that copies it (KFAC): its
+        hooks may hold a tensor of a finished torch.func transform (the
+        last-layer extractor's features after a probe's products), released
+        first."""
+        self._release_transients()
+        return self._refit_module()
+
     def _precond_names(self, n_params: int) -> list[str]:
-        """Candidate preconditioners, in probe order (the sketch first: it
-        usually needs the fewest iterations, which caps the others' probes)."""
-        rank = self._rank(n_params)
+        """Candidate preconditioners, in probe order (the registry's): every
+        available one for ``"auto"`` of the full-batch solvers; the Nyström
+        sketch (or none at rank 0) where ``precondition_rank`` is set or in
+        the amortised and minibatch modes; else the one set."""
         choice = self.preconditioner
+        setup = self._precond_setup(n_params)
         if choice == "auto" and self.precondition_rank is None and self._classic():
-            module, layout, _ = self._refit_module()
-            kfac = ["kfac"] if kfac_supported(module, layout) else []
-            return (["nystrom"] if rank > 0 else []) + kfac + ["none"]
+            return [n for n, cls in PRECONDITIONERS.items() if cls.available(setup)]
         if choice in ("auto", "nystrom"):
-            return ["nystrom"] if rank > 0 else ["none"]
+            return ["nystrom"] if setup.rank > 0 else ["none"]
         return [choice]
 
     def _precond_candidates(
@@ -286,45 +321,36 @@ class SolverMixin:
         return {n: (lambda n=n: self._build_precond(obj, n)) for n in names}
 
     def _precond_choice(self, obj: LaplaceObjective) -> tuple[str, int]:
-        """``("kfac" | "nystrom" | "none", nystrom_rank)`` for this refit."""
+        """``(name, nystrom_rank)`` of the preconditioner for this refit."""
         P = obj.theta_map.numel()
         names = self._precond_names(P)
         choice = self._auto(obj) if len(names) > 1 else None
         name = choice.preconditioner if choice is not None else names[0]
         return name, (self._rank(P) if name == "nystrom" else 0)
 
+    def _built_precond(self, obj: LaplaceObjective, name: str) -> PreconditionerMethod:
+        """Preconditioner object ``name`` with its data part (KFAC factors,
+        Nyström sketch) built, once per fit."""
+        method = self._preconds.get(name)
+        if method is None:
+            method = self._preconds[name] = PRECONDITIONERS[name]()
+        method.build(obj, self._precond_setup(obj.theta_map.numel()))
+        return method
+
     def _build_precond(
         self, obj: LaplaceObjective, name: str
     ) -> Callable[[Tensor], Tensor] | None:
-        """Preconditioner ``name`` for the current hyperparameters; its data
-        part (KFAC factors or Nyström sketch) is built once per fit."""
-        if name == "kfac":
-            if self._kfac is None:
-                # KFAC deep-copies the refit module, whose hooks may hold a
-                # tensor of a finished torch.func transform (the last-layer
-                # extractor's features after a probe's products)
-                self._release_transients()
-                module, layout, _ = self._refit_module()
-                self._kfac = kfac_factors(obj, module, layout)
-            return kfac_apply(self._kfac, obj.h_factor, obj.prior_precision)
-        if name == "nystrom":
-            rank = self._rank(obj.theta_map.numel())
-            # keyed by the rank asked for: the sketch may keep fewer columns
-            # (directions a rank-deficient GGN does not resolve)
-            if self._sketch is None or self._sketch_rank != rank:
-                self._sketch = nystrom_sketch(
-                    obj, rank, chunk_size=sketch_columns(self.chunk_size)
-                )
-                self._sketch_rank = rank
-            return nystrom_apply(self._sketch, obj.h_factor, obj.prior_precision)
-        return None
+        """Preconditioner ``name`` for the current hyperparameters."""
+        return self._built_precond(obj, name).apply(obj.h_factor, obj.prior_precision)
+
+    def _preconditioner(self, obj: LaplaceObjective) -> PreconditionerMethod:
+        """The chosen preconditioner object, built (it knows its name)."""
+        return self._built_precond(obj, self._precond_choice(obj)[0])
 
     def _precond(self, obj: LaplaceObjective) -> Callable[[Tensor], Tensor] | None:
-        """The preconditioner of the CG refits for the current hyperparameters.
+        """The preconditioner of the CG solves for the current hyperparameters.
 
         Its data part (KFAC factors or Nyström sketch) is built once per fit
         (it does not depend on the prior, ``sigma_noise`` or the temperature).
         """
-        name, _ = self._precond_choice(obj)
-        self._precond_name = name
-        return self._build_precond(obj, name)
+        return self._build_precond(obj, self._precond_choice(obj)[0])

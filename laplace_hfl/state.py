@@ -73,7 +73,8 @@ class StateMixin:
         self._check_H_init()
         s = self.hfl_settings
         data = self._training_data if self._state_holds_data else None
-        amortized = self._amortized
+        stored = self._stored_samples()
+        amortized = None if stored is None else stored[0]
         state: dict[str, Any] = {
             "mean": self.mean,
             "loss": float(self.loss),
@@ -98,8 +99,8 @@ class StateMixin:
             "training_y": None if data is None else [y for _, y in data],
             "amortized_samples": None if amortized is None else amortized.samples,
         }
-        if amortized is not None:
-            key = self._amortized_key
+        if stored is not None:
+            key = stored[1]
             state.update(
                 amortized_residual=amortized.residual,
                 amortized_iterations=amortized.iterations,
@@ -260,19 +261,15 @@ class StateMixin:
         self._fit_likelihood = state_dict["likelihood"]
         self._training_data = batches
         self._train_loader = None
-        self._base = None
-        self._base_key = None
         self._reset_solver_caches()
-        self._amortized = amortized
-        self._amortized_key = None
         if amortized is not None:
-            self._amortized_key = (
+            key = (
                 tuple(state_dict["amortized_prior_precision"]),
                 tuple(state_dict["amortized_prior_mean"]),
                 state_dict["amortized_sigma_noise"],
                 state_dict["amortized_temperature"],
                 settings,
-                int(self.amortize),
             )
+            self._restore_samples(amortized, key)
         self._fitted = True
         self.H = self._curvature_operator()

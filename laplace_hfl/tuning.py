@@ -98,7 +98,7 @@ class TuningMixin:
         dense solver is used (``target="ggn"``), unless ``exact_max=0`` asks
         for the stochastic estimator."""
         return (
-            self.hfl_settings.target == "ggn"
+            not self.hfl_settings.curvature.at_base_point
             and self.marglik_settings.exact_max > 0
             and self._uses_dense(obj.theta_map.numel())
         )

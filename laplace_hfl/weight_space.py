@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from laplace_hfl.engine.batches import eval_mode
+from laplace_hfl.engine.chunks import sample_chunk
 from laplace_hfl.engine.logdet import precision_quadratic
 from laplace_hfl.engine.operators import SymmetricOperator
 from laplace_hfl.engine.solvers import NegativeCurvature
@@ -32,7 +33,6 @@ from laplace_hfl.engine.weight_posterior import (
     weight_samples,
 )
 from laplace_hfl.errors import IndefiniteHessianError
-from laplace_hfl.options import sample_chunk
 
 __all__ = ["WeightSpaceMixin"]
 

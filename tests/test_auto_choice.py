@@ -71,7 +71,7 @@ def test_sketch_dearer_than_dense_is_not_built(
     products (above one CG iteration of the 8-direction chunk, so the probe
     runs) it is neither built nor probed and the dense solver is chosen;
     against 30 products it is probed as before."""
-    import laplace_hfl.solver_choice as sc
+    import laplace_hfl.engine.precond_objects as po
 
     model, X, y = classification
     monkeypatch.setattr(auto_choice, "SMALL_DENSE_FLOPS", 0.0)
@@ -79,9 +79,9 @@ def test_sketch_dearer_than_dense_is_not_built(
         auto_choice, "_dense_seconds", lambda P, C, N, s, f: dense_products * s
     )
     sketches = []
-    real = sc.nystrom_sketch
+    real = po.nystrom_sketch
     monkeypatch.setattr(
-        sc, "nystrom_sketch", lambda *a, **k: sketches.append(1) or real(*a, **k)
+        po, "nystrom_sketch", lambda *a, **k: sketches.append(1) or real(*a, **k)
     )
     la = Laplace(
         model, "classification", "all", "hfl", prior_precision=PRIOR,

@@ -125,10 +125,11 @@ def test_curvature_formed_once_factor_redone_per_prior(classification, monkeypat
         calls["factor"] += 1
         return real_factor(*a, **k)
 
-    import laplace_hfl.solver_choice as sc
+    import laplace_hfl.engine.curvature as curvature
+    import laplace_hfl.engine.solver_objects as solver_objects
 
-    monkeypatch.setattr(sc, "data_ggn", spy_ggn)
-    monkeypatch.setattr(sc, "factorize", spy_factor)
+    monkeypatch.setattr(curvature, "data_ggn", spy_ggn)
+    monkeypatch.setattr(solver_objects, "factorize", spy_factor)
     la = _hfl(model, X, y, "classification")
     Xq = X[:3]
     v1 = la._glm_predictive_distribution(Xq)[1]

@@ -17,13 +17,9 @@ from torch import nn
 
 from laplace_hfl import HessianFreeLaplace, HessianFreeLLLaplace
 from laplace_hfl._docs import HFL_OPTIONS_DOC
+from laplace_hfl.engine.chunks import query_points
 from laplace_hfl.engine.keys import TensorKey
-from laplace_hfl.options import (
-    OPTION_NAMES,
-    HFLOptions,
-    query_points,
-    validate_hfl_options,
-)
+from laplace_hfl.options import OPTION_NAMES, HFLOptions, validate_hfl_options
 
 
 @pytest.mark.parametrize(

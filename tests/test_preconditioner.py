@@ -69,6 +69,7 @@ def test_automatic_rank_decided_once_per_fit(classification, monkeypatch):
     """The automatic rank is read once per fit: on a GPU it follows the free
     memory, which the sketch itself takes, so a rank read at every solve
     would shrink and rebuild the sketch each time."""
+    import laplace_hfl.engine.precond_objects as precond_objects
     import laplace_hfl.solver_choice as solver_choice
 
     model, X, y = classification
@@ -80,14 +81,14 @@ def test_automatic_rank_decided_once_per_fit(classification, monkeypatch):
         return next(ranks)
 
     built = []
-    real_sketch = solver_choice.nystrom_sketch
+    real_sketch = precond_objects.nystrom_sketch
 
     def counted(obj, rank, **kw):
         built.append(rank)
         return real_sketch(obj, rank, **kw)
 
     monkeypatch.setattr(solver_choice, "default_rank", shrinking)
-    monkeypatch.setattr(solver_choice, "nystrom_sketch", counted)
+    monkeypatch.setattr(precond_objects, "nystrom_sketch", counted)
     la = Laplace(
         model, "classification", "all", "hfl", prior_precision=PRIOR,
         solver="cg", preconditioner="nystrom",

@@ -46,7 +46,7 @@ class Part:
 PARTS = (
     Part(
         "hfl-engine",
-        "hfl (1/10): objective, validation and batched CG",
+        "hfl (1/11): objective, validation and batched CG",
         "The numerical base: the Laplace objective over flat parameters and its\n"
         "JVP/VJP curvature products, argument validation, errors and warnings,\n"
         "free memory of the device, progress bars, and batched CG with certified\n"
@@ -65,28 +65,31 @@ PARTS = (
     ),
     Part(
         "hfl-refits",
-        "hfl (2/10): perturbed refits and preconditioners",
-        "The estimator's core: perturbed re-optimisation of the Laplace objective\n"
-        "(implicit-function-theorem columns P^-1 J^T) and the Nystrom and KFAC\n"
-        "preconditioners of its CG solves.",
-        ("engine.preconditioner", "engine.kfac", "engine.refit"),  # fmt: skip
-    ),
-    Part(
-        "hfl-solvers",
-        "hfl (3/10): data batches, options, dense solver, automatic solver choice",
-        "Batches of (X, y) and dict data, the estimator's options, the dense path\n"
-        "for small models, and the measured choice of solver and preconditioner.",
+        "hfl (2/11): data batches, dense curvature and preconditioners",
+        "Batches of (X, y) and dict data, the dense data GGN / Hessian and their\n"
+        "Cholesky factor for small models, and the Nystrom and KFAC\n"
+        "preconditioners of the CG solves, as objects (build once per fit, apply\n"
+        "per prior).",
         (
             "engine.batches",
-            "options",
             "engine.dense",
-            "engine.auto_choice",
-            "solver_choice",
+            "engine.preconditioner",
+            "engine.kfac",
+            "engine.precond_objects",
         ),  # fmt: skip
     ),
     Part(
+        "hfl-solvers",
+        "hfl (3/11): curvature objects, perturbed refits, automatic solver choice",
+        "The GGN and exact-Hessian curvature objects, the estimator's core:\n"
+        "perturbed re-optimisation of the Laplace objective (implicit-function-\n"
+        "theorem columns P^-1 J^T), and the measured choice of solver and\n"
+        "preconditioner.",
+        ("engine.curvature", "engine.refit", "engine.auto_choice"),  # fmt: skip
+    ),
+    Part(
         "hfl-sampling",
-        "hfl (4/10): sample-then-optimise posterior samples (amortised mode)",
+        "hfl (4/11): sample-then-optimise posterior samples (amortised mode)",
         "Lanczos, stochastic (minibatch) refits, amortised predictions from S\n"
         "posterior samples and the weight-space posterior's samplers.",
         (
@@ -98,21 +101,31 @@ PARTS = (
     ),
     Part(
         "hfl-logdet",
-        "hfl (5/10): log-determinant and matrix-free posterior operators",
+        "hfl (5/11): log-determinant and matrix-free posterior operators",
         "Stochastic Lanczos quadrature, the log-determinant of the posterior\n"
         "precision and the matrix-free operators behind la.H / posterior_precision.",
         ("engine.slq", "engine.logdet", "engine.operators"),  # fmt: skip
     ),
     Part(
+        "hfl-solver-objects",
+        "hfl (6/11): solver objects and the estimator's options",
+        "The solver objects (dense Cholesky, CG refits, minibatch refits, amortised\n"
+        "samples; each owns its cache keyed on the hyperparameters, one registry\n"
+        "entry each), what one vectorised product holds, and the estimator's\n"
+        "keyword options, validated against the solver and preconditioner registries.",
+        ("engine.chunks", "engine.solver_objects", "options"),  # fmt: skip
+    ),
+    Part(
         "hfl-prediction",
-        "hfl (6/10): weight space and the GLM predictive",
-        "The weight-space mixin (posterior precision, samples, density), covariances\n"
-        "from refit columns, and the GLM predictive mixin (link approximations).",
+        "hfl (7/11): weight space and the GLM predictive",
+        "The weight-space mixin (posterior precision, samples, density),\n"
+        "covariances from refit columns, and the GLM predictive mixin (link\n"
+        "approximations).",
         ("weight_space", "engine.predictive", "prediction"),  # fmt: skip
     ),
     Part(
         "hfl-state",
-        "hfl (7/10): data sharding, hyperparameters, state",
+        "hfl (8/11): data sharding, hyperparameters, state",
         "Distributed data and shards, hyperparameters,\n"
         "example noise, serialised calls and state_dict with value checks.",
         (
@@ -127,21 +140,21 @@ PARTS = (
     ),
     Part(
         "hfl-tuning",
-        "hfl (8/10): prior tuning (marglik, MacKay, grid search)",
+        "hfl (9/11): prior tuning (marglik, MacKay, grid search)",
         "Marginal likelihood and its tuning, MacKay's fixed point and grid search.",
         ("engine.gridsearch", "engine.mackay", "tuning"),  # fmt: skip
     ),
     Part(
         "hfl-estimator",
-        "hfl (9/10): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
+        "hfl (10/11): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
         "The laplace-torch classes (all weights, last layer), HessianStructure.HFL,\n"
         "the Laplace docstring and the exports.",
-        ("_docs", "base", "hessian_free", "last_layer"),  # fmt: skip
+        ("_docs", "solver_choice", "base", "hessian_free", "last_layer"),  # fmt: skip
         ("package_exports", "enum_docstring_exports"),
     ),
     Part(
         "hfl-tests-docs",
-        "hfl (10/10): tests against dense float64 references, example, docs",
+        "hfl (11/11): tests against dense float64 references, example, docs",
         "tests/test_hfl.py compares HFL with FullLaplace / FullLLLaplace (GGN and\n"
         "exact Hessian) on tiny float64 models; examples/hfl_example.py;\n"
         "docs/hfl.md and its API reference.",

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from laplace_hfl.engine.curvature import curvature_of
 from laplace_hfl.engine.dense import CHUNK_BUDGET, dense_fits
 from laplace_hfl.engine.functional import (
     LaplaceObjective,
@@ -287,7 +288,8 @@ def choose(
         preconditioner), in probe order; at least one.
     rtol : float
         The refits' relative tolerance.
-    target : {"ggn", "hessian"}
+    target : {"ggn", "hessian"} or Curvature
+        The refits' curvature (:mod:`laplace_hfl.engine.curvature`).
     allow_dense : bool
         Whether the dense solver may be chosen (``solver="auto"`` in the
         classic mode); otherwise only the preconditioner is chosen.
@@ -320,7 +322,7 @@ def choose(
             return AutoChoice("dense", "none", f"dense: 4 P^2 (P = {P}) fits")
     else:
         fits = allow_dense and dense_fits(P, budget, like=obj.theta_map)
-    if fits and target != "ggn":
+    if fits and not curvature_of(target).gauss_newton:
         # network refits: Newton steps on the exact Hessian, whose cost a
         # linear probe does not predict; dense up to the fixed budget
         if dense_fits(P, CHUNK_BUDGET):

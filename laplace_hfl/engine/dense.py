@@ -42,12 +42,10 @@ from laplace_hfl.engine.functional import (
     LaplaceObjective,
     data_only_objective,
     hessian_matvec,
-    objective_grad,
     output_jacobians,
     reduce_data,
 )
 from laplace_hfl.engine.progress import progress
-from laplace_hfl.engine.refit import BasePoint
 from laplace_hfl.errors import IndefiniteHessianError
 
 __all__ = [
@@ -59,7 +57,6 @@ __all__ = [
     "data_ggn",
     "data_hessian",
     "factorize",
-    "dense_base_point",
     "query_rows",
     "linear_layer_covariance",
     "linear_layer_order",
@@ -273,20 +270,6 @@ def factorize(
     Z = torch.randn(4, A.shape[0], generator=g, dtype=A.dtype).to(A.device)
     residual = ((Z @ Sigma) @ A - Z).norm(dim=1) / Z.norm(dim=1)
     return DenseFactor(A, Sigma, float(residual.max()), L)
-
-
-def dense_base_point(obj: LaplaceObjective, factor: DenseFactor) -> BasePoint:
-    """Minimiser of the Gauss-Newton model at the MAP (``target="ggn"``), by
-    the dense factor: ``theta_MAP - A^{-1} grad L(theta_MAP)``.
-
-    The dense counterpart of :func:`laplace_hfl.engine.refit.unperturbed_refit`; it
-    records how stationary the MAP is (``map_grad_norm``).
-    """
-    theta0 = obj.theta_map
-    g0 = objective_grad(obj, theta0[None])[0]
-    delta = -factor.Sigma @ g0
-    residual = g0 + factor.A @ delta
-    return BasePoint(theta0 + delta, residual, float(g0.norm()), float(delta.norm()), 0)
 
 
 def query_rows(n_params: int, n_outputs: int, budget: int | None = None) -> int:

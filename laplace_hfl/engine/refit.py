@@ -38,10 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from laplace_hfl.engine.curvature import CURVATURES, Curvature
 from laplace_hfl.engine.functional import (
     LaplaceObjective,
-    ggn_matvec,
-    hessian_matvec,
     objective_grad,
     objective_value,
 )
@@ -69,7 +68,8 @@ __all__ = [
     "perturbed_refits",
 ]
 
-TARGETS = ("ggn", "hessian")
+#: The ``target`` names (:data:`laplace_hfl.engine.curvature.CURVATURES`).
+TARGETS = tuple(CURVATURES)
 
 #: Default relative width of a variance's certified bracket at which a
 #: ``"ggn"`` refit stops (:attr:`RefitSettings.variance_rtol`).
@@ -92,7 +92,9 @@ class RefitSettings:
     Parameters
     ----------
     target : {"ggn", "hessian"}
-        What is refit: the Gauss-Newton model at the MAP or the network.
+        What is refit: the Gauss-Newton model at the MAP or the network (a
+        name of :data:`~laplace_hfl.engine.curvature.CURVATURES`; the object
+        is :attr:`curvature`).
     eps : float
         Relative perturbation size. Column ``j`` is perturbed by
         ``eps_j = eps / sqrt(v_j^T A^{-1} v_j)`` on the *summed* objective,
@@ -131,7 +133,7 @@ class RefitSettings:
     var_rtol: float | None = None
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
+        if self.target not in CURVATURES:
             raise ValueError(
                 f"Unknown HFL target {self.target!r}: use 'ggn' (refit the "
                 "linearised network; limit = FullLaplace with a GGN backend) or "
@@ -151,6 +153,11 @@ class RefitSettings:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+    @property
+    def curvature(self) -> Curvature:
+        """The curvature object ``target`` names."""
+        return CURVATURES[self.target]
 
     @property
     def variance_rtol(self) -> float | None:
@@ -326,16 +333,19 @@ def unperturbed_refit(
     if g0_norm <= tol:
         return BasePoint(theta0, g0, g0_norm, 0.0, 0)
 
-    if settings.target == "ggn":
+    curvature = settings.curvature
+    if curvature.gauss_newton:
         res = batched_cg(
-            lambda idx, V: ggn_matvec(obj, V),
+            lambda idx, V: curvature.products(obj, theta0[None], idx, V),
             -g0[None],
             torch.tensor([tol], dtype=g0.dtype, device=g0.device),
             settings.max_iter,
             precond=precond,
         )
         delta = res.x[0]
-        residual = g0 + ggn_matvec(obj, delta[None])[0]
+        residual = (
+            g0 + curvature.products(obj, theta0[None], slice(None), delta[None])[0]
+        )
         return BasePoint(
             theta0 + delta,
             residual,
@@ -354,7 +364,7 @@ def unperturbed_refit(
         )
         try:
             res = batched_cg(
-                lambda idx, V, th=theta: hessian_matvec(obj, th[None], V),
+                lambda idx, V, th=theta: curvature.products(obj, th[None], idx, V),
                 -g[None],
                 inner_tol,
                 settings.max_iter,
@@ -436,8 +446,8 @@ def _newton_corrections(
     u0: Tensor,
     eps: Tensor,
     first_iterations: Tensor,
-    curvature,
-    refit_grad,
+    curvature: Callable[[Tensor, Tensor, Tensor], Tensor],
+    refit_grad: Callable[[Tensor], Tensor],
     settings: RefitSettings,
     precond: Callable[[Tensor], Tensor] | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[int]]:
@@ -487,34 +497,27 @@ def _perturbed_chunk(
     ``"ggn"`` the CG residuals (for :func:`galerkin_refine`; None else)."""
     m = V.shape[0]
     v_norm = V.norm(dim=1)
-    if settings.target == "ggn":
+    kind = settings.curvature
+    gauss_newton = kind.gauss_newton
 
-        def curvature(thetas: Tensor, idx: Tensor, X: Tensor) -> Tensor:
-            return ggn_matvec(obj, X)
+    def curvature(thetas: Tensor, idx: Tensor, X: Tensor) -> Tensor:
+        return kind.products(obj, thetas, idx, X)
 
-        def refit_grad(thetas: Tensor) -> Tensor:
-            return base.residual + ggn_matvec(obj, thetas - base.theta)
-
-    else:
-
-        def curvature(thetas: Tensor, idx: Tensor, X: Tensor) -> Tensor:
-            return hessian_matvec(obj, thetas[idx], X)
-
-        def refit_grad(thetas: Tensor) -> Tensor:
-            return objective_grad(obj, thetas)
+    def refit_grad(thetas: Tensor) -> Tensor:
+        return kind.refit_gradient(obj, base.theta, base.residual, thetas)
 
     # First Newton step of a refit under a unit perturbation: A u0 = v. It is
     # shared (up to sign) by the + and - refits and sets the scale of eps_j.
     # For "ggn" it is the whole answer (see below), and it carries the
     # certified bracket of v^T A^-1 v.
     where = "the first Newton step of the network refits"
-    floor = spectrum_floor(obj, precond) if settings.target == "ggn" else None
+    floor = spectrum_floor(obj, precond) if gauss_newton else None
 
     def first_matvec(idx: Tensor, X: Tensor) -> Tensor:
         return curvature(base.theta.expand(m, -1), idx, X)
 
     matvec, cg_precond = first_matvec, precond
-    if settings.target == "ggn" and obj.theta_map.dtype != RECURRENCE_DTYPE:
+    if gauss_newton and obj.theta_map.dtype != RECURRENCE_DTYPE:
         # float32 products, float64 recurrences (V arrives in float64 here)
         matvec, cg_precond = mixed_precision(matvec, precond, obj.theta_map.dtype)
     try:
@@ -538,7 +541,7 @@ def _perturbed_chunk(
             "Jacobians or the training Jacobian products overflow. Check the "
             "network for exploding activations at these inputs."
         )
-    if settings.target == "ggn" and bool((var0 <= 0).any()):
+    if gauss_newton and bool((var0 <= 0).any()):
         j = int(torch.nonzero(var0 <= 0)[0])
         raise FloatingPointError(
             f"The first GGN refit solve returned v^T A^-1 v = "
@@ -554,7 +557,7 @@ def _perturbed_chunk(
             f"column {j} during {where}. " + _INDEFINITE_HINT
         )
     nan = torch.full((m,), float("nan"), dtype=torch.float64, device=V.device)
-    if settings.target == "ggn":
+    if gauss_newton:
         # The refit objective is quadratic: each of the +/- refits converges
         # to base -/+ eps_j A^-1 v_j up to the same correction for the base
         # point's residual, which cancels in the central difference exactly,
@@ -604,7 +607,7 @@ def _perturbed_chunk(
     U = (D[:m] - D[m:]) / (2 * eps[:, None])
     residual = (G.norm(dim=1) / (goal / settings.rtol)).view(2, m)
     iterations = iterations.view(2, m)
-    if settings.target == "hessian":
+    if not gauss_newton:
         # Inside the quadratic regime D+ = -D-; their relative asymmetry is the
         # displacement's second-order term (eps * ||w|| / ||u||). Refit the
         # columns outside it with eps / 10 (the central difference's bias falls
@@ -641,7 +644,7 @@ def _perturbed_chunk(
         products=float(first.products + cost[0]),
         passes=float(first.passes + cost[1]),
     )
-    if settings.target == "hessian":
+    if not gauss_newton:
         var = (V * U).sum(1)
         if bool((var <= 0).any()):
             j = int(torch.nonzero(var <= 0)[0])
@@ -700,7 +703,7 @@ def perturbed_refits(
         ``target="hessian"`` and negative curvature is met.
     """
     out_dtype = V.dtype
-    ggn = settings.target == "ggn"
+    ggn = settings.curvature.gauss_newton
     if ggn:  # CG recurrences and the Rayleigh-Ritz step in float64
         V = V.to(RECURRENCE_DTYPE)
     U = torch.zeros_like(V)
@@ -745,7 +748,7 @@ def perturbed_refits(
             + (
                 f", or a certified variance bracket within "
                 f"var_rtol={settings.variance_rtol:.1e}"
-                if settings.target == "ggn"
+                if ggn
                 else ""
             )
             + ") after at most "
@@ -754,7 +757,7 @@ def perturbed_refits(
             "max_iter"
             + (
                 " or use target='ggn'."
-                if settings.target == "hessian"
+                if not ggn
                 else " or raise the prior precision (better conditioning)."
             ),
             RefitConvergenceWarning,

@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 
 from laplace_hfl.engine.amortized import perturbed_rhs
+from laplace_hfl.engine.curvature import curvature_of
 from laplace_hfl.engine.functional import (
     LaplaceObjective,
     data_only_objective,
     ggn_matvec,
-    hessian_matvec,
 )
 from laplace_hfl.engine.lanczos import lanczos_inv_sqrt
 from laplace_hfl.engine.solvers import batched_cg
@@ -59,7 +59,8 @@ def precision_matvec(obj: LaplaceObjective, target: str, V: Tensor) -> Tensor:
     Parameters
     ----------
     obj : LaplaceObjective
-    target : {"ggn", "hessian"}
+    target : {"ggn", "hessian"} or Curvature
+        The curvature (:mod:`laplace_hfl.engine.curvature`).
     V : Tensor
         ``(m, P)``.
 
@@ -68,10 +69,7 @@ def precision_matvec(obj: LaplaceObjective, target: str, V: Tensor) -> Tensor:
     Tensor
         ``(m, P)``.
     """
-    if target == "ggn":
-        return ggn_matvec(obj, V)
-    thetas = obj.theta_map.expand(V.shape[0], -1).clone()
-    return hessian_matvec(obj, thetas, V)
+    return curvature_of(target).precision_matvec(obj, V)
 
 
 def curvature_matvec(obj: LaplaceObjective, target: str, V: Tensor) -> Tensor:

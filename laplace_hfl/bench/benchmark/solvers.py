@@ -228,7 +228,7 @@ def all_weights_case(
     def build(la, obj, name, rank):
         la.preconditioner = name
         la.precondition_rank = rank if name == "nystrom" else None
-        la._kfac, la._sketch = None, None
+        la._preconds.pop(name, None)  # build it afresh (timed)
         return timed(lambda: la._precond(obj))
 
     # reference: float64, Nystrom-preconditioned, rtol 1e-9 (float32 cannot go there)
