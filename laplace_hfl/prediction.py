@@ -147,7 +147,7 @@ class PredictionMixin:
         Hessian at a nearby minimum is silently wrong where the Hessian is
         nearly singular: a relative displacement of 3.5e-4 along a flat
         direction gave a 55% variance error on a two-weight network with
-        prior 1e-4 (``tests/test_robust.py``, item 4).
+        prior 1e-4 (``tests/test_robust.py``, the test of a near-singular Hessian).
         """
         if (
             self.hfl_settings.target != "hessian"
