@@ -182,6 +182,20 @@ def test_unconverged_refits_warn_with_numbers(regression_1d):
     assert not la.last_diagnostics.converged.all()
 
 
+def test_unconverged_refits_under_the_residual_rule_warn(regression_1d):
+    """A tight rtol switches the variance stop off (residual rule only): the
+    warning names rtol and max_iter, and no variance tolerance."""
+    model, X, y = regression_1d
+    la = Laplace(
+        model, "regression", "all", "hfl", sigma_noise=0.3, rtol=1e-9,
+        max_iter=1, precondition_rank=0, solver="cg",
+    )  # fmt: skip
+    la.fit(loader(X, y))
+    with pytest.warns(RefitConvergenceWarning, match=r"rtol=1\.0e-09\) after") as rec:
+        la(X[:2])
+    assert "var_rtol" not in str(rec[0].message)
+
+
 def test_non_stationary_map_warns_for_hessian_target(regression_1d):
     model, X, y = regression_1d
     with torch.no_grad():
