@@ -1,8 +1,9 @@
 """Unit tests of ``laplace_hfl.engine.refit`` without the estimator: the refits
-run on a ``LaplaceObjective`` built here from a tiny float64 network, and their
-answers are compared with dense float64 references (``conftest.dense_reference``:
-``J P^-1 J^T`` by ``torch.func`` with ``P`` the GGN + prior or the exact Hessian;
-a closed-form ridge solution for a linear model).
+run on the ``LaplaceObjective`` of a tiny float64 network
+(``conftest.engine_objective``), and their answers are compared with dense
+float64 references (``conftest.dense_reference``: ``J P^-1 J^T`` by
+``torch.func`` with ``P`` the GGN + prior or the exact Hessian; a closed-form
+ridge solution for a linear model).
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ import warnings
 
 import pytest
 import torch
-from conftest import DT, PRIOR, SIGMA, dense_reference, saddle_regression
+from conftest import (
+    DT,
+    PRIOR,
+    SIGMA,
+    dense_reference,
+    engine_objective,
+    saddle_regression,
+)
 from torch import nn
 
-from laplace_hfl.engine.functional import (
-    LaplaceObjective,
-    ParamLayout,
-    make_forward,
-    objective_grad,
-    output_jacobians,
-)
+from laplace_hfl.engine.functional import objective_grad, output_jacobians
 from laplace_hfl.engine.refit import (
     RefitDiagnostics,
     RefitSettings,
@@ -33,23 +35,6 @@ from laplace_hfl.errors import (
     NonStationaryMAPWarning,
     RefitConvergenceWarning,
 )
-
-
-def _objective(model, X, y, likelihood, sigma=SIGMA, prior=PRIOR):
-    """The Laplace objective of ``model`` at its weights, in batches of 16."""
-    named = list(model.named_parameters())
-    layout = ParamLayout(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
-    theta = torch.cat([p.detach().flatten() for _, p in named])
-    batches = [(X[i : i + 16], y[i : i + 16]) for i in range(0, len(X), 16)]
-    return LaplaceObjective(
-        forward=make_forward(model, layout, {}),
-        batches=lambda: batches,
-        likelihood=likelihood,
-        h_factor=1 / sigma**2 if likelihood == "regression" else 1.0,
-        prior_precision=torch.full_like(theta, prior),
-        prior_mean=torch.zeros((), dtype=DT),
-        theta_map=theta,
-    )
 
 
 def _rows(obj, Xq):
@@ -71,7 +56,7 @@ def test_ggn_refits_give_the_dense_covariance(request, name, likelihood):
     ``J (GGN + prior)^-1 J^T`` to 1e-8, symmetric (Rayleigh-Ritz step), and
     each direction's certified bracket holds its variance."""
     model, X, y = request.getfixturevalue(name)
-    obj = _objective(model, X, y, likelihood)
+    obj = engine_objective(model, X, y, likelihood)
     Xq = _queries(X)
     settings = RefitSettings(rtol=1e-10)
     base = unperturbed_refit(obj, settings)
@@ -94,7 +79,7 @@ def test_ggn_variance_stop_within_its_tolerance(classification):
     """Default settings: the variance stop (1e-3) bounds every covariance
     entry by ``1e-3 sqrt(var_i var_j)`` after the Rayleigh-Ritz step."""
     model, X, y = classification
-    obj = _objective(model, X, y, "classification")
+    obj = engine_objective(model, X, y, "classification")
     Xq = _queries(X, 10)
     settings = RefitSettings()
     assert settings.variance_rtol == 1e-3
@@ -116,7 +101,7 @@ def test_hessian_refits_give_the_dense_covariance(regression_1d):
     objective, to 1e-5 (the central difference's bias is second order in
     eps); no bracket is certified (NaN)."""
     model, X, y = regression_1d
-    obj = _objective(model, X, y, "regression")
+    obj = engine_objective(model, X, y, "regression")
     Xq = _queries(X)
     settings = RefitSettings(target="hessian", rtol=1e-10)
     base = unperturbed_refit(obj, settings)
@@ -134,7 +119,7 @@ def test_hessian_refits_give_the_dense_covariance(regression_1d):
 
 def test_stationary_map_is_its_own_base_point(regression_1d):
     model, X, y = regression_1d
-    obj = _objective(model, X, y, "regression")
+    obj = engine_objective(model, X, y, "regression")
     for target in ("ggn", "hessian"):
         base = unperturbed_refit(obj, RefitSettings(target=target))
         assert torch.equal(base.theta, obj.theta_map)
@@ -149,7 +134,7 @@ def test_ggn_base_point_of_a_linear_model_is_the_ridge_solution():
     X = torch.randn(40, 3, generator=g, dtype=DT)
     y = X @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=DT) + 0.1
     model = nn.Linear(3, 1).to(DT)  # its weights: far from the MAP
-    obj = _objective(model, X, y, "regression")
+    obj = engine_objective(model, X, y, "regression")
     base = unperturbed_refit(obj, RefitSettings(rtol=1e-12))
     X1 = torch.cat([X, torch.ones(40, 1, dtype=DT)], 1)
     A = X1.T @ X1 / SIGMA**2 + PRIOR * torch.eye(4, dtype=DT)
@@ -169,7 +154,7 @@ def test_hessian_base_point_is_the_nearby_minimum(regression_1d):
     model, X, y = regression_1d
     with torch.no_grad():
         model[2].bias += 2e-3
-    obj = _objective(model, X, y, "regression")
+    obj = engine_objective(model, X, y, "regression")
     settings = RefitSettings(target="hessian")
     with pytest.warns(NonStationaryMAPWarning, match="target='ggn'"):
         base = unperturbed_refit(obj, settings)
@@ -184,7 +169,7 @@ def test_zero_directions_are_skipped_and_chunks_agree(classification):
     """A zero Jacobian row costs no refit and gets a zero answer; the answer
     does not depend on how the directions are chunked (1e-10)."""
     model, X, y = classification
-    obj = _objective(model, X, y, "classification")
+    obj = engine_objective(model, X, y, "classification")
     settings = RefitSettings(rtol=1e-10)
     base = unperturbed_refit(obj, settings)
     V = _rows(obj, _queries(X, 4))
@@ -202,7 +187,7 @@ def test_zero_directions_are_skipped_and_chunks_agree(classification):
 
 def test_no_direction_gives_empty_diagnostics(regression_1d):
     model, X, y = regression_1d
-    obj = _objective(model, X, y, "regression")
+    obj = engine_objective(model, X, y, "regression")
     base = unperturbed_refit(obj, RefitSettings())
     V = torch.zeros(2, obj.theta_map.numel(), dtype=DT)
     U, diag = perturbed_refits(obj, base, V, RefitSettings())
@@ -232,7 +217,7 @@ def test_indefinite_hessian_raises():
     """A saddle of ``L`` (trained without the prior's weight decay): the
     network refits meet negative curvature and say to use target='ggn'."""
     model, X, y = saddle_regression()
-    obj = _objective(model, X, y, "regression", sigma=0.05, prior=1e-4)
+    obj = engine_objective(model, X, y, "regression", sigma=0.05, prior=1e-4)
     settings = RefitSettings(target="hessian")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonStationaryMAPWarning)
@@ -243,7 +228,7 @@ def test_indefinite_hessian_raises():
 
 def test_unconverged_refits_warn_with_numbers(regression_1d):
     model, X, y = regression_1d
-    obj = _objective(model, X, y, "regression")
+    obj = engine_objective(model, X, y, "regression")
     settings = RefitSettings(rtol=1e-10, max_iter=1)
     base = unperturbed_refit(obj, settings)
     with pytest.warns(RefitConvergenceWarning, match=r"did not converge.*max_iter=1"):
