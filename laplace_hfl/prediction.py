@@ -178,7 +178,7 @@ class PredictionMixin:
         Hessian at a nearby minimum is silently wrong where the Hessian is
         nearly singular: a relative displacement of 3.5e-4 along a flat
         direction gave a 55% variance error on a two-weight network with
-        prior 1e-4 (``tests/test_robust.py``, item 4).
+        prior 1e-4 (``tests/test_robust.py``, the test of a near-singular Hessian).
         """
         if not self.hfl_settings.curvature.at_base_point:
             return obj.theta_map

@@ -1,6 +1,6 @@
 """Print HFL's agreement with FullLaplace and a dense torch.func reference.
 
-Rerunnable source of the accuracy numbers quoted in the README and issue notes::
+Rerunnable source of the accuracy numbers quoted in the README::
 
     python scripts/accuracy_report.py
 

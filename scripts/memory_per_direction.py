@@ -1,4 +1,4 @@
-"""Peak memory of exact HFL per refit direction (issue 11, item 15).
+"""Peak memory of exact HFL per refit direction.
 
 Each case runs in a fresh process: the same model and data, ``n`` query
 directions refit together (``chunk_size = n``, one output per point). The

@@ -12,6 +12,7 @@ from torch.func import functional_call, hessian, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
+from laplace_hfl.engine.functional import LaplaceObjective, ParamLayout, make_forward
 
 DT = torch.float64
 SIGMA = 0.3
@@ -172,6 +173,25 @@ def dense_reference(model, X, y, Xq, likelihood, kind, last_layer=False):
     marg = torch.einsum("bcp,pq,bdq->bcd", Jq, Sigma, Jq)
     Jflat = Jq.reshape(-1, Jq.shape[-1])
     return marg, Jflat @ Sigma @ Jflat.T
+
+
+def engine_objective(model, X, y, likelihood, sigma=SIGMA, prior=PRIOR):
+    """The engine's ``LaplaceObjective`` of ``model`` at its weights (all
+    parameters, batches of 16, the objective of ``laplace_objective``), built
+    without an estimator: for unit tests of ``laplace_hfl.engine``."""
+    named = list(model.named_parameters())
+    layout = ParamLayout(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
+    theta = torch.cat([p.detach().flatten() for _, p in named])
+    batches = [(X[i : i + 16], y[i : i + 16]) for i in range(0, len(X), 16)]
+    return LaplaceObjective(
+        forward=make_forward(model, layout, {}),
+        batches=lambda: batches,
+        likelihood=likelihood,
+        h_factor=1 / sigma**2 if likelihood == "regression" else 1.0,
+        prior_precision=torch.full_like(theta, prior),
+        prior_mean=torch.zeros((), dtype=DT),
+        theta_map=theta,
+    )
 
 
 def rel_err(est, ref):

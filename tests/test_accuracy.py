@@ -1,6 +1,6 @@
 """HFL against dense float64 references.
 
-Tolerances (issue: median relative error <= 1e-3, max <= 1e-2). Every entry of
+Tolerances (median relative error <= 1e-3, max <= 1e-2). Every entry of
 every (C x C) covariance is compared on the correlation scale,
 ``|est - ref| / sqrt(ref_ii ref_jj)``, which is the relative error on the
 diagonal and stays meaningful for off-diagonal entries near zero.

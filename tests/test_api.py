@@ -12,8 +12,6 @@ from laplace.curvature import CurvlinopsGGN
 from torch import nn
 from torch.utils.data import DataLoader
 
-from laplace_hfl import HFLNotFittedError
-
 TOL = 1e-3  # relative, against FullLaplace with the matching GGN backend
 
 
@@ -168,48 +166,6 @@ def test_frozen_parameters_are_not_refit(regression_1d):
     _, v = la(Xq)
     ref, _ = dense_reference(model, X, y, Xq, "regression", "ggn", last_layer=True)
     assert rel_err(v, ref).max() <= TOL
-
-
-def test_state_dict_round_trip_all_weights(regression_1d):
-    model, X, y = regression_1d
-    la = Laplace(
-        model, "regression", "all", "hfl", sigma_noise=SIGMA, prior_precision=2.0
-    )
-    la.fit(loader(X, y))
-    _, v = la(X[:4])
-    state = la.state_dict()
-    assert not any(isinstance(s, DataLoader) for s in state.values())
-    new = Laplace(model, "regression", "all", "hfl")
-    new.load_state_dict(state)
-    assert float(new.prior_precision) == 2.0 and float(new.sigma_noise) == SIGMA
-    with pytest.raises(HFLNotFittedError, match=r"la\.fit\(train_loader\)"):
-        new(X[:4])
-    new.fit(loader(X, y))
-    assert torch.allclose(new(X[:4])[1], v)
-
-
-def test_state_dict_round_trip_last_layer(classification):
-    model, X, y = classification
-    la = Laplace(model, "classification", "last_layer", "hfl", prior_precision=PRIOR)
-    la.fit(loader(X, y))
-    p = la(X[:4])
-    new = Laplace(copy.deepcopy(model), "classification", "last_layer", "hfl")
-    new.load_state_dict(la.state_dict())
-    assert torch.allclose(new(X[:4]), p)  # cached features travel in the state
-
-
-def test_state_dict_rejects_other_estimators(regression_1d):
-    model, X, y = regression_1d
-    la = Laplace(model, "regression", "all", "hfl")
-    la.fit(loader(X, y))
-    with pytest.raises(ValueError, match="target"):
-        Laplace(model, "regression", "all", "hfl", target="hessian").load_state_dict(
-            la.state_dict()
-        )
-    with pytest.raises(ValueError, match="subset_of_weights"):
-        Laplace(model, "regression", "last_layer", "hfl").load_state_dict(
-            la.state_dict()
-        )
 
 
 def test_uncached_loader_gives_same_answer(regression_1d):

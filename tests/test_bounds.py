@@ -12,7 +12,6 @@ from torch.func import functional_call, jacrev
 from laplace_hfl.engine.functional import ggn_matvec
 from laplace_hfl.engine.kfac import kfac_apply, kfac_factors
 from laplace_hfl.engine.preconditioner import nystrom_apply, nystrom_sketch
-from laplace_hfl.engine.refit import RefitSettings
 from laplace_hfl.engine.solvers import batched_cg
 
 #: Rounding slack of a bracket end (float64 CG on well-scaled problems).
@@ -167,14 +166,6 @@ def test_hessian_target_has_no_bracket(regression_1d):
     d = la.last_diagnostics
     assert torch.isnan(d.variance_lower).all() and torch.isnan(d.variance_upper).all()
     assert d.products > 0
-
-
-def test_variance_rtol_default_and_validation():
-    assert RefitSettings().variance_rtol == 1e-3
-    assert RefitSettings(rtol=1e-9).variance_rtol is None  # residual rule
-    assert RefitSettings(rtol=1e-9, var_rtol=1e-5).variance_rtol == 1e-5
-    with pytest.raises(ValueError, match="var_rtol"):
-        RefitSettings(var_rtol=0.0)
 
 
 def test_float32_products_float64_recurrences(classification):

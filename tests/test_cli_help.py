@@ -1,5 +1,5 @@
 """The ``laplace-hfl`` CLI explains itself: quiet imports, one summary line per
-command, stated defaults, headed listings (issue 13, item 7)."""
+command, stated defaults, headed listings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every estimator path on the model's device (issue 9, item 4).
+"""Every estimator path on the model's device.
 
 Each path is fitted and queried with the model, data and queries on
 ``device`` and compared, back on the CPU, with the independent float64

@@ -174,7 +174,7 @@ def test_example_runs_under_torchrun(tmp_path):
     assert len(lines) == 2, proc.stdout
     # both ranks print the same numbers (after their rank prefix and timings)
     assert lines[0].split("std")[1:] == lines[1].split("std")[1:]
-    state = torch.load(out, weights_only=True)  # flat state (issue 11, item 12)
+    state = torch.load(out, weights_only=True)  # a flat state: loads with weights_only
     assert state["amortized_samples"].shape[0] == 64
     assert state["n_data"] == 751
 

@@ -1,6 +1,6 @@
 """What ``laplace-hfl compare`` prints and measures explains itself: a legend
 for every column, a memory column that measures the method, no import cycles
-in the package (issue 13, item 5 and the layout rules)."""
+in the package (the layout rules)."""
 
 from __future__ import annotations
 

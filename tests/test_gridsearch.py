@@ -1,5 +1,5 @@
 """Grid search that cannot silently pick an arbitrary prior, and says when it
-will take long (issue 13, item 3)."""
+will take long."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ float64. The test networks have ``P <= 64``, so the estimator is exact: from the
 GGN where the dense solver is used (``solver="auto"``), in the Lanczos
 estimator's exact mode (basis probes, exhausted Krylov spaces) with
 ``solver="cg"``; the stated
-tolerances of the issue (1% value, 5% gradient) are asserted, and the much
+tolerances (1% value, 5% gradient) are asserted, and the much
 tighter agreement these exact paths reach is asserted too.
 """
 

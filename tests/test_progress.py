@@ -1,5 +1,4 @@
-"""Long HFL calls show progress without being asked; short ones stay quiet
-(issue 13, item 2)."""
+"""Long HFL calls show progress without being asked; short ones stay quiet."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Property-based test (Hypothesis) of issue 11's guarantee: for random
+"""Property-based test (Hypothesis) of the robustness guarantee: for random
 hyperparameters, options and corrupted batches HFL either raises one of its
 documented exceptions or returns finite variances equal to a dense reference.
 

@@ -1,5 +1,5 @@
-"""Issue 11: every bad input, option and state gives a clear error or a
-correct answer (items 2-16); the model is never changed by a failed call."""
+"""Every bad input, option and state gives a clear error or a correct
+answer; the model is never changed by a failed call."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _linear_reference(X, Xq, prior):
     return torch.einsum("bp,pq,bq->b", Aq, torch.linalg.inv(P), Aq)
 
 
-# ----------------------------------------------------------------- item 2
+# ---------------------------------------- hyperparameters and numeric options
 BAD_HYPERPARAMETERS = [
     ("prior_precision", -1.0),
     ("prior_precision", float("nan")),
@@ -130,7 +130,7 @@ def test_nystrom_apply_with_zero_prior_and_rank_deficient_sketch():
     assert float(torch.linalg.eigvalsh(dense).min()) > 0
 
 
-# ----------------------------------------------------------------- item 3
+# --------------------------------------------------- non-finite training data
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 @pytest.mark.parametrize("cache_data", [True, False])
 def test_non_finite_training_inputs_named(regression_1d, subset, cache_data):
@@ -163,7 +163,7 @@ def test_non_finite_jacobian_products_raise():
     assert_unchanged(model, snap)
 
 
-# ----------------------------------------------------------------- item 5
+# --------------------------------------------------------- non-finite queries
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 @pytest.mark.parametrize("task", ["regression_1d", "classification"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -197,7 +197,7 @@ def test_non_finite_jacobian_rows_named(regression_1d):
         la.functional_variance(Js)
 
 
-# ----------------------------------------------------------------- item 8
+# ------------------------------------------------------------------ pred_type
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_pred_type_invalid_vs_unsupported(regression_1d, subset):
     model, X, y = regression_1d
@@ -216,7 +216,7 @@ def test_pred_type_invalid_vs_unsupported(regression_1d, subset):
     assert_unchanged(model, snap)
 
 
-# ----------------------------------------------------------------- item 9
+# -------------------------------------------------- model outputs and loaders
 class _TupleOut(nn.Module):
     def __init__(self, inner):
         super().__init__()
@@ -371,7 +371,7 @@ def test_numpy_scalars_accepted_booleans_and_strings_rejected(regression_1d):
         la.fit(loader(X, y), cache_data="no")
 
 
-# ----------------------------------------------------------------- item 10
+# --------------------------------------------------------------- dict batches
 class _DictModel(nn.Module):
     """A model of Hugging Face style batches: reads ``x["input_ids"]``."""
 
@@ -424,7 +424,7 @@ def test_user_dict_batches_match_tensor_batches(regression_1d, subset, joint):
     assert_unchanged(wrapped, snap)
 
 
-# ----------------------------------------------------------------- item 11
+# -------------------------------------------- likelihood and reward modelling
 def test_likelihood_fixed_at_fit(classification):
     model, X, y = classification
     la = Laplace(model, "classification", "all", "hfl")
@@ -494,7 +494,7 @@ def test_reward_modeling_last_layer_refused(regression_1d):
         Laplace(model, "reward_modeling", "last_layer", "hfl")
 
 
-# ----------------------------------------------------------------- item 12
+# -------------------------------------------------------------- state on disk
 STATE_MODES = [
     ("all", {}),
     ("all", {"amortize": 8}),
@@ -570,7 +570,7 @@ def test_state_dict_rejects_other_architecture_and_missing_keys(regression_1d):
         Laplace(model, "regression", "all", "hfl", amortize=4).load_state_dict(state)
 
 
-# ----------------------------------------------------------------- item 6
+# ------------------------------------------------------------- ignored labels
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_ignore_index_refused(classification, subset):
     """-100 labels: dropped by the loss, kept by the curvature -> refused."""
@@ -590,7 +590,7 @@ def test_ignore_index_refused(classification, subset):
     assert_unchanged(model, snap)
 
 
-# ----------------------------------------------------------------- item 13
+# ---------------------------------------------------------------- online fits
 def test_online_fit_accumulates_like_one_fit_on_all_data(regression_1d):
     """fit(..., override=False) adds the new data's curvature, as laplace-torch
     does: loss, n_data, H and posterior precision of two fits on halves equal
@@ -650,7 +650,7 @@ def test_online_fit_without_cached_data_refused_before_any_change(regression_1d)
         ll.fit(loader(X, y), override=False)
 
 
-# ----------------------------------------------------------------- item 14
+# --------------------------------------------- the upstream verification venv
 def test_verify_venv_sees_packages_of_a_calling_venv(tmp_path):
     """upstream/verify.sh from a venv: the venv it makes must see the calling
     venv's packages (plain `venv --system-site-packages` sees only the base
@@ -685,7 +685,7 @@ def test_verify_venv_sees_packages_of_a_calling_venv(tmp_path):
     assert "make_venv.py" in (script.parent / "verify.sh").read_text()
 
 
-# ----------------------------------------------------------------- item 16
+# ------------------------------------------------------------ train/eval mode
 class _Recorder(nn.Module):
     """Records its training flag at every forward; can fail on demand."""
 
@@ -723,7 +723,7 @@ def test_eval_mode_is_documented_and_always_restored(regression_1d):
     assert "another thread" in readme
 
 
-# ----------------------------------------------------------------- item 4
+# ------------------------------------- network refits near a singular Hessian
 def test_hessian_eps_outside_quadratic_regime_is_refined(classification):
     """eps=1 (the largest accepted) on a tanh classifier: the +/- network
     refits are visibly asymmetric, so they are redone with eps/10. Measured:
@@ -777,7 +777,7 @@ def _near_singular_problem(prior, shift):
 
 @pytest.mark.parametrize("solver", ["cg", "dense"])
 def test_hessian_near_singular_non_stationary_map(solver):
-    """Item 4 (near-singular Hessian): prior 1e-4 makes the flat eigenvalue
+    """A near-singular Hessian: prior 1e-4 makes the flat eigenvalue
     2e-4 (Hessian norm 1.8e3); the MAP sits 3e-4 off the minimum along it
     (relative displacement 3.5e-4: below the non-stationary-MAP warning). The
     unperturbed network refit reaches the minimum, and the query Jacobians
@@ -805,7 +805,7 @@ def test_hessian_near_singular_non_stationary_map(solver):
     assert_unchanged(model, snap)
 
 
-# ----------------------------------------------------------------- item 15
+# ---------------------------------------- memory of the amortised pushforward
 def test_amortize_pushforward_bounded_by_chunk_size(regression_1d, monkeypatch):
     """Stored amortised samples are pushed through the network chunk_size at a
     time (memory ~ chunk_size * B * C plus activations, was all S at once);

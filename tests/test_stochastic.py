@@ -65,7 +65,7 @@ def test_minibatch_refits_need_ggn_target(regression_1d):
         Laplace(model, "regression", "all", "hfl", minibatch_epochs=1)
 
 
-# --- issue 11 item 1: nothing silent ------------------------------------------
+# --- nothing silent: unconverged minibatch refits warn ------------------------
 
 
 def _mb_laplace(model, epochs, **kw):

@@ -1,11 +1,10 @@
-"""One estimator shared by threads, copied, pickled; modules shared inside the
-model. Results equal serial calls / the original's, and the user's model keeps
-its very Parameter objects (leaves, trainable)."""
+"""One estimator shared by threads; modules shared inside the model. Results
+equal serial calls, and the user's model keeps its very Parameter objects
+(leaves, trainable). Pickling and deep copies: ``tests/test_state.py``."""
 
 from __future__ import annotations
 
 import copy
-import pickle
 import threading
 
 import pytest
@@ -14,14 +13,6 @@ from conftest import DT, assert_unchanged, loader, snapshot
 from laplace import Laplace
 from torch import nn
 from torch.func import functional_call, jacrev
-
-MODES = {
-    "all-cg": dict(subset_of_weights="all", solver="cg"),
-    "all-dense": dict(subset_of_weights="all", solver="dense"),
-    "last-layer-cg": dict(subset_of_weights="last_layer", solver="cg"),
-    "last-layer-dense": dict(subset_of_weights="last_layer", solver="dense"),
-    "amortised": dict(subset_of_weights="all", amortize=8),
-}
 
 
 def _fitted(model, X, y, **kw):
@@ -65,19 +56,6 @@ def test_two_threads_give_serial_results_and_leave_leaves(regression_1d):
     assert all(p.is_leaf and p.requires_grad for p in model.parameters())
     torch.optim.SGD(model.parameters(), lr=0.1)
     copy.deepcopy(model)
-
-
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_pickle_and_deepcopy_predict_the_same(regression_1d, mode):
-    model, X, y = regression_1d
-    la = _fitted(model, X, y, **MODES[mode])
-    Xq = X[:3]
-    mu, var = la(Xq)  # after a prediction: caches and hooks have run
-    for clone in (pickle.loads(pickle.dumps(la)), copy.deepcopy(la)):
-        assert torch.equal(clone.mean, la.mean)
-        mu2, var2 = clone(Xq)
-        torch.testing.assert_close(mu2, mu, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(var2, var, rtol=1e-8, atol=1e-12)
 
 
 def _shared_module_model():
@@ -166,14 +144,3 @@ def test_another_thread_toggling_train_mode(regression_1d):
     finally:
         stop.set()
         thread.join()
-
-
-def test_unfitted_estimator_pickles_with_its_zero_curvature():
-    """An unfitted estimator's ``H`` is the zero operator (as laplace-torch's
-    ``zeros(P, P)``) before and after a pickle round trip."""
-    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
-    la = Laplace(model, "regression", "all", "hfl")
-    copy_ = pickle.loads(pickle.dumps(la))
-    v = torch.randn(la.n_params, dtype=torch.float64)
-    assert torch.equal(la.H @ v, torch.zeros_like(v))
-    assert torch.equal(copy_.H @ v, torch.zeros_like(v))

@@ -40,6 +40,7 @@ __all__ = [
     "data_only_objective",
     "objective_value",
     "objective_grad",
+    "loss_hessian_out",
     "ggn_matvec",
     "hessian_matvec",
     "output_jacobians",
@@ -263,7 +264,7 @@ def objective_grad(obj: LaplaceObjective, thetas: Tensor) -> Tensor:
     return _prior_grad(obj, thetas) + reduce_data(obj, total)
 
 
-def _loss_hessian_out(likelihood: str, f: Tensor, Jv: Tensor) -> Tensor:
+def loss_hessian_out(likelihood: str, f: Tensor, Jv: Tensor) -> Tensor:
     """Multiply ``Jv`` (``(m, B, C)``) by the Hessian of ``factor * loss`` in ``f``."""
     if likelihood == "regression":
         return Jv
@@ -287,7 +288,7 @@ def ggn_matvec(obj: LaplaceObjective, V: Tensor) -> Tensor:
 
         out, vjp_fn = vjp(f, theta)
         Jv = vmap(lambda v: jvp(f, (theta,), (v,))[1])(V)
-        HJv = obj.h_factor * _loss_hessian_out(obj.likelihood, out.detach(), Jv)
+        HJv = obj.h_factor * loss_hessian_out(obj.likelihood, out.detach(), Jv)
         total = total + vmap(vjp_fn)(HJv)[0].detach()
     return obj.prior_precision * V + reduce_data(obj, total)
 

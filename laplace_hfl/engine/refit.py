@@ -748,7 +748,7 @@ def perturbed_refits(
             + (
                 f", or a certified variance bracket within "
                 f"var_rtol={settings.variance_rtol:.1e}"
-                if ggn
+                if ggn and settings.variance_rtol is not None
                 else ""
             )
             + ") after at most "

@@ -44,8 +44,8 @@ from torch.func import jvp, vjp, vmap
 from laplace_hfl.engine.batches import slice_batch
 from laplace_hfl.engine.functional import (
     LaplaceObjective,
-    _loss_hessian_out,
     ggn_matvec,
+    loss_hessian_out,
 )
 from laplace_hfl.errors import RefitConvergenceWarning, warn_user
 
@@ -129,7 +129,7 @@ def _batch_ggn(obj: LaplaceObjective, X: Any, U: Tensor) -> Tensor:
 
     out, vjp_fn = vjp(f, theta)
     Jv = vmap(lambda v: jvp(f, (theta,), (v,))[1])(U)
-    HJv = obj.h_factor * _loss_hessian_out(obj.likelihood, out.detach(), Jv)
+    HJv = obj.h_factor * loss_hessian_out(obj.likelihood, out.detach(), Jv)
     return vmap(vjp_fn)(HJv)[0].detach()
 
 

@@ -1,4 +1,4 @@
-"""Amortised HFL at training cost on LeNet / MNIST (issue 9, item 3).
+"""Amortised HFL at training cost on LeNet / MNIST.
 
 ``python -m laplace_hfl.bench.benchmark.amortized`` trains the LeNet MAP (8 epochs,
 timed), fits all-weights KFAC and amortised HFL (``amortize=S`` drawn by
