@@ -310,21 +310,21 @@ class WeightSpaceMixin:
         self, obj, n: int, generator: torch.Generator | None
     ) -> Tensor:
         """``(n, P)`` draws of ``N(0, P^{-1})``: from the dense solver's
-        Cholesky factor where it is used (``target="ggn"``: its matrix is the
-        posterior precision at the MAP), else matrix-free."""
-        target = self.hfl_settings.target
-        if target == "ggn" and self._uses_dense(obj.theta_map.numel()):
+        Cholesky factor where it is used on a curvature taken at the MAP (its
+        matrix is then the posterior precision), else matrix-free."""
+        curvature = self.hfl_settings.curvature
+        if not curvature.at_base_point and self._uses_dense(obj.theta_map.numel()):
             return dense_draws(self._draw_factor(obj), n, generator)
         try:
             draws = weight_samples(
                 obj,
                 n,
-                target=target,
+                target=curvature,
                 generator=generator,
                 rtol=self.hfl_settings.rtol,
                 max_iter=self.hfl_settings.max_iter,
                 chunk_size=sample_chunk(self.chunk_size),
-                precond=self._precond(obj) if target == "ggn" else None,
+                precond=self._precond(obj) if curvature.gauss_newton else None,
             )
         except NegativeCurvature as err:
             raise _indefinite("sample()", err) from err

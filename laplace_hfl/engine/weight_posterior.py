@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from laplace_hfl.engine.amortized import perturbed_rhs
-from laplace_hfl.engine.curvature import curvature_of
+from laplace_hfl.engine.curvature import Curvature, curvature_of
 from laplace_hfl.engine.functional import (
     LaplaceObjective,
     data_only_objective,
@@ -174,7 +174,7 @@ def weight_samples(
     obj: LaplaceObjective,
     n_samples: int,
     *,
-    target: str = "ggn",
+    target: str | Curvature = "ggn",
     generator: torch.Generator | None = None,
     rtol: float = 1e-6,
     max_iter: int = 1000,
@@ -192,7 +192,7 @@ def weight_samples(
     obj : LaplaceObjective
     n_samples : int
         ``S >= 1``.
-    target : {"ggn", "hessian"}, default="ggn"
+    target : {"ggn", "hessian"} or Curvature, default="ggn"
     generator : torch.Generator, optional
         Source of all randomness (the global generator when None); the same
         generator state and ``chunk_size`` give the same draws.
@@ -219,18 +219,19 @@ def weight_samples(
     RefitConvergenceWarning
         When a draw's solve does not reach ``rtol`` within ``max_iter``.
     """
+    curvature = curvature_of(target)
     step = chunk_size or n_samples
     parts, res_parts, it_parts, ok_parts = [], [], [], []
     for start in range(0, n_samples, step):
         m = min(step, n_samples - start)
-        if target == "hessian":
+        if not curvature.gauss_newton:  # no J^T J form to perturb: Lanczos
             theta = obj.theta_map
             Z = torch.randn(
                 m, theta.numel(), dtype=theta.dtype, device=theta.device,
                 generator=generator,
             )  # fmt: skip
             lz = lanczos_inv_sqrt(
-                lambda V: precision_matvec(obj, target, V), Z, rtol, max_iter
+                lambda V: curvature.precision_matvec(obj, V), Z, rtol, max_iter
             )
             x, rel, its, ok = lz.x, lz.change, lz.iterations, lz.converged
         else:
@@ -247,7 +248,7 @@ def weight_samples(
         ok_parts.append(ok)
     out = WeightSamples(torch.cat(parts), torch.cat(res_parts), torch.cat(it_parts))
     _warn_unconverged(
-        f"sample(): {'Lanczos' if target == 'hessian' else 'CG'}",
+        f"sample(): {'CG' if curvature.gauss_newton else 'Lanczos'}",
         torch.cat(ok_parts),
         out.residual,
         out.iterations,
