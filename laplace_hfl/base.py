@@ -46,6 +46,7 @@ from laplace_hfl.engine.functional import (
     private_modules,
     to_compute,
 )
+from laplace_hfl.engine.keys import TensorKey
 from laplace_hfl.engine.refit import RefitDiagnostics
 from laplace_hfl.engine.validation import (
     as_bool,
@@ -383,9 +384,11 @@ class HFLMixin(
             )
 
     def _hyper_key(self) -> tuple:
+        """What the solvers' caches are keyed on: the hyperparameters by value
+        (the prior as a device-side snapshot, no host copy of ``P`` floats)."""
         return (
-            tuple(self.prior_precision.detach().cpu().flatten().tolist()),
-            tuple(self.prior_mean.detach().cpu().flatten().tolist()),
+            TensorKey(self.prior_precision),
+            TensorKey(self.prior_mean),
             float(self.sigma_noise),
             float(self.temperature),
             self.hfl_settings,

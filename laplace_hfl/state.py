@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from laplace_hfl.engine.amortized import AmortizedState
 from laplace_hfl.engine.batches import slice_batch
 from laplace_hfl.engine.functional import make_forward
+from laplace_hfl.engine.keys import TensorKey
 from laplace_hfl.engine.refit import RefitSettings
 from laplace_hfl.engine.validation import curvature_likelihood
 from laplace_hfl.options import validate_hfl_options
@@ -104,8 +106,8 @@ class StateMixin:
             state.update(
                 amortized_residual=amortized.residual,
                 amortized_iterations=amortized.iterations,
-                amortized_prior_precision=list(key[0]),
-                amortized_prior_mean=list(key[1]),
+                amortized_prior_precision=key[0].values.flatten().tolist(),
+                amortized_prior_mean=key[1].values.flatten().tolist(),
                 amortized_sigma_noise=float(key[2]),
                 amortized_temperature=float(key[3]),
             )
@@ -264,8 +266,10 @@ class StateMixin:
         self._reset_solver_caches()
         if amortized is not None:
             key = (
-                tuple(state_dict["amortized_prior_precision"]),
-                tuple(state_dict["amortized_prior_mean"]),
+                _stored_key(
+                    state_dict["amortized_prior_precision"], self.prior_precision
+                ),
+                _stored_key(state_dict["amortized_prior_mean"], self.prior_mean),
                 state_dict["amortized_sigma_noise"],
                 state_dict["amortized_temperature"],
                 settings,
@@ -273,3 +277,11 @@ class StateMixin:
             self._restore_samples(amortized, key)
         self._fitted = True
         self.H = self._curvature_operator()
+
+
+def _stored_key(values: list[float], live: Tensor) -> TensorKey:
+    """The cache key of hyperparameter values stored as a list: shaped,
+    typed and placed as the live tensor where the counts agree (so that the
+    values the samples were drawn for compare equal to the same values now)."""
+    t = torch.as_tensor(values, dtype=live.dtype, device=live.device)
+    return TensorKey(t.reshape(live.shape) if t.numel() == live.numel() else t)

@@ -186,3 +186,22 @@ def test_unfitted_estimator_pickles_with_its_zero_curvature():
     v = torch.randn(la.n_params, dtype=torch.float64)
     assert torch.equal(la.H @ v, torch.zeros_like(v))
     assert torch.equal(copy_.H @ v, torch.zeros_like(v))
+
+
+@pytest.mark.parametrize("prior", ["scalar", "layerwise", "diag"])
+def test_loaded_amortised_samples_serve_their_own_prior(regression_1d, prior):
+    """A loaded amortised state without data predicts from its stored samples
+    for the prior they were drawn for (scalar, per layer or per parameter, in
+    the model's dtype), and says to refit for any other prior."""
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", "all", "hfl", sigma_noise=SIGMA, amortize=4)
+    shape = {"scalar": (1,), "layerwise": (la.n_layers,), "diag": (la.n_params,)}
+    la.prior_precision = torch.linspace(0.5, 2.0, shape[prior][0], dtype=DT)
+    la.fit(loader(X, y))
+    _, v = la(X[:3])
+    new = Laplace(model, "regression", "all", "hfl", sigma_noise=SIGMA, amortize=4)
+    new.load_state_dict(la.state_dict())
+    assert torch.equal(new(X[:3])[1], v)
+    new.prior_precision = new.prior_precision * 2
+    with pytest.raises(HFLNotFittedError, match="other hyperparameters"):
+        new(X[:3])
