@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace import Laplace
 import laplace_hfl
 from laplace_hfl.bench.benchmark.cases import mlp_for_params
-from laplace_hfl.bench.benchmark.memory import peak_rss_mb
+from laplace_hfl.bench.evaluation.memory import peak_rss_mb
 n, P_target = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
 w = mlp_for_params(P_target)

@@ -11,71 +11,58 @@ import copy
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
+from laplace.curvature import CurvlinopsGGN, CurvlinopsHessian
 from torch import Tensor, nn
 
 import laplace_hfl  # noqa: F401  (registers "hfl")
 from laplace_hfl.bench.benchmark.cases import Case
+from laplace_hfl.bench.evaluation.predict import glm_predictive
+from laplace_hfl.bench.evaluation.registry import MethodSpec, laplace_method
 from laplace_hfl.engine.functional import output_jacobians
 
 __all__ = ["METHODS", "build", "timed_fit_predict", "cg_inverse_predictor"]
 
-#: name -> (label, subset, structure, backend name or None, extra kwargs)
-METHODS: dict[str, tuple[str, str, str, str | None, dict[str, Any]]] = {
-    "hfl_naive": (
-        "HFL naive (1 direction at a time, plain CG)",
-        "all",
-        "hfl",
-        None,
-        {"chunk_size": 1, "solver": "cg", "preconditioner": "none"},
-    ),
-    "hfl_batched_plain": (
-        "HFL batched, plain CG",
-        "all",
-        "hfl",
-        None,
-        {"chunk_size": 256, "solver": "cg", "preconditioner": "none"},
-    ),
-    "hfl_batched": (
-        "HFL batched + Nystrom-preconditioned",
-        "all",
-        "hfl",
-        None,
-        {"chunk_size": 256, "solver": "cg", "preconditioner": "nystrom"},
-    ),
-    "hfl_amortized": ("HFL amortised (S=256)", "all", "hfl", None, {"amortize": 256}),
-    "full_ggn": ("FullLaplace GGN", "all", "full", "CurvlinopsGGN", {}),
-    "full_hessian": ("FullLaplace Hessian", "all", "full", "CurvlinopsHessian", {}),
-    "kron": ("KronLaplace (KFAC)", "all", "kron", None, {}),
-    "diag": ("DiagLaplace", "all", "diag", None, {}),
-    "ll_kron": ("last-layer KFAC", "last_layer", "kron", None, {}),
-    "cg_inverse": ("curvlinops CG inverse", "all", "cg", None, {}),
+_LAPLACE = [  # name, label, family, subset, structure, backend, constructor keywords
+    ("hfl_naive", "HFL naive (1 direction at a time, plain CG)", "hfl", "all", "hfl",
+     None, {"chunk_size": 1, "solver": "cg", "preconditioner": "none"}),
+    ("hfl_batched_plain", "HFL batched, plain CG", "hfl", "all", "hfl", None,
+     {"chunk_size": 256, "solver": "cg", "preconditioner": "none"}),
+    ("hfl_batched", "HFL batched + Nystrom-preconditioned", "hfl", "all", "hfl", None,
+     {"chunk_size": 256, "solver": "cg", "preconditioner": "nystrom"}),
+    ("hfl_amortized", "HFL amortised (S=256)", "hfl", "all", "hfl", None,
+     {"amortize": 256}),
+    ("full_ggn", "FullLaplace GGN", "full", "all", "full", CurvlinopsGGN, {}),
+    ("full_hessian", "FullLaplace Hessian", "full", "all", "full", CurvlinopsHessian,
+     {}),
+    ("kron", "KronLaplace (KFAC)", "kron", "all", "kron", None, {}),
+    ("diag", "DiagLaplace", "diag", "all", "diag", None, {}),
+    ("ll_kron", "last-layer KFAC", "ll", "last_layer", "kron", None, {}),
+]  # fmt: skip
+
+#: The methods timed side by side, by name. ``cg_inverse`` (``build=None``)
+#: is curvlinops' CG inverse, built by :func:`cg_inverse_predictor`.
+METHODS: dict[str, MethodSpec] = {
+    name: replace(
+        laplace_method(name, family, structure, subset, structure, backend, **kw),
+        label=label,
+    )
+    for name, label, family, subset, structure, backend, kw in _LAPLACE
 }
-
-
-def _backend(name: str | None):
-    if name is None:
-        return {}
-    import laplace.curvature as lc
-
-    return {"backend": getattr(lc, name)}
+METHODS["cg_inverse"] = MethodSpec(
+    "cg_inverse", "other", "curvlinops", "cg", None, label="curvlinops CG inverse"
+)
 
 
 def build(case: Case, method: str, **overrides: Any):
-    """A fitted-ready estimator (``Laplace`` object or CG predictor)."""
-    from laplace import Laplace
-
-    _, subset, structure, backend, kwargs = METHODS[method]
-    kwargs = {**kwargs, **overrides}
-    if structure == "cg":
-        return None
+    """The unfitted estimator of ``method`` on a copy of ``case.model``."""
     sigma = case.sigma if case.likelihood == "regression" else 1.0
-    return Laplace(
-        copy.deepcopy(case.model), case.likelihood, subset, structure,
-        sigma_noise=sigma, prior_precision=case.prior, **_backend(backend), **kwargs,
-    )  # fmt: skip
+    return METHODS[method].build(
+        copy.deepcopy(case.model), case.likelihood, sigma, case.prior, **overrides
+    )
 
 
 class _ScaledDamped:
@@ -157,11 +144,11 @@ def timed_fit_predict(
         else:
             la = build(case, method, **overrides)
             la.fit(case.loader())
-            if method.startswith("hfl") and "amortize" not in METHODS[method][4]:
-                la._glm_predictive_distribution(case.Xq[:1])  # unperturbed refit
+            if method.startswith("hfl") and "amortize" not in METHODS[method].options:
+                glm_predictive(la, case.Xq[:1])  # unperturbed refit
 
             def predict(X: Tensor) -> tuple[Tensor, Tensor]:
-                return la._glm_predictive_distribution(X)
+                return glm_predictive(la, X)
 
         t1 = time.perf_counter()
         f_mu, f_var = predict(Xq)

@@ -155,7 +155,7 @@ def timing(case: C.Case, methods: list[str], cfg) -> list[dict]:
             d = _diag(out["f_var"])
             if method == "full_ggn":
                 ref = d
-            row = {"case": case.name, "method": method, "label": METHODS[method][0],
+            row = {"case": case.name, "method": method, "label": METHODS[method].label,
                    "M": M, "measured_queries": n, "fit_s": out["fit_s"],
                    "predict_s_per_query": out["predict_s"] / n,
                    "total_s_per_query": (out["fit_s"] + out["predict_s"] * M / n) / M,

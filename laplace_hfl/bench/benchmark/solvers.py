@@ -32,14 +32,8 @@ from laplace.curvature import CurvlinopsGGN
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from laplace_hfl.bench.benchmark.measure import (
-    describe_device,
-    device_peak_mb,
-    pick_device,
-    reset_peak,
-    rss_mb,
-    timed,
-)
+from laplace_hfl.bench.benchmark.measure import describe_device, pick_device, timed
+from laplace_hfl.bench.evaluation.memory import device_peak_mb, reset_peak, rss_mb
 from laplace_hfl.bench.evaluation.networks import LeNet, mnist_split, train_classifier
 from laplace_hfl.engine.dense import dense_budget
 from laplace_hfl.engine.preconditioner import default_rank

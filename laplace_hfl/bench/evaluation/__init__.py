@@ -41,6 +41,8 @@ from laplace_hfl.bench.evaluation.registry import (
     REFERENCE_GGN,
     REFERENCE_HESSIAN,
     MethodSpec,
+    laplace_builder,
+    laplace_method,
     register_method,
     resolve_methods,
 )
@@ -68,6 +70,8 @@ __all__ = [
     "MethodSpec",
     "register_method",
     "resolve_methods",
+    "laplace_builder",
+    "laplace_method",
     "run_comparison",
     "run_method",
     "predict_inputs",
