@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from laplace_hfl.bench.evaluation.memory import peak_rss_mb
+from laplace_hfl.bench.evaluation.predict import glm_predictive
 from laplace_hfl.engine.device_memory import available_bytes, total_bytes
 
 __all__ = ["measure", "MEMORY_METHODS"]
@@ -98,7 +99,7 @@ def run_laplace(model, loader, Xq, structure, kwargs):
     la = Laplace(model, "regression", "all", structure, sigma_noise=SIGMA,
                  prior_precision=PRIOR, **kwargs)  # fmt: skip
     la.fit(loader)
-    la._glm_predictive_distribution(Xq)
+    glm_predictive(la, Xq)
 
 
 if __name__ == "__main__":

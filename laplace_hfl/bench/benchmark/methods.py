@@ -24,7 +24,7 @@ from laplace_hfl.bench.evaluation.predict import glm_predictive
 from laplace_hfl.bench.evaluation.registry import MethodSpec, laplace_method
 from laplace_hfl.engine.functional import output_jacobians
 
-__all__ = ["METHODS", "build", "timed_fit_predict", "cg_inverse_predictor"]
+__all__ = ["METHODS", "build", "timed_fit_predict", "cg_inverse_predictor", "damped"]
 
 _LAPLACE = [  # name, label, family, subset, structure, backend, constructor keywords
     ("hfl_naive", "HFL naive (1 direction at a time, plain CG)", "hfl", "all", "hfl",
@@ -65,26 +65,30 @@ def build(case: Case, method: str, **overrides: Any):
     )
 
 
-class _ScaledDamped:
-    """``scale * A + damping * I`` for a curvlinops operator (3.0.1 has no sum)."""
+def damped(A: Any, shapes: list[torch.Size], scale: float, damping: float) -> Any:
+    """``scale * A + damping * I`` for a curvlinops operator ``A`` on parameters
+    of ``shapes``.
 
-    @staticmethod
-    def make(A, scale: float, damping: float):
-        from curvlinops._torch_base import PyTorchLinearOperator
+    curvlinops 3.0.1 exports neither an identity operator nor its operator
+    base class; subclassing that class and implementing ``_matmat`` /
+    ``_adjoint`` is its documented way to write an operator, hence the one
+    import from ``curvlinops._torch_base`` in the bench.
+    """
+    from curvlinops._torch_base import PyTorchLinearOperator
 
-        class Damped(PyTorchLinearOperator):
-            SELF_ADJOINT = True
+    class Damped(PyTorchLinearOperator):
+        SELF_ADJOINT = True
 
-            def __init__(self) -> None:
-                super().__init__(A._in_shape, A._out_shape)
+        def __init__(self) -> None:
+            super().__init__(shapes, shapes)
 
-            def _matmat(self, X):
-                return [scale * a + damping * x for a, x in zip(A._matmat(X), X)]
+        def _matmat(self, X):
+            return [scale * a + damping * x for a, x in zip(A @ X, X)]
 
-            def _adjoint(self):
-                return self
+        def _adjoint(self):
+            return self
 
-        return Damped()
+    return Damped()
 
 
 def cg_inverse_predictor(
@@ -112,7 +116,7 @@ def cg_inverse_predictor(
         )
     ]
     G = GGNLinearOperator(model, loss, params, data, check_deterministic=False)
-    A = _ScaledDamped.make(G, scale, case.prior)
+    A = damped(G, [p.shape for p in params], scale, case.prior)
     Ainv = CGInverseLinearOperator(A, tolerance=tolerance, max_iter=max_iter)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     from laplace_hfl.engine.functional import ParamLayout, make_forward

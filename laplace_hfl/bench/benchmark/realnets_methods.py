@@ -42,18 +42,11 @@ _SPEC_FIELDS = ("fit_kwargs", "tune", "max_test", "budget_s", "reference")
 
 
 def real_methods(
-    *,
-    dict_inputs: bool = False,
-    n_hfl_ll: int = 2,
-    n_hfl_all: int = 1,
-    hfl_budget_s: float = 120.0,
-    amortize: int = 16,
-    amortize_max_iter: int = 100,
-    ella_subsample: int = 40,
-    ella_eigen: int = 20,
-    valla_inducing: int = 20,
+    *, dict_inputs: bool = False, n_hfl_ll: int = 2, n_hfl_all: int = 1,
+    hfl_budget_s: float = 120.0, amortize: int = 16, amortize_max_iter: int = 100,
+    ella_subsample: int = 40, ella_eigen: int = 20, valla_inducing: int = 20,
     valla_iterations: int = 20,
-) -> list[MethodSpec]:
+) -> list[MethodSpec]:  # fmt: skip
     """The benchmark's methods, donors of borrowed priors first.
 
     Parameters

@@ -20,6 +20,7 @@ import torch
 
 from laplace_hfl.bench.benchmark import cases as C
 from laplace_hfl.bench.benchmark.methods import METHODS, timed_fit_predict
+from laplace_hfl.bench.evaluation.predict import glm_predictive
 from laplace_hfl_cli import COMMANDS
 
 __all__ = ["main", "register", "run", "CONFIGS"]
@@ -238,7 +239,7 @@ def kfac_refused(cfg) -> dict:
                 backend=getattr(__import__("laplace.curvature", fromlist=[backend]), backend),
             )  # fmt: skip
             la.fit(case.loader())
-            la._glm_predictive_distribution(case.Xq)
+            glm_predictive(la, case.Xq)
             out[key] = "ran (no error)"
         except Exception as err:
             out[key] = f"{type(err).__name__}: {str(err)[:300]}"

@@ -175,14 +175,9 @@ def laplace_builder(
 
 
 def laplace_method(
-    name: str,
-    family: str,
-    kind: str,
-    subset: str,
-    structure: str,
-    backend: type | None = None,
-    **kw: Any,
-) -> MethodSpec:
+    name: str, family: str, kind: str, subset: str, structure: str,
+    backend: type | None = None, **kw: Any,
+) -> MethodSpec:  # fmt: skip
     """A :class:`MethodSpec` for ``Laplace(model, lik, subset, structure, **kw)``.
 
     Parameters
