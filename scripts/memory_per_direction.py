@@ -1,4 +1,4 @@
-"""Peak memory of exact HFL per refit direction (issue 11, item 15).
+"""Peak memory of exact HFL per refit direction.
 
 Each case runs in a fresh process: the same model and data, ``n`` query
 directions refit together (``chunk_size = n``, one output per point). The
@@ -39,7 +39,7 @@ la = Laplace(model, "regression", "all", "hfl", sigma_noise=0.3,
              prior_precision=1.0, chunk_size=n, max_iter=5, precondition_rank=0)
 la.fit(DataLoader(TensorDataset(X, y), batch_size=64))
 before = peak_rss_mb()
-la._glm_predictive_distribution(torch.randn(n, 10))
+la.glm_predictive(torch.randn(n, 10))
 print(json.dumps({"n": n, "n_params": P, "peak_rss_mb": peak_rss_mb(),
                   "peak_before_predict_mb": before}))
 """
