@@ -26,7 +26,7 @@ from laplace_hfl.bench.benchmark.realnets import (
 from laplace_hfl.bench.benchmark.realnets_methods import real_methods
 from laplace_hfl.bench.evaluation import METHODS, TASKS, run_comparison
 from laplace_hfl.bench.evaluation.networks import BNConvNet, LeNet
-from laplace_hfl.bench.evaluation.predict import glm_predictive
+from laplace_hfl.bench.evaluation.predict import glm_predictive, predict_batched
 from laplace_hfl.bench.evaluation.registry import MethodSpec, laplace_builder
 from laplace_hfl.bench.evaluation.text import (
     DictDataset,
@@ -197,3 +197,19 @@ def test_level_order_spreads_budgeted_levels():
 def test_lenet_parameter_count_unchanged_and_bn_count():
     assert sum(p.numel() for p in LeNet().parameters()) == 44_426
     assert sum(p.numel() for p in BNConvNet().parameters()) == 20_570
+
+
+def test_predict_batched_splits_dict_batches_like_one_call(text_task):
+    """The harness's batched prediction of a dict batch equals one call."""
+    model, loader, query = text_task
+    kw = {"dict_key_x": "input_ids", "dict_key_y": "labels"}
+    la = Laplace(copy.deepcopy(model), "classification", "last_layer", "full",
+                 backend=CurvlinopsGGN, **kw)  # fmt: skip
+    la.fit(loader)
+    mu, var = predict_batched(la, model, query, batch_size=2)
+    ref_mu, ref_var = glm_predictive(la, query)
+    assert torch.allclose(mu, ref_mu) and torch.allclose(var, ref_var)
+    mu0, var0 = predict_batched(None, model, query, batch_size=2)
+    with torch.no_grad():
+        assert torch.allclose(mu0, model(query))
+    assert var0.shape == (3, 3, 3) and not var0.any()
