@@ -40,8 +40,9 @@ def main() -> None:
     with eval_mode(la.model):
         obj = la.objective()
         _, precond = la.refit_preconditioner()
-        # the estimator's noise: keyed by position in the (unshuffled) loader
-        noise = batch_noise(None, list(train))
+        # the estimator's noise: keyed by row position in its refit batches
+        # (a single-process fit of an unshuffled loader)
+        noise = batch_noise(None, list(obj.batches()))
         Xq_in = la.query_inputs(Xq)
         for rtol in (1e-6, 1e-3, 1e-2):
             t = time.perf_counter()
