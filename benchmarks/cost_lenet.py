@@ -36,6 +36,7 @@ def _time(model, split, subset, structure, n_query, **kw):
     from laplace import Laplace
 
     import laplace_hfl  # noqa: F401
+    from laplace_hfl.bench.evaluation.predict import glm_predictive
 
     la = Laplace(model, "classification", subset, structure,
                  prior_precision=PRIOR, **kw)  # fmt: skip
@@ -43,7 +44,7 @@ def _time(model, split, subset, structure, n_query, **kw):
     la.fit(split.loader("train", batch_size=256))
     t1 = time.perf_counter()
     Xq = split.X_test[:n_query]
-    la._glm_predictive_distribution(Xq)
+    glm_predictive(la, Xq)
     t2 = time.perf_counter()
     return {"fit_s": t1 - t0, "predict_s": t2 - t1, "n_query": n_query,
             "predict_s_per_query": (t2 - t1) / n_query}  # fmt: skip

@@ -17,7 +17,7 @@ it, one mixin a concern: :mod:`laplace_hfl.prediction` (GLM predictive),
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from laplace_hfl.distributed import (
     data_reducer,
     is_distributed,
 )
+from laplace_hfl.engine.amortized import AmortizedState
 from laplace_hfl.engine.batches import (
     buffers_kept,
     check_output,
@@ -47,6 +48,7 @@ from laplace_hfl.engine.functional import (
     to_compute,
 )
 from laplace_hfl.engine.keys import TensorKey
+from laplace_hfl.engine.preconditioner import NystromSketch
 from laplace_hfl.engine.refit import RefitDiagnostics
 from laplace_hfl.engine.validation import (
     as_bool,
@@ -404,3 +406,143 @@ class HFLMixin(
         solver = self._solver_object
         base = None if solver is None else solver.base
         return float("nan") if base is None else base.map_grad_norm
+
+    # ------------------------------------------- public seam for tools (bench)
+    def objective(self) -> LaplaceObjective:
+        """The refit objective of the current fit and hyperparameters.
+
+        What every HFL solve works on: the functional forward at the MAP,
+        the training batches, the likelihood, ``h_factor`` (``1/sigma^2`` or
+        1, over the temperature), the prior precision and mean in the compute
+        dtype. Built anew on each call (cheap: no data pass), so it follows
+        later changes of the prior precision, ``sigma_noise`` or temperature.
+
+        Returns
+        -------
+        LaplaceObjective
+            See :class:`laplace_hfl.engine.functional.LaplaceObjective`.
+
+        Raises
+        ------
+        HFLNotFittedError
+            Before ``fit``.
+        ValueError
+            Invalid hyperparameters, or ``likelihood`` changed since ``fit``.
+        """
+        self._check_H_init()
+        return self._objective()
+
+    def query_inputs(self, X: Any) -> Any:
+        """The inputs of the refit module for raw query inputs ``X``.
+
+        The network's inputs for all-weights HFL; the last layer's features
+        for last-layer HFL (computed by the frozen body, in eval mode). In the
+        compute dtype on the model's device; ``objective().forward(theta, ·)``
+        takes them.
+
+        Parameters
+        ----------
+        X : Tensor or Mapping
+            Query inputs, batch first (a dict batch for dict models).
+
+        Returns
+        -------
+        Tensor or Mapping
+        """
+        self._check_H_init()
+        with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
+            return self._query_inputs(X)
+
+    def glm_predictive(
+        self, X: Any, joint: bool = False, diagonal_output: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Linearised (GLM) predictive mean and output covariance at ``X``.
+
+        The functional ``(f_mu, f_var)`` before any link function: for
+        classification laplace-torch's ``la(x)`` returns probabilities only,
+        and its ``_glm_predictive_distribution`` is private to it.
+
+        Parameters
+        ----------
+        X : Tensor or Mapping
+            Query inputs ``(B, ...)``.
+        joint : bool, default=False
+            Joint covariance over all ``B * C`` outputs.
+        diagonal_output : bool, default=False
+            Only the per-output variances ``(B, C)``.
+
+        Returns
+        -------
+        f_mu : Tensor
+            ``(B, C)`` (flattened ``(B * C,)`` when ``joint``).
+        f_var : Tensor
+            ``(B, C, C)``; ``(B * C, B * C)`` when ``joint``; ``(B, C)`` when
+            ``diagonal_output``.
+        """
+        return self._glm_predictive_distribution(X, joint, diagonal_output)
+
+    def refit_preconditioner(
+        self, rebuild: bool = False
+    ) -> tuple[str, Callable[[Tensor], Tensor] | None]:
+        """The preconditioner of the CG refits for the current hyperparameters.
+
+        Chosen as the refits choose it (``preconditioner``,
+        ``precondition_rank``; ``"auto"`` probes); its data part (KFAC
+        factors or Nyström sketch) is built once per fit and reused.
+
+        Parameters
+        ----------
+        rebuild : bool, default=False
+            Drop the cached factors / sketch (and automatic choices) first, so
+            that the build itself can be timed.
+
+        Returns
+        -------
+        name : {"none", "kfac", "nystrom"}
+        apply : callable or None
+            ``M^{-1}`` applied to residual rows ``(m, P) -> (m, P)``; ``None``
+            for ``"none"``.
+        """
+        obj = self.objective()
+        if rebuild:
+            self._reset_solver_caches()
+        with eval_mode(self.model):
+            method = self._preconditioner(obj)
+        return method.name, method.apply(obj.h_factor, obj.prior_precision)
+
+    @property
+    def preconditioner_sketch(self) -> NystromSketch | None:
+        """The Nyström sketch of the GGN built for the refits, if any.
+
+        ``U`` ``(P, r)`` holds the ``r`` directions it resolves (at most the
+        rank asked for), ``products`` its cost in GGN-vector products;
+        ``None`` before a Nyström-preconditioned solve.
+        """
+        method = self._preconds.get("nystrom")
+        return None if method is None else method.sketch
+
+    def amortized_samples(self) -> AmortizedState:
+        """The amortised posterior samples for the current hyperparameters.
+
+        Drawn on first use (at ``fit`` in amortised mode) and redrawn when the
+        hyperparameters change.
+
+        Returns
+        -------
+        AmortizedState
+            ``samples`` ``(S, P)`` and each sample's solver ``residual`` and
+            ``iterations``.
+
+        Raises
+        ------
+        ValueError
+            The estimator is not in amortised mode (``amortize=None``).
+        """
+        if self.amortize is None:
+            raise ValueError(
+                "amortized_samples() needs amortised mode: construct the "
+                "estimator with amortize=S."
+            )
+        obj = self.objective()
+        with eval_mode(self.model):
+            return self._amortized_state(obj)

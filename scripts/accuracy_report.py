@@ -68,7 +68,7 @@ def main() -> None:
             sigma_noise=C.SIGMA if lik == "regression" else 1.0,
         )  # fmt: skip
         la.fit(C.loader(X.float(), y.float() if lik == "regression" else y))
-        _, v = la._glm_predictive_distribution(Xq.float())
+        _, v = la.glm_predictive(Xq.float())
         e = C.rel_err(torch.diagonal(v, 0, 1, 2).double(), torch.diagonal(ref, 0, 1, 2))
         print(f"float32 model {case}: median {e.median():.1e} max {e.max():.1e}")
 

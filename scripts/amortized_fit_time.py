@@ -34,7 +34,7 @@ def main() -> None:
         chunk_size=S, compute_dtype=torch.float32, precondition_rank=256,
     )  # fmt: skip
     _, t_fit = timed(lambda: la.fit(split.loader("train", 64)))
-    state = la._amortized
+    state = la.amortized_samples()
     result = {
         "device": describe_device(device),
         "machine": platform.platform(),

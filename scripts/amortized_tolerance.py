@@ -18,7 +18,7 @@ from laplace import Laplace
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
 from laplace_hfl.bench.benchmark.amortized import dual_variances
 from laplace_hfl.bench.evaluation.networks import mnist_split, train_lenet
-from laplace_hfl.engine.amortized import posterior_samples
+from laplace_hfl.engine.amortized import amortized_covariance, posterior_samples
 from laplace_hfl.engine.batches import eval_mode
 from laplace_hfl.engine.example_noise import batch_noise
 
@@ -34,20 +34,26 @@ def main() -> None:
         model, "classification", "all", "hfl", prior_precision=prior, amortize=64,
         chunk_size=64, precondition_rank=256,
     )  # fmt: skip
-    la.fit(split.loader("train", 64))
+    train = split.loader("train", 64)
+    la.fit(train)
     est = {}
     with eval_mode(la.model):
-        obj = la._objective()
-        precond = la._precond(obj)
-        noise = batch_noise(la._training_index, la._training_data)
+        obj = la.objective()
+        _, precond = la.refit_preconditioner()
+        # the estimator's noise: keyed by row position in its refit batches
+        # (a single-process fit of an unshuffled loader)
+        noise = batch_noise(None, list(obj.batches()))
+        Xq_in = la.query_inputs(Xq)
         for rtol in (1e-6, 1e-3, 1e-2):
             t = time.perf_counter()
             st = posterior_samples(
                 obj, 64, rtol=rtol, chunk_size=64, precond=precond, noise=noise
             )
             dt = time.perf_counter() - t
-            la._amortized, la._amortized_key = st, la._hyper_key() + (64,)
-            _, v = la._glm_predictive_distribution(Xq)
+            # the amortised predictive of these samples, as the estimator forms it
+            _, v = amortized_covariance(
+                obj.forward, obj.theta_map, Xq_in, st.samples, chunk_size=64
+            )
             est[rtol] = torch.diagonal(v, 0, 1, 2).double()
             err = ((est[rtol] - ref).abs() / ref).median()
             print(f"rtol {rtol:g}: {int(st.iterations.max())} iterations, "

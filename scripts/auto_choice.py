@@ -111,7 +111,7 @@ def run_config(model, X, y, likelihood, Xq, prior, solver, precond) -> dict:
     loader = DataLoader(TensorDataset(X, y), batch_size=256)
     t0 = time.perf_counter()
     la.fit(loader)
-    la._glm_predictive_distribution(Xq)
+    la.glm_predictive(Xq)
     seconds = time.perf_counter() - t0
     d = la.last_diagnostics
     return {

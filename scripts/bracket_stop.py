@@ -43,15 +43,15 @@ def _case(name, model, X, y, likelihood, subset):
     la = Laplace(model, likelihood, subset, "hfl", prior_precision=PRIOR,
                  solver="cg", **kw)  # fmt: skip
     la.fit(loader(X, y))
-    obj = la._objective()
+    obj = la.objective()
     g = torch.Generator().manual_seed(1)
     C = y.shape[1] if y.ndim > 1 else (1 if likelihood == "regression" else 3)
     Xq = X[torch.randint(len(X), (200 // C,), generator=g)] * 1.5 + 0.3
     ref, _ = dense_reference(model, X, y, Xq, likelihood, "ggn", subset != "all")
     truth = ref.diagonal(0, 1, 2).flatten()
-    Js, _ = output_jacobians(obj.forward, obj.theta_map, la._query_inputs(Xq))
+    Js, _ = output_jacobians(obj.forward, obj.theta_map, la.query_inputs(Xq))
     V = Js.detach().reshape(-1, Js.shape[-1])
-    pre = la._precond(obj)
+    name, pre = la.refit_preconditioner()
     floor = spectrum_floor(obj, pre)
 
     def solve(rtol, var_rtol=None):
@@ -72,7 +72,7 @@ def _case(name, model, X, y, likelihood, subset):
 
     res, err, inside = solve(1e-30, 1e-3)
     gauss = float(((truth - res.lower) / truth).max())
-    row = {"directions": V.shape[0], "preconditioner": la._precond_name,
+    row = {"directions": V.shape[0], "preconditioner": name,
            "bracket_stop": {"products": res.products, "max_rel_error": err,
                             "bracket_holds_truth": inside,
                             "max_rel_error_gauss_bound": gauss}}  # fmt: skip

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
+from laplace_hfl.bench.evaluation.predict import glm_predictive
 from laplace_hfl.bench.evaluation.training import train_realistic
 
 WIDTHS = (16, 32, 64)
@@ -67,7 +68,7 @@ def run(width: int, n: int) -> dict:
         out[f"{name}_fit_s"] = time.perf_counter() - t0
         for q in N_QUERY:  # after the fit: first a few queries, then many
             t0 = time.perf_counter()
-            _, v = la._glm_predictive_distribution(Xq[:q])
+            _, v = glm_predictive(la, Xq[:q])
             out[f"{name}_predict_{q}_s"] = time.perf_counter() - t0
         out[f"{name}_s"] = out[f"{name}_fit_s"] + out[f"{name}_predict_10_s"]
         var[name] = v.flatten().double()

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace import Laplace
 import laplace_hfl
 from laplace_hfl.bench.benchmark.cases import mlp_for_params
-from laplace_hfl.bench.benchmark.memory import peak_rss_mb
+from laplace_hfl.bench.evaluation.memory import peak_rss_mb
 n, P_target = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
 w = mlp_for_params(P_target)
@@ -39,7 +39,7 @@ la = Laplace(model, "regression", "all", "hfl", sigma_noise=0.3,
              prior_precision=1.0, chunk_size=n, max_iter=5, precondition_rank=0)
 la.fit(DataLoader(TensorDataset(X, y), batch_size=64))
 before = peak_rss_mb()
-la._glm_predictive_distribution(torch.randn(n, 10))
+la.glm_predictive(torch.randn(n, 10))
 print(json.dumps({"n": n, "n_params": P, "peak_rss_mb": peak_rss_mb(),
                   "peak_before_predict_mb": before}))
 """

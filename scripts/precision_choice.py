@@ -46,9 +46,9 @@ def _case(model, X, y, likelihood):
                      solver="cg", preconditioner="nystrom", precondition_rank=8,
                      compute_dtype=dtype, **kw)  # fmt: skip
         la.fit(loader(X, y))
-        obj = la._objective()
-        pre = la._precond(obj)
-        Js, _ = output_jacobians(obj.forward, obj.theta_map, la._query_inputs(Xq))
+        obj = la.objective()
+        _, pre = la.refit_preconditioner()
+        Js, _ = output_jacobians(obj.forward, obj.theta_map, la.query_inputs(Xq))
         V = Js.detach().reshape(-1, Js.shape[-1])
         floor = spectrum_floor(obj, pre)
         mv = lambda idx, W: ggn_matvec(obj, W)  # noqa: E731

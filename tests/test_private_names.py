@@ -276,35 +276,14 @@ def test_no_private_imports_or_estimator_internals_outside_the_bench():
     assert not found, _report(found)
 
 
-def _pending(folders: tuple[str, ...], name: str, reason: str):
-    """A check of ``folders`` that is expected to fail until ``reason`` is
-    dealt with (``strict=False``: it passes as soon as they are clean)."""
-    mark = pytest.mark.xfail(strict=False, raises=AssertionError, reason=reason)
-    return pytest.param(folders, id=name, marks=mark)
-
-
-#: Folders that still use private names, each with why; the lead removes an
-#: entry's mark (making its check strict) once the refactor that cleans it is in.
-PENDING = [
-    _pending(
-        ("laplace_hfl/bench",),
-        "bench",
-        "the bench still reads private names (la._objective(), la._precond, "
-        "la._sketch, la._amortized, evaluation.training._mlp, ...); the bench "
-        "refactor removes them, then this check is made strict",
-    ),
-    _pending(
-        ("scripts", "benchmarks"),
-        "scripts",
-        "scripts/ read the estimator's internals (la._objective(), la._precond, "
-        "la._sketch, la._amortized, ...): they need the public seam for tools that "
-        "the solver/preconditioner objects bring; make this check strict once "
-        "they use it",
-    ),
-]
-
-
-@pytest.mark.parametrize("folders", PENDING)
+@pytest.mark.parametrize(
+    "folders",
+    [("laplace_hfl/bench",), ("scripts", "benchmarks")],
+    ids=["bench", "scripts"],
+)
 def test_no_private_names_in(folders):
+    """Strict: the bench, scripts and benchmarks reach the estimator through
+    its public seam for tools (``la.objective()``, ``la.query_inputs``,
+    ``la.glm_predictive``, ``la.refit_preconditioner``, ...)."""
     found = _violations([p for d in folders for p in _files(ROOT / d)])
     assert not found, _report(found)

@@ -18,15 +18,16 @@ from torch.utils.data import DataLoader
 from laplace_hfl.bench.benchmark.realnets import (
     GRID,
     Case,
-    _level_order,
+    level_order,
     markdown_table,
     plot_realnets,
     run_case,
 )
-from laplace_hfl.bench.benchmark.realnets_methods import RealMethod, real_methods
+from laplace_hfl.bench.benchmark.realnets_methods import real_methods
 from laplace_hfl.bench.evaluation import METHODS, TASKS, run_comparison
 from laplace_hfl.bench.evaluation.networks import BNConvNet, LeNet
-from laplace_hfl.bench.evaluation.registry import _la
+from laplace_hfl.bench.evaluation.predict import glm_predictive, predict_batched
+from laplace_hfl.bench.evaluation.registry import MethodSpec, laplace_builder
 from laplace_hfl.bench.evaluation.text import (
     DictDataset,
     TinyTextClassifier,
@@ -89,8 +90,8 @@ def test_hfl_on_dict_batches_matches_full_laplace(text_task, subset):
     ref.fit(loader)
     la = Laplace(model, "classification", subset, "hfl", target="ggn", rtol=1e-10, **kw)
     la.fit(loader)
-    _, v_ref = ref._glm_predictive_distribution(query)
-    _, v = la._glm_predictive_distribution(query)
+    _, v_ref = glm_predictive(ref, query)
+    _, v = la.glm_predictive(query)
     if subset == "all":
         assert ref.n_params == 8 * 2 * 2 + 8 * 3 + 3  # adapter + head only
     rel = ((v - v_ref).abs() / v_ref.abs().clamp_min(1e-12)).max()
@@ -124,10 +125,10 @@ def test_function_space_on_all_data_equals_full_ggn(kw):
     def var(build):
         la = build(copy.deepcopy(task.model), "regression", 0.1, 1.0)
         la.fit(task.train_loader)
-        return la._glm_predictive_distribution(X)[1].reshape(-1)
+        return glm_predictive(la, X)[1].reshape(-1)
 
-    ref = var(_la("all", "full", CurvlinopsGGN))
-    v = var(_la("all", "gp", CurvlinopsGGN, **kw))
+    ref = var(laplace_builder("all", "full", CurvlinopsGGN))
+    v = var(laplace_builder("all", "gp", CurvlinopsGGN, **kw))
     assert v.dtype == DT
     assert ((v - ref).abs() / ref).max() < 1e-3
 
@@ -138,9 +139,9 @@ def _tiny_case(model):
     X = torch.rand(64, 1, 28, 28, generator=g)
     y = torch.randint(10, (64,), generator=g)
     loader = DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=32)
-    n = sum(p.numel() for p in model.parameters())
-    return Case("tiny_img", model.eval(), loader, (X[:16], y[:16]),
-                {0: (X[:6], y[:6]), 90: (X[:6].flip(-1), y[:6])}, n, 0.0, "test")  # fmt: skip
+    return Case("tiny_img", model.eval(), train_loader=loader, val=(X[:16], y[:16]),
+                shifts={0: (X[:6], y[:6]), 90: (X[:6].flip(-1), y[:6])},
+                description="test")  # fmt: skip
 
 
 def test_realnets_harness_rows_agreement_and_failures(tmp_path):
@@ -151,9 +152,13 @@ def test_realnets_harness_rows_agreement_and_failures(tmp_path):
     case = _tiny_case(model)
     by_name = {m.name: m for m in real_methods(n_hfl_ll=3)}
     methods = [by_name[n] for n in ("map", "ll_full", "kron", "hfl_ll")]
-    methods.append(RealMethod("hfl_borrow_failed", None, tune="from:kron"))
-    methods.append(RealMethod("ll_kron_grid", by_name["ll_kron"].build, tune="grid"))
-    methods.append(RealMethod("ll_kron_budget", by_name["ll_kron"].build, budget_s=0.0))
+    methods.append(MethodSpec("hfl_borrow_failed", tune="from:kron"))
+    methods.append(
+        MethodSpec("ll_kron_grid", build=by_name["ll_kron"].build, tune="grid")
+    )
+    methods.append(
+        MethodSpec("ll_kron_budget", build=by_name["ll_kron"].build, budget_s=0.0)
+    )
     snap = snapshot(model)
     rows = {r["method"]: r for r in run_case(case, methods, n_tune=16, progress=False)}
     assert_unchanged(model, snap)
@@ -185,10 +190,26 @@ def test_realnets_harness_rows_agreement_and_failures(tmp_path):
 
 
 def test_level_order_spreads_budgeted_levels():
-    assert _level_order([0, 15, 30, 45, 60], True) == [0, 30, 60, 15, 45]
-    assert _level_order([0, 15, 30], False) == [0, 15, 30]
+    assert level_order([0, 15, 30, 45, 60], True) == [0, 30, 60, 15, 45]
+    assert level_order([0, 15, 30], False) == [0, 15, 30]
 
 
 def test_lenet_parameter_count_unchanged_and_bn_count():
     assert sum(p.numel() for p in LeNet().parameters()) == 44_426
     assert sum(p.numel() for p in BNConvNet().parameters()) == 20_570
+
+
+def test_predict_batched_splits_dict_batches_like_one_call(text_task):
+    """The harness's batched prediction of a dict batch equals one call."""
+    model, loader, query = text_task
+    kw = {"dict_key_x": "input_ids", "dict_key_y": "labels"}
+    la = Laplace(copy.deepcopy(model), "classification", "last_layer", "full",
+                 backend=CurvlinopsGGN, **kw)  # fmt: skip
+    la.fit(loader)
+    mu, var = predict_batched(la, model, query, batch_size=2)
+    ref_mu, ref_var = glm_predictive(la, query)
+    assert torch.allclose(mu, ref_mu) and torch.allclose(var, ref_var)
+    mu0, var0 = predict_batched(None, model, query, batch_size=2)
+    with torch.no_grad():
+        assert torch.allclose(mu0, model(query))
+    assert var0.shape == (3, 3, 3) and not var0.any()

@@ -113,7 +113,13 @@ PARTS = (
         "samples; each owns its cache keyed on the hyperparameters, one registry\n"
         "entry each), what one vectorised product holds, and the estimator's\n"
         "keyword options, validated against the solver and preconditioner registries.",
-        ("engine.chunks", "engine.solver_objects", "options"),  # fmt: skip
+        (
+            "engine.chunks",
+            "engine.solver_objects",
+            "options",
+            "engine.example_noise",
+            "solver_choice",
+        ),  # fmt: skip
     ),
     Part(
         "hfl-prediction",
@@ -132,7 +138,6 @@ PARTS = (
             "distributed",
             "shards",
             "hyperparameters",
-            "engine.example_noise",
             "state_checks",
             "state",
             "serial",
@@ -149,7 +154,7 @@ PARTS = (
         "hfl (10/11): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
         "The laplace-torch classes (all weights, last layer), HessianStructure.HFL,\n"
         "the Laplace docstring and the exports.",
-        ("_docs", "solver_choice", "base", "hessian_free", "last_layer"),  # fmt: skip
+        ("_docs", "base", "hessian_free", "last_layer"),  # fmt: skip
         ("package_exports", "enum_docstring_exports"),
     ),
     Part(

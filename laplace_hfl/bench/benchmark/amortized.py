@@ -37,6 +37,7 @@ from torch.func import functional_call, jacrev, vmap
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
 from laplace_hfl.bench.benchmark.measure import describe_device, pick_device, timed
 from laplace_hfl.bench.evaluation.networks import mnist_split, train_lenet
+from laplace_hfl.bench.evaluation.predict import glm_predictive
 from laplace_hfl.errors import RefitConvergenceWarning
 
 __all__ = ["dual_variances", "main", "run"]
@@ -99,11 +100,11 @@ def cg_variances(
     from laplace_hfl.engine.functional import output_jacobians
 
     with eval_mode(la.model):
-        obj = la._objective()
-        Js, f = output_jacobians(obj.forward, obj.theta_map, la._query_inputs(X_test))
+        obj = la.objective()
+        Js, f = output_jacobians(obj.forward, obj.theta_map, la.query_inputs(X_test))
         cls = f.argmax(-1)
         V = Js.detach()[torch.arange(len(cls), device=cls.device), cls]  # (B, P)
-        res = cg_run(obj, V, la._precond(obj), rtol, max_iter)
+        res = cg_run(obj, V, la.refit_preconditioner()[1], rtol, max_iter)
     info = {
         "iterations_max": int(res["iterations"].max()),
         "converged": res["converged"],
@@ -150,9 +151,7 @@ def run(
 
     kfac = Laplace(model, "classification", "all", "kron", prior_precision=prior)
     _, t_kfac_fit = _timed(lambda: kfac.fit(loader), "KFAC fit")
-    (_, var_kfac), t_kfac_q = _timed(
-        lambda: kfac._glm_predictive_distribution(Xq), "KFAC predict"
-    )
+    (_, var_kfac), t_kfac_q = _timed(lambda: glm_predictive(kfac, Xq), "KFAC predict")
 
     hfl = Laplace(
         model, "classification", "all", "hfl", prior_precision=prior,
@@ -162,10 +161,8 @@ def run(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RefitConvergenceWarning)
         _, t_hfl_fit = _timed(lambda: hfl.fit(hfl_loader), "HFL amortised fit")
-    (_, var_hfl), t_hfl_q = _timed(
-        lambda: hfl._glm_predictive_distribution(Xq), "HFL predict"
-    )
-    state = hfl._amortized
+    (_, var_hfl), t_hfl_q = _timed(lambda: glm_predictive(hfl, Xq), "HFL predict")
+    state = hfl.amortized_samples()
 
     if reference == "auto":
         reference = "dual" if n_train <= 1500 else "cg"
@@ -218,28 +215,21 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # fmt: off
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=64)
     ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument(
-        "--epochs",
-        type=int,
-        default=4,
-        help="minibatch SGD epochs per sample; 0: full-batch CG (exact to rtol)",
-    )
+    ap.add_argument("--epochs", type=int, default=4,
+                    help="minibatch SGD epochs per sample; 0: full-batch CG (exact to rtol)")
     ap.add_argument("--precondition-rank", type=int, default=0)
     ap.add_argument("--float64", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument(
-        "--reference",
-        choices=["auto", "dual", "cg"],
-        default="auto",
-        help="exact variances: dense dual (N <= ~1500) or CG (auto: by N)",
-    )
-    ap.add_argument(
-        "--device", default="auto", help="cpu, cuda or auto (cuda when present)"
-    )
+    ap.add_argument("--reference", choices=["auto", "dual", "cg"], default="auto",
+                    help="exact variances: dense dual (N <= ~1500) or CG (auto: by N)")
+    ap.add_argument("--device", default="auto",
+                    help="cpu, cuda or auto (cuda when present)")
+    # fmt: on
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     res = run(

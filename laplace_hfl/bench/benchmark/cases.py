@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,22 +27,64 @@ PRIOR = 1.0
 
 @dataclass
 class Case:
-    """A trained model, its training data and query inputs."""
+    """A trained model and its data: the one case type of the benchmarks.
+
+    The speed and accuracy benchmark's cases hold the training tensors ``X``,
+    ``y`` and the query inputs ``Xq``; the real-network cases hold a
+    ``train_loader`` (dict batches allowed), a validation split ``val`` and
+    the shifted test sets ``shifts``.
+
+    Attributes
+    ----------
+    name : str
+    model : torch.nn.Module
+        The trained MAP network (methods get deep copies).
+    likelihood : {"regression", "classification"}
+    sigma, prior : float
+        ``sigma_noise`` (regression) and prior precision shared by every
+        method that does not tune its own.
+    X, y : Tensor or None
+        Training inputs and targets.
+    Xq : Tensor or None
+        Query inputs.
+    train_loader : DataLoader or None
+        Training data as the methods are fitted on it (default: ``X``, ``y``
+        in one batch, :meth:`loader`).
+    val : tuple or None
+        ``(X_val, y_val)`` for prior tuning.
+    shifts : dict
+        Shift level (angle, ``"id"`` / ``"ood"``) to ``(X, y)``; ``X`` a
+        tensor or a dict batch.
+    train_s : float
+        Seconds the MAP training took.
+    description : str
+        One line for reports.
+    """
 
     name: str
     model: nn.Module
-    X: Tensor
-    y: Tensor
-    Xq: Tensor
-    likelihood: str
-    sigma: float
-    prior: float
+    likelihood: str = "classification"
+    sigma: float = 1.0
+    prior: float = PRIOR
+    X: Tensor | None = None
+    y: Tensor | None = None
+    Xq: Tensor | None = None
+    train_loader: DataLoader | None = None
+    val: tuple[Any, Tensor] | None = None
+    shifts: dict[Any, tuple[Any, Tensor]] = field(default_factory=dict)
+    train_s: float = 0.0
+    description: str = ""
 
     @property
     def n_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Trainable parameters of the model."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def loader(self, batch_size: int | None = None) -> DataLoader:
+        """:attr:`train_loader`, or ``X``, ``y`` in batches of ``batch_size``
+        (default: one batch)."""
+        if self.train_loader is not None and batch_size is None:
+            return self.train_loader
         bs = batch_size or len(self.X)
         return DataLoader(TensorDataset(self.X, self.y), batch_size=bs)
 
@@ -76,7 +119,7 @@ def in_between(n_query: int = 128, steps: int = 2000, seed: int = 0) -> Case:
     model = nn.Sequential(nn.Linear(1, 50), nn.Tanh(), nn.Linear(50, 1))
     _train(model, X, y, "regression", steps)
     Xq = torch.linspace(-2, 2, n_query)[:, None]
-    return Case("in_between_1-50-1", model, X, y, Xq, "regression", SIGMA, PRIOR)
+    return Case("in_between_1-50-1", model, "regression", SIGMA, PRIOR, X, y, Xq)
 
 
 def _digits_data(seed: int = 0):
@@ -98,7 +141,7 @@ def digits(n_query: int | None = None, steps: int = 300, seed: int = 0) -> Case:
     _train(model, X, y, "classification", steps, wd=1e-4)
     if n_query is not None:
         Xq = Xq[:n_query]
-    return Case("digits_64-32-10", model, X, y, Xq, "classification", 1.0, PRIOR)
+    return Case("digits_64-32-10", model, "classification", 1.0, PRIOR, X, y, Xq)
 
 
 def batchnorm_digits(n_query: int = 64, steps: int = 300, seed: int = 0) -> Case:
@@ -110,8 +153,8 @@ def batchnorm_digits(n_query: int = 64, steps: int = 300, seed: int = 0) -> Case
     )
     _train(model, X, y, "classification", steps, wd=1e-4)
     return Case(
-        "digits_batchnorm_64-32-BN-10", model, X, y, Xq[:n_query], "classification",
-        1.0, PRIOR,
+        "digits_batchnorm_64-32-BN-10", model, "classification", 1.0, PRIOR, X, y,
+        Xq[:n_query],
     )  # fmt: skip
 
 
@@ -131,7 +174,7 @@ def wide_mlp(
     _train(model, X, y, "regression", steps, lr=1e-3)
     Xq = torch.randn(n_query, d_in, generator=g)
     return Case(
-        f"mlp_{d_in}-{width}-{width}-1", model, X, y, Xq, "regression", SIGMA, PRIOR
+        f"mlp_{d_in}-{width}-{width}-1", model, "regression", SIGMA, PRIOR, X, y, Xq
     )
 
 

@@ -43,6 +43,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from laplace_hfl.bench.evaluation.predict import glm_predictive
+
 __all__ = ["SIZES", "main", "run"]
 
 #: Sizes of the full run and of ``--tiny``.
@@ -55,13 +57,6 @@ SIZES = {
              "limit_s": {"lenet_exact": 120, "bn_cnn": 120, "last_layer": 120}},
 }  # fmt: skip
 PRIOR_PER_POINT = 5e-4  # prior precision = N * weight decay of the training
-
-
-def _sketch_rank(la) -> int:
-    """Columns the Nystrom sketch of ``la``'s refits kept (0: none built)."""
-    nystrom = la._preconds.get("nystrom")
-    sketch = None if nystrom is None else nystrom.sketch
-    return 0 if sketch is None else int(sketch.U.shape[1])
 
 
 def _sync() -> None:
@@ -86,7 +81,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _var(la, X: torch.Tensor) -> torch.Tensor:
-    return la._glm_predictive_distribution(X)[1].diagonal(0, 1, 2)
+    return glm_predictive(la, X)[1].diagonal(0, 1, 2)
 
 
 def lenet_exact(size: dict) -> dict[str, Any]:
@@ -107,13 +102,13 @@ def lenet_exact(size: dict) -> dict[str, Any]:
     la = Laplace(model, "classification", "all", "hfl", prior_precision=prior, **kw)
     _, t_fit = _clock(lambda: la.fit(train))
     v_exact, t_pred = _clock(lambda: _var(la, Xq))
-    d = la.last_diagnostics
+    d, sketch = la.last_diagnostics, la.preconditioner_sketch
     out["exact"] = {
         "per_query_s": (t_fit + t_pred) / len(Xq),
         "mean_iterations_per_refit": float(d.iterations.float().mean()),
         "preconditioner": d.preconditioner,
         "products_last_chunk": d.products,
-        "sketch_rank": _sketch_rank(la),
+        "sketch_rank": 0 if sketch is None else int(sketch.U.shape[1]),
     }
     kron = Laplace(model, "classification", "all", "kron", prior_precision=prior)
     _, t_kfit = _clock(lambda: kron.fit(train))

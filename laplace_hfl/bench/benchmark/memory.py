@@ -8,29 +8,21 @@ subprocess per case so that peaks do not mix.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 import warnings
 
 import torch
 
-from laplace_hfl.bench.benchmark.measure import rss_mb
+from laplace_hfl.bench.evaluation.memory import peak_rss_mb
+from laplace_hfl.bench.evaluation.predict import glm_predictive
 from laplace_hfl.engine.device_memory import available_bytes, total_bytes
 
-__all__ = ["peak_rss_mb", "measure", "MEMORY_METHODS"]
+__all__ = ["measure", "MEMORY_METHODS"]
 
 MEMORY_METHODS = ("baseline", "map_train_step", "hfl", "hfl_amortized", "full_ggn",
                   "kron", "diag", "cg_inverse")  # fmt: skip
 N_DATA = 64
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (VmHWM; ru_maxrss survives exec)."""
-    peak = rss_mb("VmHWM")
-    if peak == peak:  # not NaN: /proc is there
-        return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _available_bytes() -> int:
@@ -88,7 +80,7 @@ def measure(method: str, n_params: int) -> dict:
         from laplace_hfl.bench.benchmark.cases import Case
         from laplace_hfl.bench.benchmark.methods import cg_inverse_predictor
 
-        case = Case("mem", model, X, y, Xq, "regression", SIGMA, PRIOR)
+        case = Case("mem", model, "regression", SIGMA, PRIOR, X, y, Xq)
         cg_inverse_predictor(case, max_iter=5)(Xq)
     else:
         raise ValueError(f"unknown method {method!r}")
@@ -107,7 +99,7 @@ def run_laplace(model, loader, Xq, structure, kwargs):
     la = Laplace(model, "regression", "all", structure, sigma_noise=SIGMA,
                  prior_precision=PRIOR, **kwargs)  # fmt: skip
     la.fit(loader)
-    la._glm_predictive_distribution(Xq)
+    glm_predictive(la, Xq)
 
 
 if __name__ == "__main__":

@@ -11,93 +11,84 @@ import copy
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
+from laplace.curvature import CurvlinopsGGN, CurvlinopsHessian
 from torch import Tensor, nn
 
 import laplace_hfl  # noqa: F401  (registers "hfl")
 from laplace_hfl.bench.benchmark.cases import Case
+from laplace_hfl.bench.evaluation.predict import glm_predictive
+from laplace_hfl.bench.evaluation.registry import MethodSpec, laplace_method
 from laplace_hfl.engine.functional import output_jacobians
 
-__all__ = ["METHODS", "build", "timed_fit_predict", "cg_inverse_predictor"]
+__all__ = ["METHODS", "build", "timed_fit_predict", "cg_inverse_predictor", "damped"]
 
-#: name -> (label, subset, structure, backend name or None, extra kwargs)
-METHODS: dict[str, tuple[str, str, str, str | None, dict[str, Any]]] = {
-    "hfl_naive": (
-        "HFL naive (1 direction at a time, plain CG)",
-        "all",
-        "hfl",
-        None,
-        {"chunk_size": 1, "solver": "cg", "preconditioner": "none"},
-    ),
-    "hfl_batched_plain": (
-        "HFL batched, plain CG",
-        "all",
-        "hfl",
-        None,
-        {"chunk_size": 256, "solver": "cg", "preconditioner": "none"},
-    ),
-    "hfl_batched": (
-        "HFL batched + Nystrom-preconditioned",
-        "all",
-        "hfl",
-        None,
-        {"chunk_size": 256, "solver": "cg", "preconditioner": "nystrom"},
-    ),
-    "hfl_amortized": ("HFL amortised (S=256)", "all", "hfl", None, {"amortize": 256}),
-    "full_ggn": ("FullLaplace GGN", "all", "full", "CurvlinopsGGN", {}),
-    "full_hessian": ("FullLaplace Hessian", "all", "full", "CurvlinopsHessian", {}),
-    "kron": ("KronLaplace (KFAC)", "all", "kron", None, {}),
-    "diag": ("DiagLaplace", "all", "diag", None, {}),
-    "ll_kron": ("last-layer KFAC", "last_layer", "kron", None, {}),
-    "cg_inverse": ("curvlinops CG inverse", "all", "cg", None, {}),
+_LAPLACE = [  # name, label, family, subset, structure, backend, constructor keywords
+    ("hfl_naive", "HFL naive (1 direction at a time, plain CG)", "hfl", "all", "hfl",
+     None, {"chunk_size": 1, "solver": "cg", "preconditioner": "none"}),
+    ("hfl_batched_plain", "HFL batched, plain CG", "hfl", "all", "hfl", None,
+     {"chunk_size": 256, "solver": "cg", "preconditioner": "none"}),
+    ("hfl_batched", "HFL batched + Nystrom-preconditioned", "hfl", "all", "hfl", None,
+     {"chunk_size": 256, "solver": "cg", "preconditioner": "nystrom"}),
+    ("hfl_amortized", "HFL amortised (S=256)", "hfl", "all", "hfl", None,
+     {"amortize": 256}),
+    ("full_ggn", "FullLaplace GGN", "full", "all", "full", CurvlinopsGGN, {}),
+    ("full_hessian", "FullLaplace Hessian", "full", "all", "full", CurvlinopsHessian,
+     {}),
+    ("kron", "KronLaplace (KFAC)", "kron", "all", "kron", None, {}),
+    ("diag", "DiagLaplace", "diag", "all", "diag", None, {}),
+    ("ll_kron", "last-layer KFAC", "ll", "last_layer", "kron", None, {}),
+]  # fmt: skip
+
+#: The methods timed side by side, by name. ``cg_inverse`` (``build=None``)
+#: is curvlinops' CG inverse, built by :func:`cg_inverse_predictor`.
+METHODS: dict[str, MethodSpec] = {
+    name: replace(
+        laplace_method(name, family, structure, subset, structure, backend, **kw),
+        label=label,
+    )
+    for name, label, family, subset, structure, backend, kw in _LAPLACE
 }
-
-
-def _backend(name: str | None):
-    if name is None:
-        return {}
-    import laplace.curvature as lc
-
-    return {"backend": getattr(lc, name)}
+METHODS["cg_inverse"] = MethodSpec(
+    "cg_inverse", "other", "curvlinops", "cg", None, label="curvlinops CG inverse"
+)
 
 
 def build(case: Case, method: str, **overrides: Any):
-    """A fitted-ready estimator (``Laplace`` object or CG predictor)."""
-    from laplace import Laplace
-
-    _, subset, structure, backend, kwargs = METHODS[method]
-    kwargs = {**kwargs, **overrides}
-    if structure == "cg":
-        return None
+    """The unfitted estimator of ``method`` on a copy of ``case.model``."""
     sigma = case.sigma if case.likelihood == "regression" else 1.0
-    return Laplace(
-        copy.deepcopy(case.model), case.likelihood, subset, structure,
-        sigma_noise=sigma, prior_precision=case.prior, **_backend(backend), **kwargs,
-    )  # fmt: skip
+    return METHODS[method].build(
+        copy.deepcopy(case.model), case.likelihood, sigma, case.prior, **overrides
+    )
 
 
-class _ScaledDamped:
-    """``scale * A + damping * I`` for a curvlinops operator (3.0.1 has no sum)."""
+def damped(A: Any, shapes: list[torch.Size], scale: float, damping: float) -> Any:
+    """``scale * A + damping * I`` for a curvlinops operator ``A`` on parameters
+    of ``shapes``.
 
-    @staticmethod
-    def make(A, scale: float, damping: float):
-        from curvlinops._torch_base import PyTorchLinearOperator
+    curvlinops 3.0.1 exports neither an identity operator nor its operator
+    base class; subclassing that class and implementing ``_matmat`` /
+    ``_adjoint`` is its documented way to write an operator, hence the one
+    import from ``curvlinops._torch_base`` in the bench.
+    """
+    from curvlinops._torch_base import PyTorchLinearOperator
 
-        class Damped(PyTorchLinearOperator):
-            SELF_ADJOINT = True
+    class Damped(PyTorchLinearOperator):
+        SELF_ADJOINT = True
 
-            def __init__(self) -> None:
-                super().__init__(A._in_shape, A._out_shape)
+        def __init__(self) -> None:
+            super().__init__(shapes, shapes)
 
-            def _matmat(self, X):
-                return [scale * a + damping * x for a, x in zip(A._matmat(X), X)]
+        def _matmat(self, X):
+            return [scale * a + damping * x for a, x in zip(A @ X, X)]
 
-            def _adjoint(self):
-                return self
+        def _adjoint(self):
+            return self
 
-        return Damped()
+    return Damped()
 
 
 def cg_inverse_predictor(
@@ -125,7 +116,7 @@ def cg_inverse_predictor(
         )
     ]
     G = GGNLinearOperator(model, loss, params, data, check_deterministic=False)
-    A = _ScaledDamped.make(G, scale, case.prior)
+    A = damped(G, [p.shape for p in params], scale, case.prior)
     Ainv = CGInverseLinearOperator(A, tolerance=tolerance, max_iter=max_iter)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     from laplace_hfl.engine.functional import ParamLayout, make_forward
@@ -157,11 +148,11 @@ def timed_fit_predict(
         else:
             la = build(case, method, **overrides)
             la.fit(case.loader())
-            if method.startswith("hfl") and "amortize" not in METHODS[method][4]:
-                la._glm_predictive_distribution(case.Xq[:1])  # unperturbed refit
+            if method.startswith("hfl") and "amortize" not in METHODS[method].options:
+                glm_predictive(la, case.Xq[:1])  # unperturbed refit
 
             def predict(X: Tensor) -> tuple[Tensor, Tensor]:
-                return la._glm_predictive_distribution(X)
+                return glm_predictive(la, X)
 
         t1 = time.perf_counter()
         f_mu, f_var = predict(Xq)

@@ -28,17 +28,18 @@ import json
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
-from laplace_hfl.bench.benchmark.realnets_methods import RealMethod, real_methods
+from laplace_hfl.bench.benchmark.cases import Case
+from laplace_hfl.bench.benchmark.realnets_methods import real_methods
 from laplace_hfl.bench.benchmark.realnets_report import markdown_table, plot_realnets
+from laplace_hfl.bench.evaluation.memory import PeakMemory
 from laplace_hfl.bench.evaluation.metrics import (
     classification_metrics,
     probit_probs,
@@ -51,11 +52,17 @@ from laplace_hfl.bench.evaluation.networks import (
     train_classifier,
     train_lenet,
 )
-from laplace_hfl.bench.evaluation.runner import PeakMemory
-from laplace_hfl.bench.evaluation.text import DictDataset, synthetic_text
-from laplace_hfl.bench.evaluation.text import train_text_classifier as _train_text
+from laplace_hfl.bench.evaluation.predict import predict_batched, validation_nll
+from laplace_hfl.bench.evaluation.registry import MethodSpec
+from laplace_hfl.bench.evaluation.text import (
+    DictDataset,
+    synthetic_text,
+    train_text_classifier,
+)
+from laplace_hfl.engine.batches import batch_size as rows_of
+from laplace_hfl.engine.batches import slice_batch
 
-__all__ = ["Case", "build_case", "run_case", "run_all", "plot_realnets",
+__all__ = ["Case", "build_case", "level_order", "run_case", "run_all", "plot_realnets",
            "markdown_table", "main"]  # fmt: skip
 
 CASES = ("lenet", "bn_cnn", "text")
@@ -64,36 +71,8 @@ ANGLES = tuple(range(0, 181, 15))
 #: Test images per level whose variances are kept (for agreement checks).
 VAR_HEAD = 8
 GRID = (1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
-
-
-@dataclass
-class Case:
-    """A trained network, its data and shift levels.
-
-    ``shifts`` maps a level (angle, or ``"id"`` / ``"ood"``) to ``(X, y)``
-    where ``X`` is a tensor or a dict batch; methods take the first ``n``.
-    """
-
-    name: str
-    model: nn.Module
-    train_loader: DataLoader
-    val: tuple[Any, Tensor]
-    shifts: dict[Any, tuple[Any, Tensor]]
-    n_params: int
-    train_s: float
-    description: str
-
-
-def _slice(X: Any, i: int, j: int) -> Any:
-    return {k: v[i:j] for k, v in X.items()} if isinstance(X, dict) else X[i:j]
-
-
-def _take(X: Any, n: int) -> Any:
-    return _slice(X, 0, n)
-
-
-def _len(X: Any) -> int:
-    return int(next(iter(X.values())).shape[0]) if isinstance(X, dict) else len(X)
+#: Inputs per prediction call.
+PREDICT_BATCH = 50
 
 
 def build_case(name: str, n_test: int, quick: bool = False, seed: int = 0) -> Case:
@@ -117,7 +96,7 @@ def build_case(name: str, n_test: int, quick: bool = False, seed: int = 0) -> Ca
         n_train = 1000 if quick else 2000
         data = synthetic_text(n_train, seed=seed)
         t0 = time.perf_counter()
-        model = _train_text(data, seed=seed)
+        model = train_text_classifier(data, seed=seed)
         train_s = time.perf_counter() - t0
         val_d = synthetic_text(500, seed=seed + 1)
         test = synthetic_text(n_test, seed=seed + 2)
@@ -132,26 +111,11 @@ def build_case(name: str, n_test: int, quick: bool = False, seed: int = 0) -> Ca
         desc = f"LoRA-like transformer, frozen backbone, {n_train} synthetic sequences"
     else:
         raise KeyError(f"Unknown case {name!r}; known: {CASES}.")
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Case(name, model, loader, val, shifts, n_params, train_s, desc)
+    return Case(name, model, train_loader=loader, val=val, shifts=shifts,
+                train_s=train_s, description=desc)  # fmt: skip
 
 
-def _predict(la: Any, model: nn.Module, X: Any, bs: int = 50) -> tuple[Tensor, Tensor]:
-    mus, vs = [], []
-    for i in range(0, _len(X), bs):
-        x = _slice(X, i, i + bs)
-        if la is None:
-            with torch.no_grad():
-                mu = model(x)
-            v = torch.zeros(*mu.shape, mu.shape[-1])
-        else:
-            mu, v = la._glm_predictive_distribution(x)
-        mus.append(mu.detach().double())
-        vs.append(v.detach().double())
-    return torch.cat(mus), torch.cat(vs)
-
-
-def _level_order(levels: list[Any], spread: bool) -> list[Any]:
+def level_order(levels: list[Any], spread: bool) -> list[Any]:
     """``levels`` in order, or (``spread``) ends and middle first, then the rest.
 
     A method with a prediction budget that stops early has then still seen the
@@ -163,12 +127,7 @@ def _level_order(levels: list[Any], spread: bool) -> list[Any]:
     return first + [lv for lv in levels if lv not in first]
 
 
-def _val_nll(la: Any, model: nn.Module, val: tuple[Any, Tensor]) -> float:
-    mu, v = _predict(la, model, val[0])
-    return classification_metrics(probit_probs(mu, v), val[1])["nll"]
-
-
-def _tune(spec: RealMethod, la: Any, model: nn.Module, case: Case, n_tune: int,
+def _tune(spec: MethodSpec, la: Any, model: nn.Module, case: Case, n_tune: int,
           done: dict[str, dict]) -> tuple[float | None, str]:  # fmt: skip
     if spec.build is None or spec.tune == "own":
         p = None if la is None else float(torch.as_tensor(la.prior_precision).mean())
@@ -176,17 +135,20 @@ def _tune(spec: RealMethod, la: Any, model: nn.Module, case: Case, n_tune: int,
     if spec.tune == "marglik":
         la.optimize_prior_precision(method="marglik", pred_type="glm")
         return float(torch.as_tensor(la.prior_precision).mean()), "marglik"
-    val = (_take(case.val[0], n_tune), case.val[1][:n_tune])
+    X_val, y_val = slice_batch(case.val[0], 0, n_tune), case.val[1][:n_tune]
     scores = []
     for p in GRID:
         la.prior_precision = p
-        scores.append(_val_nll(la, model, val))
+        scores.append(
+            validation_nll(la, model, X_val, y_val, "classification",
+                           batch_size=PREDICT_BATCH, dtype=torch.float64)
+        )  # fmt: skip
     best = GRID[int(np.nanargmin(scores))]
     la.prior_precision = best
     return best, f"grid on {n_tune} val images"
 
 
-def run_method(spec: RealMethod, case: Case, n_tune: int,
+def run_method(spec: MethodSpec, case: Case, n_tune: int,
                done: dict[str, dict]) -> dict[str, Any]:  # fmt: skip
     """Fit, tune and evaluate one method; failures become rows."""
     row: dict[str, Any] = {"case": case.name, "method": spec.name,
@@ -204,7 +166,11 @@ def run_method(spec: RealMethod, case: Case, n_tune: int,
         with warnings.catch_warnings(record=True) as caught, PeakMemory() as mem:
             warnings.simplefilter("always")
             t0 = time.perf_counter()
-            la = None if spec.build is None else spec.build(model, prior)
+            la = (
+                None
+                if spec.build is None
+                else spec.build(model, "classification", 1.0, prior)
+            )
             if la is not None:
                 la.fit(case.train_loader, **spec.fit_kwargs)
             row["fit_s"] = time.perf_counter() - t0
@@ -216,13 +182,16 @@ def run_method(spec: RealMethod, case: Case, n_tune: int,
                 )
             row["tune_s"] = time.perf_counter() - t0 - row["fit_s"]
             levels, n_q, t_pred, variances = {}, 0, 0.0, {}
-            for level in _level_order(list(case.shifts), spec.budget_s is not None):
+            for level in level_order(list(case.shifts), spec.budget_s is not None):
                 if spec.budget_s is not None and t_pred > spec.budget_s:
                     break  # over its prediction budget: remaining levels skipped
                 X, y = case.shifts[level]
-                n = _len(X) if spec.max_test is None else min(spec.max_test, _len(X))
+                n = rows_of(X, "input_ids")
+                n = n if spec.max_test is None else min(spec.max_test, n)
                 t1 = time.perf_counter()
-                mu, v = _predict(la, model, _take(X, n))
+                mu, v = predict_batched(
+                    la, model, slice_batch(X, 0, n), PREDICT_BATCH, torch.float64
+                )
                 t_pred += time.perf_counter() - t1
                 n_q += n
                 if not torch.isfinite(v).all():
@@ -261,7 +230,7 @@ def run_method(spec: RealMethod, case: Case, n_tune: int,
     return row
 
 
-def run_case(case: Case, methods: list[RealMethod], n_tune: int,
+def run_case(case: Case, methods: list[MethodSpec], n_tune: int,
              progress: bool = True,
              previous: list[dict[str, Any]] | None = None,
              on_row: Callable[[list[dict]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip

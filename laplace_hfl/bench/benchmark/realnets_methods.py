@@ -18,80 +18,35 @@ how its prior precision is chosen (the protocol is written to the results):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
-from laplace import Laplace
 from laplace.curvature import AsdlGGN, CurvlinopsGGN
-from torch import nn
 
-import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
+from laplace_hfl.bench.evaluation.registry import MethodSpec, laplace_method
 
-__all__ = ["RealMethod", "real_methods"]
-
-Build = Callable[[nn.Module, float], Any]
+__all__ = ["real_methods"]
 
 
-@dataclass(frozen=True)
-class RealMethod:
-    """One method of the real-network benchmark.
-
-    Attributes
-    ----------
-    name : str
-    build : callable or None
-        ``build(model, prior_precision)`` returning an unfitted Laplace
-        object; ``None`` for the MAP.
-    fit_kwargs : dict
-        Extra keyword arguments of ``fit`` (VaLLA's iterations).
-    tune : str
-        ``"marglik"``, ``"grid"``, ``"from:<name>"`` or ``"own"`` (see the
-        module docstring).
-    max_test : int or None
-        Test images per shift level (``None``: the case's number); the
-        per-method budget of methods whose queries are expensive.
-    budget_s : float or None
-        Prediction time budget: once spent, the remaining shift levels are
-        skipped (levels are then visited ends and middle first).
-    reference : str or None
-        Method whose variances this one is compared with on shared queries.
-    label : str
-        Legend label.
-    """
-
-    name: str
-    build: Build | None
-    fit_kwargs: dict = field(default_factory=dict)
-    tune: str = "marglik"
-    max_test: int | None = None
-    budget_s: float | None = None
-    reference: str | None = None
-    label: str = ""
+def _method(name: str, family: str, subset: str, structure: str, backend: type,
+            label: str, **fields: Any) -> MethodSpec:  # fmt: skip
+    """A classification :class:`MethodSpec`; ``fields`` are the spec's
+    (``tune``, ``max_test``, ...) or else constructor keywords."""
+    spec_fields = {k: fields.pop(k) for k in list(fields) if k in _SPEC_FIELDS}
+    kind = f"ll-{structure}" if subset == "last_layer" else structure
+    spec = laplace_method(name, family, kind, subset, structure, backend, **fields)
+    return replace(spec, label=label, **spec_fields)
 
 
-def _la(subset: str, structure: str, **kw: Any) -> Build:
-    def build(model: nn.Module, prior: float) -> Any:
-        return Laplace(
-            model, "classification", subset, structure, prior_precision=prior, **kw
-        )
-
-    return build
+_SPEC_FIELDS = ("fit_kwargs", "tune", "max_test", "budget_s", "reference")
 
 
 def real_methods(
-    *,
-    dict_inputs: bool = False,
-    n_hfl_ll: int = 2,
-    n_hfl_all: int = 1,
-    hfl_budget_s: float = 120.0,
-    amortize: int = 16,
-    amortize_max_iter: int = 100,
-    ella_subsample: int = 40,
-    ella_eigen: int = 20,
-    valla_inducing: int = 20,
+    *, dict_inputs: bool = False, n_hfl_ll: int = 2, n_hfl_all: int = 1,
+    hfl_budget_s: float = 120.0, amortize: int = 16, amortize_max_iter: int = 100,
+    ella_subsample: int = 40, ella_eigen: int = 20, valla_inducing: int = 20,
     valla_iterations: int = 20,
-) -> list[RealMethod]:
+) -> list[MethodSpec]:  # fmt: skip
     """The benchmark's methods, donors of borrowed priors first.
 
     Parameters
@@ -114,74 +69,40 @@ def real_methods(
 
     Returns
     -------
-    list of RealMethod
+    list of MethodSpec
     """
-    ggn = {"backend": CurvlinopsGGN}
+    ggn = CurvlinopsGGN
     dk = {"dict_key_x": "input_ids", "dict_key_y": "labels"} if dict_inputs else {}
     return [
-        RealMethod("map", None, label="MAP"),
-        RealMethod("ll_full", _la("last_layer", "full", **ggn), label="LL full GGN"),
-        RealMethod("ll_kron", _la("last_layer", "kron", **ggn), label="LL KFAC"),
-        RealMethod("kron", _la("all", "kron", **ggn), label="KFAC"),
-        RealMethod("diag", _la("all", "diag", backend=AsdlGGN), label="diag"),
-        RealMethod(
-            "ella",
-            _la(
-                "all",
-                "gp",
-                functional_approximation="nystrom",
-                subsample_size=ella_subsample,
-                n_eigenvalues=ella_eigen,
-                **ggn,
-                **dk,
-            ),
-            tune="grid",
-            label=f"ELLA (M={ella_subsample}, K={ella_eigen})",
-        ),  # fmt: skip
-        RealMethod(
-            "valla",
-            _la(
-                "all",
-                "gp",
-                functional_approximation="variational",
-                inducing_locations="random",
-                num_inducing=valla_inducing,
-                **ggn,
-                **dk,
-            ),
+        MethodSpec("map", "map", "-", "map", None, label="MAP"),
+        _method("ll_full", "ll", "last_layer", "full", ggn, "LL full GGN"),
+        _method("ll_kron", "ll", "last_layer", "kron", ggn, "LL KFAC"),
+        _method("kron", "kron", "all", "kron", ggn, "KFAC"),
+        _method("diag", "diag", "all", "diag", AsdlGGN, "diag"),
+        _method(
+            "ella", "gp", "all", "gp", ggn, f"ELLA (M={ella_subsample}, K={ella_eigen})",
+            functional_approximation="nystrom", subsample_size=ella_subsample,
+            n_eigenvalues=ella_eigen, tune="grid", **dk,
+        ),
+        _method(
+            "valla", "gp", "all", "gp", ggn, f"VaLLA (M={valla_inducing})",
+            functional_approximation="variational", inducing_locations="random",
+            num_inducing=valla_inducing, tune="own", **dk,
             fit_kwargs={"iterations": valla_iterations, "lr": 1e-2},
-            tune="own",
-            label=f"VaLLA (M={valla_inducing})",
-        ),  # fmt: skip
-        RealMethod(
-            "hfl_ll",
-            _la("last_layer", "hfl"),
-            tune="from:ll_full",
-            max_test=n_hfl_ll,
-            budget_s=hfl_budget_s,
+        ),
+        _method(
+            "hfl_ll", "hfl", "last_layer", "hfl", None, "HFL last layer",
+            tune="from:ll_full", max_test=n_hfl_ll, budget_s=hfl_budget_s,
             reference="ll_full",
-            label="HFL last layer",
-        ),  # fmt: skip
-        RealMethod(
-            "hfl_all",
-            _la("all", "hfl", target="ggn"),
-            tune="from:kron",
-            max_test=n_hfl_all,
-            budget_s=hfl_budget_s,
+        ),
+        _method(
+            "hfl_all", "hfl", "all", "hfl", None, "HFL all (exact)", target="ggn",
+            tune="from:kron", max_test=n_hfl_all, budget_s=hfl_budget_s,
             reference="kron",
-            label="HFL all (exact)",
-        ),  # fmt: skip
-        RealMethod(
-            "hfl_amortized",
-            _la(
-                "all",
-                "hfl",
-                target="ggn",
-                amortize=amortize,
-                max_iter=amortize_max_iter,
-            ),
-            tune="from:kron",
-            reference="hfl_all",
-            label=f"HFL all (amortised S={amortize})",
-        ),  # fmt: skip
-    ]
+        ),
+        _method(
+            "hfl_amortized", "hfl", "all", "hfl", None,
+            f"HFL all (amortised S={amortize})", target="ggn", amortize=amortize,
+            max_iter=amortize_max_iter, tune="from:kron", reference="hfl_all",
+        ),
+    ]  # fmt: skip

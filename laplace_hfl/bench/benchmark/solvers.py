@@ -32,15 +32,10 @@ from laplace.curvature import CurvlinopsGGN
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from laplace_hfl.bench.benchmark.measure import (
-    describe_device,
-    device_peak_mb,
-    pick_device,
-    reset_peak,
-    rss_mb,
-    timed,
-)
+from laplace_hfl.bench.benchmark.measure import describe_device, pick_device, timed
+from laplace_hfl.bench.evaluation.memory import device_peak_mb, reset_peak, rss_mb
 from laplace_hfl.bench.evaluation.networks import LeNet, mnist_split, train_classifier
+from laplace_hfl.bench.evaluation.predict import glm_predictive
 from laplace_hfl.engine.dense import dense_budget
 from laplace_hfl.engine.preconditioner import default_rank
 
@@ -50,10 +45,8 @@ PRIOR = 1.0
 
 
 def _median_time(la, X: torch.Tensor, repeats: int = 7) -> float:
-    """Median wall-clock seconds of ``la._glm_predictive_distribution(X)``."""
-    ts = sorted(
-        timed(lambda: la._glm_predictive_distribution(X))[1] for _ in range(repeats)
-    )
+    """Median wall-clock seconds of the GLM predictive at ``X``."""
+    ts = sorted(timed(lambda: glm_predictive(la, X))[1] for _ in range(repeats))
     return ts[repeats // 2]
 
 
@@ -80,15 +73,13 @@ def full_reference(
             backend=CurvlinopsGGN,
         )  # fmt: skip
         full.fit(loader)
-        return full._glm_predictive_distribution(Xq)[1], "FullLaplace(CurvlinopsGGN)"
+        return glm_predictive(full, Xq)[1], "FullLaplace(CurvlinopsGGN)"
     dense = Laplace(
         model, "classification", subset, "hfl", prior_precision=PRIOR,
         solver="dense", compute_dtype=torch.float64,
     )  # fmt: skip
     dense.fit(loader)
-    return dense._glm_predictive_distribution(Xq)[
-        1
-    ], "dense float64 GGN (solver='dense')"
+    return glm_predictive(dense, Xq)[1], "dense float64 GGN (solver='dense')"
 
 
 def last_layer_case(model, split, n_query: int) -> dict:
@@ -100,7 +91,7 @@ def last_layer_case(model, split, n_query: int) -> dict:
     la = Laplace(model, "classification", "last_layer", "hfl", prior_precision=PRIOR)
     _, out["hfl_fit_s"] = timed(lambda: la.fit(train))
     _, out["hfl_first_call_s"] = timed(lambda: la(Xq[:1]))  # forms G, factor
-    (_, v_hfl), _ = timed(lambda: la._glm_predictive_distribution(Xq))
+    (_, v_hfl), _ = timed(lambda: glm_predictive(la, Xq))
     # n_query images in one call, median of 7 calls
     out["hfl_per_query_s"] = _median_time(la, Xq) / n_query
     out["hfl_solver"] = la.last_diagnostics.solver
@@ -118,7 +109,7 @@ def last_layer_case(model, split, n_query: int) -> dict:
     kron = Laplace(model, "classification", "last_layer", "kron", prior_precision=PRIOR)
     _, out["ll_kron_fit_s"] = timed(lambda: kron.fit(train))
     out["ll_kron_fit_peak_rss_mb"] = rss_mb() - base  # its forward passes
-    kron._glm_predictive_distribution(Xq[:1])
+    glm_predictive(kron, Xq[:1])
     out["ll_kron_per_query_s"] = _median_time(kron, Xq) / n_query
 
     # FullLLLaplace (CurvlinopsGGN) on the float32 model and on a float64 copy
@@ -165,7 +156,7 @@ def reference_check(split, n_train: int, rtol: float) -> dict:
         rtol=rtol, max_iter=5000,
     )  # fmt: skip
     la.fit(loader)
-    _, v = la._glm_predictive_distribution(Xq)
+    _, v = glm_predictive(la, Xq)
     v_full, reference = full_reference(model, "all", loader, Xq)
     rel = (_diag_var(v) - _diag_var(v_full)).abs() / _diag_var(v_full)
     return {
@@ -221,15 +212,14 @@ def all_weights_case(
             solver="cg", compute_dtype=dtype,
         )  # fmt: skip
         la.fit(train)
-        obj = la._objective()
-        Js, _ = output_jacobians(obj.forward, obj.theta_map, la._query_inputs(xq))
+        obj = la.objective()
+        Js, _ = output_jacobians(obj.forward, obj.theta_map, la.query_inputs(xq))
         return la, obj, Js.detach().reshape(-1, Js.shape[-1])[:n_dirs]
 
     def build(la, obj, name, rank):
         la.preconditioner = name
         la.precondition_rank = rank if name == "nystrom" else None
-        la._preconds.pop(name, None)  # build it afresh (timed)
-        return timed(lambda: la._precond(obj))
+        return timed(lambda: la.refit_preconditioner(rebuild=True)[1])
 
     # reference: float64, Nystrom-preconditioned, rtol 1e-9 (float32 cannot go there)
     la64, obj64, V64 = setup(torch.float64)
@@ -277,8 +267,8 @@ def all_weights_case(
         }
     kron = Laplace(model, "classification", "all", "kron", prior_precision=PRIOR)
     _, out["kron_fit_s"] = timed(lambda: kron.fit(train))
-    kron._glm_predictive_distribution(xq)
-    _, out["kron_per_query_s"] = timed(lambda: kron._glm_predictive_distribution(xq))
+    glm_predictive(kron, xq)
+    _, out["kron_per_query_s"] = timed(lambda: glm_predictive(kron, xq))
     # per query = all C outputs of one image; the solves above did n_dirs of them
     C = 10
     out["hfl_per_query_s_est"] = {k: v["solve_s"] * C / n_dirs for k, v in runs.items()}
@@ -350,33 +340,22 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # fmt: off
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-query", type=int, default=64)
-    p.add_argument(
-        "--aw-n-train",
-        type=int,
-        default=1000,
-        help="training images of the all-weights case (0: skip)",
-    )
+    p.add_argument("--aw-n-train", type=int, default=1000,
+                   help="training images of the all-weights case (0: skip)")
     p.add_argument("--ref-n-train", type=int, default=200)
-    p.add_argument(
-        "--n-dirs",
-        type=int,
-        default=2,
-        help="outputs of one query image refit in case (b)",
-    )
+    p.add_argument("--n-dirs", type=int, default=2,
+                   help="outputs of one query image refit in case (b)")
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument("--max-iter", type=int, default=2000)
-    p.add_argument(
-        "--ranks", type=int, nargs="*", default=[256, 1024], help="Nystrom ranks"
-    )
-    p.add_argument(
-        "--preconditioners",
-        nargs="+",
-        choices=["none", "kfac", "nystrom"],
-        default=["none", "kfac", "nystrom"],
-        help="preconditioners compared in case (b) (none is the baseline)",
-    )
+    p.add_argument("--ranks", type=int, nargs="*", default=[256, 1024],
+                   help="Nystrom ranks")
+    p.add_argument("--preconditioners", nargs="+", choices=["none", "kfac", "nystrom"],
+                   default=["none", "kfac", "nystrom"],
+                   help="preconditioners compared in case (b) (none is the baseline)")
+    # fmt: on
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--device",

@@ -14,6 +14,7 @@ See ``docs/evaluation.md``.
 
 from __future__ import annotations
 
+from laplace_hfl.bench.evaluation import metrics
 from laplace_hfl.bench.evaluation.figures import (
     plot_confidence_map,
     plot_predictive_bands,
@@ -22,25 +23,15 @@ from laplace_hfl.bench.evaluation.figures import (
     plot_variance_scatter,
 )
 from laplace_hfl.bench.evaluation.memory import PeakMemory
-from laplace_hfl.bench.evaluation.metrics import (
-    brier_score,
-    classification_metrics,
-    classification_nll,
-    expected_calibration_error,
-    gaussian_nll,
-    interval_coverage,
-    ood_auroc,
-    ood_auroc_variance,
-    probit_probs,
-    regression_metrics,
-    variance_agreement,
-)
+from laplace_hfl.bench.evaluation.metrics import *  # noqa: F403  (all of metrics.__all__)
 from laplace_hfl.bench.evaluation.registry import (
     DEFAULT_METHODS,
     METHODS,
     REFERENCE_GGN,
     REFERENCE_HESSIAN,
     MethodSpec,
+    laplace_builder,
+    laplace_method,
     register_method,
     resolve_methods,
 )
@@ -68,23 +59,14 @@ __all__ = [
     "MethodSpec",
     "register_method",
     "resolve_methods",
+    "laplace_builder",
+    "laplace_method",
     "run_comparison",
     "run_method",
     "predict_inputs",
     "ComparisonResult",
     "Prediction",
     "PeakMemory",
-    "regression_metrics",
-    "classification_metrics",
-    "gaussian_nll",
-    "interval_coverage",
-    "probit_probs",
-    "expected_calibration_error",
-    "brier_score",
-    "classification_nll",
-    "ood_auroc",
-    "ood_auroc_variance",
-    "variance_agreement",
     "plot_predictive_bands",
     "plot_predictive_std",
     "plot_confidence_map",
@@ -94,3 +76,4 @@ __all__ = [
     "format_header",
     "write_results",
 ]
+__all__ += metrics.__all__

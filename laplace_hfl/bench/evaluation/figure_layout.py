@@ -28,6 +28,7 @@ __all__ = [
     "method_family",
     "panel_grid",
     "save_figure",
+    "title_panel",
 ]
 
 
@@ -53,6 +54,12 @@ def finish_figure(fig: Figure, title: str, path: str | os.PathLike | None) -> No
     else:
         fig.tight_layout()
     save_figure(fig, path)
+
+
+def title_panel(ax: Axes, name: str) -> None:
+    """A method's panel: its name above, small tick labels (major and minor)."""
+    ax.set_title(name, fontsize=8)
+    ax.tick_params(which="both", labelsize=6)
 
 
 def save_figure(fig: Figure, path: str | os.PathLike | None) -> None:

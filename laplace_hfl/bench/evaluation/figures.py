@@ -30,6 +30,7 @@ from laplace_hfl.bench.evaluation.figure_layout import (  # noqa: E402
     method_family,
     panel_grid,
     save_figure,
+    title_panel,
 )
 from laplace_hfl.bench.evaluation.registry import (  # noqa: E402
     REFERENCE_GGN,
@@ -111,20 +112,16 @@ def plot_predictive_bands(
                 color="k",
             )
         ax.set_ylim(lo, hi)
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(labelsize=6)
+        title_panel(ax, name)
     finish_figure(fig, title, path)
     return fig
 
 
 def plot_reliability(
-    predictions: dict[str, Prediction],
-    y: Tensor,
-    n_bins: int = 15,
-    path: str | os.PathLike | None = None,
-    title: str = "",
+    predictions: dict[str, Prediction], y: Tensor, n_bins: int = 15,
+    path: str | os.PathLike | None = None, title: str = "",
     families: dict[str, str] | None = None,
-) -> Figure:
+) -> Figure:  # fmt: skip
     """Reliability diagrams (top-label accuracy vs confidence), one per method,
     one row per family; the number of test points is written on each bin.
 
@@ -163,8 +160,7 @@ def plot_reliability(
         # the top-label confidence is at least 1 / classes
         ax.set_xlim(1.0 / p.probs.shape[-1], 1)
         ax.set_ylim(0, 1)
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(labelsize=6)
+        title_panel(ax, name)
     finish_figure(fig, title, path)
     return fig
 
@@ -208,8 +204,7 @@ def plot_variance_scatter(
         v = p.variances.double().clamp_min(1e-300)
         ax.loglog(ref.numpy(), v.numpy(), ".", ms=2)
         ax.plot([lo, hi], [lo, hi], "r--", lw=0.8)
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(which="both", labelsize=6)
+        title_panel(ax, name)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
     fig.supylabel("method variance", fontsize=8)
@@ -401,9 +396,8 @@ def plot_confidence_map(
                 edgecolors="w",
                 linewidths=0.2,
             )
-        ax.set_title(name, fontsize=8)
+        title_panel(ax, name)
         ax.set_aspect("equal")
-        ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -1,16 +1,31 @@
-"""Peak memory of a block of code, for the comparison's ``MiB`` column."""
+"""Peak memory: the one meter of the evaluation and the benchmarks.
+
+:class:`PeakMemory` measures a block within a process (the comparison's
+``MiB`` column, the real-network rows); :func:`reset_peak` / :func:`rss_mb` /
+:func:`device_peak_mb` read the process's resident-set peak (``VmHWM``,
+resettable through ``/proc/self/clear_refs`` on Linux) and the CUDA
+allocator's peak; :func:`peak_rss_mb` is the peak of a whole (fresh) process.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 import threading
 import tracemalloc
 from typing import Any
 
 import torch
 
-__all__ = ["PeakMemory"]
+__all__ = [
+    "PeakMemory",
+    "cuda_in_use",
+    "rss_mb",
+    "reset_peak",
+    "device_peak_mb",
+    "peak_rss_mb",
+]
 
 
 class PeakMemory:
@@ -106,3 +121,47 @@ def _heap_in_use() -> int | None:
         return None
     info = _MALLINFO2()
     return int(info.uordblks + info.hblkhd)
+
+
+def cuda_in_use() -> bool:
+    """Whether this process has initialised CUDA."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def rss_mb(field: str = "VmHWM") -> float:
+    """Peak (``VmHWM``) or current (``VmRSS``) resident set in MiB; NaN off Linux."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak() -> float:
+    """Reset the host peak to the current resident set (Linux) and the CUDA
+    allocator's peak; returns the current resident set in MiB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    if cuda_in_use():
+        torch.cuda.reset_peak_memory_stats()
+    return rss_mb("VmRSS")
+
+
+def device_peak_mb() -> float | None:
+    """The CUDA allocator's peak since :func:`reset_peak` in MiB; None
+    where CUDA was never used."""
+    return torch.cuda.max_memory_allocated() / 2**20 if cuda_in_use() else None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (VmHWM; ru_maxrss survives exec)."""
+    peak = rss_mb("VmHWM")
+    if peak == peak:  # not NaN: /proc is there
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

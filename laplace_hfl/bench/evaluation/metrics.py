@@ -58,13 +58,9 @@ def interval_coverage(mean: Tensor, var: Tensor, y: Tensor, z: float = Z95) -> f
 
 
 def regression_metrics(
-    f_mu: Tensor,
-    f_var: Tensor,
-    y: Tensor,
-    sigma_noise: float,
-    gap_mask: Tensor | None = None,
-    data_mask: Tensor | None = None,
-) -> dict[str, float]:
+    f_mu: Tensor, f_var: Tensor, y: Tensor, sigma_noise: float,
+    gap_mask: Tensor | None = None, data_mask: Tensor | None = None,
+) -> dict[str, float]:  # fmt: skip
     """RMSE, Gaussian NLL and 95% coverage (overall, in the gap, on the data).
 
     Parameters

@@ -172,15 +172,9 @@ def mnist_split(n_train: int = 4000, n_val: int = 500, seed: int = 0) -> MnistSp
 
 
 def train_classifier(
-    model: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    epochs: int = 8,
-    lr: float = 1e-3,
-    weight_decay: float = 5e-4,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> nn.Module:
+    model: nn.Module, X: Tensor, y: Tensor, epochs: int = 8, lr: float = 1e-3,
+    weight_decay: float = 5e-4, batch_size: int = 64, seed: int = 0,
+) -> nn.Module:  # fmt: skip
     """Adam on the mean cross-entropy with weight decay, as users train.
 
     Returns the model in eval mode with ``requires_grad`` untouched.

@@ -23,30 +23,21 @@ __all__ = [
 
 _COMMON_HEAD = [("method", "method", "s"), ("structure", "structure", "s")]
 _COMMON_TAIL = [
-    ("var_rel_err_vs_hessian", "relerr_H", ".2e"),
-    ("var_spearman_vs_hessian", "rho_H", ".3f"),
-    ("var_rel_err_vs_ggn", "relerr_GGN", ".2e"),
-    ("var_spearman_vs_ggn", "rho_GGN", ".3f"),
-    ("fit_s", "fit_s", ".2f"),
-    ("predict_s_per_point", "ms/pt", "ms"),
+    ("var_rel_err_vs_hessian", "relerr_H", ".2e"), ("var_spearman_vs_hessian", "rho_H", ".3f"),
+    ("var_rel_err_vs_ggn", "relerr_GGN", ".2e"), ("var_spearman_vs_ggn", "rho_GGN", ".3f"),
+    ("fit_s", "fit_s", ".2f"), ("predict_s_per_point", "ms/pt", "ms"),
     ("peak_mem_mb", "MiB", ".3g"),
-]
+]  # fmt: skip
 _REGRESSION = [
-    ("rmse", "rmse", ".3f"),
-    ("nll", "nll", ".3f"),
-    ("coverage95", "cov95", ".3f"),
-    ("coverage95_gap", "cov95_gap", ".3f"),
-    ("coverage95_data", "cov95_data", ".3f"),
+    ("rmse", "rmse", ".3f"), ("nll", "nll", ".3f"), ("coverage95", "cov95", ".3f"),
+    ("coverage95_gap", "cov95_gap", ".3f"), ("coverage95_data", "cov95_data", ".3f"),
     ("var_ratio_gap_data", "var_gap/data", ".3g"),
-]
+]  # fmt: skip
 _CLASSIFICATION = [
-    ("accuracy", "acc", ".3f"),
-    ("nll", "nll", ".3f"),
-    ("ece", "ece", ".3f"),
-    ("brier", "brier", ".3f"),
-    ("ood_auroc", "ood_auroc", ".3f"),
+    ("accuracy", "acc", ".3f"), ("nll", "nll", ".3f"), ("ece", "ece", ".3f"),
+    ("brier", "brier", ".3f"), ("ood_auroc", "ood_auroc", ".3f"),
     ("ood_auroc_var", "ood_auroc_var", ".3f"),
-]
+]  # fmt: skip
 
 
 #: One line per table column: what it measures and which way is better.

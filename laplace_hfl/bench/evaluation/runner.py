@@ -21,6 +21,7 @@ from laplace_hfl.bench.evaluation.metrics import (
     regression_metrics,
     variance_agreement,
 )
+from laplace_hfl.bench.evaluation.predict import predict_batched, validation_nll
 from laplace_hfl.bench.evaluation.registry import (
     REFERENCE_GGN,
     REFERENCE_HESSIAN,
@@ -50,24 +51,6 @@ def _cat_loader(loader: DataLoader) -> tuple[Tensor, Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def _predict(
-    la: Any, model: torch.nn.Module, X: Tensor, batch_size: int
-) -> tuple[Tensor, Tensor]:
-    """``(f_mu (N, C), f_var (N, C, C))`` in small batches."""
-    mus, vars_ = [], []
-    for i in range(0, X.shape[0], batch_size):
-        x = X[i : i + batch_size]
-        if la is None:
-            with torch.no_grad():
-                mu = model(x)
-            var = torch.zeros(*mu.shape, mu.shape[-1], dtype=mu.dtype)
-        else:
-            mu, var = la._glm_predictive_distribution(x)
-        mus.append(mu.detach().reshape(x.shape[0], -1))
-        vars_.append(var.detach().reshape(x.shape[0], mus[-1].shape[1], -1))
-    return torch.cat(mus), torch.cat(vars_)
-
-
 def _score(task: Task, pred: Prediction, y: Tensor, X: Tensor) -> dict[str, float]:
     if task.likelihood == "regression":
         return regression_metrics(
@@ -77,14 +60,6 @@ def _score(task: Task, pred: Prediction, y: Tensor, X: Tensor) -> dict[str, floa
     return classification_metrics(
         pred.probs, y, pred.probs_ood, var=pred.f_var, var_ood=pred.f_var_ood
     )
-
-
-def _val_nll(task: Task, la: Any, model: torch.nn.Module, batch_size: int) -> float:
-    X, y = _cat_loader(task.val_loader)
-    mu, var = _predict(la, model, X, batch_size)
-    if task.likelihood == "regression":
-        return regression_metrics(mu, var, y, task.sigma_noise)["nll"]
-    return classification_metrics(probit_probs(mu, var), y)["nll"]
 
 
 def _fit(
@@ -111,10 +86,14 @@ def _fit(
         la.optimize_prior_precision(method="marglik")
         prior = float(la.prior_precision)
     elif tune:
+        X_val, y_val = _cat_loader(task.val_loader)
         scores = []
         for p in tune_grid:
             la.prior_precision = p
-            scores.append(_val_nll(task, la, model, batch_size))
+            scores.append(
+                validation_nll(la, model, X_val, y_val, task.likelihood,
+                               task.sigma_noise, batch_size)
+            )  # fmt: skip
         prior = tune_grid[int(np.nanargmin(scores))]
         la.prior_precision = prior
     return la, prior
@@ -130,7 +109,7 @@ def _prediction(
     FloatingPointError
         A non-finite predictive variance.
     """
-    f_mu, f_var = _predict(la, model, X, batch_size)
+    f_mu, f_var = predict_batched(la, model, X, batch_size)
     if not torch.isfinite(f_var).all():
         raise FloatingPointError("non-finite predictive variance")
     pred = Prediction(f_mu, f_var)
@@ -241,7 +220,7 @@ def run_method(
             pred = _prediction(task, la, model, X, batch_size)
             t2 = time.perf_counter()
             if task.likelihood == "classification" and X_ood is not None:
-                mu_ood, pred.f_var_ood = _predict(la, model, X_ood, batch_size)
+                mu_ood, pred.f_var_ood = predict_batched(la, model, X_ood, batch_size)
                 pred.probs_ood = probit_probs(mu_ood, pred.f_var_ood)
         row.update(_score(task, pred, y, X))
         row["fit_s"] = t1 - t0

@@ -29,11 +29,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from laplace_hfl.bench.evaluation.training import (
-    _loader,
-    _map_grad_norm,
-    _mlp,
     laplace_objective,
+    map_grad_norm,
+    mlp,
     newton_polish,
+    tensor_loader,
     train_realistic,
     train_stationary,
 )
@@ -181,6 +181,30 @@ def _inbetween_data(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
     return x, y
 
 
+def _inbetween_task(name: str, description: str, model: nn.Module,
+                    train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
+                    test: tuple[Tensor, Tensor], sigma: float, prior: float,
+                    gn: float) -> Task:  # fmt: skip
+    """A 1-D in-between regression task (stationary MAP; gap (-0.7, 0.5))."""
+    return Task(
+        name=name,
+        likelihood="regression",
+        model=model,
+        train_loader=tensor_loader(*train),
+        val_loader=tensor_loader(*val),
+        test_loader=tensor_loader(*test),
+        sigma_noise=sigma,
+        prior_precision=prior,
+        map_protocol="stationary",
+        map_grad_norm=gn,
+        description=description,
+        gap=(-0.7, 0.5),
+        data_intervals=((-1.0, -0.7), (0.5, 1.0)),
+        grid=test[0],
+        train_xy=train,
+    )
+
+
 @register_task("inbetween")
 def make_inbetween(seed: int = 0) -> Task:
     """Foong et al. (2019) in-between regression, exact-comparison protocol.
@@ -200,26 +224,13 @@ def make_inbetween(seed: int = 0) -> Task:
     t = lambda a: torch.as_tensor(a, dtype=dt).reshape(-1, 1)  # noqa: E731
     X, Y, Xv, Yv, Xt, Yt = t(x), t(y), t(xv), t(yv), t(xt), t(yt)
     torch.manual_seed(seed)
-    model = _mlp([1, 50, 1]).to(dt)
+    model = mlp([1, 50, 1]).to(dt)
     sigma, prior = 0.1, 1.0
     gn = train_stationary(model, X, Y, "regression", sigma, prior)
-    return Task(
-        name="inbetween",
-        likelihood="regression",
-        model=model,
-        train_loader=_loader(X, Y),
-        val_loader=_loader(Xv, Yv),
-        test_loader=_loader(Xt, Yt),
-        sigma_noise=sigma,
-        prior_precision=prior,
-        map_protocol="stationary",
-        map_grad_norm=gn,
-        description="Foong in-between 1-D regression, MLP 1-50-1 tanh, float64",
-        gap=(-0.7, 0.5),
-        data_intervals=((-1.0, -0.7), (0.5, 1.0)),
-        grid=Xt,
-        train_xy=(X, Y),
-    )
+    return _inbetween_task(
+        "inbetween", "Foong in-between 1-D regression, MLP 1-50-1 tanh, float64",
+        model, (X, Y), (Xv, Yv), (Xt, Yt), sigma, prior, gn,
+    )  # fmt: skip
 
 
 @register_task("sinusoid")
@@ -247,20 +258,20 @@ def make_sinusoid(seed: int = 0) -> Task:
     t = lambda a: torch.as_tensor(a, dtype=torch.float32).reshape(-1, 1)  # noqa: E731
     X, Y, Xv, Yv, Xt, Yt = t(x), t(y), t(xv), t(yv), t(xt), t(yt)
     torch.manual_seed(seed)
-    model = _mlp([1, 50, 1])
+    model = mlp([1, 50, 1])
     train_realistic(model, X, Y, "regression", epochs=1000, seed=seed)
     sigma, prior = 0.3, 1.0
     return Task(
         name="sinusoid",
         likelihood="regression",
         model=model,
-        train_loader=_loader(X, Y, 32),
-        val_loader=_loader(Xv, Yv),
-        test_loader=_loader(Xt, Yt),
+        train_loader=tensor_loader(X, Y, 32),
+        val_loader=tensor_loader(Xv, Yv),
+        test_loader=tensor_loader(Xt, Yt),
         sigma_noise=sigma,
         prior_precision=prior,
         map_protocol="realistic",
-        map_grad_norm=_map_grad_norm(model, X, Y, "regression", sigma, prior),
+        map_grad_norm=map_grad_norm(model, X, Y, "regression", sigma, prior),
         description="laplace-torch sinusoid, MLP 1-50-1 tanh, Adam mean MSE + wd",
         gap=((-5.0, 0.0), (8.0, 13.0)),
         data_intervals=((0.0, 8.0),),
@@ -300,22 +311,22 @@ def make_moons(seed: int = 0) -> Task:
             ood.append(p)
     Xo = torch.as_tensor(np.array(ood), dtype=dt)
     torch.manual_seed(seed)
-    model = _mlp([2, 20, 20, 2]).to(dt)
+    model = mlp([2, 20, 20, 2]).to(dt)
     prior = 1.0
     gn = train_stationary(model, X[:200], y[:200], "classification", 1.0, prior)
     return Task(
         name="moons",
         likelihood="classification",
         model=model,
-        train_loader=_loader(X[:200], y[:200]),
-        val_loader=_loader(X[200:300], y[200:300]),
-        test_loader=_loader(X[300:], y[300:]),
+        train_loader=tensor_loader(X[:200], y[:200]),
+        val_loader=tensor_loader(X[200:300], y[200:300]),
+        test_loader=tensor_loader(X[300:], y[300:]),
         sigma_noise=1.0,
         prior_precision=prior,
         map_protocol="stationary",
         map_grad_norm=gn,
         description="two moons (noise 0.2), MLP 2-20-20-2 tanh, float64",
-        ood_loader=_loader(Xo, torch.zeros(len(Xo), dtype=torch.long)),
+        ood_loader=tensor_loader(Xo, torch.zeros(len(Xo), dtype=torch.long)),
         train_xy=(X[:200], y[:200]),
     )
 
@@ -346,7 +357,7 @@ def make_digits(seed: int = 0) -> Task:
     noise = torch.as_tensor(rng.standard_normal(Xt[:100].shape) * 0.3, dtype=dt)
     Xo = (1.0 - Xt[:100] + noise).clamp(0, 1)
     torch.manual_seed(seed)
-    model = _mlp([64, 32, 10]).to(dt)
+    model = mlp([64, 32, 10]).to(dt)
     prior = 1.0
     gn = train_stationary(
         model, X[:a], y[:a], "classification", 1.0, prior, lbfgs_iter=2000
@@ -355,15 +366,15 @@ def make_digits(seed: int = 0) -> Task:
         name="digits",
         likelihood="classification",
         model=model,
-        train_loader=_loader(X[:a], y[:a]),
-        val_loader=_loader(X[a:b], y[a:b]),
-        test_loader=_loader(Xt, yt),
+        train_loader=tensor_loader(X[:a], y[:a]),
+        val_loader=tensor_loader(X[a:b], y[a:b]),
+        test_loader=tensor_loader(Xt, yt),
         sigma_noise=1.0,
         prior_precision=prior,
         map_protocol="stationary",
         map_grad_norm=gn,
         description="sklearn digits 8x8, MLP 64-32-10 tanh, float64; OOD inverted+noise",
-        ood_loader=_loader(Xo, yt[:100]),
+        ood_loader=tensor_loader(Xo, yt[:100]),
     )
 
 
@@ -389,7 +400,7 @@ def make_diabetes(seed: int = 0) -> Task:
     X = torch.as_tensor((Xa - mu) / sd, dtype=torch.float32)
     y = torch.as_tensor((ya - ymu) / ysd, dtype=torch.float32).reshape(-1, 1)
     torch.manual_seed(seed)
-    model = _mlp([10, 50, 1])
+    model = mlp([10, 50, 1])
     train_realistic(
         model, X[:a], y[:a], "regression", epochs=50, lr=1e-3, weight_decay=1e-3,
         seed=seed,
@@ -399,13 +410,13 @@ def make_diabetes(seed: int = 0) -> Task:
         name="diabetes",
         likelihood="regression",
         model=model,
-        train_loader=_loader(X[:a], y[:a], 64),
-        val_loader=_loader(X[a:b], y[a:b]),
-        test_loader=_loader(X[b:], y[b:]),
+        train_loader=tensor_loader(X[:a], y[:a], 64),
+        val_loader=tensor_loader(X[a:b], y[a:b]),
+        test_loader=tensor_loader(X[b:], y[b:]),
         sigma_noise=sigma,
         prior_precision=prior,
         map_protocol="realistic",
-        map_grad_norm=_map_grad_norm(model, X[:a], y[:a], "regression", sigma, prior),
+        map_grad_norm=map_grad_norm(model, X[:a], y[:a], "regression", sigma, prior),
         description="sklearn diabetes (standardised), MLP 10-50-1 tanh, Adam + wd",
     )
 
@@ -426,24 +437,11 @@ def make_tiny(seed: int = 0) -> Task:
     t = lambda a: torch.as_tensor(a, dtype=dt).reshape(-1, 1)  # noqa: E731
     X, Y, Xt, Yt = t(x), t(y), t(xt), t(yt)
     torch.manual_seed(seed)
-    model = _mlp([1, 8, 1]).to(dt)
+    model = mlp([1, 8, 1]).to(dt)
     gn = train_stationary(
         model, X, Y, "regression", 0.1, 1.0, adam_steps=300, lbfgs_iter=100
     )
-    return Task(
-        name="tiny",
-        likelihood="regression",
-        model=model,
-        train_loader=_loader(X, Y),
-        val_loader=_loader(Xt[::2], Yt[::2]),
-        test_loader=_loader(Xt, Yt),
-        sigma_noise=0.1,
-        prior_precision=1.0,
-        map_protocol="stationary",
-        map_grad_norm=gn,
-        description="tiny in-between regression, MLP 1-8-1 tanh (smoke tests)",
-        gap=(-0.7, 0.5),
-        data_intervals=((-1.0, -0.7), (0.5, 1.0)),
-        grid=Xt,
-        train_xy=(X, Y),
-    )
+    return _inbetween_task(
+        "tiny", "tiny in-between regression, MLP 1-8-1 tanh (smoke tests)",
+        model, (X, Y), (Xt[::2], Yt[::2]), (Xt, Yt), 0.1, 1.0, gn,
+    )  # fmt: skip

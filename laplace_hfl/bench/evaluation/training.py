@@ -13,6 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace_hfl.engine.functional import ParamLayout
 
 __all__ = [
+    "tensor_loader",
+    "mlp",
+    "map_grad_norm",
     "laplace_objective",
     "train_stationary",
     "newton_polish",
@@ -20,12 +23,14 @@ __all__ = [
 ]
 
 
-def _loader(X: Tensor, y: Tensor, batch_size: int | None = None) -> DataLoader:
+def tensor_loader(X: Tensor, y: Tensor, batch_size: int | None = None) -> DataLoader:
+    """``(X, y)`` in order, in batches of ``batch_size`` (default: one batch)."""
     n = X.shape[0]
     return DataLoader(TensorDataset(X, y), batch_size=batch_size or n, shuffle=False)
 
 
-def _mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
+def mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
+    """``Linear`` layers of ``sizes`` with ``act`` between them."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
@@ -35,13 +40,9 @@ def _mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
 
 
 def laplace_objective(
-    model: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    likelihood: str,
-    sigma_noise: float,
+    model: nn.Module, X: Tensor, y: Tensor, likelihood: str, sigma_noise: float,
     prior_precision: float,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """The negative log posterior laplace-torch's classes encode.
 
     Parameters
@@ -75,13 +76,9 @@ def _grad_norm(model: nn.Module, loss: Tensor) -> float:
 
 
 def _flat_objective(
-    model: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    likelihood: str,
-    sigma_noise: float,
+    model: nn.Module, X: Tensor, y: Tensor, likelihood: str, sigma_noise: float,
     prior_precision: float,
-) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+) -> tuple[Callable[[Tensor], Tensor], Tensor]:  # fmt: skip
     named = list(model.named_parameters())
     layout = ParamLayout(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
 
@@ -95,15 +92,10 @@ def _flat_objective(
 
 
 def newton_polish(
-    model: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    likelihood: str,
-    sigma_noise: float,
+    model: nn.Module, X: Tensor, y: Tensor, likelihood: str, sigma_noise: float,
     prior_precision: float,
-    steps: int = 100,
-    gtol: float = 1e-9,
-) -> float:
+    steps: int = 100, gtol: float = 1e-9,
+) -> float:  # fmt: skip
     """Damped Newton steps with the exact Hessian of the Laplace objective.
 
     Converges quadratically near a minimum, so the MAP ends at a stationary
@@ -146,17 +138,11 @@ def newton_polish(
 
 
 def train_stationary(
-    model: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    likelihood: str,
-    sigma_noise: float,
+    model: nn.Module, X: Tensor, y: Tensor, likelihood: str, sigma_noise: float,
     prior_precision: float,
-    adam_steps: int = 1000,
-    lbfgs_iter: int = 300,
-    newton_steps: int = 100,
+    adam_steps: int = 1000, lbfgs_iter: int = 300, newton_steps: int = 100,
     dense_max: int = 1000,
-) -> float:
+) -> float:  # fmt: skip
     """Train ``model`` to a stationary point of the Laplace objective.
 
     Adam warm-up on the mean-scaled objective, full-batch L-BFGS (strong-Wolfe
@@ -196,23 +182,16 @@ def train_stationary(
     for p in model.parameters():
         p.grad = None
     if sum(p.numel() for p in model.parameters()) > dense_max:
-        return _map_grad_norm(model, X, y, likelihood, sigma_noise, prior_precision)
+        return map_grad_norm(model, X, y, likelihood, sigma_noise, prior_precision)
     return newton_polish(
         model, X, y, likelihood, sigma_noise, prior_precision, steps=newton_steps
     )
 
 
 def train_realistic(
-    model: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    likelihood: str,
-    epochs: int = 1000,
-    lr: float = 1e-2,
-    weight_decay: float = 5e-4,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> None:
+    model: nn.Module, X: Tensor, y: Tensor, likelihood: str, epochs: int = 1000,
+    lr: float = 1e-2, weight_decay: float = 5e-4, batch_size: int = 32, seed: int = 0,
+) -> None:  # fmt: skip
     """Adam on the mean loss with weight decay in the optimiser (no Laplace
     objective): the way networks are usually trained."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -230,7 +209,8 @@ def train_realistic(
         p.grad = None
 
 
-def _map_grad_norm(model, X, y, likelihood, sigma, prior) -> float:
+def map_grad_norm(model, X, y, likelihood, sigma, prior) -> float:
+    """``||grad L(theta)||`` of the Laplace objective at the model's weights."""
     loss = laplace_objective(model, X, y, likelihood, sigma, prior)
     gn = _grad_norm(model, loss)
     for p in model.parameters():
