@@ -38,6 +38,7 @@ from laplace_hfl.engine.batches import (
     merge_batches,
     split_batch,
 )
+from laplace_hfl.engine.chunk_memory import CPU_CHUNK, choose_chunk
 from laplace_hfl.engine.functional import (
     LaplaceObjective,
     ParamLayout,
@@ -46,6 +47,7 @@ from laplace_hfl.engine.functional import (
     private_modules,
     to_compute,
 )
+from laplace_hfl.engine.precision import auto_compute_dtype
 from laplace_hfl.engine.refit import RefitDiagnostics
 from laplace_hfl.engine.validation import (
     as_bool,
@@ -104,6 +106,49 @@ class HFLMixin(
         self._training_index: list[Tensor] | None = None
         self._reset_solver_caches()
         self.last_diagnostics: RefitDiagnostics | None = None
+        self._resolve_auto_options(options)
+
+    def _resolve_auto_options(self, options: HFLOptions) -> None:
+        """``compute_dtype="auto"`` becomes a dtype here (a rule of the
+        device, the model's dtype and the tolerance:
+        :func:`~laplace_hfl.engine.precision.auto_compute_dtype`);
+        ``chunk_size="auto"`` becomes :data:`~laplace_hfl.engine.chunk_memory.CPU_CHUNK`
+        until ``fit`` measures the memory (:meth:`_choose_chunk_size`). Both
+        attributes always hold concrete values; why: ``_auto_reasons``
+        (in ``la.last_diagnostics.choice``)."""
+        self._auto_reasons: dict[str, str] = {}
+        self._auto_dtype = isinstance(options.compute_dtype, str)
+        self._auto_chunk = isinstance(options.chunk_size, str)
+        if self._auto_dtype:
+            settings = self.hfl_settings
+            self.compute_dtype, why = auto_compute_dtype(
+                self._device.type, self._dtype, settings.variance_rtol, settings.target
+            )
+            self._auto_reasons["compute_dtype"] = why
+        if self._auto_chunk:
+            self.chunk_size = CPU_CHUNK
+            self._auto_reasons["chunk_size"] = (
+                f"chunk_size auto: {CPU_CHUNK} (not fitted yet)"
+            )
+
+    def _choose_chunk_size(self) -> None:
+        """``chunk_size="auto"``: directions per product from the memory one
+        direction takes and the device's free memory, once per fit
+        (:func:`~laplace_hfl.engine.chunk_memory.choose_chunk`). A distributed
+        fit keeps :data:`~laplace_hfl.engine.chunk_memory.CPU_CHUNK`: every
+        rank must make the same number of collective passes."""
+        if not self._auto_chunk:
+            return
+        with eval_mode(self.model):
+            obj = self._objective()
+            if obj.reduce is not None:
+                chunk, why = CPU_CHUNK, f"{CPU_CHUNK} (distributed fit: ranks agree)"
+                why = f"chunk_size auto: {why}"
+            else:
+                choice = choose_chunk(obj)
+                chunk, why = choice.chunk_size, choice.reason
+        self.chunk_size = chunk
+        self._auto_reasons["chunk_size"] = why
 
     def _hfl_options(self) -> dict[str, Any]:
         """The options in force by name (``hfl_settings`` and the attributes,
@@ -318,6 +363,7 @@ class HFLMixin(
         self._fit_likelihood = self.likelihood
         self._reset_solver_caches()
         self._fitted = True
+        self._choose_chunk_size()
         self.H = self._curvature_operator()
         self.progress_bar = self.progress_bar or progress_bar
         self._fit_curvature()  # the data GGN where the dense solver uses it

@@ -148,8 +148,18 @@ PARTS = (
         "hfl-estimator",
         "hfl (10/11): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
         "The laplace-torch classes (all weights, last layer), HessianStructure.HFL,\n"
-        "the Laplace docstring and the exports.",
-        ("_docs", "solver_choice", "base", "hessian_free", "last_layer"),  # fmt: skip
+        "the Laplace docstring and the exports; the rules behind\n"
+        "compute_dtype='auto' and chunk_size='auto' (precision by device, directions\n"
+        "per product from a measured memory model).",
+        (
+            "_docs",
+            "engine.precision",
+            "engine.chunk_memory",
+            "solver_choice",
+            "base",
+            "hessian_free",
+            "last_layer",
+        ),  # fmt: skip
         ("package_exports", "enum_docstring_exports"),
     ),
     Part(

