@@ -199,6 +199,19 @@ def test_memory_bound_auto_chunk_matches_fixed_chunk_and_reference(
     assert float(err.max()) <= 1e-6
 
 
+def test_cpu_chunk_bounded_in_bytes(classification, monkeypatch):
+    """On the CPU a chunk holds at most ``CPU_CHUNK_BYTES`` (larger chunks ran
+    slower per direction there), whatever memory is free."""
+    model, X, y = classification
+    per = chunk_memory.CPU_CHUNK_BYTES / 10
+    monkeypatch.setattr(chunk_memory, "model_bytes_per_direction", lambda *a: per)
+    monkeypatch.setattr(chunk_memory, "available_bytes", lambda device: 2**50)
+    la = Laplace(model, "classification", "all", "hfl", prior_precision=PRIOR)
+    la.fit(loader(X, y))
+    assert la.chunk_size == 10
+    assert "GB per chunk on the CPU" in la._auto_reasons["chunk_size"]
+
+
 @cuda
 def test_cuda_probe_measures_bytes_per_direction(classification):
     model, X, y = classification

@@ -14,11 +14,12 @@ The bytes one direction costs are measured once per fit:
 
 The chunk is then the most directions that fit :data:`MEMORY_FRACTION` of the
 device's free memory (:func:`laplace_hfl.engine.device_memory.available_bytes`),
-at most :data:`MAX_CHUNK` on CUDA and :data:`CPU_CHUNK` elsewhere: on the CPU a
-larger chunk only costs memory (seconds per direction of a LeNet product are
-flat from 16 to 256 directions, ``scripts/chunk_size_choice.py``), so the CPU
-keeps 64 unless memory forces fewer. How the directions are grouped does not
-change the refit solutions beyond rounding.
+at most :data:`MAX_CHUNK` on CUDA. Elsewhere (the CPU) a larger chunk is no
+faster: it is at most :data:`CPU_CHUNK` directions and :data:`CPU_CHUNK_BYTES`
+(a LeNet GGN product over 1,000 images took 0.42-0.44 s per direction at 4-16
+directions, 1.5 GB, and 0.78-1.0 s at 32-64, 3-6 GB:
+``scripts/chunk_size_choice.py``). Small models keep 64. How the directions
+are grouped does not change the refit solutions beyond rounding.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from laplace_hfl.engine.functional import LaplaceObjective, ggn_matvec
 
 __all__ = [
     "CPU_CHUNK",
+    "CPU_CHUNK_BYTES",
     "MAX_CHUNK",
     "MEMORY_FRACTION",
     "ChunkChoice",
@@ -51,6 +53,8 @@ __all__ = [
 #: Directions per product on devices other than CUDA (the former fixed
 #: ``chunk_size``): larger chunks are no faster on the CPU.
 CPU_CHUNK = 64
+#: Most modelled bytes of one chunk on the CPU (see the module text).
+CPU_CHUNK_BYTES = 1.5 * 2**30
 #: Most directions per product on CUDA.
 MAX_CHUNK = 4096
 #: Share of the free memory one chunk may take.
@@ -179,10 +183,13 @@ def choose_chunk(obj: LaplaceObjective) -> ChunkChoice:
         how, cap = "measured by a probe of one batch", MAX_CHUNK
     else:
         per = model_bytes_per_direction(P, forward_bytes(obj.forward, theta, first[0]))
-        how, cap = "modelled", CPU_CHUNK
+        how = "modelled"
+        cap = int(max(1, min(CPU_CHUNK, CPU_CHUNK_BYTES // per)))
     free = available_bytes(device)
     chunk = chunk_for_memory(per, free, cap)
-    limit = "at most" if chunk == cap else "memory-bound"
+    limit = "memory-bound" if chunk < cap else "at most"
+    if chunk == cap < CPU_CHUNK and device.type != "cuda":
+        limit = f"at most {CPU_CHUNK_BYTES / 2**30:g} GB per chunk on the CPU"
     free_txt = "unknown" if free is None else f"{free / mb:,.0f} MB"
     reason = (
         f"chunk_size auto: {chunk} ({limit}; {per / mb:.3g} MB per direction "
