@@ -118,15 +118,16 @@ class HFLMixin(
         (in ``la.last_diagnostics.choice``)."""
         self._auto_reasons: dict[str, str] = {}
         self._auto_dtype = isinstance(options.compute_dtype, str)
-        self._auto_chunk = isinstance(options.chunk_size, str)
+        # the value "auto" last chose (None: chunk_size was set)
+        self._auto_chunk: int | None = None
         if self._auto_dtype:
             settings = self.hfl_settings
             self.compute_dtype, why = auto_compute_dtype(
                 self._device.type, self._dtype, settings.variance_rtol, settings.target
             )
             self._auto_reasons["compute_dtype"] = why
-        if self._auto_chunk:
-            self.chunk_size = CPU_CHUNK
+        if isinstance(options.chunk_size, str):
+            self.chunk_size = self._auto_chunk = CPU_CHUNK
             self._auto_reasons["chunk_size"] = (
                 f"chunk_size auto: {CPU_CHUNK} (not fitted yet)"
             )
@@ -136,8 +137,10 @@ class HFLMixin(
         direction takes and the device's free memory, once per fit
         (:func:`~laplace_hfl.engine.chunk_memory.choose_chunk`). A distributed
         fit keeps :data:`~laplace_hfl.engine.chunk_memory.CPU_CHUNK`: every
-        rank must make the same number of collective passes."""
-        if not self._auto_chunk:
+        rank must make the same number of collective passes. A ``chunk_size``
+        the user assigned since is kept."""
+        auto = getattr(self, "_auto_chunk", None)  # None: an older pickle
+        if auto is None or self.chunk_size != auto:  # set, or reassigned since
             return
         with eval_mode(self.model):
             obj = self._objective()
@@ -147,8 +150,16 @@ class HFLMixin(
             else:
                 choice = choose_chunk(obj)
                 chunk, why = choice.chunk_size, choice.reason
-        self.chunk_size = chunk
+        self.chunk_size = self._auto_chunk = chunk
         self._auto_reasons["chunk_size"] = why
+
+    def _auto_option_reasons(self) -> list[str]:
+        """Why ``"auto"`` chose ``compute_dtype`` and ``chunk_size``, for the
+        options still holding what it chose (``last_diagnostics.choice``)."""
+        reasons = dict(getattr(self, "_auto_reasons", {}))
+        if getattr(self, "_auto_chunk", None) != self.chunk_size:
+            reasons.pop("chunk_size", None)
+        return list(reasons.values())
 
     def _hfl_options(self) -> dict[str, Any]:
         """The options in force by name (``hfl_settings`` and the attributes,

@@ -114,7 +114,7 @@ class SolverMixin:
                 f"set: solver={self.solver!r}, preconditioner={self.preconditioner!r}"
             )
         # what compute_dtype="auto" and chunk_size="auto" chose, and why
-        return "; ".join([reason, *getattr(self, "_auto_reasons", {}).values()])
+        return "; ".join([reason, *self._auto_option_reasons()])
 
     # ----------------------------------------------------------------- solver
     def _solver_name(self, obj: LaplaceObjective | None = None) -> str:

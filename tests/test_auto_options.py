@@ -210,6 +210,11 @@ def test_cpu_chunk_bounded_in_bytes(classification, monkeypatch):
     la.fit(loader(X, y))
     assert la.chunk_size == 10
     assert "GB per chunk on the CPU" in la._auto_reasons["chunk_size"]
+    la.chunk_size = 3  # the user's value is kept by the next fit
+    la.fit(loader(X, y))
+    assert la.chunk_size == 3
+    la._glm_predictive_distribution(X[:2])
+    assert "chunk_size auto" not in la.last_diagnostics.choice
 
 
 @cuda
