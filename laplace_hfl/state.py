@@ -229,7 +229,9 @@ class StateMixin:
         ------
         ValueError
             Missing keys, different estimator class, architecture, parameter
-            count, likelihood, ``target``, ``compute_dtype`` or ``amortize``.
+            count, likelihood, ``target``, ``compute_dtype`` (an estimator
+            built with ``compute_dtype="auto"`` adopts the state's) or
+            ``amortize``.
         """
         self._check_state_class(state_dict)
         mean = state_dict["mean"]
@@ -260,6 +262,11 @@ class StateMixin:
                     f"{name}={state_dict[key]!r}."
                 )
         # the checks below read it; a failed load puts it back (a transaction)
+        if compute_dtype != self.compute_dtype:  # "auto" adopts the state's
+            name = str(compute_dtype).removeprefix("torch.")
+            self._auto_reasons["compute_dtype"] = (
+                f"compute_dtype auto: {name} (the loaded state's)"
+            )
         self.compute_dtype = compute_dtype
         settings, batches, amortized = self._checked_state_values(state_dict)
         # Everything is checked: commit.

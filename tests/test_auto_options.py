@@ -121,6 +121,8 @@ def test_state_restores_into_auto_estimator(classification, saved):
     new = Laplace(m32, "classification", "last_layer", "hfl", **kw)
     new.load_state_dict(la.state_dict())
     assert new.compute_dtype == la.compute_dtype
+    name = str(la.compute_dtype).removeprefix("torch.")
+    assert new._auto_reasons["compute_dtype"].startswith(f"compute_dtype auto: {name}")
     _, got = new._glm_predictive_distribution(Xq)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
