@@ -13,6 +13,11 @@ RSS above the resident size before it (the kernel's high-water mark, reset
 per product through ``/proc/self/clear_refs``). It also records what
 ``chunk_size="auto"`` chooses here and the memory model's bytes per direction
 against the measured slope. The machine is shared: read ratios.
+
+``--sketch RANK`` times the estimator's Nyström sketch at ``"auto"`` and 64
+instead; ``--queries N [--max-iter 5]`` times the estimator's prediction of
+``N`` test images at ``"auto"`` and 64 with equal products. Both add a section
+to the JSON file written by the first form.
 """
 
 from __future__ import annotations
@@ -45,9 +50,18 @@ def main(argv=None):
         "preconditioner, built in chunks) at chunk_size='auto' and 64, and add "
         "it to the JSON file at --out",
     )  # fmt: skip
+    ap.add_argument(
+        "--queries", type=int, default=0, metavar="N",
+        help="instead: predict N test images with the estimator at "
+        "chunk_size='auto' and 64, CG capped at --max-iter iterations (equal "
+        "products either way), and add it to the JSON file at --out",
+    )  # fmt: skip
+    ap.add_argument("--max-iter", type=int, default=5)
     args = ap.parse_args(argv)
     if args.sketch:
         return _sketch(args)
+    if args.queries:
+        return _queries(args)
     warnings.simplefilter("ignore")
     from laplace import Laplace
 
@@ -160,6 +174,57 @@ def _sketch(args):
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
     print(json.dumps(out["sketch"], indent=1))
+
+
+def _queries(args):
+    """Seconds per query image of the estimator's refits at
+    ``chunk_size="auto"`` and 64, with the same products (CG capped at
+    ``max_iter``, no preconditioner: the comparison is of chunking alone)."""
+    warnings.simplefilter("ignore")
+    from laplace import Laplace
+
+    import laplace_hfl  # noqa: F401
+    from laplace_hfl.bench.evaluation.networks import mnist_split, train_lenet
+
+    model, split = train_lenet(mnist_split(n_train=1000))
+    Xq = split.X_test[: args.queries]
+    rows, variances = {}, {}
+    for name in ("auto", 64):
+        la = Laplace(model, "classification", "all", "hfl", prior_precision=0.5,
+                     solver="cg", preconditioner="none", max_iter=args.max_iter,
+                     chunk_size=name)  # fmt: skip
+        la.fit(split.loader("train", batch_size=250))
+        la._glm_predictive_distribution(Xq[:1])  # base point, once per fit
+        t0 = time.perf_counter()
+        _, f_var = la._glm_predictive_distribution(Xq)
+        dt = time.perf_counter() - t0
+        d = la.last_diagnostics
+        variances[str(name)] = f_var.diagonal(0, 1, 2).double()
+        rows[str(name)] = {
+            "chunk_size": la.chunk_size,
+            "seconds": dt,
+            "seconds_per_query": dt / args.queries,
+            # last_diagnostics covers the last prediction chunk only
+            "products_last_chunk": d.products,
+            "data_passes_last_chunk": d.passes,
+        }
+        print(name, rows[str(name)], flush=True)
+    a, b = variances["auto"], variances["64"]
+    with open(args.out) as fh:
+        out = json.load(fh)
+    out["queries"] = {
+        "what": f"la(x) on {args.queries} LeNet test images (10 directions each), "
+        f"CG capped at {args.max_iter} iterations without preconditioner (equal "
+        "products; not converged: a timing of chunking alone)",
+        "command": f"python scripts/chunk_size_choice.py --queries {args.queries} "
+        f"--max-iter {args.max_iter}",
+        "rows": rows,
+        "seconds_auto_over_64": rows["auto"]["seconds"] / rows["64"]["seconds"],
+        "variances_max_rel_diff": float(((a - b).abs() / b.abs()).max()),
+    }
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(json.dumps(out["queries"], indent=1))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ device's free memory (:func:`laplace_hfl.engine.device_memory.available_bytes`),
 at most :data:`MAX_CHUNK` on CUDA. Elsewhere (the CPU) a larger chunk is no
 faster: it is at most :data:`CPU_CHUNK` directions and :data:`CPU_CHUNK_BYTES`
 (a LeNet GGN product over 1,000 images took 0.42-0.44 s per direction at 4-16
-directions, 1.5 GB, and 0.78-1.0 s at 32-64, 3-6 GB:
-``scripts/chunk_size_choice.py``). Small models keep 64. How the directions
-are grouped does not change the refit solutions beyond rounding.
+directions, 1.5 GB, and 0.78-1.0 s at 32-64, 3-6 GB; the estimator's sketch
+0.76x and its refits 1.02x the time of 64 at 13: ``scripts/chunk_size_choice.py``,
+``docs/cost.md``): the bound saves memory at no measured cost. Small models
+keep 64. How the directions are grouped does not change the refit solutions
+beyond rounding.
 """
 
 from __future__ import annotations
