@@ -26,16 +26,34 @@ HFL_OPTIONS_DOC = """
         Conjugate-gradient iterations per linear solve.
     max_newton : int, default=20
         Newton steps per network refit (``target="hessian"``).
-    chunk_size : int, default=64
+    chunk_size : int or "auto", default="auto"
         Parameter vectors handled by one vectorised product: refit directions
         (query points x outputs) solved together, so ``chunk_size // C``
         query points per prediction chunk; likewise Hessian rows (dense
         ``target="hessian"``), Nyström sketch columns and posterior samples
-        per pass (:mod:`laplace_hfl.options`). Memory grows as
-        ``chunk_size * n_params``.
-    compute_dtype : torch.dtype, default=torch.float64
-        Precision of the refits. Float32 models are refit in float64 so that
-        their variances stay accurate; results are returned in the model's dtype.
+        per pass (:mod:`laplace_hfl.engine.chunks`). Memory grows as
+        ``chunk_size`` times the bytes of one direction (parameter vectors
+        and one batch's activations). ``"auto"`` chooses it at each ``fit``
+        (:mod:`laplace_hfl.engine.chunk_memory`): the most directions whose
+        bytes fit half the device's free memory, measured by a probe of one
+        batch on CUDA (up to 4,096), modelled elsewhere and at most 64 on the
+        CPU (larger chunks are no faster there). ``la.chunk_size`` holds the
+        number (64 before ``fit``), ``la.last_diagnostics.choice`` why.
+        Directions are grouped differently, not solved differently: results
+        change only by rounding.
+    compute_dtype : torch.dtype or "auto", default="auto"
+        Precision of the refits. ``torch.float64``: everything in float64
+        (float32 models are refit in float64 so that their variances stay
+        accurate). ``torch.float32``: the products (data passes) in float32,
+        CG's recurrences, brackets and Rayleigh-Ritz step in float64
+        (``target="ggn"``). ``"auto"`` (:mod:`laplace_hfl.engine.precision`):
+        float64 on the CPU and for float64 models; on CUDA float32 products
+        with float64 recurrences, unless the variance tolerance is below
+        what float32 products certify (1e-5; ``rtol`` below its default
+        selects the residual rule) or ``target="hessian"``: then float64.
+        TF32 stays as torch's flags set it. ``la.compute_dtype`` holds the
+        dtype chosen, ``la.last_diagnostics.choice`` why. Results are
+        returned in the model's dtype.
     progress_bar : bool, default=False
         Show tqdm bars over prediction and refit chunks from the start. When
         False, a bar still appears, labelled with the expected total time,

@@ -39,6 +39,7 @@ from laplace_hfl.engine.batches import (
     merge_batches,
     split_batch,
 )
+from laplace_hfl.engine.chunk_memory import CPU_CHUNK, choose_chunk
 from laplace_hfl.engine.functional import (
     LaplaceObjective,
     ParamLayout,
@@ -48,6 +49,7 @@ from laplace_hfl.engine.functional import (
     to_compute,
 )
 from laplace_hfl.engine.keys import TensorKey
+from laplace_hfl.engine.precision import auto_compute_dtype
 from laplace_hfl.engine.preconditioner import NystromSketch
 from laplace_hfl.engine.refit import RefitDiagnostics
 from laplace_hfl.engine.validation import (
@@ -107,6 +109,66 @@ class HFLMixin(
         self._training_index: list[Tensor] | None = None
         self._reset_solver_caches()
         self.last_diagnostics: RefitDiagnostics | None = None
+        self._resolve_auto_options(options)
+
+    def _resolve_auto_options(self, options: HFLOptions) -> None:
+        """``compute_dtype="auto"`` becomes a dtype here (a rule of the
+        device, the model's dtype and the tolerance:
+        :func:`~laplace_hfl.engine.precision.auto_compute_dtype`);
+        ``chunk_size="auto"`` becomes :data:`~laplace_hfl.engine.chunk_memory.CPU_CHUNK`
+        until ``fit`` measures the memory (:meth:`_choose_chunk_size`). Both
+        attributes always hold concrete values; why: ``_auto_reasons``
+        (in ``la.last_diagnostics.choice``)."""
+        self._auto_reasons: dict[str, str] = {}
+        self._auto_dtype = isinstance(options.compute_dtype, str)
+        # the value "auto" last chose (None: chunk_size was set)
+        self._auto_chunk: int | None = None
+        if self._auto_dtype:
+            settings = self.hfl_settings
+            self.compute_dtype, why = auto_compute_dtype(
+                self._device.type, self._dtype, settings.variance_rtol, settings.target
+            )
+            self._auto_reasons["compute_dtype"] = why
+        if isinstance(options.chunk_size, str):
+            self.chunk_size = self._auto_chunk = CPU_CHUNK
+            self._auto_reasons["chunk_size"] = (
+                f"chunk_size auto: {CPU_CHUNK} (not fitted yet)"
+            )
+
+    def _choose_chunk_size(self) -> None:
+        """``chunk_size="auto"``: directions per product from the memory one
+        direction takes and the device's free memory, once per fit
+        (:func:`~laplace_hfl.engine.chunk_memory.choose_chunk`). A distributed
+        fit keeps :data:`~laplace_hfl.engine.chunk_memory.CPU_CHUNK`: every
+        rank must make the same number of collective passes. A ``chunk_size``
+        the user assigned since is kept."""
+        auto = getattr(self, "_auto_chunk", None)  # None: an older pickle
+        if auto is None or self.chunk_size != auto:  # set, or reassigned since
+            return
+        with eval_mode(self.model):
+            obj = self._objective()
+            if obj.reduce is not None:
+                chunk, why = CPU_CHUNK, f"{CPU_CHUNK} (distributed fit: ranks agree)"
+                why = f"chunk_size auto: {why}"
+            else:
+                choice = choose_chunk(obj)
+                chunk, why = choice.chunk_size, choice.reason
+        self.chunk_size = self._auto_chunk = chunk
+        self._auto_reasons["chunk_size"] = why
+
+    @property
+    def auto_choices(self) -> dict[str, str]:
+        """Why ``"auto"`` chose the values of ``compute_dtype`` and
+        ``chunk_size``, by option, for the options still holding what it
+        chose (also in ``last_diagnostics.choice``); empty where both were
+        set explicitly."""
+        reasons = dict(getattr(self, "_auto_reasons", {}))
+        if getattr(self, "_auto_chunk", None) != self.chunk_size:
+            reasons.pop("chunk_size", None)
+        return reasons
+
+    def _auto_option_reasons(self) -> list[str]:
+        return list(self.auto_choices.values())
 
     def _hfl_options(self) -> dict[str, Any]:
         """The options in force by name (``hfl_settings`` and the attributes,
@@ -321,6 +383,7 @@ class HFLMixin(
         self._fit_likelihood = self.likelihood
         self._reset_solver_caches()
         self._fitted = True
+        self._choose_chunk_size()
         self.H = self._curvature_operator()
         self.progress_bar = self.progress_bar or progress_bar
         self._fit_curvature()  # the data GGN where the dense solver uses it

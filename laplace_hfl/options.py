@@ -53,8 +53,8 @@ class HFLOptions:
     rtol: float = 1e-6
     max_iter: int = 1000
     max_newton: int = 20
-    chunk_size: int = 64
-    compute_dtype: torch.dtype = torch.float64
+    chunk_size: int | str = "auto"
+    compute_dtype: torch.dtype | str = "auto"
     progress_bar: bool = False
     amortize: int | None = None
     precondition_rank: int | None = None
@@ -220,8 +220,16 @@ def validate_hfl_options(
             f"rtol must be in (0, 1), got {clean['rtol']!r}: it is the relative "
             "residual at which a refit counts as converged (default 1e-6)."
         )
-    for name in ("max_iter", "max_newton", "chunk_size"):
+    for name in ("max_iter", "max_newton"):
         clean[name] = as_int(name, getattr(o, name), 1)
+    if not (isinstance(o.chunk_size, str) and o.chunk_size == "auto"):
+        try:
+            clean["chunk_size"] = as_int("chunk_size", o.chunk_size, 1)
+        except ValueError as err:
+            raise ValueError(
+                f"{err} ('auto', the default, sizes it from the device's free "
+                "memory at fit.)"
+            ) from None
     clean["progress_bar"] = as_bool("progress_bar", o.progress_bar)
     if minibatch_epochs is not None:
         minibatch_epochs = _option_int("minibatch_epochs", minibatch_epochs, 2)
@@ -245,10 +253,13 @@ def validate_hfl_options(
             "target='ggn' only: the network refit (target='hessian') needs "
             "full-batch Newton steps."
         )
-    if o.compute_dtype not in (torch.float32, torch.float64):
+    if not (
+        (isinstance(o.compute_dtype, str) and o.compute_dtype == "auto")
+        or o.compute_dtype in (torch.float32, torch.float64)
+    ):
         raise ValueError(
-            f"compute_dtype must be torch.float64 (default) or torch.float32, "
-            f"got {o.compute_dtype}."
+            f"compute_dtype must be 'auto' (default: by device, model dtype and "
+            f"tolerance), torch.float64 or torch.float32, got {o.compute_dtype!r}."
         )
     if amortize is not None and target != "ggn":
         raise ValueError(

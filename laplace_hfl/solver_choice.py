@@ -108,8 +108,13 @@ class SolverMixin:
     def _choice_reason(self) -> str:
         choice = self._auto() if self._classic() else None
         if choice is not None:
-            return choice.reason
-        return f"set: solver={self.solver!r}, preconditioner={self.preconditioner!r}"
+            reason = choice.reason
+        else:
+            reason = (
+                f"set: solver={self.solver!r}, preconditioner={self.preconditioner!r}"
+            )
+        # what compute_dtype="auto" and chunk_size="auto" chose, and why
+        return "; ".join([reason, *self._auto_option_reasons()])
 
     # ----------------------------------------------------------------- solver
     def _solver_name(self, obj: LaplaceObjective | None = None) -> str:

@@ -210,6 +210,17 @@ class StateMixin:
                     "the state again with la.state_dict() from a fitted estimator."
                 )
 
+    def _state_compute_dtype(self, stored: Any) -> torch.dtype:
+        """The compute dtype a loaded state runs in: the state's own where
+        this estimator was built with ``compute_dtype="auto"`` (the state was
+        fitted, and its refit batches cached, in it), else this estimator's
+        (:meth:`load_state_dict` then checks that they agree)."""
+        if getattr(self, "_auto_dtype", False):
+            for dtype in (torch.float32, torch.float64):
+                if stored == str(dtype):
+                    return dtype
+        return self.compute_dtype
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`.
 
@@ -220,7 +231,9 @@ class StateMixin:
         ------
         ValueError
             Missing keys, different estimator class, architecture, parameter
-            count, likelihood, ``target``, ``compute_dtype`` or ``amortize``.
+            count, likelihood, ``target``, ``compute_dtype`` (an estimator
+            built with ``compute_dtype="auto"`` adopts the state's) or
+            ``amortize``.
         """
         self._check_state_class(state_dict)
         mean = state_dict["mean"]
@@ -236,9 +249,10 @@ class StateMixin:
                 f"State was fitted with likelihood={state_dict['likelihood']!r}, "
                 f"this estimator uses {self.likelihood!r}."
             )
+        compute_dtype = self._state_compute_dtype(state_dict["hfl_compute_dtype"])
         for key, ours in (
             ("hfl_target", self.hfl_settings.target),
-            ("hfl_compute_dtype", str(self.compute_dtype)),
+            ("hfl_compute_dtype", str(compute_dtype)),
             ("hfl_amortize", self.amortize),
             ("enable_backprop", bool(self.enable_backprop)),
         ):
@@ -249,6 +263,13 @@ class StateMixin:
                     f"estimator uses {ours!r}: construct it with "
                     f"{name}={state_dict[key]!r}."
                 )
+        # the checks below read it; a failed load puts it back (a transaction)
+        if compute_dtype != self.compute_dtype:  # "auto" adopts the state's
+            name = str(compute_dtype).removeprefix("torch.")
+            self._auto_reasons["compute_dtype"] = (
+                f"compute_dtype auto: {name} (the loaded state's)"
+            )
+        self.compute_dtype = compute_dtype
         settings, batches, amortized = self._checked_state_values(state_dict)
         # Everything is checked: commit.
         self.prior_precision = state_dict["prior_precision"]
@@ -276,6 +297,8 @@ class StateMixin:
             )
             self._restore_samples(amortized, key)
         self._fitted = True
+        if self._training_data is not None:  # chunk_size="auto" can measure
+            self._choose_chunk_size()
         self.H = self._curvature_operator()
 
 

@@ -1,6 +1,7 @@
 """Accuracy of the refit precisions: float64, float32 products with float64
-recurrences (what ``compute_dtype=torch.float32`` now runs), and plain float32
-CG (the previous float32 behaviour).
+recurrences (what ``compute_dtype=torch.float32`` now runs), plain float32
+CG (the previous float32 behaviour), and what ``compute_dtype="auto"`` (the
+default) chooses.
 
 ``python scripts/precision_choice.py [--out benchmarks/results/precision_choice.json]``
 uses the test suite's 2-8-3 classification and regression networks
@@ -10,6 +11,14 @@ rtol 1e-3 and 1e-6, the bracket not being available in float32 recurrences),
 the largest relative variance error against the dense float64 truth (of the
 reported ``v^T u``, after the Rayleigh-Ritz step where there is a bracket), the
 iterations, and whether every bracket holds the truth (to 1e-6).
+
+For ``"auto"`` it records the rule's choice
+(:func:`laplace_hfl.engine.precision.auto_compute_dtype`) for a float32 and a
+float64 model on the CPU and on CUDA at the default tolerance (the CUDA choice
+is the row of the same mode above), and the estimator's own prediction with
+``compute_dtype="auto"`` on this machine for a float32 copy of the network
+(largest relative error of ``la(x)``'s variances against the dense float64
+truth of that float32 network).
 """
 
 from __future__ import annotations
@@ -79,7 +88,46 @@ def _case(model, X, y, likelihood):
                         and (res.upper >= truth * (1 - 1e-6)).all()
                     )
                 rows[f"{name}, tol {tol:g}"] = row
+    rows["auto"] = _auto_rows(model, X, y, Xq, likelihood, kw)
     return rows
+
+
+def _auto_rows(model, X, y, Xq, likelihood, kw):
+    """What ``compute_dtype="auto"`` picks, and its prediction's error here."""
+    import copy
+
+    from conftest import PRIOR, dense_reference, loader
+    from laplace import Laplace
+
+    from laplace_hfl.engine.precision import auto_compute_dtype
+    from laplace_hfl.engine.refit import VARIANCE_RTOL
+
+    rule = {
+        f"{device}, {str(dt).removeprefix('torch.')} model": str(
+            auto_compute_dtype(device, dt, VARIANCE_RTOL)[0]
+        )
+        for device in ("cpu", "cuda")
+        for dt in (torch.float32, torch.float64)
+    }
+    m32 = copy.deepcopy(model).float()
+    la = Laplace(m32, likelihood, "all", "hfl", prior_precision=PRIOR,
+                 solver="cg", preconditioner="nystrom", precondition_rank=8,
+                 **kw)  # fmt: skip
+    la.fit(loader(X.float(), y if y.dtype == torch.long else y.float()))
+    _, f_var = la._glm_predictive_distribution(Xq.float())
+    var = f_var.diagonal(0, 1, 2).flatten().double()
+    # the truth of the float32 network itself (its rounded weights and inputs)
+    Xr, Xqr = X.float().double(), Xq.float().double()
+    ref, _ = dense_reference(copy.deepcopy(m32).double(), Xr, y, Xqr, likelihood, "ggn")
+    truth = ref.diagonal(0, 1, 2).flatten()
+    return {
+        "rule_at_default_tolerance": rule,
+        "this_machine_float32_model": {
+            "chosen": str(la.compute_dtype),
+            "max_rel_error": float(((var - truth).abs() / truth).max()),
+            "mean_iterations": float(la.last_diagnostics.iterations.float().mean()),
+        },
+    }
 
 
 def _networks():

@@ -126,8 +126,8 @@ DEFAULTS = dict(
     rtol=1e-6,
     max_iter=1000,
     max_newton=20,
-    chunk_size=64,
-    compute_dtype=torch.float64,
+    chunk_size="auto",
+    compute_dtype="auto",
     progress_bar=False,
     amortize=None,
     precondition_rank=None,
@@ -146,8 +146,8 @@ def test_defaults_are_accepted_as_given():
     assert isinstance(opts, HFLOptions)
     assert opts.settings == RefitSettings("ggn", 1e-3, 1e-6, 1000, 20)
     assert (opts.chunk_size, opts.compute_dtype, opts.progress_bar) == (
-        64,
-        torch.float64,
+        "auto",
+        "auto",
         False,
     )
     assert opts.amortize is opts.precondition_rank is opts.minibatch_epochs is None

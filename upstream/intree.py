@@ -46,7 +46,7 @@ class Part:
 PARTS = (
     Part(
         "hfl-engine",
-        "hfl (1/11): objective, validation and batched CG",
+        "hfl (1/12): objective, validation and batched CG",
         "The numerical base: the Laplace objective over flat parameters and its\n"
         "JVP/VJP curvature products, argument validation, errors and warnings,\n"
         "free memory of the device, progress bars, and batched CG with certified\n"
@@ -65,7 +65,7 @@ PARTS = (
     ),
     Part(
         "hfl-refits",
-        "hfl (2/11): data batches, dense curvature and preconditioners",
+        "hfl (2/12): data batches, dense curvature and preconditioners",
         "Batches of (X, y) and dict data, the dense data GGN / Hessian and their\n"
         "Cholesky factor for small models, and the Nystrom and KFAC\n"
         "preconditioners of the CG solves, as objects (build once per fit, apply\n"
@@ -80,7 +80,7 @@ PARTS = (
     ),
     Part(
         "hfl-solvers",
-        "hfl (3/11): curvature objects, perturbed refits, automatic solver choice",
+        "hfl (3/12): curvature objects, perturbed refits, automatic solver choice",
         "The GGN and exact-Hessian curvature objects, the estimator's core:\n"
         "perturbed re-optimisation of the Laplace objective (implicit-function-\n"
         "theorem columns P^-1 J^T), and the measured choice of solver and\n"
@@ -89,7 +89,7 @@ PARTS = (
     ),
     Part(
         "hfl-sampling",
-        "hfl (4/11): sample-then-optimise posterior samples (amortised mode)",
+        "hfl (4/12): sample-then-optimise posterior samples (amortised mode)",
         "Lanczos, stochastic (minibatch) refits, amortised predictions from S\n"
         "posterior samples and the weight-space posterior's samplers.",
         (
@@ -101,14 +101,14 @@ PARTS = (
     ),
     Part(
         "hfl-logdet",
-        "hfl (5/11): log-determinant and matrix-free posterior operators",
+        "hfl (5/12): log-determinant and matrix-free posterior operators",
         "Stochastic Lanczos quadrature, the log-determinant of the posterior\n"
         "precision and the matrix-free operators behind la.H / posterior_precision.",
         ("engine.slq", "engine.logdet", "engine.operators"),  # fmt: skip
     ),
     Part(
         "hfl-solver-objects",
-        "hfl (6/11): solver objects and the estimator's options",
+        "hfl (6/12): solver objects and the estimator's options",
         "The solver objects (dense Cholesky, CG refits, minibatch refits, amortised\n"
         "samples; each owns its cache keyed on the hyperparameters, one registry\n"
         "entry each), what one vectorised product holds, and the estimator's\n"
@@ -123,7 +123,7 @@ PARTS = (
     ),
     Part(
         "hfl-prediction",
-        "hfl (7/11): weight space and the GLM predictive",
+        "hfl (7/12): weight space and the GLM predictive",
         "The weight-space mixin (posterior precision, samples, density),\n"
         "covariances from refit columns, and the GLM predictive mixin (link\n"
         "approximations).",
@@ -131,7 +131,7 @@ PARTS = (
     ),
     Part(
         "hfl-state",
-        "hfl (8/11): data sharding, hyperparameters, state",
+        "hfl (8/12): data sharding, hyperparameters, state",
         "Distributed data and shards, hyperparameters,\n"
         "example noise, serialised calls and state_dict with value checks.",
         (
@@ -145,13 +145,21 @@ PARTS = (
     ),
     Part(
         "hfl-tuning",
-        "hfl (9/11): prior tuning (marglik, MacKay, grid search)",
+        "hfl (9/12): prior tuning (marglik, MacKay, grid search)",
         "Marginal likelihood and its tuning, MacKay's fixed point and grid search.",
         ("engine.gridsearch", "engine.mackay", "tuning"),  # fmt: skip
     ),
     Part(
+        "hfl-auto-options",
+        "hfl (10/12): compute_dtype='auto' and chunk_size='auto'",
+        "The rules behind the automatic options: precision by device and tolerance\n"
+        "(float32 products with float64 recurrences on a GPU, float64 on the CPU),\n"
+        "and directions per product from a measured memory model.",
+        ("engine.precision", "engine.chunk_memory"),  # fmt: skip
+    ),
+    Part(
         "hfl-estimator",
-        "hfl (10/11): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
+        "hfl (11/12): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
         "The laplace-torch classes (all weights, last layer), HessianStructure.HFL,\n"
         "the Laplace docstring and the exports.",
         ("_docs", "base", "hessian_free", "last_layer"),  # fmt: skip
@@ -159,7 +167,7 @@ PARTS = (
     ),
     Part(
         "hfl-tests-docs",
-        "hfl (11/11): tests against dense float64 references, example, docs",
+        "hfl (12/12): tests against dense float64 references, example, docs",
         "tests/test_hfl.py compares HFL with FullLaplace / FullLLLaplace (GGN and\n"
         "exact Hessian) on tiny float64 models; examples/hfl_example.py;\n"
         "docs/hfl.md and its API reference.",
