@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
 from laplace_hfl.engine.functional import LaplaceObjective, ParamLayout, make_forward
+from laplace_hfl.errors import HFLNotFittedError
 
 DT = torch.float64
 SIGMA = 0.3
@@ -129,6 +130,28 @@ def fit_hfl(model, X, y, likelihood, subset="all", **kw):
     return la
 
 
+def is_fitted(la) -> bool:
+    """Whether an HFL estimator is fitted, by its public behaviour: before a
+    (successful) ``fit``, ``la.objective()`` raises ``HFLNotFittedError``."""
+    try:
+        la.objective()
+    except HFLNotFittedError:
+        return False
+    return True
+
+
+def reference_glm_predictive(la, X, joint=False, diagonal_output=False):
+    """``(f_mu, f_var)`` of a laplace-torch reference (``FullLaplace``,
+    ``KronLaplace``, ...) at ``X``, before any link function.
+
+    The single place the tests call laplace-torch's private
+    ``_glm_predictive_distribution``: its classes have no public way to the
+    GLM covariance for classification. The HFL estimators have the public
+    ``la.glm_predictive(X, joint, diagonal_output)`` (same return).
+    """
+    return la._glm_predictive_distribution(X, joint, diagonal_output)
+
+
 def dense_reference(model, X, y, Xq, likelihood, kind, last_layer=False):
     """Independent torch.func computation of J P^{-1} J^T, ``(B, C, C)`` and joint.
 
@@ -175,13 +198,19 @@ def dense_reference(model, X, y, Xq, likelihood, kind, last_layer=False):
     return marg, Jflat @ Sigma @ Jflat.T
 
 
+def param_layout(model):
+    """The ``ParamLayout`` of all of ``model``'s parameters: what all-weights
+    HFL refits on a model whose parameters all require gradients."""
+    named = list(model.named_parameters())
+    return ParamLayout(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
+
+
 def engine_objective(model, X, y, likelihood, sigma=SIGMA, prior=PRIOR):
     """The engine's ``LaplaceObjective`` of ``model`` at its weights (all
     parameters, batches of 16, the objective of ``laplace_objective``), built
     without an estimator: for unit tests of ``laplace_hfl.engine``."""
-    named = list(model.named_parameters())
-    layout = ParamLayout(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
-    theta = torch.cat([p.detach().flatten() for _, p in named])
+    layout = param_layout(model)
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
     batches = [(X[i : i + 16], y[i : i + 16]) for i in range(0, len(X), 16)]
     return LaplaceObjective(
         forward=make_forward(model, layout, {}),

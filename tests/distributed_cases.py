@@ -141,11 +141,11 @@ def run_case(name: str, problems: dict, rank: int, world: int, tmp: str) -> dict
             method="gridsearch", val_loader=val, grid_size=4, pred_type="glm"
         )
         out["prior_precision"] = la.prior_precision.detach().clone()
-    f_mu, f_var = la._glm_predictive_distribution(data["Xq"])
+    f_mu, f_var = la.glm_predictive(data["Xq"])
     out["f_mu"], out["f_var"] = f_mu.detach(), f_var.detach()
     out["state_has_data"] = la.state_dict()["training_X"] is not None
     if "amortize" in opts:
-        out["samples"] = la._amortized.samples.clone()
+        out["samples"] = la.amortized_samples().samples.clone()
         if rank == 0:  # saved once, loaded on one process by the test
             torch.save(la.state_dict(), Path(tmp) / f"{name}.state.pt")
     assert_unchanged(model, snap)

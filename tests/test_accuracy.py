@@ -19,6 +19,7 @@ from conftest import (
     dense_reference,
     loader,
     make_regression,
+    reference_glm_predictive,
 )
 from laplace import Laplace
 from laplace.curvature import (
@@ -41,11 +42,6 @@ def assert_close(est, ref):
     err = scaled_err(est, ref)
     assert err.median() <= MEDIAN_TOL, f"median {err.median():.2e}"
     assert err.max() <= MAX_TOL, f"max {err.max():.2e}"
-
-
-def predictive_cov(la, Xq):
-    _, f_var = la._glm_predictive_distribution(Xq)
-    return f_var
 
 
 def fit_hfl(model, X, y, likelihood, subset, target, **kw):
@@ -78,7 +74,7 @@ def test_matches_full_laplace_and_dense(case, subset, target, request):
     likelihood = "classification" if case == "classification" else "regression"
     Xq = torch.linspace(-3, 3, 7, dtype=DT)[:, None].expand(-1, X.shape[1]) * 1.1
     la = fit_hfl(model, X, y, likelihood, subset, target)
-    est = predictive_cov(la, Xq)
+    est = la.glm_predictive(Xq)[1]
 
     kind = "hessian" if target == "hessian" and subset == "all" else "ggn"
     dense, _ = dense_reference(
@@ -88,7 +84,7 @@ def test_matches_full_laplace_and_dense(case, subset, target, request):
 
     backend = CurvlinopsHessian if kind == "hessian" else CurvlinopsGGN
     ref = fit_full(model, X, y, likelihood, subset, backend)
-    assert_close(est, predictive_cov(ref, Xq))
+    assert_close(est, reference_glm_predictive(ref, Xq)[1])
 
 
 @pytest.mark.parametrize("backend", [CurvlinopsGGN, BackPackGGN, AsdlGGN])
@@ -104,10 +100,10 @@ def test_ggn_target_non_stationary_map(backend):
         p.grad = None
     Xq = torch.linspace(-4, 4, 9, dtype=DT)[:, None]
     la = fit_hfl(model, X, y, "regression", "all", "ggn")
-    est = predictive_cov(la, Xq)
+    est = la.glm_predictive(Xq)[1]
     assert la.map_gradient_norm > 1.0  # really not stationary
     ref = fit_full(model, X, y, "regression", "all", backend)
-    assert_close(est, predictive_cov(ref, Xq))
+    assert_close(est, reference_glm_predictive(ref, Xq)[1])
     dense, _ = dense_reference(model, X, y, Xq, "regression", "ggn")
     assert_close(est, dense)
 

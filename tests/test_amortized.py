@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, reference_glm_predictive, snapshot
 from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
 from torch import nn
@@ -75,7 +75,7 @@ def _reference(model, X, y, Xq, likelihood, subset):
         prior_precision=PRIOR, backend=CurvlinopsGGN,
     )  # fmt: skip
     la.fit(_loader(X, y))
-    return la._glm_predictive_distribution(Xq)
+    return reference_glm_predictive(la, Xq)
 
 
 def _hfl(model, likelihood, subset, n_samples=S):
@@ -111,14 +111,14 @@ def test_amortized_matches_full_ggn(case, subset, request):
     mu_ref, var_ref = _reference(model, X, y, Xq, likelihood, subset)
     la = _hfl(model, likelihood, subset)
     la.fit(_loader(X, y))
-    mu, var = la._glm_predictive_distribution(Xq)
+    mu, var = la.glm_predictive(Xq)
     torch.testing.assert_close(mu, mu_ref)
     d, d_ref = torch.diagonal(var, 0, 1, 2), torch.diagonal(var_ref, 0, 1, 2)
     assert _rel_err(d, d_ref) < 0.10
     # full covariance matrices agree in Frobenius norm to a few sqrt(2/S)
     rel_fro = (var - var_ref).flatten(1).norm(dim=1) / var_ref.flatten(1).norm(dim=1)
     assert rel_fro.median().item() < 0.15
-    assert la._amortized.residual.max().item() <= sample_rtol(S, 1e-6)
+    assert la.amortized_samples().residual.max().item() <= sample_rtol(S, 1e-6)
 
 
 def test_sample_tolerance_is_a_hundredth_of_the_monte_carlo_error():
@@ -136,7 +136,7 @@ def test_sample_tolerance_changes_variances_far_below_monte_carlo_error(
     model, X, y, Xq, likelihood = classification
     la = _hfl(model, likelihood, "all", n_samples=32)
     la.fit(_loader(X, y))
-    obj = la._objective()
+    obj = la.objective()
     tol = sample_rtol(32, la.hfl_settings.rtol)
     loose = posterior_samples(obj, 32, rtol=tol, precond=None)
     tight = posterior_samples(obj, 32, rtol=1e-10, max_iter=5000, precond=None)
@@ -160,7 +160,7 @@ def test_amortized_error_shrinks_with_samples(regression):
     for n in (16, 1024):
         la = _hfl(model, likelihood, "all", n)
         la.fit(_loader(X, y))
-        errs.append(_rel_err(la._glm_predictive_distribution(Xq)[1], var_ref))
+        errs.append(_rel_err(la.glm_predictive(Xq)[1], var_ref))
     assert errs[1] < errs[0]
 
 
@@ -168,12 +168,12 @@ def test_functional_variance_and_joint(regression):
     model, X, y, Xq, likelihood = regression
     la = _hfl(model, likelihood, "all", 500)
     la.fit(_loader(X, y))
-    f_mu, f_cov = la._glm_predictive_distribution(Xq[:5], joint=True)
-    _, f_var = la._glm_predictive_distribution(Xq[:5])
+    f_mu, f_cov = la.glm_predictive(Xq[:5], joint=True)
+    _, f_var = la.glm_predictive(Xq[:5])
     torch.testing.assert_close(torch.diagonal(f_cov), f_var.flatten())
     from laplace_hfl.engine.functional import output_jacobians
 
-    obj = la._objective()
+    obj = la.objective()
     Js, _ = output_jacobians(obj.forward, obj.theta_map, Xq[:5])
     torch.testing.assert_close(la.functional_variance(Js), f_var)
 
@@ -187,7 +187,7 @@ def test_state_dict_predicts_without_training_data(regression, subset):
     state = la.state_dict()
     fresh = _hfl(copy.deepcopy(model), likelihood, subset, 64)
     fresh.load_state_dict(state)
-    assert fresh._train_loader is None
+    assert not any(isinstance(v, DataLoader) for v in state.values())  # no loader
     got = fresh(Xq)
     torch.testing.assert_close(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1])
@@ -216,7 +216,7 @@ def test_unconverged_amortized_cg_warns_with_numbers(regression):
     )  # fmt: skip
     with pytest.warns(RefitConvergenceWarning, match=r"residual.*max_iter"):
         la.fit(_loader(X, y))
-    assert la._amortized.residual.max().item() > 1e-3
+    assert la.amortized_samples().residual.max().item() > 1e-3
 
 
 # --- amortised mode at training cost: sample-then-optimise over minibatches ---
@@ -239,11 +239,11 @@ def test_minibatch_amortized_matches_full_ggn(case, request):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RefitConvergenceWarning)
         la.fit(_loader(X, y))
-    _, var = la._glm_predictive_distribution(Xq)
+    _, var = la.glm_predictive(Xq)
     d, d_ref = torch.diagonal(var, 0, 1, 2), torch.diagonal(var_ref, 0, 1, 2)
     assert _rel_err(d, d_ref) < 0.10
-    assert la._amortized.residual.max().item() < 0.05
-    assert int(la._amortized.iterations[0]) == 200 * -(-len(X) // 16)
+    assert la.amortized_samples().residual.max().item() < 0.05
+    assert int(la.amortized_samples().iterations[0]) == 200 * -(-len(X) // 16)
 
 
 def test_minibatch_amortized_converges_and_is_reproducible(regression):
@@ -254,7 +254,7 @@ def test_minibatch_amortized_converges_and_is_reproducible(regression):
     model, X, y, _, likelihood = regression
     la = _hfl(model, likelihood, "all", None)
     la.fit(_loader(X, y))
-    obj = la._objective()
+    obj = la.objective()
     res = []
     for epochs in (4, 40):
         with warnings.catch_warnings():
@@ -277,7 +277,7 @@ def test_unconverged_minibatch_amortized_warns(regression):
     )  # fmt: skip
     with pytest.warns(RefitConvergenceWarning, match=r"residual.*minibatch_epochs"):
         la.fit(_loader(X, y))
-    assert la._amortized.residual.max().item() > 0.1
+    assert la.amortized_samples().residual.max().item() > 0.1
     assert_unchanged(model, snap)
 
 

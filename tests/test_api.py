@@ -55,7 +55,7 @@ def test_mc_link_and_samples(classification):
     probs = hfl(Xq, link_approx="mc", n_samples=500)
     assert torch.allclose(probs.sum(-1), torch.ones(4, dtype=DT))
     f = hfl.functional_samples(Xq, n_samples=3000, generator=g1)
-    f_mu, f_var = hfl._glm_predictive_distribution(Xq)
+    f_mu, f_var = hfl.glm_predictive(Xq)
     assert torch.allclose(
         f.mean(0), f_mu, atol=4 * f_var.diagonal(0, 1, 2).sqrt().max() / 50
     )
@@ -142,12 +142,12 @@ def test_dict_batches(classification):
     la.fit(dl)
     plain = nn.Sequential(model.body, model.head)
     q = {"input_ids": X[:4]}
-    _, f_var = la._glm_predictive_distribution(q)
+    _, f_var = la.glm_predictive(q)
     ref, _ = dense_reference(plain, X, y, X[:4], "classification", "ggn")
     assert rel_err(f_var.diagonal(0, 1, 2), ref.diagonal(0, 1, 2)).max() <= TOL
     la_ll = Laplace(model, "classification", "last_layer", "hfl", prior_precision=PRIOR)
     la_ll.fit(dl)
-    _, v_ll = la_ll._glm_predictive_distribution(q)
+    _, v_ll = la_ll.glm_predictive(q)
     ref_ll, _ = dense_reference(plain, X, y, X[:4], "classification", "ggn", True)
     assert rel_err(v_ll.diagonal(0, 1, 2), ref_ll.diagonal(0, 1, 2)).max() <= TOL
 

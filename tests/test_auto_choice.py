@@ -9,6 +9,11 @@ from conftest import PRIOR, dense_reference, loader, rel_err
 from laplace import Laplace
 
 from laplace_hfl.engine import auto_choice
+from laplace_hfl.engine.preconditioner import (
+    default_rank,
+    nystrom_apply,
+    nystrom_sketch,
+)
 
 
 @pytest.mark.parametrize("flops", [1e3, 1e15])
@@ -23,7 +28,7 @@ def test_auto_solver_follows_the_measured_costs(classification, monkeypatch, flo
     la = Laplace(model, "classification", "all", "hfl", prior_precision=PRIOR)
     la.fit(loader(X, y))
     Xq = X[:3] + 0.3
-    f_var = la._glm_predictive_distribution(Xq)[1]
+    f_var = la.glm_predictive(Xq)[1]
     d = la.last_diagnostics
     assert d.solver == ("cg" if flops < 1e9 else "dense")
     assert d.choice.startswith(d.solver)  # what was chosen, then why
@@ -44,9 +49,13 @@ def test_probe_counts_match_full_cg_runs(classification):
     la = Laplace(model, "classification", "all", "hfl", prior_precision=PRIOR,
                  solver="cg")  # fmt: skip
     la.fit(loader(X, y))
-    obj = la._objective()
+    obj = la.objective()
     B, _ = auto_choice.probe_rhs(obj, 2)
-    nys = la._build_precond(obj, "nystrom")
+    nys = nystrom_apply(  # the estimator's automatic rank
+        nystrom_sketch(obj, default_rank(la.n_params)),
+        obj.h_factor,
+        obj.prior_precision,
+    )
     counts = auto_choice.probe_iterations(obj, B, 1e-6, 50, [nys, None])
     full = [
         batched_cg(lambda i, V: ggn_matvec(obj, V), B, 1e-6 * B.norm(dim=1), 500, M)
@@ -88,9 +97,9 @@ def test_sketch_dearer_than_dense_is_not_built(
         chunk_size=8, precondition_rank=None, preconditioner=preconditioner,
     )  # fmt: skip
     la.fit(loader(X, y))
-    assert la._rank(la.n_params) == 25
+    assert default_rank(la.n_params) == 25  # precondition_rank=None
     Xq = X[:3] - 0.2
-    f_var = la._glm_predictive_distribution(Xq)[1]
+    f_var = la.glm_predictive(Xq)[1]
     d = la.last_diagnostics
     assert bool(sketches) == built
     if not built:

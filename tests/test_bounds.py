@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DT, PRIOR, SIGMA, dense_reference, loader
+from conftest import DT, PRIOR, SIGMA, dense_reference, loader, param_layout
 from laplace import Laplace
 from torch.func import functional_call, jacrev
 
@@ -76,15 +76,14 @@ def test_preconditioner_floors_are_valid(classification, rank):
         temperature=0.7, solver="cg",
     )  # fmt: skip
     la.fit(loader(X, y))
-    obj = la._objective()
+    obj = la.objective()
     P = obj.theta_map.numel()
     A = ggn_matvec(obj, torch.eye(P, dtype=DT))
     A = 0.5 * (A + A.T)
     pre = nystrom_apply(nystrom_sketch(obj, rank), obj.h_factor, obj.prior_precision)
     _floor_check(pre, pre.floor, A)
-    module, layout, _ = la._refit_module()
-    kf = kfac_apply(
-        kfac_factors(obj, module, layout), obj.h_factor, obj.prior_precision
+    kf = kfac_apply(  # all-weights HFL refits every parameter of the model
+        kfac_factors(obj, model, param_layout(model)), obj.h_factor, obj.prior_precision
     )
     _floor_check(kf, kf.floor, A)
 
@@ -162,7 +161,7 @@ def test_hessian_target_has_no_bracket(regression_1d):
         prior_precision=PRIOR, solver="cg", target="hessian",
     )  # fmt: skip
     la.fit(loader(X, y))
-    la._glm_predictive_distribution(X[:3])
+    la.glm_predictive(X[:3])
     d = la.last_diagnostics
     assert torch.isnan(d.variance_lower).all() and torch.isnan(d.variance_upper).all()
     assert d.products > 0

@@ -18,6 +18,7 @@ from conftest import (
     assert_unchanged,
     dense_reference,
     loader,
+    reference_glm_predictive,
     rel_err,
     saddle_regression,
     snapshot,
@@ -27,6 +28,7 @@ from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
 from torch.func import jacrev
 
+import laplace_hfl.base as base
 import laplace_hfl.engine.dense as dense
 from laplace_hfl import IndefiniteHessianError
 from laplace_hfl.engine.dense import data_ggn, data_hessian, factorize
@@ -49,7 +51,7 @@ def test_dense_matches_torch_func_reference(request, case, likelihood, target):
     Xq = X[:5] * 1.2
     ref, _ = dense_reference(model, X, y, Xq, likelihood, target)
     la = _hfl(model, X, y, likelihood, target=target, solver="dense")
-    _, f_var = la._glm_predictive_distribution(Xq)
+    _, f_var = la.glm_predictive(Xq)
     assert rel_err(f_var, ref).max() <= TOL
     d = la.last_diagnostics
     assert d.solver == "dense" and (d.iterations == 0).all()
@@ -66,10 +68,10 @@ def test_auto_is_dense_and_matches_full_laplace(classification, subset):
         backend=CurvlinopsGGN,
     )  # fmt: skip
     full.fit(loader(X, y))
-    _, ref = full._glm_predictive_distribution(Xq)
+    _, ref = reference_glm_predictive(full, Xq)
     snap = snapshot(model)  # (FullLaplace itself switches the model to eval)
     la = _hfl(model, X, y, "classification", subset)
-    _, f_var = la._glm_predictive_distribution(Xq)
+    _, f_var = la.glm_predictive(Xq)
     assert la.last_diagnostics.solver == "dense"
     assert rel_err(f_var.diagonal(0, 1, 2), ref.diagonal(0, 1, 2)).max() <= FULL_TOL
     assert_unchanged(model, snap)
@@ -81,7 +83,7 @@ def test_dense_equals_cg_to_solver_tolerance(classification):
     vars_ = {}
     for solver in ("dense", "cg"):
         la = _hfl(model, X, y, "classification", solver=solver, rtol=1e-10)
-        vars_[solver] = la._glm_predictive_distribution(Xq)[1]
+        vars_[solver] = la.glm_predictive(Xq)[1]
         assert la.last_diagnostics.solver == solver
     assert rel_err(vars_["cg"], vars_["dense"]).max() <= 1e-6
 
@@ -90,7 +92,7 @@ def test_data_ggn_is_the_jacobian_ggn(regression_multi):
     """G from per-example Jacobians (sub-batched) equals J^T J from torch.func."""
     model, X, y = regression_multi
     la = _hfl(model, X, y, "regression")
-    obj = la._objective()
+    obj = la.objective()
     J = jacrev(obj.forward)(obj.theta_map, X)
     G_ref = torch.einsum("ncp,ncq->pq", J, J)
     P = obj.theta_map.numel()
@@ -102,7 +104,7 @@ def test_data_ggn_is_the_jacobian_ggn(regression_multi):
 def test_data_hessian_is_the_torch_func_hessian(regression_1d):
     model, X, y = regression_1d
     la = _hfl(model, X, y, "regression", target="hessian")
-    obj = la._objective()
+    obj = la.objective()
 
     def data(th):
         return 0.5 * (obj.forward(th, X) - y).square().sum()
@@ -132,11 +134,11 @@ def test_curvature_formed_once_factor_redone_per_prior(classification, monkeypat
     monkeypatch.setattr(solver_objects, "factorize", spy_factor)
     la = _hfl(model, X, y, "classification")
     Xq = X[:3]
-    v1 = la._glm_predictive_distribution(Xq)[1]
-    la._glm_predictive_distribution(X[3:6])
+    v1 = la.glm_predictive(Xq)[1]
+    la.glm_predictive(X[3:6])
     assert calls == {"ggn": 1, "factor": 1}  # reused across queries
     la.prior_precision = 4 * PRIOR
-    v4 = la._glm_predictive_distribution(Xq)[1]
+    v4 = la.glm_predictive(Xq)[1]
     assert calls == {"ggn": 1, "factor": 2}  # G kept, factor redone
     assert (v4.diagonal(0, 1, 2) < v1.diagonal(0, 1, 2)).all()
     # and the refactored answer is FullLaplace's at the new prior
@@ -145,7 +147,7 @@ def test_curvature_formed_once_factor_redone_per_prior(classification, monkeypat
         backend=CurvlinopsGGN,
     )  # fmt: skip
     full.fit(loader(X, y))
-    ref = full._glm_predictive_distribution(Xq)[1]
+    ref = reference_glm_predictive(full, Xq)[1]
     assert rel_err(v4.diagonal(0, 1, 2), ref.diagonal(0, 1, 2)).max() <= FULL_TOL
 
 
@@ -153,7 +155,7 @@ def test_auto_uses_cg_above_the_budget(classification, monkeypatch):
     model, X, y = classification
     monkeypatch.setattr(dense, "DENSE_BUDGET", 10)
     la = _hfl(model, X, y, "classification")
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert la.last_diagnostics.solver == "cg"
     assert la.last_diagnostics.iterations.max() > 0
 
@@ -229,7 +231,7 @@ def test_last_layer_covariance_without_jacobians(classification, bias):
         model[-1] = new
     Xq = X[:7] * 1.1
     la = _hfl(model, X, y, "classification", "last_layer")
-    f_mu, f_var = la._glm_predictive_distribution(Xq)
+    f_mu, f_var = la.glm_predictive(Xq)
     assert la.last_diagnostics.solver == "dense"
     assert la.last_diagnostics.converged.all()
     # the Jacobian route of the same estimator
@@ -252,7 +254,7 @@ def test_last_layer_covariance_without_jacobians(classification, bias):
         backend=CurvlinopsGGN,
     )  # fmt: skip
     full.fit(loader(X, y))
-    _, ref = full._glm_predictive_distribution(Xq)
+    _, ref = reference_glm_predictive(full, Xq)
     assert rel_err(f_var, ref).max() <= FULL_TOL
 
 
@@ -264,28 +266,28 @@ def test_last_layer_fast_path_follows_hyperparameters(classification, monkeypatc
     model, X, y = classification
     Xq = X[:5] * 1.1
     la = _hfl(model, X, y, "classification", "last_layer")
-    la._glm_predictive_distribution(Xq)
-    built = []
-    original = type(la)._objective
+    la.glm_predictive(Xq)
+    built = []  # objectives built (the estimator builds them in base)
+    original = base.LaplaceObjective
     monkeypatch.setattr(
-        type(la), "_objective", lambda self: built.append(1) or original(self)
+        base, "LaplaceObjective", lambda **kw: built.append(1) or original(**kw)
     )
-    la._glm_predictive_distribution(Xq)
+    la.glm_predictive(Xq)
     assert built == []  # cached factor, current hyperparameters
     la.prior_precision = 7.0
-    _, f_var = la._glm_predictive_distribution(Xq)
+    _, f_var = la.glm_predictive(Xq)
     assert built == [1]
     full = Laplace(
         model, "classification", "last_layer", "full", prior_precision=7.0,
         backend=CurvlinopsGGN,
     )  # fmt: skip
     full.fit(loader(X, y))
-    _, ref = full._glm_predictive_distribution(Xq)
+    _, ref = reference_glm_predictive(full, Xq)
     assert rel_err(f_var, ref).max() <= FULL_TOL
     with torch.no_grad():
         la.prior_precision.fill_(float("nan"))
     with pytest.raises(ValueError, match="prior"):
-        la._glm_predictive_distribution(Xq)
+        la.glm_predictive(Xq)
 
 
 def test_dense_budget_from_free_memory_with_a_user_cap(monkeypatch):

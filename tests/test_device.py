@@ -71,7 +71,7 @@ def test_path_on_device_matches_dense_reference(classification, path, device):
     before = snap_model(model)
     la = Laplace(model, likelihood, subset, "hfl", prior_precision=PRIOR, **options)
     la.fit(loader(X, y))
-    f_mu, f_var = la._glm_predictive_distribution(Xq.to(device))
+    f_mu, f_var = la.glm_predictive(Xq.to(device))
     assert f_mu.device.type == device and f_var.device.type == device
     assert f_var.dtype == DT
     est = torch.diagonal(f_var.cpu(), dim1=-2, dim2=-1)

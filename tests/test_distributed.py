@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, is_fitted, snapshot
 from distributed_cases import (
     CASES,
     build_model,
@@ -97,7 +97,7 @@ def test_amortized_state_saved_on_rank0_loads_on_one_process(name, problems, sha
     model.load_state_dict(probs[problem]["state"])
     la = make_laplace(problem, subset, opts, model)
     la.load_state_dict(state)
-    f_mu, f_var = la._glm_predictive_distribution(probs[problem]["Xq"])
+    f_mu, f_var = la.glm_predictive(probs[problem]["Xq"])
     assert _rel(f_var, ranks[0][name]["f_var"]) <= TOL
     assert _rel(f_mu, ranks[0][name]["f_mu"]) <= TOL
 
@@ -153,7 +153,7 @@ def test_one_process_without_group_unchanged(problems):
     with pytest.raises(ValueError, match="yielded no batches"):
         la.fit(empty)
     la.fit(DataLoader(TensorDataset(probs["reg"]["X"], probs["reg"]["y"])))
-    assert la._objective().reduce is None
+    assert la.objective().reduce is None
 
 
 @pytest.mark.slow
@@ -207,7 +207,7 @@ def test_shard_loader_refuses_samplers_that_lose_or_overlap_examples(problems):
     other = DistributedSampler(ds, num_replicas=2, rank=0)
     with pytest.raises(ValueError, match="rank 0 of 2"):
         la.fit(DataLoader(ds, sampler=other))
-    assert not la._fitted
+    assert not is_fitted(la)
     assert_unchanged(model, snap)
 
 

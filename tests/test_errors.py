@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DT, assert_unchanged, loader, saddle_regression, snapshot
+from conftest import (
+    DT,
+    assert_unchanged,
+    is_fitted,
+    loader,
+    saddle_regression,
+    snapshot,
+)
 from laplace import Laplace
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -244,7 +251,7 @@ def test_soft_targets_must_be_probabilities(classification):
     negative[0] = torch.tensor([1.5, -0.5, 0.0], dtype=DT)  # sums to 1
     with pytest.raises(ValueError, match=r"rows \[0\]"):
         la.fit(loader(X, negative))
-    assert not la._fitted
+    assert not is_fitted(la)
     la.fit(loader(X, soft))  # proper probabilities are accepted
     assert_unchanged(model, snap)
 
@@ -336,7 +343,7 @@ def test_model_and_constructor_refusals(regression_1d):
     la = Laplace(model, "regression", "last_layer", "hfl")
     with pytest.raises(ValueError, match="requires_grad=False"):
         la.fit(loader(X, y))
-    assert not la._fitted
+    assert not is_fitted(la)
     for p in model[-1].parameters():
         p.requires_grad_(True)
     assert_unchanged(model, snap)

@@ -117,7 +117,7 @@ def test_registered_solver_matches_dense_reference(
     )
     before = common.snapshot(model)
     la = _fit(model, X, y, likelihood, subset, solver=linalg, target=target)
-    f_var = la._glm_predictive_distribution(Xq)[1]
+    f_var = la.glm_predictive(Xq)[1]
     assert la.last_diagnostics.solver == linalg
     assert f_var.dtype == common.DT
     err = common.rel_err(f_var.diagonal(0, 1, 2), ref.diagonal(0, 1, 2)).max()
@@ -135,7 +135,7 @@ def test_registered_solver_on_device(linalg, classification, device):
     ref, _ = common.dense_reference(model, X, y, Xq, "classification", "ggn")
     model, X, y = model.to(device), X.to(device), y.to(device)
     la = _fit(model, X, y, "classification", "all", solver=linalg)
-    f_mu, f_var = la._glm_predictive_distribution(Xq.to(device))
+    f_mu, f_var = la.glm_predictive(Xq.to(device))
     assert f_mu.device.type == device and f_var.device.type == device
     est, want = f_var.cpu().diagonal(0, 1, 2), ref.diagonal(0, 1, 2)
     assert common.rel_err(est, want).max() <= EXACT_TOL
@@ -151,19 +151,19 @@ def test_unregistered_solver_is_refused(classification):
 def test_solver_cache_rebuilt_exactly_when_the_key_changes(linalg, classification):
     model, X, y = classification
     la = _fit(model, X, y, "classification", "all", solver=linalg)
-    la._glm_predictive_distribution(X[:2])
-    la._glm_predictive_distribution(X[2:4])
+    la.glm_predictive(X[:2])
+    la.glm_predictive(X[2:4])
     assert LinalgSolve.builds == 1  # same hyperparameters: reused
     la.prior_precision = 2 * common.PRIOR
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert LinalgSolve.builds == 2  # new key: rebuilt
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert LinalgSolve.builds == 2
     la.prior_precision = common.PRIOR  # back: the cache holds one key only
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert LinalgSolve.builds == 3
     la.fit(common.loader(X, y))  # a new fit starts with a new object
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert LinalgSolve.builds == 4
 
 
@@ -195,14 +195,14 @@ def test_base_point_cached_per_key(classification, monkeypatch):
     model, X, y = classification
     calls = _count_calls(monkeypatch, solver_objects, "unperturbed_refit")
     la = _fit(model, X, y, "classification", "all", solver="cg")
-    la._glm_predictive_distribution(X[:2])
-    la._glm_predictive_distribution(X[2:4])
+    la.glm_predictive(X[:2])
+    la.glm_predictive(X[2:4])
     assert len(calls) == 1
     la.prior_precision = common.PRIOR  # set again to the same value: same key
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert len(calls) == 1
     la.prior_precision = 3 * common.PRIOR
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert len(calls) == 2
 
 
@@ -211,10 +211,10 @@ def test_amortized_samples_drawn_once_per_key(regression_1d, monkeypatch):
     calls = _count_calls(monkeypatch, solver_objects, "posterior_samples")
     la = _fit(model, X, y, "regression", "all", amortize=4)
     assert len(calls) == 1  # drawn at fit
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert len(calls) == 1
     la.prior_precision = 2 * common.PRIOR
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert len(calls) == 2
 
 
@@ -225,13 +225,13 @@ def test_preconditioner_data_built_once_per_fit(classification, monkeypatch, nam
     target = {"nystrom": "nystrom_sketch", "kfac": "kfac_factors"}[name]
     calls = _count_calls(monkeypatch, precond_objects, target)
     la = _fit(model, X, y, "classification", "all", solver="cg", preconditioner=name)
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert la.last_diagnostics.preconditioner == name  # the object's own name
     la.prior_precision = 5 * common.PRIOR  # only apply() is redone
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert len(calls) == 1
     la.fit(common.loader(X, y))
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert len(calls) == 2
 
 
@@ -253,7 +253,7 @@ def test_registered_preconditioner_is_used_and_exact(classification, monkeypatch
         model, X, y, "classification", "all", solver="cg",
         preconditioner=PriorDiagonal.name, rtol=1e-9,
     )  # fmt: skip
-    f_var = la._glm_predictive_distribution(Xq)[1]
+    f_var = la.glm_predictive(Xq)[1]
     assert la.last_diagnostics.preconditioner == PriorDiagonal.name
     assert la.last_diagnostics.converged.all()
     err = common.rel_err(f_var.diagonal(0, 1, 2), want.diagonal(0, 1, 2)).max()

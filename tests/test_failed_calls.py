@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import DT, loader
+from conftest import DT, is_fitted, loader
 from laplace import Laplace
 
 from laplace_hfl.engine.gridsearch import gaussian_nll_loss
@@ -77,10 +77,10 @@ def test_last_layer_wrong_prior_length_leaves_it_unfitted(regression_1d):
     )
     with pytest.raises(ValueError, match="prior precision"):
         la.fit(loader(X, y))
-    assert not la._fitted and la.n_params is None
+    assert not is_fitted(la) and la.n_params is None
     la.prior_precision = 1.0
     la.fit(loader(X, y))  # a second fit after the failure works
-    assert la._fitted and la.n_params == 11
+    assert is_fitted(la) and la.n_params == 11
 
 
 def test_failed_marginal_likelihood_keeps_hyperparameters(regression_1d):

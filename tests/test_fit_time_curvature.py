@@ -54,7 +54,7 @@ def _results(la, Xq) -> dict[str, torch.Tensor]:
         "nn": la(Xq, pred_type="nn", link_approx="mc", n_samples=20, generator=g()),
         "f_nn": la.functional_samples(Xq, pred_type="nn", n_samples=5, generator=g()),
         "glm": la(Xq),
-        "f_var": la._glm_predictive_distribution(Xq)[1],
+        "f_var": la.glm_predictive(Xq)[1],
         "logml": la.log_marginal_likelihood().detach(),
     }
     la.optimize_prior_precision(

@@ -23,7 +23,7 @@ def test_float32_model_matches_float64_reference(regression_1d, classification):
             sigma_noise=SIGMA if lik == "regression" else 1.0,
         )  # fmt: skip
         la.fit(loader(X.float(), y32))
-        f_mu, f_var = la._glm_predictive_distribution(Xq.float())
+        f_mu, f_var = la.glm_predictive(Xq.float())
         assert f_var.dtype == torch.float32 and f_mu.dtype == torch.float32
         est = torch.diagonal(f_var, dim1=-2, dim2=-1).double()
         err = rel_err(est, torch.diagonal(ref, dim1=-2, dim2=-1))

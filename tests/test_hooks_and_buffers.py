@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SIGMA, assert_unchanged, dense_reference, loader, snapshot
+from conftest import (
+    SIGMA,
+    assert_unchanged,
+    dense_reference,
+    is_fitted,
+    loader,
+    snapshot,
+)
 from laplace import Laplace
 from torch import nn
 
@@ -50,4 +57,4 @@ def test_forward_that_writes_a_buffer_is_refused_and_restored(regression_1d, sub
     with pytest.raises(ValueError, match=r"buffer '(model\.)?calls'"):
         la.fit(loader(X, y))
     assert_unchanged(model, snap)
-    assert not la._fitted
+    assert not is_fitted(la)

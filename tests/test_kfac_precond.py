@@ -18,6 +18,7 @@ from conftest import (
     assert_unchanged,
     dense_reference,
     loader,
+    param_layout,
     rel_err,
     snapshot,
 )
@@ -26,6 +27,7 @@ from laplace.curvature import CurvlinopsGGN
 from torch import nn
 
 from laplace_hfl.engine.kfac import kfac_apply, kfac_factors, kfac_supported
+from laplace_hfl.engine.precond_objects import KFACPreconditioner, PrecondSetup
 
 
 def _hfl(model, X, y, **kw):
@@ -54,11 +56,11 @@ def test_kfac_preconditioner_is_kron_laplace_inverse(classification, layerwise):
     M = kron.posterior_precision.to_matrix()
     la = _hfl(model, X, y, prior=prior, temperature=0.5)
     snap = snapshot(model)
-    obj = la._objective()
-    module, layout, _ = la._refit_module()
-    assert kfac_supported(module, layout)
+    obj = la.objective()
+    layout = param_layout(model)  # all-weights HFL refits every parameter
+    assert kfac_supported(model, layout)
     apply = kfac_apply(
-        kfac_factors(obj, module, layout), obj.h_factor, obj.prior_precision
+        kfac_factors(obj, model, layout), obj.h_factor, obj.prior_precision
     )
     eye = torch.eye(M.shape[0], dtype=DT)
     assert torch.allclose(apply(eye) @ M, eye, atol=1e-10)
@@ -73,7 +75,7 @@ def test_kfac_keeps_answer_and_auto_takes_fewest_iterations(classification):
     out = {}
     for name in ("none", "kfac", "nystrom", "auto"):
         la = _hfl(model, X, y, preconditioner=name)
-        f_var = la._glm_predictive_distribution(Xq)[1]
+        f_var = la.glm_predictive(Xq)[1]
         d = la.last_diagnostics
         out[name] = (f_var, d.iterations.float().mean(), d.preconditioner)
         assert d.converged.all()
@@ -107,7 +109,7 @@ def test_kfac_exact_for_last_layer_regression(regression_multi):
             prior_precision=PRIOR, solver="cg", preconditioner=name, rtol=1e-9,
         )  # fmt: skip
         la.fit(loader(X, y))
-        f_var = la._glm_predictive_distribution(Xq)[1]
+        f_var = la.glm_predictive(Xq)[1]
         assert rel_err(f_var.diagonal(0, 1, 2), ref.diagonal(0, 1, 2)).max() <= 1e-6
         iters[name] = la.last_diagnostics.iterations.max()
         assert la.last_diagnostics.preconditioner == name
@@ -124,7 +126,7 @@ def test_hessian_target_with_kfac_matches_reference(regression_1d):
         target="hessian", solver="cg", preconditioner="kfac",
     )  # fmt: skip
     la.fit(loader(X, y))
-    f_var = la._glm_predictive_distribution(Xq)[1]
+    f_var = la.glm_predictive(Xq)[1]
     assert la.last_diagnostics.preconditioner == "kfac"
     assert rel_err(f_var, ref).max() <= 1e-4  # O(eps^2) bias of the differences
 
@@ -149,17 +151,18 @@ def test_unsupported_layers_fall_back_to_nystrom(classification):
         net, "classification", "all", "hfl", prior_precision=PRIOR, solver="cg"
     )
     la.fit(loader(X, y))
-    module, layout, _ = la._refit_module()
-    assert not kfac_supported(module, layout)
-    assert "kfac" not in la._precond_names(la.n_params)  # the fallbacks
-    assert la._precond_choice(la._objective())[0] in ("nystrom", "none")
+    layout = param_layout(net)  # all-weights HFL refits every parameter
+    assert not kfac_supported(net, layout)
+    setup = PrecondSetup(8, 8, lambda: (net, layout, {}))
+    assert not KFACPreconditioner.available(setup)  # not a candidate of "auto"
+    assert la.refit_preconditioner()[0] in ("nystrom", "none")  # the fallbacks
     # (a small rank: the sketch of main needs rank <= rank of the data GGN)
     la = Laplace(
         net, "classification", "all", "hfl", prior_precision=PRIOR, solver="cg",
         precondition_rank=8,
     )  # fmt: skip
     la.fit(loader(X, y))
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert la.last_diagnostics.preconditioner == "nystrom"
     assert la.last_diagnostics.converged.all()
     la = Laplace(
@@ -168,7 +171,7 @@ def test_unsupported_layers_fall_back_to_nystrom(classification):
     )  # fmt: skip
     la.fit(loader(X, y))
     with pytest.raises(ValueError, match="preconditioner='nystrom'"):
-        la._glm_predictive_distribution(X[:2])
+        la.glm_predictive(X[:2])
     assert_unchanged(net, snap)
 
 
@@ -179,7 +182,7 @@ def test_frozen_layer_still_supported(classification):
         p.requires_grad_(False)
     snap = snapshot(model)
     la = _hfl(model, X, y, preconditioner="kfac")
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert la.last_diagnostics.preconditioner == "kfac"
     assert la.last_diagnostics.converged.all()
     assert_unchanged(model, snap)
@@ -200,6 +203,6 @@ def test_auto_prefers_the_sketch_when_data_cannot_determine_all_weights(
     Xq = X[:3] + 0.4
     ref, _ = dense_reference(model, X, y, Xq, "classification", "ggn")
     la = _hfl(model, X, y)
-    f_var = la._glm_predictive_distribution(Xq)[1]
+    f_var = la.glm_predictive(Xq)[1]
     assert la.last_diagnostics.preconditioner == "nystrom"
     assert rel_err(f_var, ref).max() <= 1e-6

@@ -30,6 +30,7 @@ from laplace import Laplace, marglik_training
 from laplace.curvature import CurvlinopsGGN, CurvlinopsHessian
 from torch.func import functional_call, jacrev
 
+import laplace_hfl.base as base
 from laplace_hfl import HFLNotFittedError, IndefiniteHessianError
 from laplace_hfl.engine.gridsearch import gaussian_nll_loss
 from laplace_hfl.engine.logdet import MarglikSettings
@@ -246,18 +247,25 @@ def test_random_probes_within_standard_error(request):
         assert abs(est - ref) < 4 * info.stderr
 
 
-def test_scalar_prior_reuses_one_lanczos_run(request):
+def test_scalar_prior_reuses_one_lanczos_run(request, monkeypatch):
     """After the first call, changing a scalar prior or sigma costs no data pass."""
     hfl, full, *_ = _pair(request, "regression_1d")
     hfl.log_marginal_likelihood()
-    calls = []
-    original = hfl._training_batches
+    calls = []  # data passes of the objectives the estimator builds from now on
+    original = base.LaplaceObjective
 
-    def counting():
-        calls.append(1)
-        return original()
+    def counting(batches):
+        def passes():
+            calls.append(1)
+            return batches()
 
-    hfl._training_batches = counting
+        return passes
+
+    monkeypatch.setattr(
+        base,
+        "LaplaceObjective",
+        lambda **kw: original(**{**kw, "batches": counting(kw["batches"])}),
+    )
     for prior, sigma in ((0.1, 0.2), (3.0, 0.5), (30.0, 1.0)):
         v_h = hfl.log_marginal_likelihood(torch.tensor(prior), torch.tensor(sigma))
         v_f = full.log_marginal_likelihood(torch.tensor(prior), torch.tensor(sigma))

@@ -22,7 +22,7 @@ def test_full_rank_sketch_reproduces_ggn(regression_multi):
     model, X, y = regression_multi
     la = Laplace(model, "regression", "all", "hfl", sigma_noise=SIGMA)
     la.fit(loader(X, y))
-    obj = la._objective()
+    obj = la.objective()
     P = obj.theta_map.numel()
     sk = nystrom_sketch(obj, P)
     J = jacrev(obj.forward)(obj.theta_map, X)  # (N, C, P)
@@ -48,7 +48,7 @@ def test_preconditioning_keeps_answer_and_cuts_iterations(classification):
             precondition_rank=rank, solver="cg",
         )  # fmt: skip
         la.fit(loader(X, y))
-        _, f_var = la._glm_predictive_distribution(Xq)
+        _, f_var = la.glm_predictive(Xq)
         covs.append(f_var)
         iters.append(la.last_diagnostics.iterations.float().mean())
     for f_var in covs:
@@ -94,12 +94,12 @@ def test_automatic_rank_decided_once_per_fit(classification, monkeypatch):
         solver="cg", preconditioner="nystrom",
     )  # fmt: skip
     la.fit(loader(X, y))
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     la.prior_precision = 2 * PRIOR
-    la._glm_predictive_distribution(X[2:4])
+    la.glm_predictive(X[2:4])
     assert len(calls) == 1 and built == [16]
     la.fit(loader(X, y))  # a new fit decides again
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert len(calls) == 2 and built == [16, 8]
 
 
@@ -151,7 +151,7 @@ def test_sketch_memory_within_budget():
     y = torch.randint(0, 3, (48,))
     la = Laplace(model, "classification", "all", "hfl", solver="cg")
     la.fit(loader(X, y, batch_size=48))
-    obj = la._objective()
+    obj = la.objective()
     P, k, chunk = obj.theta_map.numel(), 128, 16
     ggn_matvec(data_only_objective(obj), torch.randn(chunk, P, dtype=DT))  # warm up
     nystrom_sketch(obj, 8, chunk_size=chunk)

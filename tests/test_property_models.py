@@ -165,7 +165,7 @@ def test_correct_or_named_error_and_model_unchanged(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. NonStationaryMAPWarning: untrained
         la.fit(loader(X, y, batch_size=8))
-        f_mu, f_var = la._glm_predictive_distribution(X[:3])  # logits
+        f_mu, f_var = la.glm_predictive(X[:3])  # logits
     torch.testing.assert_close(f_mu, model(X[:3]).detach(), rtol=1e-10, atol=1e-12)
     ref = _reference(
         model, subset, X, X[:3], likelihood, prior, 1 / (sigma**2 * temperature)

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DT, PRIOR, SIGMA, assert_unchanged, loader, snapshot
+from conftest import DT, PRIOR, SIGMA, assert_unchanged, is_fitted, loader, snapshot
 from laplace import Laplace
 from torch import nn
 
@@ -315,7 +315,7 @@ def test_missing_dict_keys_are_key_and_value_errors(regression_1d, subset):
     la = Laplace(model, "regression", subset, "hfl")
     with pytest.raises(KeyError, match="dict_key_y='labels'"):
         la.fit(DL(_DictData(X, y, key="target"), batch_size=8))
-    assert not la._fitted
+    assert not is_fitted(la)
     la.fit(loader(X, y))
     with pytest.raises(KeyError, match="dict_key_x='input_ids'"):
         la({"x": X[:3]})
@@ -737,7 +737,7 @@ def test_hessian_eps_outside_quadratic_regime_is_refined(classification):
         target="hessian", eps=1.0,
     )  # fmt: skip
     la.fit(loader(X, y))
-    f_var = la._glm_predictive_distribution(X[:6])[1]
+    f_var = la.glm_predictive(X[:6])[1]
     ref, _ = dense_reference(model, X, y, X[:6], "classification", "hessian")
     d, r = f_var.diagonal(0, 1, 2), ref.diagonal(0, 1, 2)
     assert float(((d - r).abs() / r.abs()).max()) <= 2e-3
@@ -798,7 +798,7 @@ def test_hessian_near_singular_non_stationary_map(solver):
         prior_precision=prior, target="hessian", rtol=1e-8, solver=solver,
     )  # fmt: skip
     la.fit(loader(X, y, batch_size=50))
-    f_mu, f_var = la._glm_predictive_distribution(xq)
+    f_mu, f_var = la.glm_predictive(xq)
     assert abs(float(f_var) - ref) / ref <= 1e-6
     # the mean stays the network's own output at the MAP
     torch.testing.assert_close(f_mu, model(xq), rtol=1e-12, atol=0)

@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import DT, PRIOR, SIGMA, loader
+from conftest import DT, PRIOR, SIGMA, is_fitted, loader
 from laplace import Laplace
 from torch import nn
 from torch.utils.data import DataLoader
@@ -130,7 +130,7 @@ def test_corrupted_state_values_are_refused(regression_1d, subset, case):
     before = dict(fresh.__dict__)
     with pytest.raises(ValueError, match=match):
         fresh.load_state_dict(state)
-    assert not fresh._fitted
+    assert not is_fitted(fresh)
     assert fresh.__dict__.keys() == before.keys()
 
 

@@ -47,7 +47,7 @@ def test_minibatch_refits_match_dense_ggn(likelihood):
         minibatch_epochs=100,
     )  # fmt: skip
     la.fit(loader, cache_data=False)  # every step sees one minibatch of 20
-    _, f_var = la._glm_predictive_distribution(Xq)
+    _, f_var = la.glm_predictive(Xq)
     err = rel_err(f_var.diagonal(0, 1, 2), ref.diagonal(0, 1, 2))
     assert err.median() <= 0.02, f"median {err.median():.2e}"
     assert err.max() <= 0.05, f"max {err.max():.2e}"
@@ -89,7 +89,7 @@ def test_unconverged_minibatch_refits_warn_with_numbers(mb_regression):
         DataLoader(TensorDataset(X, y), batch_size=20), cache_data=True
     )  # fmt: skip
     with pytest.warns(RefitConvergenceWarning, match=r"residual.*minibatch_epochs"):
-        la._glm_predictive_distribution(X[:3])
+        la.glm_predictive(X[:3])
     assert la.last_diagnostics.residual.max() > 0.3
 
 
@@ -99,7 +99,7 @@ def test_converged_minibatch_refits_do_not_warn(mb_regression):
     la.fit(DataLoader(TensorDataset(X, y), batch_size=20), cache_data=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RefitConvergenceWarning)
-        la._glm_predictive_distribution(X[:3])
+        la.glm_predictive(X[:3])
 
 
 @pytest.mark.parametrize("cache_data", [True, False])
@@ -112,7 +112,7 @@ def test_minibatch_means_the_loaders_batches(mb_regression, cache_data):
         la.fit(DataLoader(TensorDataset(X, y), batch_size=bs), cache_data=cache_data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RefitConvergenceWarning)
-            out[bs] = la._glm_predictive_distribution(X[:3])[1]
+            out[bs] = la.glm_predictive(X[:3])[1]
         assert la.last_diagnostics.steps == 4 * (200 // bs)
     assert not torch.allclose(out[20], out[200])
 
