@@ -57,7 +57,7 @@ def test_auto_dtype_is_concrete_and_explained(classification):
     la = Laplace(m32, "classification", "all", "hfl", prior_precision=PRIOR)
     assert la.compute_dtype == F64  # before fit: already a dtype (CPU rule)
     la.fit(loader(X.float(), y))
-    la._glm_predictive_distribution(X[:2].float())
+    la.glm_predictive(X[:2].float())
     assert la.compute_dtype == F64
     assert "compute_dtype auto: float64" in la.last_diagnostics.choice
     tight = Laplace(m32, "classification", "all", "hfl", rtol=1e-8)
@@ -81,7 +81,7 @@ def test_auto_dtype_float32_model_matches_float64_reference(
     kw = {"sigma_noise": SIGMA} if lik == "regression" else {}
     la = Laplace(m32, lik, "all", "hfl", prior_precision=PRIOR, **kw)
     la.fit(loader(X32, y32))
-    _, f_var = la._glm_predictive_distribution(Xq)
+    _, f_var = la.glm_predictive(Xq)
     err = rel_err(f_var.diagonal(0, 1, 2).double(), ref.diagonal(0, 1, 2))
     assert float(err.max()) <= 1e-3, f"{lik}: {float(err.max()):.2e}"
 
@@ -99,7 +99,7 @@ def test_auto_dtype_on_cuda_runs_float32_products(classification):
                  solver="cg")  # fmt: skip
     assert la.compute_dtype == F32
     la.fit(loader(X.float().cuda(), y.cuda()))
-    _, f_var = la._glm_predictive_distribution(Xq.cuda())
+    _, f_var = la.glm_predictive(Xq.cuda())
     err = rel_err(f_var.diagonal(0, 1, 2).double().cpu(), ref.diagonal(0, 1, 2))
     assert float(err.max()) <= 1e-3
     assert "float32 products" in la.last_diagnostics.choice
@@ -117,13 +117,13 @@ def test_state_restores_into_auto_estimator(classification, saved):
     la = Laplace(m32, "classification", "last_layer", "hfl", compute_dtype=saved, **kw)
     la.fit(loader(X.float(), y))
     Xq = X[:4].float()
-    _, want = la._glm_predictive_distribution(Xq)
+    _, want = la.glm_predictive(Xq)
     new = Laplace(m32, "classification", "last_layer", "hfl", **kw)
     new.load_state_dict(la.state_dict())
     assert new.compute_dtype == la.compute_dtype
     name = str(la.compute_dtype).removeprefix("torch.")
     assert new.auto_choices["compute_dtype"].startswith(f"compute_dtype auto: {name}")
-    _, got = new._glm_predictive_distribution(Xq)
+    _, got = new.glm_predictive(Xq)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
@@ -157,7 +157,7 @@ def test_auto_chunk_cpu_default_and_reason(classification):
     la = Laplace(model, "classification", "all", "hfl", prior_precision=PRIOR)
     assert la.chunk_size == CPU_CHUNK
     la.fit(loader(X, y))
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert la.chunk_size == CPU_CHUNK  # the tiny net fits: the CPU cap
     assert "chunk_size auto: 64 (at most" in la.last_diagnostics.choice
 
@@ -178,7 +178,7 @@ def test_memory_bound_auto_chunk_matches_fixed_chunk_and_reference(
     kw = dict(prior_precision=PRIOR, solver="cg", preconditioner="none", rtol=1e-10)
     fixed = Laplace(model, "classification", subset, "hfl", chunk_size=64, **kw)
     fixed.fit(loader(X, y))
-    _, want = fixed._glm_predictive_distribution(Xq)
+    _, want = fixed.glm_predictive(Xq)
 
     real = chunk_memory.model_bytes_per_direction
     per = {}
@@ -194,7 +194,7 @@ def test_memory_bound_auto_chunk_matches_fixed_chunk_and_reference(
     auto = Laplace(model, "classification", subset, "hfl", **kw)
     auto.fit(loader(X, y))
     assert auto.chunk_size == 7  # half of 14 directions' bytes
-    _, got = auto._glm_predictive_distribution(Xq)
+    _, got = auto.glm_predictive(Xq)
     assert "chunk_size auto: 7 (memory-bound" in auto.last_diagnostics.choice
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
     err = rel_err(got.diagonal(0, 1, 2), ref.diagonal(0, 1, 2))
@@ -215,7 +215,7 @@ def test_cpu_chunk_bounded_in_bytes(classification, monkeypatch):
     la.chunk_size = 3  # the user's value is kept by the next fit
     la.fit(loader(X, y))
     assert la.chunk_size == 3
-    la._glm_predictive_distribution(X[:2])
+    la.glm_predictive(X[:2])
     assert "chunk_size auto" not in la.last_diagnostics.choice
 
 
