@@ -80,7 +80,8 @@ def measure(method: str, n_params: int) -> dict:
         from laplace_hfl.bench.benchmark.cases import Case
         from laplace_hfl.bench.benchmark.methods import cg_inverse_predictor
 
-        case = Case("mem", model, "regression", SIGMA, PRIOR, X, y, Xq)
+        case = Case(name="mem", model=model, likelihood="regression", sigma_noise=SIGMA,
+                    prior_precision=PRIOR, train_xy=(X, y), Xq=Xq)  # fmt: skip
         cg_inverse_predictor(case, max_iter=5)(Xq)
     else:
         raise ValueError(f"unknown method {method!r}")

@@ -87,8 +87,10 @@ def _reference(case: C.Case) -> torch.Tensor:
 
     c64 = copy.copy(case)
     c64.model = copy.deepcopy(case.model).double()
-    c64.X = case.X.double()
-    c64.y = case.y.double() if case.likelihood == "regression" else case.y
+    c64.train_xy = (
+        case.X.double(),
+        case.y.double() if case.likelihood == "regression" else case.y,
+    )
     out = timed_fit_predict(c64, "full_ggn", case.Xq.double())
     return _diag(out["f_var"])
 
