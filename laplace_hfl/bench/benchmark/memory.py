@@ -108,9 +108,11 @@ if __name__ == "__main__":
     try:
         result = measure(sys.argv[1], int(float(sys.argv[2])))
     except Exception as err:  # reported, not raised: the parent records it
+        from laplace_hfl.bench.evaluation.method_row import error_text
+
         result = {
             "method": sys.argv[1],
-            "status": f"failed: {type(err).__name__}: {str(err)[:300]}",
+            "status": f"failed: {error_text(err, first_line=False)}",
             "peak_rss_mb": peak_rss_mb(),
         }
     print(json.dumps(result))

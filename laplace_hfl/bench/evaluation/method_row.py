@@ -23,14 +23,30 @@ from laplace_hfl.bench.evaluation.memory import PeakMemory
 from laplace_hfl.bench.evaluation.registry import MethodSpec
 from laplace_hfl.bench.evaluation.tasks import Task
 
-__all__ = ["method_row", "fail_row"]
+__all__ = ["method_row", "fail_row", "error_text"]
+
+
+def error_text(err: BaseException, limit: int = 300, first_line: bool = True) -> str:
+    """``"Type: message"`` of ``err`` for a result row.
+
+    Parameters
+    ----------
+    err : BaseException
+    limit : int, default=300
+        Characters of the message kept.
+    first_line : bool, default=True
+        Keep only the message's first line (before cutting it to ``limit``).
+    """
+    msg = str(err)
+    if first_line and msg:
+        msg = msg.splitlines()[0]
+    return f"{type(err).__name__}: {msg[:limit]}"
 
 
 def fail_row(row: dict[str, Any], err: BaseException) -> dict[str, Any]:
-    """Mark ``row`` failed with ``err``'s type and first line (300 characters)."""
+    """Mark ``row`` failed with :func:`error_text` of ``err``."""
     row["status"] = "failed"
-    msg = str(err).splitlines()[0][:300] if str(err) else ""
-    row["error"] = f"{type(err).__name__}: {msg}"
+    row["error"] = error_text(err)
     return row
 
 
