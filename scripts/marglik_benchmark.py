@@ -41,7 +41,7 @@ from laplace_hfl.bench.benchmark import cases as C  # noqa: E402
 
 
 def _run(case: C.Case, structure: str, fixed_point: bool = False) -> dict:
-    kw = {"sigma_noise": case.sigma} if case.likelihood == "regression" else {}
+    kw = {"sigma_noise": case.sigma_noise} if case.likelihood == "regression" else {}
     if structure == "full":
         kw["backend"] = BackPackGGN
     la = Laplace(case.model, case.likelihood, "all", structure, **kw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from laplace_hfl.bench.evaluation import (
     run_method,
     variance_agreement,
 )
+from laplace_hfl.bench.evaluation.method_row import error_text, method_row
 
 DT = torch.float64
 # Four predictions, each confidence in its own 15-bin ECE bin.
@@ -297,3 +299,48 @@ def test_tune_selects_prior_from_grid(tiny_task):
     assert row["status"] == "ok" and row["hyper"] == "tuned"
     assert 1e-2 - 1e-12 <= row["prior_precision"] <= 1e2 + 1e-9
     assert "tuned" in res.meta["hyperparameters"]
+
+
+# ------------------------------------------------------- one method, one row
+def test_method_row_hooks_order_and_failures(tiny_task):
+    """The shared loop calls prior -> build/fit -> tune -> predict -> finish on a
+    copy of the model; a raising hook becomes a failed row with the first line
+    of its message, and recorded warnings are named unless ignored."""
+    calls = []
+
+    def prior():
+        calls.append("prior")
+        return 2.0
+
+    def tune(la, model, fit_s):
+        assert model is not tiny_task.model and fit_s >= 0
+        calls.append(("tune", float(la.prior_precision)))
+
+    def predict(la, model, fit_s, tune_s):
+        warnings.warn("kept", RuntimeWarning)
+        warnings.warn("dropped", FutureWarning)
+        calls.append("predict")
+        return "result"
+
+    def finish(la, result, peak_mb):
+        calls.append(("finish", result))
+
+    row, out = method_row(
+        tiny_task, METHODS["ll_full_curvlinops_ggn"], {"status": "ok"}, prior,
+        tune, predict, finish, ignore=(FutureWarning,),
+    )  # fmt: skip
+    assert out == "result" and row == {"status": "ok", "warnings": "RuntimeWarning"}
+    assert calls == ["prior", ("tune", 2.0), "predict", ("finish", "result")]
+
+    def broken(*args):
+        raise ValueError("first line\nsecond line")
+
+    row, out = method_row(
+        tiny_task, METHODS["map"], {"status": "ok"}, broken, tune, predict, finish
+    )
+    assert out is None
+    assert row == {"status": "failed", "error": "ValueError: first line",
+                   "warnings": ""}  # fmt: skip
+    assert error_text(ValueError("a\nb" * 200), 5, first_line=False) == (
+        "ValueError: a\nba\n"
+    )

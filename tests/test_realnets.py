@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 
 from laplace_hfl.bench.benchmark.realnets import (
     GRID,
-    Case,
     level_order,
     markdown_table,
     plot_realnets,
@@ -28,12 +27,14 @@ from laplace_hfl.bench.evaluation import METHODS, TASKS, run_comparison
 from laplace_hfl.bench.evaluation.networks import BNConvNet, LeNet
 from laplace_hfl.bench.evaluation.predict import glm_predictive, predict_batched
 from laplace_hfl.bench.evaluation.registry import MethodSpec, laplace_builder
+from laplace_hfl.bench.evaluation.tasks import Task
 from laplace_hfl.bench.evaluation.text import (
     DictDataset,
     TinyTextClassifier,
     synthetic_text,
     train_text_classifier,
 )
+from laplace_hfl.bench.evaluation.training import batch_loader
 
 DT = torch.float64
 
@@ -139,7 +140,8 @@ def _tiny_case(model):
     X = torch.rand(64, 1, 28, 28, generator=g)
     y = torch.randint(10, (64,), generator=g)
     loader = DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=32)
-    return Case("tiny_img", model.eval(), train_loader=loader, val=(X[:16], y[:16]),
+    return Task(name="tiny_img", model=model.eval(), train_loader=loader,
+                val_loader=batch_loader(X[:16], y[:16]),
                 shifts={0: (X[:6], y[:6]), 90: (X[:6].flip(-1), y[:6])},
                 description="test")  # fmt: skip
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+
+from laplace_hfl.bench.evaluation.tasks import Task
+from laplace_hfl.bench.evaluation.training import tensor_loader
 
 __all__ = [
     "Case",
@@ -25,68 +27,46 @@ SIGMA = 0.1
 PRIOR = 1.0
 
 
-@dataclass
-class Case:
-    """A trained model and its data: the one case type of the benchmarks.
+@dataclass(kw_only=True)
+class Case(Task):
+    """A task of the speed and accuracy benchmark: training tensors and query inputs.
 
-    The speed and accuracy benchmark's cases hold the training tensors ``X``,
-    ``y`` and the query inputs ``Xq``; the real-network cases hold a
-    ``train_loader`` (dict batches allowed), a validation split ``val`` and
-    the shifted test sets ``shifts``.
+    A :class:`~laplace_hfl.bench.evaluation.tasks.Task` whose training data are
+    the tensors :attr:`train_xy` (one batch unless ``train_loader`` is set) and
+    whose predictions are asked at :attr:`Xq`.
 
     Attributes
     ----------
-    name : str
-    model : torch.nn.Module
-        The trained MAP network (methods get deep copies).
-    likelihood : {"regression", "classification"}
-    sigma, prior : float
-        ``sigma_noise`` (regression) and prior precision shared by every
-        method that does not tune its own.
-    X, y : Tensor or None
-        Training inputs and targets.
-    Xq : Tensor or None
+    Xq : Tensor
         Query inputs.
-    train_loader : DataLoader or None
-        Training data as the methods are fitted on it (default: ``X``, ``y``
-        in one batch, :meth:`loader`).
-    val : tuple or None
-        ``(X_val, y_val)`` for prior tuning.
-    shifts : dict
-        Shift level (angle, ``"id"`` / ``"ood"``) to ``(X, y)``; ``X`` a
-        tensor or a dict batch.
-    train_s : float
-        Seconds the MAP training took.
-    description : str
-        One line for reports.
     """
 
-    name: str
-    model: nn.Module
-    likelihood: str = "classification"
-    sigma: float = 1.0
-    prior: float = PRIOR
-    X: Tensor | None = None
-    y: Tensor | None = None
-    Xq: Tensor | None = None
-    train_loader: DataLoader | None = None
-    val: tuple[Any, Tensor] | None = None
-    shifts: dict[Any, tuple[Any, Tensor]] = field(default_factory=dict)
-    train_s: float = 0.0
-    description: str = ""
+    Xq: Tensor
 
     @property
-    def n_params(self) -> int:
-        """Trainable parameters of the model."""
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+    def X(self) -> Tensor:
+        """Training inputs (``train_xy[0]``)."""
+        return self.train_xy[0]
+
+    @property
+    def y(self) -> Tensor:
+        """Training targets (``train_xy[1]``)."""
+        return self.train_xy[1]
 
     def loader(self, batch_size: int | None = None) -> DataLoader:
-        """:attr:`train_loader`, or ``X``, ``y`` in batches of ``batch_size``
+        """:attr:`train_loader`, or ``train_xy`` in batches of ``batch_size``
         (default: one batch)."""
         if self.train_loader is not None and batch_size is None:
             return self.train_loader
-        bs = batch_size or len(self.X)
-        return DataLoader(TensorDataset(self.X, self.y), batch_size=bs)
+        return tensor_loader(*self.train_xy, batch_size)
+
+
+def _case(name: str, model: nn.Module, likelihood: str, X: Tensor, y: Tensor,
+          Xq: Tensor) -> Case:  # fmt: skip
+    """A :class:`Case` with the shared hyperparameters (``SIGMA`` for regression)."""
+    sigma = SIGMA if likelihood == "regression" else 1.0
+    return Case(name=name, model=model, likelihood=likelihood, sigma_noise=sigma,
+                prior_precision=PRIOR, train_xy=(X, y), Xq=Xq)  # fmt: skip
 
 
 def _train(model, X, y, likelihood, steps, lr=1e-2, wd=0.0):
@@ -119,7 +99,7 @@ def in_between(n_query: int = 128, steps: int = 2000, seed: int = 0) -> Case:
     model = nn.Sequential(nn.Linear(1, 50), nn.Tanh(), nn.Linear(50, 1))
     _train(model, X, y, "regression", steps)
     Xq = torch.linspace(-2, 2, n_query)[:, None]
-    return Case("in_between_1-50-1", model, "regression", SIGMA, PRIOR, X, y, Xq)
+    return _case("in_between_1-50-1", model, "regression", X, y, Xq)
 
 
 def _digits_data(seed: int = 0):
@@ -141,7 +121,7 @@ def digits(n_query: int | None = None, steps: int = 300, seed: int = 0) -> Case:
     _train(model, X, y, "classification", steps, wd=1e-4)
     if n_query is not None:
         Xq = Xq[:n_query]
-    return Case("digits_64-32-10", model, "classification", 1.0, PRIOR, X, y, Xq)
+    return _case("digits_64-32-10", model, "classification", X, y, Xq)
 
 
 def batchnorm_digits(n_query: int = 64, steps: int = 300, seed: int = 0) -> Case:
@@ -152,10 +132,9 @@ def batchnorm_digits(n_query: int = 64, steps: int = 300, seed: int = 0) -> Case
         nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 10)
     )
     _train(model, X, y, "classification", steps, wd=1e-4)
-    return Case(
-        "digits_batchnorm_64-32-BN-10", model, "classification", 1.0, PRIOR, X, y,
-        Xq[:n_query],
-    )  # fmt: skip
+    return _case(
+        "digits_batchnorm_64-32-BN-10", model, "classification", X, y, Xq[:n_query]
+    )
 
 
 def wide_mlp(
@@ -173,9 +152,7 @@ def wide_mlp(
     )  # fmt: skip
     _train(model, X, y, "regression", steps, lr=1e-3)
     Xq = torch.randn(n_query, d_in, generator=g)
-    return Case(
-        f"mlp_{d_in}-{width}-{width}-1", model, "regression", SIGMA, PRIOR, X, y, Xq
-    )
+    return _case(f"mlp_{d_in}-{width}-{width}-1", model, "regression", X, y, Xq)
 
 
 def mlp_for_params(n_params: int, d_in: int = 10) -> int:

@@ -80,7 +80,8 @@ def measure(method: str, n_params: int) -> dict:
         from laplace_hfl.bench.benchmark.cases import Case
         from laplace_hfl.bench.benchmark.methods import cg_inverse_predictor
 
-        case = Case("mem", model, "regression", SIGMA, PRIOR, X, y, Xq)
+        case = Case(name="mem", model=model, likelihood="regression", sigma_noise=SIGMA,
+                    prior_precision=PRIOR, train_xy=(X, y), Xq=Xq)  # fmt: skip
         cg_inverse_predictor(case, max_iter=5)(Xq)
     else:
         raise ValueError(f"unknown method {method!r}")
@@ -107,9 +108,11 @@ if __name__ == "__main__":
     try:
         result = measure(sys.argv[1], int(float(sys.argv[2])))
     except Exception as err:  # reported, not raised: the parent records it
+        from laplace_hfl.bench.evaluation.method_row import error_text
+
         result = {
             "method": sys.argv[1],
-            "status": f"failed: {type(err).__name__}: {str(err)[:300]}",
+            "status": f"failed: {error_text(err, first_line=False)}",
             "peak_rss_mb": peak_rss_mb(),
         }
     print(json.dumps(result))

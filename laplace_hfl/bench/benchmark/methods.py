@@ -59,10 +59,10 @@ METHODS["cg_inverse"] = MethodSpec(
 
 def build(case: Case, method: str, **overrides: Any):
     """The unfitted estimator of ``method`` on a copy of ``case.model``."""
-    sigma = case.sigma if case.likelihood == "regression" else 1.0
     return METHODS[method].build(
-        copy.deepcopy(case.model), case.likelihood, sigma, case.prior, **overrides
-    )
+        copy.deepcopy(case.model), case.likelihood, case.sigma_noise,
+        case.prior_precision, **overrides,
+    )  # fmt: skip
 
 
 def damped(A: Any, shapes: list[torch.Size], scale: float, damping: float) -> Any:
@@ -106,7 +106,7 @@ def cg_inverse_predictor(
     model = copy.deepcopy(case.model).double().eval()
     params = [p for p in model.parameters() if p.requires_grad]
     if case.likelihood == "regression":
-        loss, scale = nn.MSELoss(reduction="sum"), 1 / (2 * case.sigma**2)
+        loss, scale = nn.MSELoss(reduction="sum"), 1 / (2 * case.sigma_noise**2)
     else:
         loss, scale = nn.CrossEntropyLoss(reduction="sum"), 1.0
     data = [
@@ -116,7 +116,7 @@ def cg_inverse_predictor(
         )
     ]
     G = GGNLinearOperator(model, loss, params, data, check_deterministic=False)
-    A = damped(G, [p.shape for p in params], scale, case.prior)
+    A = damped(G, [p.shape for p in params], scale, case.prior_precision)
     Ainv = CGInverseLinearOperator(A, tolerance=tolerance, max_iter=max_iter)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     from laplace_hfl.engine.functional import ParamLayout, make_forward

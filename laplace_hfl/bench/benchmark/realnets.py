@@ -23,10 +23,8 @@ Cases:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,10 +34,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from laplace_hfl.bench.benchmark.cases import Case
 from laplace_hfl.bench.benchmark.realnets_methods import real_methods
 from laplace_hfl.bench.benchmark.realnets_report import markdown_table, plot_realnets
-from laplace_hfl.bench.evaluation.memory import PeakMemory
+from laplace_hfl.bench.evaluation.method_row import method_row
 from laplace_hfl.bench.evaluation.metrics import (
     classification_metrics,
     probit_probs,
@@ -54,15 +51,17 @@ from laplace_hfl.bench.evaluation.networks import (
 )
 from laplace_hfl.bench.evaluation.predict import predict_batched, validation_nll
 from laplace_hfl.bench.evaluation.registry import MethodSpec
+from laplace_hfl.bench.evaluation.tasks import Task
 from laplace_hfl.bench.evaluation.text import (
     DictDataset,
     synthetic_text,
     train_text_classifier,
 )
+from laplace_hfl.bench.evaluation.training import batch_loader
 from laplace_hfl.engine.batches import batch_size as rows_of
 from laplace_hfl.engine.batches import slice_batch
 
-__all__ = ["Case", "build_case", "level_order", "run_case", "run_all", "plot_realnets",
+__all__ = ["build_case", "level_order", "run_case", "run_all", "plot_realnets",
            "markdown_table", "main"]  # fmt: skip
 
 CASES = ("lenet", "bn_cnn", "text")
@@ -75,7 +74,7 @@ GRID = (1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
 PREDICT_BATCH = 50
 
 
-def build_case(name: str, n_test: int, quick: bool = False, seed: int = 0) -> Case:
+def build_case(name: str, n_test: int, quick: bool = False, seed: int = 0) -> Task:
     """Train the network of case ``name`` and build its shifted test sets."""
     torch.manual_seed(seed)
     if name in ("lenet", "bn_cnn"):
@@ -111,8 +110,9 @@ def build_case(name: str, n_test: int, quick: bool = False, seed: int = 0) -> Ca
         desc = f"LoRA-like transformer, frozen backbone, {n_train} synthetic sequences"
     else:
         raise KeyError(f"Unknown case {name!r}; known: {CASES}.")
-    return Case(name, model, train_loader=loader, val=val, shifts=shifts,
-                train_s=train_s, description=desc)  # fmt: skip
+    return Task(name=name, model=model, train_loader=loader,
+                val_loader=batch_loader(*val), shifts=shifts, train_s=train_s,
+                description=desc)  # fmt: skip
 
 
 def level_order(levels: list[Any], spread: bool) -> list[Any]:
@@ -127,7 +127,7 @@ def level_order(levels: list[Any], spread: bool) -> list[Any]:
     return first + [lv for lv in levels if lv not in first]
 
 
-def _tune(spec: MethodSpec, la: Any, model: nn.Module, case: Case, n_tune: int,
+def _tune(spec: MethodSpec, la: Any, model: nn.Module, case: Task, n_tune: int,
           done: dict[str, dict]) -> tuple[float | None, str]:  # fmt: skip
     if spec.build is None or spec.tune == "own":
         p = None if la is None else float(torch.as_tensor(la.prior_precision).mean())
@@ -135,7 +135,8 @@ def _tune(spec: MethodSpec, la: Any, model: nn.Module, case: Case, n_tune: int,
     if spec.tune == "marglik":
         la.optimize_prior_precision(method="marglik", pred_type="glm")
         return float(torch.as_tensor(la.prior_precision).mean()), "marglik"
-    X_val, y_val = slice_batch(case.val[0], 0, n_tune), case.val[1][:n_tune]
+    X_val, y_val = next(iter(case.val_loader))
+    X_val, y_val = slice_batch(X_val, 0, n_tune), y_val[:n_tune]
     scores = []
     for p in GRID:
         la.prior_precision = p
@@ -148,72 +149,67 @@ def _tune(spec: MethodSpec, la: Any, model: nn.Module, case: Case, n_tune: int,
     return best, f"grid on {n_tune} val images"
 
 
-def run_method(spec: MethodSpec, case: Case, n_tune: int,
+def run_method(spec: MethodSpec, case: Task, n_tune: int,
                done: dict[str, dict]) -> dict[str, Any]:  # fmt: skip
     """Fit, tune and evaluate one method; failures become rows."""
     row: dict[str, Any] = {"case": case.name, "method": spec.name,
                            "label": spec.label or spec.name, "status": "ok",
                            "error": ""}  # fmt: skip
-    model = copy.deepcopy(case.model)
-    caught: list = []
-    try:
-        prior = 1.0
-        if spec.tune.startswith("from:"):
-            donor = done.get(spec.tune[5:], {})
-            if donor.get("status") != "ok":
-                raise RuntimeError(f"prior donor {spec.tune[5:]} did not succeed")
-            prior = donor["prior_precision"]
-        with warnings.catch_warnings(record=True) as caught, PeakMemory() as mem:
-            warnings.simplefilter("always")
-            t0 = time.perf_counter()
-            la = (
-                None
-                if spec.build is None
-                else spec.build(model, "classification", 1.0, prior)
+    borrowed = spec.tune.startswith("from:")
+
+    def prior() -> float:
+        if not borrowed:
+            return 1.0
+        donor = done.get(spec.tune[5:], {})
+        if donor.get("status") != "ok":
+            raise RuntimeError(f"prior donor {spec.tune[5:]} did not succeed")
+        return donor["prior_precision"]
+
+    def tuned(la: Any, model: nn.Module, fit_s: float) -> None:
+        row["fit_s"] = fit_s
+        if borrowed:
+            row["prior_precision"], row["tuning"] = prior(), f"borrowed ({spec.tune})"
+        else:
+            row["prior_precision"], row["tuning"] = _tune(
+                spec, la, model, case, n_tune, done
             )
-            if la is not None:
-                la.fit(case.train_loader, **spec.fit_kwargs)
-            row["fit_s"] = time.perf_counter() - t0
-            if spec.tune.startswith("from:"):
-                row["prior_precision"], row["tuning"] = prior, f"borrowed ({spec.tune})"
-            else:
-                row["prior_precision"], row["tuning"] = _tune(
-                    spec, la, model, case, n_tune, done
-                )
-            row["tune_s"] = time.perf_counter() - t0 - row["fit_s"]
-            levels, n_q, t_pred, variances = {}, 0, 0.0, {}
-            for level in level_order(list(case.shifts), spec.budget_s is not None):
-                if spec.budget_s is not None and t_pred > spec.budget_s:
-                    break  # over its prediction budget: remaining levels skipped
-                X, y = case.shifts[level]
-                n = rows_of(X, "input_ids")
-                n = n if spec.max_test is None else min(spec.max_test, n)
-                t1 = time.perf_counter()
-                mu, v = predict_batched(
-                    la, model, slice_batch(X, 0, n), PREDICT_BATCH, torch.float64
-                )
-                t_pred += time.perf_counter() - t1
-                n_q += n
-                if not torch.isfinite(v).all():
-                    raise FloatingPointError("non-finite predictive variance")
-                probs = probit_probs(mu, v)
-                m = classification_metrics(probs, y[:n])
-                m["mean_conf"] = float(probs.max(-1).values.mean())
-                m["mean_var"] = float(v.diagonal(dim1=-2, dim2=-1).mean())
-                m["n"] = n
-                levels[str(level)] = m
-                variances[str(level)] = v.diagonal(dim1=-2, dim2=-1)[:VAR_HEAD].tolist()
+
+    def predict(la: Any, model: nn.Module, fit_s: float, tune_s: float):
+        row["tune_s"] = tune_s
+        levels, n_q, t_pred, variances = {}, 0, 0.0, {}
+        for level in level_order(list(case.shifts), spec.budget_s is not None):
+            if spec.budget_s is not None and t_pred > spec.budget_s:
+                break  # over its prediction budget: remaining levels skipped
+            X, y = case.shifts[level]
+            n = rows_of(X, "input_ids")
+            n = n if spec.max_test is None else min(spec.max_test, n)
+            t1 = time.perf_counter()
+            mu, v = predict_batched(
+                la, model, slice_batch(X, 0, n), PREDICT_BATCH, torch.float64
+            )
+            t_pred += time.perf_counter() - t1
+            n_q += n
+            if not torch.isfinite(v).all():
+                raise FloatingPointError("non-finite predictive variance")
+            probs = probit_probs(mu, v)
+            m = classification_metrics(probs, y[:n])
+            m["mean_conf"] = float(probs.max(-1).values.mean())
+            m["mean_var"] = float(v.diagonal(dim1=-2, dim2=-1).mean())
+            m["n"] = n
+            levels[str(level)] = m
+            variances[str(level)] = v.diagonal(dim1=-2, dim2=-1)[:VAR_HEAD].tolist()
+        return levels, n_q, t_pred, variances
+
+    def finish(la: Any, result: tuple, peak_mb: float) -> None:
+        levels, n_q, t_pred, variances = result
         order = [str(lv) for lv in case.shifts]
         row["levels"] = {k: levels[k] for k in order if k in levels}
         row["levels_skipped"] = [k for k in order if k not in levels]
         row["predict_s_per_query"] = t_pred / n_q
-        row["peak_mem_mb"] = mem.peak_mb
+        row["peak_mem_mb"] = peak_mb
         row["var_head"] = variances
-    except Exception as err:  # noqa: BLE001 - every failure becomes a row
-        row["status"] = "failed"
-        msg = str(err).splitlines()[0][:300] if str(err) else ""
-        row["error"] = f"{type(err).__name__}: {msg}"
-    row["warnings"] = ";".join(sorted({w.category.__name__ for w in caught}))
+
+    method_row(case, spec, row, prior, tuned, predict, finish)
     ref = done.get(spec.reference or "", {})
     if row["status"] == "ok" and ref.get("status") == "ok":
         common = [k for k in row["var_head"] if k in ref["var_head"]]
@@ -230,7 +226,7 @@ def run_method(spec: MethodSpec, case: Case, n_tune: int,
     return row
 
 
-def run_case(case: Case, methods: list[MethodSpec], n_tune: int,
+def run_case(case: Task, methods: list[MethodSpec], n_tune: int,
              progress: bool = True,
              previous: list[dict[str, Any]] | None = None,
              on_row: Callable[[list[dict]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip

@@ -20,6 +20,7 @@ import torch
 
 from laplace_hfl.bench.benchmark import cases as C
 from laplace_hfl.bench.benchmark.methods import METHODS, timed_fit_predict
+from laplace_hfl.bench.evaluation.method_row import error_text
 from laplace_hfl.bench.evaluation.predict import glm_predictive
 from laplace_hfl_cli import COMMANDS
 
@@ -87,8 +88,10 @@ def _reference(case: C.Case) -> torch.Tensor:
 
     c64 = copy.copy(case)
     c64.model = copy.deepcopy(case.model).double()
-    c64.X = case.X.double()
-    c64.y = case.y.double() if case.likelihood == "regression" else case.y
+    c64.train_xy = (
+        case.X.double(),
+        case.y.double() if case.likelihood == "regression" else case.y,
+    )
     out = timed_fit_predict(c64, "full_ggn", case.Xq.double())
     return _diag(out["f_var"])
 
@@ -151,7 +154,7 @@ def timing(case: C.Case, methods: list[str], cfg) -> list[dict]:
                 out = timed_fit_predict(case, method, Xq[:n])
             except Exception as err:  # recorded: a method may refuse a model
                 rows.append({"case": case.name, "method": method, "M": M,
-                             "error": f"{type(err).__name__}: {str(err)[:200]}"})  # fmt: skip
+                             "error": error_text(err, 200, first_line=False)})  # fmt: skip
                 continue
             d = _diag(out["f_var"])
             if method == "full_ggn":
@@ -242,7 +245,7 @@ def kfac_refused(cfg) -> dict:
             glm_predictive(la, case.Xq)
             out[key] = "ran (no error)"
         except Exception as err:
-            out[key] = f"{type(err).__name__}: {str(err)[:300]}"
+            out[key] = error_text(err, first_line=False)
     hfl = timed_fit_predict(case, "hfl_batched", case.Xq)
     d = _diag(hfl["f_var"])
     out["hfl_predict_s"] = hfl["predict_s"]
@@ -252,7 +255,7 @@ def kfac_refused(cfg) -> dict:
         out["hfl_median_rel_err_vs_full_ggn"] = _rel_err(d, ref)
         out["hfl_spearman_vs_full_ggn"] = _spearman(d, ref)
     except Exception as err:
-        out["full_ggn"] = f"{type(err).__name__}: {str(err)[:300]}"
+        out["full_ggn"] = error_text(err, first_line=False)
     return out
 
 

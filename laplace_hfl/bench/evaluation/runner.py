@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from laplace_hfl.bench.evaluation.memory import PeakMemory
+from laplace_hfl.bench.evaluation.method_row import method_row
 from laplace_hfl.bench.evaluation.metrics import (
     classification_metrics,
     probit_probs,
@@ -62,24 +62,21 @@ def _score(task: Task, pred: Prediction, y: Tensor, X: Tensor) -> dict[str, floa
     )
 
 
-def _fit(
+def _tune(
     task: Task,
-    spec: MethodSpec,
+    la: Any,
     model: torch.nn.Module,
     prior: float,
     tune: bool | str,
     tune_grid: tuple[float, ...],
     batch_size: int,
-) -> tuple[Any, float]:
-    """Build and fit ``spec`` on ``task`` (``model`` is the caller's copy).
+) -> float:
+    """Tune ``la``'s prior precision (``tune``) and return the one in use.
 
-    Returns the fitted Laplace object (``None`` for the MAP) and the prior
-    precision in use (tuned on the validation NLL when ``tune``).
+    ``la=None`` (the MAP) and ``tune=False`` keep ``prior``.
     """
-    if spec.build is None:
-        return None, prior
-    la = spec.build(model, task.likelihood, task.sigma_noise, prior)
-    la.fit(task.train_loader)
+    if la is None:
+        return prior
     if tune == "marglik":
         # laplace-torch's default tuning (Adam on the Laplace marginal
         # likelihood, scalar prior); no validation data.
@@ -96,7 +93,7 @@ def _fit(
             )  # fmt: skip
         prior = tune_grid[int(np.nanargmin(scores))]
         la.prior_precision = prior
-    return la, prior
+    return prior
 
 
 def _prediction(
@@ -155,7 +152,11 @@ def predict_inputs(
     )
     prior = task.prior_precision if prior_precision is None else prior_precision
     model = copy.deepcopy(task.model)
-    la, _ = _fit(task, spec, model, prior, tune, tune_grid, batch_size)
+    la = None
+    if spec.build is not None:
+        la = spec.build(model, task.likelihood, task.sigma_noise, prior)
+        la.fit(task.train_loader, **spec.fit_kwargs)
+    _tune(task, la, model, prior, tune, tune_grid, batch_size)
     return _prediction(task, la, model, X, batch_size)
 
 
@@ -206,43 +207,36 @@ def run_method(
         if tune and spec.build is not None
         else "fixed",
     }
-    model = copy.deepcopy(task.model)
     X, y = _cat_loader(task.test_loader)
     X_ood = _cat_loader(task.ood_loader)[0] if task.ood_loader is not None else None
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught, PeakMemory() as mem:
-            warnings.simplefilter("always")
-            t0 = time.perf_counter()
-            la, best = _fit(task, spec, model, prior, tune, tune_grid, batch_size)
-            row["prior_precision"] = best
-            t1 = time.perf_counter()
-            pred = _prediction(task, la, model, X, batch_size)
-            t2 = time.perf_counter()
-            if task.likelihood == "classification" and X_ood is not None:
-                mu_ood, pred.f_var_ood = predict_batched(la, model, X_ood, batch_size)
-                pred.probs_ood = probit_probs(mu_ood, pred.f_var_ood)
+    times: dict[str, float] = {}
+
+    def tuned(la: Any, model: torch.nn.Module, fit_s: float) -> None:
+        row["prior_precision"] = _tune(
+            task, la, model, prior, tune, tune_grid, batch_size
+        )
+
+    def predict(la: Any, model: torch.nn.Module, fit_s: float, tune_s: float):
+        t1 = time.perf_counter()
+        pred = _prediction(task, la, model, X, batch_size)
+        times["fit_s"] = fit_s + tune_s
+        times["predict_s_per_point"] = (time.perf_counter() - t1) / X.shape[0]
+        if task.likelihood == "classification" and X_ood is not None:
+            mu_ood, pred.f_var_ood = predict_batched(la, model, X_ood, batch_size)
+            pred.probs_ood = probit_probs(mu_ood, pred.f_var_ood)
+        return pred
+
+    def finish(la: Any, pred: Prediction, peak_mb: float) -> None:
         row.update(_score(task, pred, y, X))
-        row["fit_s"] = t1 - t0
-        row["predict_s_per_point"] = (t2 - t1) / X.shape[0]
-        row["peak_mem_mb"] = mem.peak_mb
+        row.update(times)
+        row["peak_mem_mb"] = peak_mb
         if la is not None and hasattr(la, "map_gradient_norm"):
             row["map_grad_norm"] = la.map_gradient_norm
-    except Exception as err:  # noqa: BLE001 - every failure becomes a row
-        row["status"] = "failed"
-        row["error"] = (
-            f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-        )
-        pred = None
-    names = sorted(
-        {
-            w.category.__name__
-            for w in caught
-            if not issubclass(w.category, (DeprecationWarning, FutureWarning))
-        }
-    )
-    row["warnings"] = ";".join(names)
-    return row, pred
+
+    return method_row(
+        task, spec, row, lambda: prior, tuned, predict, finish,
+        ignore=(DeprecationWarning, FutureWarning),
+    )  # fmt: skip
 
 
 def run_comparison(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,30 +56,35 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Task:
-    """A trained MAP model with its data and the fixed hyperparameters.
+    """A trained MAP model with its data: the one case type of the bench.
+
+    The comparison's tasks (:data:`TASKS`) fill the loaders, the MAP protocol
+    and the 1-D regions; the real-network benchmark's cases the shift levels;
+    the speed benchmark's cases (:class:`~laplace_hfl.bench.benchmark.cases.Case`)
+    add query inputs. Unused fields keep their defaults.
 
     Attributes
     ----------
     name : str
         Registry name.
-    likelihood : {"regression", "classification"}
     model : torch.nn.Module
         The trained MAP network (never modified by the harness; every method
         gets a deep copy).
-    train_loader, val_loader, test_loader : DataLoader
-        Training data (the data the MAP was fitted on), validation split (for
-        ``--tune``) and test data.
+    likelihood : {"regression", "classification"}
     sigma_noise : float
         Observation noise used by every method (regression; 1.0 otherwise).
     prior_precision : float
         Prior precision used by every method unless tuned.
-    map_protocol : {"stationary", "realistic"}
+    train_loader, val_loader, test_loader : DataLoader or None
+        Training data (the data the MAP was fitted on), validation split (for
+        prior tuning) and test data.
+    map_protocol : {"stationary", "realistic", ""}
         How the MAP was trained (see the module docstring).
     map_grad_norm : float
         ``||grad L(theta_MAP)||`` of the Laplace objective with the task's
-        ``sigma_noise`` and ``prior_precision``.
+        ``sigma_noise`` and ``prior_precision`` (NaN when not measured).
     description : str
         One line for reports.
     ood_loader : DataLoader or None
@@ -93,26 +99,32 @@ class Task:
     grid : Tensor or None
         Ordered 1-D test inputs for predictive-band figures (1-D regression).
     train_xy : tuple of Tensor or None
-        Training inputs and targets (for figures).
+        Training inputs and targets (figures; the speed benchmark's data).
+    shifts : dict
+        Shift level (angle, ``"id"`` / ``"ood"``) to ``(X, y)`` test data;
+        ``X`` a tensor or a dict batch.
+    train_s : float
+        Seconds the MAP training took.
     """
 
     name: str
-    likelihood: str
     model: nn.Module
-    train_loader: DataLoader
-    val_loader: DataLoader
-    test_loader: DataLoader
-    sigma_noise: float
-    prior_precision: float
-    map_protocol: str
-    map_grad_norm: float
-    description: str
+    likelihood: str = "classification"
+    sigma_noise: float = 1.0
+    prior_precision: float = 1.0
+    train_loader: DataLoader | None = None
+    val_loader: DataLoader | None = None
+    test_loader: DataLoader | None = None
+    map_protocol: str = ""
+    map_grad_norm: float = float("nan")
+    description: str = ""
     ood_loader: DataLoader | None = None
     gap: tuple[float, float] | tuple[tuple[float, float], ...] | None = None
     grid: Tensor | None = None
     train_xy: tuple[Tensor, Tensor] | None = None
     data_intervals: tuple[tuple[float, float], ...] | None = None
-    extra: dict = field(default_factory=dict)
+    shifts: dict[Any, tuple[Any, Tensor]] = field(default_factory=dict)
+    train_s: float = 0.0
 
     @property
     def gap_intervals(self) -> tuple[tuple[float, float], ...]:

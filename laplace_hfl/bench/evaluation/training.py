@@ -5,6 +5,7 @@ users train (``"realistic"`` protocol), and small data / model helpers."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,7 @@ from laplace_hfl.engine.functional import ParamLayout
 
 __all__ = [
     "tensor_loader",
+    "batch_loader",
     "mlp",
     "map_grad_norm",
     "laplace_objective",
@@ -27,6 +29,11 @@ def tensor_loader(X: Tensor, y: Tensor, batch_size: int | None = None) -> DataLo
     """``(X, y)`` in order, in batches of ``batch_size`` (default: one batch)."""
     n = X.shape[0]
     return DataLoader(TensorDataset(X, y), batch_size=batch_size or n, shuffle=False)
+
+
+def batch_loader(X: Any, y: Tensor) -> DataLoader:
+    """``(X, y)`` as a loader of that one batch (``X`` a tensor or a dict batch)."""
+    return DataLoader([(X, y)], batch_size=None)
 
 
 def mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
