@@ -58,6 +58,11 @@ from laplace_hfl.engine.dense import (
     query_rows,
 )
 from laplace_hfl.engine.functional import LaplaceObjective, objective_grad
+from laplace_hfl.engine.krylov_reuse import (
+    RECYCLE_VECTORS,
+    RecycledSpace,
+    recycle_capacity,
+)
 from laplace_hfl.engine.precond_objects import NoPreconditioner, PreconditionerMethod
 from laplace_hfl.engine.refit import (
     BasePoint,
@@ -338,9 +343,18 @@ class DenseCholesky(Solver):
 # ------------------------------------------------------------------------- CG
 class CGRefits(Solver):
     """Perturbed refits by preconditioned CG, from the base point (cached per
-    key; its solve builds the preconditioner too)."""
+    key; its solve builds the preconditioner too).
+
+    With ``target="ggn"`` the solutions of every call are kept per key (up to
+    :attr:`recycle_vectors`, :func:`~laplace_hfl.engine.krylov_reuse.recycle_capacity`)
+    and later solves start from their Galerkin projection
+    (:mod:`laplace_hfl.engine.krylov_reuse`): later query chunks need fewer
+    iterations. The cache's key drops them when the hyperparameters change.
+    """
 
     name = "cg"
+    #: Most earlier solutions kept for reuse (0: off).
+    recycle_vectors: int = RECYCLE_VECTORS
 
     def base_point(self, obj, ctx):
         return self.cached(
@@ -363,8 +377,14 @@ class CGRefits(Solver):
             chunk_size=ctx.chunk_size,
             progress_bar=ctx.progress_bar,
             precond=precond,
+            recycle=self.recycled(obj, ctx),
         )
         return U, dataclasses.replace(diag, preconditioner=name, choice=ctx.choice())
+
+    def recycled(self, obj: LaplaceObjective, ctx: SolveContext) -> RecycledSpace:
+        """The kept solutions for ``ctx.key`` (empty at first)."""
+        capacity = recycle_capacity(obj.theta_map.numel(), self.recycle_vectors)
+        return self.cached(ctx, "recycle", lambda: RecycledSpace(capacity))
 
 
 # ------------------------------------------------------------------ minibatch

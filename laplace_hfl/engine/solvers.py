@@ -129,6 +129,7 @@ def batched_cg(
     *,
     spectrum_floor: float | None = None,
     var_rtol: float | None = None,
+    start: tuple[Tensor, Tensor] | None = None,
 ) -> CGResult:
     """Solve ``A x_j = b_j`` for every row of ``B`` with conjugate gradients.
 
@@ -157,6 +158,12 @@ def batched_cg(
         With ``spectrum_floor``: a column also stops once its bracket is within
         ``var_rtol`` relative (``upper - lower <= var_rtol * lower``), whichever
         of the two rules comes first.
+    start : (Tensor, Tensor), optional
+        Initial guesses ``X_0`` and their residuals ``B - A X_0`` (both
+        ``(m, P)``; e.g. :meth:`laplace_hfl.engine.krylov_reuse.RecycledSpace.start`).
+        Default: ``X_0 = 0``. The bracket then is ``b^T x_0 + x_0^T r_0`` plus
+        that of ``r_0^T A^{-1} r_0`` (:mod:`laplace_hfl.engine.krylov_reuse`),
+        certified when ``r_0`` is the residual of ``x_0``.
 
     Returns
     -------
@@ -172,8 +179,10 @@ def batched_cg(
         return R if precond is None else precond(R)
 
     m = B.shape[0]
-    X = torch.zeros_like(B)
-    R = B.clone()
+    if start is None:
+        X, R = torch.zeros_like(B), B.clone()
+    else:
+        X, R = start[0].to(B).clone(), start[1].to(B).clone()
     Z = M(R)
     Pdir = Z.clone()
     rz = (R * Z).sum(-1)
@@ -185,6 +194,8 @@ def batched_cg(
             raise ValueError(f"spectrum_floor must be positive, got {spectrum_floor}")
         # The quadrature recurrences run in float64 whatever the products use.
         lower = rz.new_zeros(m, dtype=torch.float64)
+        if start is not None:  # b^T x0 + x0^T r0 (module doc of krylov_reuse)
+            lower += ((B + R) * X).sum(-1).to(torch.float64)
         gap = rz.to(torch.float64) / spectrum_floor  # Delta_0 = r0^T z0 / mu
 
     def done() -> Tensor:
