@@ -25,29 +25,16 @@ def main():
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     sys.path.insert(0, "tests")
-    from conftest import (
-        DT,
-        engine_objective,
-        make_classification,
-        make_regression,
-        train_stationary,
-    )
+    from conftest import DT, engine_objective, suite_networks
 
     from laplace_hfl.engine.amortized import amortized_covariance, posterior_samples
     from laplace_hfl.engine.deflated_samples import deflated_factor
     from laplace_hfl.engine.functional import ggn_matvec
     from laplace_hfl.engine.preconditioner import nystrom_sketch
 
-    nets = {
-        "regression 2-8-3": (
-            make_regression(n=40, d_in=2, d_out=3, hidden=8, seed=1),
-            "regression",
-        ),
-        "classification 2-8-3": (make_classification(), "classification"),
-    }
     out = {"what": "S = 64, seeds 0..15, variances at the training inputs, float64"}
-    for name, ((model, X, y), lik) in nets.items():
-        model = train_stationary(model, X, y, lik)
+    nets = suite_networks(("regression 2-8-3", "classification 2-8-3"))
+    for name, (model, X, y, lik) in nets.items():
         obj = engine_objective(model, X, y, lik)
         P = obj.theta_map.numel()
         A = ggn_matvec(obj, torch.eye(P, dtype=DT))

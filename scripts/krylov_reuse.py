@@ -126,25 +126,10 @@ def lenet(args):
 
 def small(args):
     sys.path.insert(0, "tests")
-    from conftest import (
-        dense_reference,
-        fit_hfl,
-        make_classification,
-        make_regression,
-        train_stationary,
-    )
+    from conftest import dense_reference, fit_hfl, suite_networks
 
-    nets = {
-        "regression 1-10-1": (make_regression(), "regression"),
-        "regression 2-8-3": (
-            make_regression(n=40, d_in=2, d_out=3, hidden=8, seed=1),
-            "regression",
-        ),
-        "classification 2-8-3": (make_classification(), "classification"),
-    }
     out = {"what": "test-suite networks, float64, 20 chunks of 4 query points"}
-    for name, ((model, X, y), lik) in nets.items():
-        model = train_stationary(model, X, y, lik)
+    for name, (model, X, y, lik) in suite_networks().items():
         g = torch.Generator().manual_seed(0)
         Xq = X[torch.randint(len(X), (80,), generator=g)]
         Xq = Xq + 0.3 * torch.randn(Xq.shape, generator=g, dtype=Xq.dtype)
