@@ -118,7 +118,7 @@ def lenet(args):
         f" and precondition_rank={args.rank}, one torch thread on a shared "
         "2-core machine",
         "setup_s": time.perf_counter() - t0,
-        "sketch_products": la._sketch.products,
+        "sketch_products": la._preconds["nystrom"].sketch.products,
         **_both(la, Xq, step, runs=args.reuse),
     }
     return out

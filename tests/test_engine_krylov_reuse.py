@@ -79,18 +79,26 @@ def test_galerkin_start_is_the_best_answer_in_the_kept_span():
 def test_capacity_keeps_the_newest_vectors_within_the_budget():
     space = RecycledSpace(capacity=4)
     assert space.start(torch.ones(2, 3, dtype=DT)) is None
+    g = torch.Generator().manual_seed(2)
     for k in range(3):
-        U = torch.full((2, 3), float(k), dtype=DT)
+        U = float(k) + torch.rand(2, 3, generator=g, dtype=DT)
         space.add(U, 2 * U)
     assert space.size == 4
-    assert space.W[:, 0].tolist() == [1.0, 1.0, 2.0, 2.0]
+    assert space.W[:, 0].floor().tolist() == [1.0, 1.0, 2.0, 2.0]
     assert torch.equal(space.AW, 2 * space.W)
+    assert torch.allclose(space.gram, space.W @ space.AW.T)
+    A = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 3.0]], dtype=DT)
+    U = torch.randn(7, 3, generator=g, dtype=DT)
+    space.add(U, U @ A)  # more than the capacity: the last 4 rows
+    assert space.size == 4 and torch.equal(space.W, U[-4:])
+    assert torch.allclose(space.gram, space.W @ space.AW.T)
     off = RecycledSpace(capacity=0)
     off.add(torch.ones(2, 3), torch.ones(2, 3))
     assert off.size == 0
-    assert recycle_capacity(10) == 256
-    assert recycle_capacity(10**6) == 16  # 2 k P <= 2**25
-    assert recycle_capacity(10**9) == 0
+    assert recycle_capacity(10, 10**6) == 256
+    assert recycle_capacity(10, 100) == 25  # N / 4: the start < 1/4 iteration
+    assert recycle_capacity(10**6, 10**6) == 16  # 2 k P <= 2**25
+    assert recycle_capacity(10**9, 10**6) == 0
 
 
 def test_projected_solve_drops_dependent_directions():

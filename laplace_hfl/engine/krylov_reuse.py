@@ -8,7 +8,7 @@ the Galerkin projection onto that span::
 
     x_0 = W^T c,   (W A W^T) c = W b,   r_0 = b - (A W)^T c,
 
-the best answer in ``span(W)`` in the ``A``-norm, for the price of two
+the best answer in ``span(W)`` in the ``A``-norm, for the price of three
 ``k x P`` products with the kept vectors (no data pass), and CG corrects the
 rest (Erhel & Guyomarc'h, *An augmented conjugate gradient method*, SIAM
 J. Matrix Anal. Appl. 2000; Parks et al., *Recycling Krylov subspaces for
@@ -26,8 +26,9 @@ equals ``A W`` up to the rounding of the products that built it (the same
 rounding every CG product carries), so the bracket is as certified as CG's own.
 
 Memory: ``2 k P`` numbers of the recurrence dtype (``W`` and ``A W``), at most
-:data:`RECYCLE_VECTORS` vectors and :data:`RECYCLE_BUDGET` numbers; the oldest
-vectors are dropped first.
+:data:`RECYCLE_VECTORS` vectors, :data:`RECYCLE_BUDGET` numbers and ``N / 4``
+vectors (:func:`recycle_capacity`: the start stays cheap next to a CG
+iteration); the oldest vectors are dropped first.
 """
 
 from __future__ import annotations
@@ -62,9 +63,16 @@ def projected_solve(S: Tensor, F: Tensor) -> Tensor:
     return Q @ ((Q.T @ F) / lam[:, None])
 
 
-def recycle_capacity(n_params: int, vectors: int = RECYCLE_VECTORS) -> int:
-    """Vectors kept for ``P = n_params``: ``min(vectors, RECYCLE_BUDGET / 2P)``."""
-    return max(0, min(vectors, RECYCLE_BUDGET // max(1, 2 * n_params)))
+def recycle_capacity(n_params: int, n_data: int, vectors: int = RECYCLE_VECTORS) -> int:
+    """Vectors kept: ``min(vectors, N / 4, RECYCLE_BUDGET / 2P)``.
+
+    A start costs ``~6 k P`` flops per direction (:meth:`RecycledSpace.start`;
+    the Gram matrix is updated, not rebuilt), a CG iteration at least ``~6 N P``
+    (a JVP and a VJP over the ``N`` training points), so ``k <= N / 4`` keeps
+    the start below a quarter of one iteration.
+    """
+    fits = RECYCLE_BUDGET // max(1, 2 * n_params)
+    return max(0, min(vectors, int(n_data) // 4, fits))
 
 
 @dataclass
@@ -77,11 +85,14 @@ class RecycledSpace:
         Most vectors kept (0: nothing is kept, every solve starts at 0).
     W, AW : Tensor or None
         The kept solutions and their products (None until the first :meth:`add`).
+    gram : Tensor or None
+        ``W A W^T`` ``(k, k)``, updated as vectors come and go.
     """
 
     capacity: int
     W: Tensor | None = field(default=None, repr=False)
     AW: Tensor | None = field(default=None, repr=False)
+    gram: Tensor | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -94,15 +105,23 @@ class RecycledSpace:
         if self.size == 0:
             return None
         W, AW = self.W.to(B), self.AW.to(B)
-        C = projected_solve(W @ AW.T, W @ B.T)  # (k, m)
+        C = projected_solve(self.gram.to(B), W @ B.T)  # (k, m)
         return C.T @ W, B - C.T @ AW
 
     def add(self, U: Tensor, AU: Tensor) -> None:
         """Keep the solutions ``U`` and their products ``AU`` (rows), dropping
         the oldest beyond :attr:`capacity`."""
-        if self.capacity <= 0 or U.shape[0] == 0:
+        m = min(int(U.shape[0]), self.capacity)
+        if m <= 0:
             return
-        U, AU = U.detach(), AU.detach()
-        if self.W is not None:
-            U, AU = torch.cat([self.W, U]), torch.cat([self.AW, AU])
-        self.W, self.AW = U[-self.capacity :].clone(), AU[-self.capacity :].clone()
+        U, AU = U[-m:].detach(), AU[-m:].detach()
+        old = max(0, min(self.size, self.capacity - m))  # kept from before
+        W = U if old == 0 else torch.cat([self.W[self.size - old :], U])
+        AW = AU if old == 0 else torch.cat([self.AW[self.size - old :], AU])
+        gram = W.new_empty(old + m, old + m)
+        if old:
+            gram[:old, :old] = self.gram[self.size - old :, self.size - old :]
+        cross = W @ AU.T  # (old + m, m): the new columns
+        gram[:, old:] = cross
+        gram[old:, :] = cross.T
+        self.W, self.AW, self.gram = W.clone(), AW.clone(), gram

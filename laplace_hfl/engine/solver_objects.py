@@ -383,7 +383,9 @@ class CGRefits(Solver):
 
     def recycled(self, obj: LaplaceObjective, ctx: SolveContext) -> RecycledSpace:
         """The kept solutions for ``ctx.key`` (empty at first)."""
-        capacity = recycle_capacity(obj.theta_map.numel(), self.recycle_vectors)
+        capacity = recycle_capacity(
+            obj.theta_map.numel(), ctx.n_data, self.recycle_vectors
+        )
         return self.cached(ctx, "recycle", lambda: RecycledSpace(capacity))
 
 

@@ -19,6 +19,11 @@ at no extra cost, a bracket of ``b^T A^{-1} b`` at every iteration ``k``:
   the Lanczos tridiagonal ``T_k`` that CG's coefficients define, with the
   prescribed node ``mu``, in the recurrence form of Meurant & Tichý.
 
+From a nonzero start ``x_0`` (its residual ``r_0 = b - A x_0`` given; e.g. the
+Galerkin start of :mod:`laplace_hfl.engine.krylov_reuse`) the bracket is
+``b^T x_0 + x_0^T r_0`` plus that of ``r_0^T A^{-1} r_0``, which CG from ``x_0``
+(CG on ``A e = r_0`` from zero) brackets in the same way.
+
 For a refit, ``b`` is a query's Jacobian row ``v`` and ``b^T A^{-1} b`` is its
 variance, so a column can stop when its bracket is narrow enough
 (``var_rtol``) instead of on a residual rule.
