@@ -41,6 +41,7 @@ from torch import Tensor
 __all__ = [
     "RECYCLE_VECTORS",
     "RECYCLE_BUDGET",
+    "RECYCLE_RCOND",
     "RecycledSpace",
     "projected_solve",
     "recycle_capacity",
@@ -50,15 +51,26 @@ __all__ = [
 RECYCLE_VECTORS = 256
 #: Most numbers (``2 k P``: ``W`` and ``A W``) it keeps: 256 MiB of float64.
 RECYCLE_BUDGET = 2**25
+#: Directions of ``span(W)`` whose ``A``-norm Gram eigenvalue is below this
+#: times the largest are left out of a start, by the precision of the products
+#: that formed ``A W``: combinations of nearly dependent kept vectors cancel,
+#: which multiplies the products' rounding in ``(A W)^T c`` by up to
+#: ``rcond^{-1/2}``, and ``r_0`` would then differ from the residual of ``x_0``.
+#: Measured: brackets off by up to 2e-4 relative with a rounding-level cut
+#: (``k`` eps) in float64, by more than 1e-5 with 1e-10 and float32 products; none with
+#: these values (the float32 brackets hold to the 1e-5 of the solve itself).
+RECYCLE_RCOND = {torch.float64: 1e-10, torch.float32: 1e-2}
 
 
-def projected_solve(S: Tensor, F: Tensor) -> Tensor:
+def projected_solve(S: Tensor, F: Tensor, rcond: float | None = None) -> Tensor:
     """``S^+ F`` for a symmetric positive semi-definite Gram matrix ``S``,
-    directions below its rounding level dropped (the kept vectors may be
-    nearly dependent)."""
+    eigenvalues below ``rcond`` times the largest dropped (default: its
+    rounding level, ``k`` eps; the vectors may be nearly dependent)."""
     S = 0.5 * (S + S.T)
     lam, Q = torch.linalg.eigh(S)
-    keep = lam > lam.shape[0] * torch.finfo(lam.dtype).eps * lam.abs().max()
+    if rcond is None:
+        rcond = lam.shape[0] * torch.finfo(lam.dtype).eps
+    keep = lam > rcond * lam.abs().max()
     Q, lam = Q[:, keep], lam[keep]
     return Q @ ((Q.T @ F) / lam[:, None])
 
@@ -83,6 +95,9 @@ class RecycledSpace:
     ----------
     capacity : int
         Most vectors kept (0: nothing is kept, every solve starts at 0).
+    rcond : float
+        Relative cut of the Gram matrix's eigenvalues in a start
+        (:data:`RECYCLE_RCOND` of the products' dtype).
     W, AW : Tensor or None
         The kept solutions and their products (None until the first :meth:`add`).
     gram : Tensor or None
@@ -90,6 +105,7 @@ class RecycledSpace:
     """
 
     capacity: int
+    rcond: float = RECYCLE_RCOND[torch.float64]
     W: Tensor | None = field(default=None, repr=False)
     AW: Tensor | None = field(default=None, repr=False)
     gram: Tensor | None = field(default=None, repr=False)
@@ -105,7 +121,7 @@ class RecycledSpace:
         if self.size == 0:
             return None
         W, AW = self.W.to(B), self.AW.to(B)
-        C = projected_solve(self.gram.to(B), W @ B.T)  # (k, m)
+        C = projected_solve(self.gram.to(B), W @ B.T, self.rcond)  # (k, m)
         return C.T @ W, B - C.T @ AW
 
     def add(self, U: Tensor, AU: Tensor) -> None:

@@ -59,6 +59,7 @@ from laplace_hfl.engine.dense import (
 )
 from laplace_hfl.engine.functional import LaplaceObjective, objective_grad
 from laplace_hfl.engine.krylov_reuse import (
+    RECYCLE_RCOND,
     RECYCLE_VECTORS,
     RecycledSpace,
     recycle_capacity,
@@ -386,7 +387,9 @@ class CGRefits(Solver):
         capacity = recycle_capacity(
             obj.theta_map.numel(), ctx.n_data, self.recycle_vectors
         )
-        return self.cached(ctx, "recycle", lambda: RecycledSpace(capacity))
+        dtype = obj.theta_map.dtype  # of the products
+        rcond = RECYCLE_RCOND.get(dtype, RECYCLE_RCOND[torch.float32])
+        return self.cached(ctx, "recycle", lambda: RecycledSpace(capacity, rcond))
 
 
 # ------------------------------------------------------------------ minibatch
