@@ -56,9 +56,10 @@ RECYCLE_BUDGET = 2**25
 #: that formed ``A W``: combinations of nearly dependent kept vectors cancel,
 #: which multiplies the products' rounding in ``(A W)^T c`` by up to
 #: ``rcond^{-1/2}``, and ``r_0`` would then differ from the residual of ``x_0``.
-#: Measured: brackets off by up to 2e-4 relative with a rounding-level cut
-#: (``k`` eps) in float64, by more than 1e-5 with 1e-10 and float32 products; none with
-#: these values (the float32 brackets hold to the 1e-5 of the solve itself).
+#: Measured: with a rounding-level cut (``k`` eps) in float64, brackets of
+#: the 2-8-3 classification net with Nystrom missed the dense truth; with 1e-10
+#: and float32 products, by more than 1e-5; none with these values (the
+#: float32 brackets hold to the 1e-5 of the solve itself).
 RECYCLE_RCOND = {torch.float64: 1e-10, torch.float32: 1e-2}
 
 
