@@ -227,6 +227,26 @@ def rel_err(est, ref):
     return ((est - ref).abs() / ref.abs()).flatten()
 
 
+def suite_networks(names: tuple[str, ...] | None = None) -> dict:
+    """The test suite's networks trained to a stationary MAP (for scripts):
+    ``name -> (model, X, y, likelihood)``, all of them or ``names``."""
+    nets = {
+        "regression 1-10-1": (make_regression, {}, "regression"),
+        "regression 2-8-3": (
+            make_regression,
+            dict(n=40, d_in=2, d_out=3, hidden=8, seed=1),
+            "regression",
+        ),
+        "classification 2-8-3": (make_classification, {}, "classification"),
+    }
+    out = {}
+    for name in names or tuple(nets):
+        make, kw, lik = nets[name]
+        model, X, y = make(**kw)
+        out[name] = (train_stationary(model, X, y, lik), X, y, lik)
+    return out
+
+
 @pytest.fixture(scope="session")
 def _trained():
     """Train each tiny network once per session; tests get deep copies."""

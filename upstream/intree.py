@@ -60,6 +60,7 @@ PARTS = (
             "engine.functional",
             "engine.progress",
             "engine.solvers",
+            "engine.krylov_reuse",
         ),  # fmt: skip
         ("package_init", "module_import_test"),
     ),

@@ -44,6 +44,7 @@ from laplace_hfl.engine.functional import (
     objective_grad,
     objective_value,
 )
+from laplace_hfl.engine.krylov_reuse import RecycledSpace, projected_solve
 from laplace_hfl.engine.preconditioner import spectrum_floor
 from laplace_hfl.engine.progress import progress
 from laplace_hfl.engine.solvers import (
@@ -421,13 +422,7 @@ def galerkin_refine(V: Tensor, U: Tensor, R: Tensor) -> Tensor:
     ``|.| <= sqrt(gap_i gap_j)``), and each variance no worse (a bigger space).
     Costs ``2 m^2 P`` flops per chunk of ``m`` directions.
     """
-    S = U @ (V - R).T
-    S = 0.5 * (S + S.T)
-    F = U @ V.T
-    lam, Q = torch.linalg.eigh(S)
-    keep = lam > lam.shape[0] * torch.finfo(lam.dtype).eps * lam.abs().max()
-    Q, lam = Q[:, keep], lam[keep]
-    C = Q @ ((Q.T @ F) / lam[:, None])  # S^+ F
+    C = projected_solve(U @ (V - R).T, U @ V.T)  # S^+ F
     return C.T @ U
 
 
@@ -492,9 +487,12 @@ def _perturbed_chunk(
     settings: RefitSettings,
     precond: Callable[[Tensor], Tensor] | None,
     refinements: int = _REFINEMENTS,
+    recycle: RecycledSpace | None = None,
 ) -> tuple[Tensor, RefitDiagnostics, Tensor | None]:
     """Refits of one chunk: displacements ``(m, P)``, diagnostics, and for
-    ``"ggn"`` the CG residuals (for :func:`galerkin_refine`; None else)."""
+    ``"ggn"`` the CG residuals (for :func:`galerkin_refine`; None else).
+    ``"ggn"`` solves start from ``recycle``'s Galerkin projection and add
+    their solutions to it."""
     m = V.shape[0]
     v_norm = V.norm(dim=1)
     kind = settings.curvature
@@ -529,10 +527,13 @@ def _perturbed_chunk(
             precond=cg_precond,
             spectrum_floor=floor,
             var_rtol=settings.variance_rtol,
+            start=recycle.start(V) if gauss_newton and recycle else None,
         )
     except NegativeCurvature as err:
         _raise_indefinite(err, where)
     u0 = first.x
+    if gauss_newton and recycle is not None:
+        recycle.add(u0, V - first.r)  # A u0 = V - R: no product
     var0 = (V * u0).sum(1)
     finite = torch.isfinite(var0) & torch.isfinite(first.residual_norm)
     if not bool(finite.all()):
@@ -663,6 +664,7 @@ def perturbed_refits(
     chunk_size: int = 64,
     progress_bar: bool = False,
     precond: Callable[[Tensor], Tensor] | None = None,
+    recycle: RecycledSpace | None = None,
 ) -> tuple[Tensor, RefitDiagnostics]:
     """Refit under ``-/+ eps_j <v_j, theta>`` for every row ``v_j`` of ``V``.
 
@@ -684,6 +686,11 @@ def perturbed_refits(
         the chunks are expected to take long: :func:`laplace_hfl.engine.progress.progress`).
     precond : callable, optional
         Preconditioner of the conjugate-gradient solves; speeds convergence only.
+    recycle : RecycledSpace, optional
+        Earlier solutions of the same system (``"ggn"`` only): every chunk's
+        solve starts from their Galerkin projection and adds its solutions
+        (:mod:`laplace_hfl.engine.krylov_reuse`); changes the iterations and
+        the answers within their brackets, not the brackets' validity.
 
     Returns
     -------
@@ -713,7 +720,9 @@ def perturbed_refits(
     starts = range(0, nonzero.numel(), chunk_size)
     for start in progress(starts, desc="[HFL refits]", always=progress_bar):
         idx = nonzero[start : start + chunk_size]
-        U[idx], diag, R_c = _perturbed_chunk(obj, base, V[idx], settings, precond)
+        U[idx], diag, R_c = _perturbed_chunk(
+            obj, base, V[idx], settings, precond, recycle=recycle
+        )
         if R is not None:
             R[idx] = R_c
         parts.append(diag)

@@ -58,6 +58,12 @@ from laplace_hfl.engine.dense import (
     query_rows,
 )
 from laplace_hfl.engine.functional import LaplaceObjective, objective_grad
+from laplace_hfl.engine.krylov_reuse import (
+    RECYCLE_RCOND,
+    RECYCLE_VECTORS,
+    RecycledSpace,
+    recycle_capacity,
+)
 from laplace_hfl.engine.precond_objects import NoPreconditioner, PreconditionerMethod
 from laplace_hfl.engine.refit import (
     BasePoint,
@@ -338,9 +344,18 @@ class DenseCholesky(Solver):
 # ------------------------------------------------------------------------- CG
 class CGRefits(Solver):
     """Perturbed refits by preconditioned CG, from the base point (cached per
-    key; its solve builds the preconditioner too)."""
+    key; its solve builds the preconditioner too).
+
+    With ``target="ggn"`` the solutions of every call are kept per key (up to
+    :attr:`recycle_vectors`, :func:`~laplace_hfl.engine.krylov_reuse.recycle_capacity`)
+    and later solves start from their Galerkin projection
+    (:mod:`laplace_hfl.engine.krylov_reuse`): later query chunks need fewer
+    iterations. The cache's key drops them when the hyperparameters change.
+    """
 
     name = "cg"
+    #: Most earlier solutions kept for reuse (0: off).
+    recycle_vectors: int = RECYCLE_VECTORS
 
     def base_point(self, obj, ctx):
         return self.cached(
@@ -363,8 +378,18 @@ class CGRefits(Solver):
             chunk_size=ctx.chunk_size,
             progress_bar=ctx.progress_bar,
             precond=precond,
+            recycle=self.recycled(obj, ctx),
         )
         return U, dataclasses.replace(diag, preconditioner=name, choice=ctx.choice())
+
+    def recycled(self, obj: LaplaceObjective, ctx: SolveContext) -> RecycledSpace:
+        """The kept solutions for ``ctx.key`` (empty at first)."""
+        capacity = recycle_capacity(
+            obj.theta_map.numel(), ctx.n_data, self.recycle_vectors
+        )
+        dtype = obj.theta_map.dtype  # of the products
+        rcond = RECYCLE_RCOND.get(dtype, RECYCLE_RCOND[torch.float32])
+        return self.cached(ctx, "recycle", lambda: RecycledSpace(capacity, rcond))
 
 
 # ------------------------------------------------------------------ minibatch

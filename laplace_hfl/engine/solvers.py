@@ -19,6 +19,11 @@ at no extra cost, a bracket of ``b^T A^{-1} b`` at every iteration ``k``:
   the Lanczos tridiagonal ``T_k`` that CG's coefficients define, with the
   prescribed node ``mu``, in the recurrence form of Meurant & Tichý.
 
+From a nonzero start ``x_0`` (its residual ``r_0 = b - A x_0`` given; e.g. the
+Galerkin start of :mod:`laplace_hfl.engine.krylov_reuse`) the bracket is
+``b^T x_0 + x_0^T r_0`` plus that of ``r_0^T A^{-1} r_0``, which CG from ``x_0``
+(CG on ``A e = r_0`` from zero) brackets in the same way.
+
 For a refit, ``b`` is a query's Jacobian row ``v`` and ``b^T A^{-1} b`` is its
 variance, so a column can stop when its bracket is narrow enough
 (``var_rtol``) instead of on a residual rule.
@@ -129,6 +134,7 @@ def batched_cg(
     *,
     spectrum_floor: float | None = None,
     var_rtol: float | None = None,
+    start: tuple[Tensor, Tensor] | None = None,
 ) -> CGResult:
     """Solve ``A x_j = b_j`` for every row of ``B`` with conjugate gradients.
 
@@ -157,6 +163,12 @@ def batched_cg(
         With ``spectrum_floor``: a column also stops once its bracket is within
         ``var_rtol`` relative (``upper - lower <= var_rtol * lower``), whichever
         of the two rules comes first.
+    start : (Tensor, Tensor), optional
+        Initial guesses ``X_0`` and their residuals ``B - A X_0`` (both
+        ``(m, P)``; e.g. :meth:`laplace_hfl.engine.krylov_reuse.RecycledSpace.start`).
+        Default: ``X_0 = 0``. The bracket then is ``b^T x_0 + x_0^T r_0`` plus
+        that of ``r_0^T A^{-1} r_0`` (:mod:`laplace_hfl.engine.krylov_reuse`),
+        certified when ``r_0`` is the residual of ``x_0``.
 
     Returns
     -------
@@ -172,8 +184,10 @@ def batched_cg(
         return R if precond is None else precond(R)
 
     m = B.shape[0]
-    X = torch.zeros_like(B)
-    R = B.clone()
+    if start is None:
+        X, R = torch.zeros_like(B), B.clone()
+    else:
+        X, R = start[0].to(B).clone(), start[1].to(B).clone()
     Z = M(R)
     Pdir = Z.clone()
     rz = (R * Z).sum(-1)
@@ -185,6 +199,8 @@ def batched_cg(
             raise ValueError(f"spectrum_floor must be positive, got {spectrum_floor}")
         # The quadrature recurrences run in float64 whatever the products use.
         lower = rz.new_zeros(m, dtype=torch.float64)
+        if start is not None:  # b^T x0 + x0^T r0 (module doc of krylov_reuse)
+            lower += ((B + R) * X).sum(-1).to(torch.float64)
         gap = rz.to(torch.float64) / spectrum_floor  # Delta_0 = r0^T z0 / mu
 
     def done() -> Tensor:
