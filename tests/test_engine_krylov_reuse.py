@@ -8,10 +8,12 @@ import torch
 from conftest import DT, dense_reference, fit_hfl
 
 from laplace_hfl.engine.krylov_reuse import (
+    RECYCLE_VECTORS,
     RecycledSpace,
     projected_solve,
     recycle_capacity,
 )
+from laplace_hfl.engine.solver_objects import CGRefits
 from laplace_hfl.engine.solvers import batched_cg
 
 
@@ -118,7 +120,7 @@ def _chunked_predictions(la, Xq, step):
     """Variances and diagnostics of predictions ``step`` points at a time."""
     out = []
     for i in range(0, len(Xq), step):
-        _, var = la._glm_predictive_distribution(Xq[i : i + step])
+        _, var = la.glm_predictive(Xq[i : i + step])
         out.append((var, la.last_diagnostics))
     return out
 
@@ -127,7 +129,7 @@ def _chunked_predictions(la, Xq, step):
     "precond",
     [{"preconditioner": "none"}, {"preconditioner": "nystrom", "precondition_rank": 8}],
 )
-def test_later_chunks_reuse_earlier_solves(classification, precond):
+def test_later_chunks_reuse_earlier_solves(classification, monkeypatch, precond):
     """Classification 2-8-3, no preconditioner and Nyström, 20 chunks of 4
     query points (12 directions; 15 kept vectors at N = 60, so the oldest are
     dropped from the second chunk on; a start that kept nearly dependent
@@ -142,10 +144,10 @@ def test_later_chunks_reuse_earlier_solves(classification, precond):
     truth = truth.diagonal(0, 1, 2)
     runs = {}
     for reuse in (True, False):
-        la = fit_hfl(model, X, y, "classification", solver="cg", **precond)
-        if not reuse:
-            la._solver().recycle_vectors = 0
-        runs[reuse] = _chunked_predictions(la, Xq, 4)
+        with monkeypatch.context() as m:
+            m.setattr(CGRefits, "recycle_vectors", RECYCLE_VECTORS if reuse else 0)
+            la = fit_hfl(model, X, y, "classification", solver="cg", **precond)
+            runs[reuse] = _chunked_predictions(la, Xq, 4)
     for reuse, chunks in runs.items():
         for i, (var, d) in enumerate(chunks):
             t = truth[4 * i : 4 * i + 4].flatten()
@@ -159,16 +161,32 @@ def test_later_chunks_reuse_earlier_solves(classification, precond):
     assert sum(with_reuse[1:]) < 0.8 * sum(without[1:])
 
 
-def test_reuse_is_dropped_when_the_prior_changes(classification):
-    """The kept solutions belong to one system: a new prior precision starts
-    from zero again (same products as a fresh estimator)."""
+def test_reuse_is_dropped_when_the_prior_changes(classification, monkeypatch):
+    """The kept solutions belong to one system: the same points again cost
+    fewer products, and a new prior precision starts from zero again (same
+    products as a fresh estimator)."""
+    monkeypatch.setattr(CGRefits, "recycle_vectors", RECYCLE_VECTORS)
     model, X, y = classification
     la = fit_hfl(model, X, y, "classification", solver="cg", preconditioner="none")
-    la._glm_predictive_distribution(X[:6])
-    assert la._solver()._cache["recycle"].size > 0
+    la.glm_predictive(X[:6])
+    first = la.last_diagnostics.products
+    la.glm_predictive(X[:6])
+    assert la.last_diagnostics.products < first  # started from the kept span
     la.prior_precision = 2.0
-    la._glm_predictive_distribution(X[6:12])
+    la.glm_predictive(X[6:12])
     fresh = fit_hfl(model, X, y, "classification", solver="cg", preconditioner="none")
     fresh.prior_precision = 2.0
-    fresh._glm_predictive_distribution(X[6:12])
+    fresh.glm_predictive(X[6:12])
     assert la.last_diagnostics.products == fresh.last_diagnostics.products
+
+
+def test_reuse_is_off_by_default(classification):
+    """By default a query's answer does not depend on earlier queries: the
+    same points give bit-identical variances after other predictions."""
+    model, X, y = classification
+    la = fit_hfl(model, X, y, "classification", solver="cg", preconditioner="none")
+    _, first = la.glm_predictive(X[:6])
+    la.glm_predictive(X[6:12] + 0.1)
+    _, again = la.glm_predictive(X[:6])
+    assert CGRefits.recycle_vectors == 0
+    assert torch.equal(first, again)

@@ -60,7 +60,6 @@ from laplace_hfl.engine.dense import (
 from laplace_hfl.engine.functional import LaplaceObjective, objective_grad
 from laplace_hfl.engine.krylov_reuse import (
     RECYCLE_RCOND,
-    RECYCLE_VECTORS,
     RecycledSpace,
     recycle_capacity,
 )
@@ -346,16 +345,21 @@ class CGRefits(Solver):
     """Perturbed refits by preconditioned CG, from the base point (cached per
     key; its solve builds the preconditioner too).
 
-    With ``target="ggn"`` the solutions of every call are kept per key (up to
-    :attr:`recycle_vectors`, :func:`~laplace_hfl.engine.krylov_reuse.recycle_capacity`)
-    and later solves start from their Galerkin projection
+    Opt-in reuse (off by default): with ``recycle_vectors > 0`` (e.g.
+    ``CGRefits.recycle_vectors = RECYCLE_VECTORS``) and ``target="ggn"``, the
+    solutions of every call are kept per key (up to ``recycle_vectors``,
+    :func:`~laplace_hfl.engine.krylov_reuse.recycle_capacity`) and later
+    solves start from their Galerkin projection
     (:mod:`laplace_hfl.engine.krylov_reuse`): later query chunks need fewer
-    iterations. The cache's key drops them when the hyperparameters change.
+    iterations, and answers then depend on what was solved before (within
+    their certified brackets), not on the call alone. The cache's key drops
+    them when the hyperparameters change.
     """
 
     name = "cg"
-    #: Most earlier solutions kept for reuse (0: off).
-    recycle_vectors: int = RECYCLE_VECTORS
+    #: Most earlier solutions kept for reuse (0: off, the default, so that
+    #: a query's answer does not depend on earlier queries).
+    recycle_vectors: int = 0
 
     def base_point(self, obj, ctx):
         return self.cached(
