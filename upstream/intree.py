@@ -104,7 +104,12 @@ PARTS = (
         "hfl (5/11): log-determinant and matrix-free posterior operators",
         "Stochastic Lanczos quadrature, the log-determinant of the posterior\n"
         "precision and the matrix-free operators behind la.H / posterior_precision.",
-        ("engine.slq", "engine.logdet", "engine.operators"),  # fmt: skip
+        (
+            "engine.slq",
+            "engine.logdet",
+            "engine.sketch_logdet",
+            "engine.operators",
+        ),  # fmt: skip
     ),
     Part(
         "hfl-solver-objects",
