@@ -38,7 +38,9 @@ from laplace_hfl.engine.mackay import FixedPointResult, mackay_fixed_point
 from laplace_hfl.engine.preconditioner import CPU_SKETCH_BUDGET
 from laplace_hfl.engine.sketch_logdet import (
     CurvatureSketch,
+    SketchLogDet,
     curvature_sketch,
+    eigen_sketch,
     sketch_logdet,
 )
 from laplace_hfl.engine.slq import Quadrature
@@ -129,17 +131,24 @@ class TuningMixin:
             cached = self._marglik_sketch = (key, self.mean, sketch, [False])
         return cached[2]
 
+    def _sketched_value(
+        self, sketch: CurvatureSketch, h: Tensor
+    ) -> tuple[Tensor, SketchLogDet]:
+        """``sketch_logdet`` at the current prior: per layer where the prior is
+        layer-wise (Gram matrices per layer), else its diagonal."""
+        prior, numels = self.prior_precision.reshape(-1), None
+        layers = self._refit_module()[1].numels
+        if prior.numel() == len(layers) and prior.numel() != sketch.U.shape[0]:
+            numels = layers
+        else:
+            prior = self.prior_precision_diag
+        return sketch_logdet(sketch, h, prior, numels)
+
     def _sketch_log_det(self, obj: LaplaceObjective, h: Tensor, rank: int) -> Tensor:
         """``log det P`` of a layer-wise / diagonal prior from the sketch:
         ``r x r`` work per prior value, no data pass after the first."""
         sketch = self._curvature_sketch(obj, rank)
-        prior, numels = self.prior_precision.reshape(-1), None
-        layers = self._refit_module()[1].numels
-        if prior.numel() == len(layers) and prior.numel() != obj.theta_map.numel():
-            numels = layers
-        else:
-            prior = self.prior_precision_diag
-        value, info = sketch_logdet(sketch, h, prior, numels)
+        value, info = self._sketched_value(sketch, h)
         n_probes = 0 if sketch.Z is None else sketch.Z.shape[0]
         self.last_logdet = LogDetEstimate(
             float(value.detach()), info.stderr, n_probes, 0, sketch.exact,
@@ -172,19 +181,21 @@ class TuningMixin:
 
     def _dense_log_det(self, obj: LaplaceObjective, h: Tensor) -> Tensor:
         """Exact ``log det P``: eigenvalues of ``G`` (once per fit) for a
-        scalar prior, one Cholesky factor per value otherwise; differentiable."""
+        scalar prior; for a layer-wise or diagonal prior its eigenvectors too
+        (:func:`eigen_sketch`, once per fit: ``r x r`` work per value);
+        differentiable."""
         G = self._dense_ggn(obj)
         P = G.shape[0]
-        if self.prior_precision.numel() == 1:
-            cached = self.__dict__.get("_marglik_eigs")
-            if cached is None or cached[0] is not G:
-                cached = (G, torch.linalg.eigvalsh(G))
-                self._marglik_eigs = cached
+        scalar = self.prior_precision.numel() == 1
+        cached = self.__dict__.get("_marglik_eigs")
+        if cached is None or cached[0] is not G or cached[1] != scalar:
+            eigs = torch.linalg.eigvalsh(G) if scalar else eigen_sketch(G)
+            cached = self._marglik_eigs = (G, scalar, eigs)
+        if scalar:
             lam = self.prior_precision.reshape(()).to(G.dtype)
-            value = eigen_logdet(cached[1], h.to(G.dtype), lam)
+            value = eigen_logdet(cached[2], h.to(G.dtype), lam)
         else:
-            p0 = self.prior_precision_diag.to(G.dtype)
-            value, _ = dense_logdet(G, h.to(G.dtype), p0)
+            value = self._sketched_value(cached[2], h.to(G.dtype))[0]
         self.last_logdet = LogDetEstimate(float(value.detach()), 0.0, P, 0, True)
         return value
 

@@ -54,13 +54,15 @@ from laplace_hfl.engine.logdet import MarglikSettings  # noqa: E402
 DT = torch.float64
 
 
-def _model(n: int, width: int):
+def _model(n: int, width: int, d_in: int = 1):
     g = torch.Generator().manual_seed(0)
-    X = torch.rand(n, 1, generator=g, dtype=DT) * 8 - 4
-    y = torch.sin(X) + 0.1 * torch.randn(n, 1, generator=g, dtype=DT)
+    X = torch.rand(n, d_in, generator=g, dtype=DT) * 8 - 4
+    y = torch.sin(X.sum(1, keepdim=True)) + 0.1 * torch.randn(
+        n, 1, generator=g, dtype=DT
+    )
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+        nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
         nn.Linear(width, 1),
     ).to(DT)  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

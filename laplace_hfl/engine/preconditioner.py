@@ -53,6 +53,7 @@ __all__ = [
     "nystrom_sketch",
     "sketch_products",
     "nystrom_apply",
+    "resolved",
     "spectrum_floor",
 ]
 
@@ -177,7 +178,7 @@ def _right_multiply_(Y: Tensor, W: Tensor, rows: int) -> Tensor:
     return Y[:, :r]
 
 
-def _keep(eigenvalues: Tensor) -> Tensor:
+def resolved(eigenvalues: Tensor) -> Tensor:
     """Eigenvalues resolved in this precision (relative to the largest)."""
     tol = eigenvalues.shape[0] * torch.finfo(eigenvalues.dtype).eps
     return eigenvalues > tol * eigenvalues.abs().max().clamp_min(
@@ -246,10 +247,10 @@ def sketch_products(
         core[i:stop, :stop] = rows @ Y[:, :stop]
     core = torch.tril(core) + torch.tril(core, -1).T
     d, W = torch.linalg.eigh(core)  # core^+ = W d^-1 W^T on resolved d
-    keep = _keep(d)
+    keep = resolved(d)
     B = _right_multiply_(Y, W[:, keep] / d[keep].sqrt(), _ROWS)  # G ~= B B^T
     s2, V = torch.linalg.eigh(B.T @ B)  # B = U S V^T
-    keep = _keep(s2)
+    keep = resolved(s2)
     s2, V = s2[keep].flip(0), V[:, keep].flip(1)
     U = _right_multiply_(B, V / s2.sqrt(), _ROWS)
     # One re-orthonormalisation (Cholesky QR): U R^-1 with U^T U = R^T R,

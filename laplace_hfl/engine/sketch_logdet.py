@@ -30,7 +30,8 @@ truncation above a few nats says the rank is too small.
 **Exact case.** Where ``G`` has rank below ``k`` the sketch resolves all of it
 (its core matrix is rank-deficient and the sketch keeps fewer than ``k``
 directions): ``E = 0`` to rounding, no probes are drawn and the result is exact;
-also when ``k >= P``.
+also when ``k >= P``. Where the dense ``G`` is held, :func:`eigen_sketch` is its
+eigendecomposition (exact, one ``eigh`` per fit).
 
 **Groups.** For a layer-wise prior (constant on contiguous groups of
 parameters), ``S^T D^{-1} S = sum_g S_g^T S_g / p_g`` from per-group Gram
@@ -47,10 +48,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from laplace_hfl.engine.preconditioner import sketch_products
+from laplace_hfl.engine.preconditioner import resolved, sketch_products
 from laplace_hfl.engine.slq import make_probes
 
-__all__ = ["CurvatureSketch", "curvature_sketch", "sketch_logdet"]
+__all__ = [
+    "CurvatureSketch",
+    "SketchLogDet",
+    "curvature_sketch",
+    "eigen_sketch",
+    "sketch_logdet",
+]
 
 
 @dataclass
@@ -150,6 +157,19 @@ def curvature_sketch(
     GZ = torch.cat([products(Z[i : i + step]) for i in range(0, len(Z), step)])
     EZ = GZ - ((Z @ U) * lam) @ U.T
     return CurvatureSketch(U, lam, k, Z, EZ, k + len(Z), probes.scale)
+
+
+def eigen_sketch(curvature: Tensor) -> CurvatureSketch:
+    """The exact "sketch" of a dense ``G``: its eigenvectors with the
+    eigenvalues resolved in the working precision (those below ``P eps``
+    times the largest are dropped, as the Nyström sketch drops them).
+
+    One ``eigh`` per fit; every prior value then costs ``r x r`` work
+    (``n_groups r^2`` or ``P r^2``) instead of a ``P x P`` Cholesky factor.
+    """
+    lam, U = torch.linalg.eigh(curvature)
+    keep = resolved(lam)
+    return CurvatureSketch(U[:, keep], lam[keep], curvature.shape[0], None, None, 0)
 
 
 @dataclass(frozen=True)
