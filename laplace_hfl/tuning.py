@@ -144,28 +144,36 @@ class TuningMixin:
             prior = self.prior_precision_diag
         return sketch_logdet(sketch, h, prior, numels)
 
-    def _sketch_log_det(self, obj: LaplaceObjective, h: Tensor, rank: int) -> Tensor:
+    def _sketch_log_det(
+        self, obj: LaplaceObjective, h: Tensor, rank: int
+    ) -> Tensor | None:
         """``log det P`` of a layer-wise / diagonal prior from the sketch:
-        ``r x r`` work per prior value, no data pass after the first."""
+        ``r x r`` work per prior value, no data pass after the first. None
+        where the sketch's remainder exceeds ``sketch_tolerance`` (Lanczos on
+        the posterior precision then runs for this value)."""
         sketch = self._curvature_sketch(obj, rank)
         value, info = self._sketched_value(sketch, h)
         n_probes = 0 if sketch.Z is None else sketch.Z.shape[0]
+        warned = self._marglik_sketch[3]
+        if info.truncation > self.marglik_settings.sketch_tolerance:
+            if not warned[0]:
+                warned[0] = True
+                warn_user(
+                    f"The rank-{sketch.rank} sketch of the GGN leaves a remainder "
+                    f"of up to {info.truncation:.3g} nats in the log-determinant "
+                    "of the marginal likelihood (more than la.marglik_settings."
+                    "sketch_tolerance), so Lanczos on the posterior precision "
+                    "runs at such prior values instead (data passes at every "
+                    "value). Raise la.marglik_settings.sketch_rank (the GGN's "
+                    "rank is at most the number of training outputs) for the "
+                    "fast path.",
+                    RefitConvergenceWarning,
+                )
+            return None
         self.last_logdet = LogDetEstimate(
             float(value.detach()), info.stderr, n_probes, 0, sketch.exact,
             info.truncation, sketch.rank,
         )  # fmt: skip
-        warned = self._marglik_sketch[3]
-        if info.truncation > 1.0 and not warned[0]:
-            warned[0] = True
-            warn_user(
-                f"The rank-{sketch.rank} sketch of the GGN leaves a remainder "
-                f"of {info.truncation:.3g} nats (± {info.stderr:.2g}) in the "
-                "log-determinant of the marginal likelihood (the exact value lies "
-                "below the estimate by at most that much). Raise "
-                "la.marglik_settings.sketch_rank, or set it to 0 for Lanczos "
-                "at every prior value.",
-                RefitConvergenceWarning,
-            )
         return value
 
     # ------------------------------------------------- exact, dense curvature
@@ -243,8 +251,10 @@ class TuningMixin:
                 int(rules.steps.max()),
                 rules.exact,
             )
-        elif rank := self._sketch_rank(obj):
-            value = self._sketch_log_det(obj, h, rank)
+        elif (rank := self._sketch_rank(obj)) and (
+            sketched := self._sketch_log_det(obj, h, rank)
+        ) is not None:
+            value = sketched
         else:
             p0 = self.prior_precision_diag.to(dtype)
             with eval_mode(self.model):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -40,8 +41,10 @@ from laplace_hfl.engine.logdet import MarglikSettings  # noqa: E402
 
 def _laplace(model, loader, solver: str, rank: int | None = None):
     la = Laplace(model, "regression", "all", "hfl", sigma_noise=0.1, solver=solver)
-    if rank is not None:
-        la.marglik_settings = MarglikSettings(sketch_rank=rank)
+    if rank is not None:  # the sketch alone, however large its remainder
+        la.marglik_settings = MarglikSettings(
+            sketch_rank=rank, sketch_tolerance=math.inf
+        )
     la.fit(loader)
     return la
 

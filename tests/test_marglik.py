@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -303,9 +302,9 @@ def test_sketched_log_det_exact_below_the_sketch_rank(kind):
 
 def test_sketched_log_det_below_the_rank_brackets_the_dense_value(request):
     """A sketch smaller than the GGN's rank: the dense value lies in
-    ``[value - truncation, value]`` up to 4 standard errors, and the
-    truncation (reported, and warned about above 1 nat) shrinks as the rank
-    grows."""
+    ``[value - truncation, value]`` up to 4 standard errors and the truncation
+    shrinks as the rank grows; above ``sketch_tolerance`` the value comes from
+    Lanczos on the posterior precision instead, with a warning."""
     hfl, full, *_ = _pair(request, "regression_multi", solver="cg")  # P = 51
     prior = _prior("diag", hfl)
     hfl.prior_precision = full.prior_precision = prior
@@ -313,19 +312,20 @@ def test_sketched_log_det_below_the_rank_brackets_the_dense_value(request):
     widths = []
     for rank in (8, 24, 40):
         hfl.marglik_settings = MarglikSettings(
-            n_probes=16, exact_max=0, sketch_rank=rank
+            n_probes=16, exact_max=0, sketch_rank=rank, sketch_tolerance=math.inf
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RefitConvergenceWarning)
-            value = float(hfl.log_det_posterior_precision)
+        value = float(hfl.log_det_posterior_precision)
         info = hfl.last_logdet
         assert not info.exact and info.sketch_rank == rank and info.stderr > 0
         assert value - info.truncation - 4 * info.stderr < ref < value + 4 * info.stderr
         widths.append(info.truncation)
-    assert widths[0] > widths[1] > widths[2] > 0
-    hfl.marglik_settings = MarglikSettings(exact_max=0, sketch_rank=8)
+    assert widths[0] > widths[1] > widths[2] > 1.0
+    hfl.marglik_settings = MarglikSettings(n_probes=16, exact_max=0, sketch_rank=8)
     with pytest.warns(RefitConvergenceWarning, match="sketch_rank"):
-        hfl.log_det_posterior_precision  # noqa: B018
+        value = float(hfl.log_det_posterior_precision)
+    info = hfl.last_logdet
+    assert info.sketch_rank == 0 and info.n_probes == 16 and info.stderr > 0
+    assert abs(value - ref) < 4 * info.stderr
 
 
 def test_scalar_prior_reuses_one_lanczos_run(request):
@@ -555,6 +555,7 @@ def test_unconverged_gradient_solves_warn(request):
         {"exact_max": -1},
         {"sketch_rank": -1},
         {"sketch_rank": True},
+        {"sketch_tolerance": -1.0},
     ],
 )
 def test_bad_settings_raise(kwargs):

@@ -102,6 +102,11 @@ class MarglikSettings:
         exact where the GGN's rank is below ``k``; ``n_probes`` probes of the
         remainder otherwise). Capped at ``P`` and at ``k P <= 2^27`` entries.
         0 runs Lanczos on the posterior precision at every prior value instead.
+    sketch_tolerance : float, default=1.0
+        Largest remainder (nats: the width of the interval the exact value lies
+        in) a sketch below the GGN's rank may leave; a prior value where it
+        leaves more runs Lanczos on the posterior precision instead (warned
+        once per fit).
     """
 
     n_probes: int = 64
@@ -111,6 +116,7 @@ class MarglikSettings:
     cg_rtol: float = 1e-8
     cg_max_iter: int = 1000
     sketch_rank: int = 1024
+    sketch_tolerance: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("n_probes", "lanczos_steps", "cg_max_iter"):
@@ -123,6 +129,11 @@ class MarglikSettings:
                 raise ValueError(
                     f"{name} must be a non-negative integer, got {value!r}."
                 )
+        tol = self.sketch_tolerance
+        if isinstance(tol, bool) or not (isinstance(tol, float | int) and tol >= 0):
+            raise ValueError(
+                f"sketch_tolerance must be a non-negative number, got {tol!r}."
+            )
         if not (isinstance(self.cg_rtol, float | int) and 0 < self.cg_rtol < 1):
             raise ValueError(f"cg_rtol must lie in (0, 1), got {self.cg_rtol!r}.")
 
