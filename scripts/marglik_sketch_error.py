@@ -18,7 +18,6 @@ numbers are documented in ``docs/marglik.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import warnings
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's laplace_hfl
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from laplace import Laplace  # noqa: E402
-from marglik_structure_timing import _model  # noqa: E402
+from marglik_structure_timing import _model, write_results  # noqa: E402
 
 import laplace_hfl  # noqa: E402, F401  (registers "hfl")
 from laplace_hfl.bench.benchmark.measure import timed  # noqa: E402
@@ -124,9 +123,7 @@ def main() -> None:
         "reference": "HFL dense path (exact log det; equals FullLaplace)",
         "note": "2 CPU cores shared with other jobs",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

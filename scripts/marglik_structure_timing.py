@@ -77,6 +77,13 @@ def _model(n: int, width: int, d_in: int = 1):
     return model, X, y
 
 
+def write_results(out: Path, meta: dict, rows: list) -> None:
+    """``{"meta": ..., "rows": ...}`` as indented JSON at ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def _estimator(variant: str, model):
     if variant == "full":
         return Laplace(model, "regression", "all", "full", sigma_noise=0.1)
@@ -155,9 +162,7 @@ def main() -> None:
         "full_backend": "laplace-torch default (CurvlinopsGGN)",
         "priors_listed": "first 8 values",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

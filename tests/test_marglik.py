@@ -332,14 +332,7 @@ def test_scalar_prior_reuses_one_lanczos_run(request):
     """After the first call, changing a scalar prior or sigma costs no data pass."""
     hfl, full, *_ = _pair(request, "regression_1d")
     hfl.log_marginal_likelihood()
-    calls = []
-    original = hfl._training_batches
-
-    def counting():
-        calls.append(1)
-        return original()
-
-    hfl._training_batches = counting
+    calls = _counting_passes(hfl)
     for prior, sigma in ((0.1, 0.2), (3.0, 0.5), (30.0, 1.0)):
         v_h = hfl.log_marginal_likelihood(torch.tensor(prior), torch.tensor(sigma))
         v_f = full.log_marginal_likelihood(torch.tensor(prior), torch.tensor(sigma))
