@@ -96,12 +96,14 @@ def _estimator(variant: str, model):
     return la
 
 
-def _tune(structure: str, model, loader, variant: str):
+def _tune(structure: str, model, loader, variant: str, n_steps: int = 100):
     la = _estimator(variant, model)
 
     def run() -> None:
         la.fit(loader)
-        la.optimize_prior_precision(method="marglik", prior_structure=structure)
+        la.optimize_prior_precision(
+            method="marglik", prior_structure=structure, n_steps=n_steps
+        )
 
     seconds = timed(run)[1]
     info = getattr(la, "last_logdet", None)
@@ -113,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-data", type=int, default=300)
     parser.add_argument("--width", type=int, default=28)
+    parser.add_argument("--n-steps", type=int, default=100, help="Adam steps")
     parser.add_argument(
         "--structures", default="scalar,layerwise,diag", help="comma-separated"
     )
@@ -130,10 +133,14 @@ def main() -> None:
     loader = DataLoader(TensorDataset(X, y), batch_size=100)
     rows = []
     for structure in args.structures.split(","):
-        t_full, p_full, n_params, _ = _tune(structure, model, loader, "full")
+        t_full, p_full, n_params, _ = _tune(
+            structure, model, loader, "full", args.n_steps
+        )
         print(f"{structure}: P={n_params} full {t_full:.2f} s", flush=True)
         for variant in args.variants.split(","):
-            t_hfl, p_hfl, _, info = _tune(structure, model, loader, variant)
+            t_hfl, p_hfl, _, info = _tune(
+                structure, model, loader, variant, args.n_steps
+            )
             rel = float(((p_hfl - p_full).abs() / p_full.abs()).max())
             rows.append({
                 "prior_structure": structure,
@@ -159,6 +166,7 @@ def main() -> None:
         "note": "2 CPU cores shared with other jobs; ratios are from one run",
         "network": f"1-{args.width}-{args.width}-1 tanh, float64, regression",
         "n_data": args.n_data,
+        "adam_steps": args.n_steps,
         "full_backend": "laplace-torch default (CurvlinopsGGN)",
         "priors_listed": "first 8 values",
     }
