@@ -138,7 +138,8 @@ class TuningMixin:
         layer-wise (Gram matrices per layer), else its diagonal."""
         prior, numels = self.prior_precision.reshape(-1), None
         layers = self._refit_module()[1].numels
-        if prior.numel() == len(layers) and prior.numel() != sketch.U.shape[0]:
+        P = sketch.U.shape[0]
+        if prior.numel() == len(layers) != P and sum(layers) == P:
             numels = layers
         else:
             prior = self.prior_precision_diag
