@@ -35,8 +35,18 @@ from laplace_hfl.engine.logdet import (
     posterior_logdet,
 )
 from laplace_hfl.engine.mackay import FixedPointResult, mackay_fixed_point
+from laplace_hfl.engine.preconditioner import CPU_SKETCH_BUDGET
+from laplace_hfl.engine.sketch_logdet import (
+    CurvatureSketch,
+    SketchLogDet,
+    curvature_sketch,
+    eigen_sketch,
+    sketch_logdet,
+)
 from laplace_hfl.engine.slq import Quadrature
 from laplace_hfl.engine.validation import as_int
+from laplace_hfl.engine.weight_posterior import curvature_matvec
+from laplace_hfl.errors import RefitConvergenceWarning, warn_user
 
 __all__ = ["TuningMixin"]
 
@@ -92,6 +102,81 @@ class TuningMixin:
             return rules
         return cached[2]
 
+    # ---------------------------------------- sketched curvature, any prior
+    def _sketch_rank(self, obj: LaplaceObjective) -> int:
+        """Rank of the curvature sketch for a layer-wise / diagonal prior; 0
+        where Lanczos on the posterior precision runs instead (exact mode,
+        ``target="hessian"``, ``sketch_rank=0``)."""
+        settings, P = self.marglik_settings, obj.theta_map.numel()
+        if not self.hfl_settings.curvature.gauss_newton or P <= settings.exact_max:
+            return 0
+        return min(settings.sketch_rank, P, CPU_SKETCH_BUDGET // P)
+
+    def _curvature_sketch(self, obj: LaplaceObjective, rank: int) -> CurvatureSketch:
+        """Nyström sketch of the data GGN, built once per fit (it does not
+        depend on the prior, ``sigma_noise`` or the temperature)."""
+        settings, target = self.marglik_settings, self.hfl_settings.target
+        key = (id(self.mean), target, settings, rank)
+        cached = self.__dict__.get("_marglik_sketch")
+        if cached is None or cached[0] != key or cached[1] is not self.mean:
+            with eval_mode(self.model):
+                sketch = curvature_sketch(
+                    lambda V: curvature_matvec(obj, target, V),
+                    obj.theta_map,
+                    rank,
+                    settings.n_probes,
+                    settings.seed,
+                    self._precond_setup(obj.theta_map.numel()).chunk_size,
+                )
+            cached = self._marglik_sketch = (key, self.mean, sketch, [False])
+        return cached[2]
+
+    def _sketched_value(
+        self, sketch: CurvatureSketch, h: Tensor
+    ) -> tuple[Tensor, SketchLogDet]:
+        """``sketch_logdet`` at the current prior: per layer where the prior is
+        layer-wise (Gram matrices per layer), else its diagonal."""
+        prior, numels = self.prior_precision.reshape(-1), None
+        layers = self._refit_module()[1].numels
+        P = sketch.U.shape[0]
+        if prior.numel() == len(layers) != P and sum(layers) == P:
+            numels = layers
+        else:
+            prior = self.prior_precision_diag
+        return sketch_logdet(sketch, h, prior, numels)
+
+    def _sketch_log_det(
+        self, obj: LaplaceObjective, h: Tensor, rank: int
+    ) -> Tensor | None:
+        """``log det P`` of a layer-wise / diagonal prior from the sketch:
+        ``r x r`` work per prior value, no data pass after the first. None
+        where the sketch's remainder exceeds ``sketch_tolerance`` (Lanczos on
+        the posterior precision then runs for this value)."""
+        sketch = self._curvature_sketch(obj, rank)
+        value, info = self._sketched_value(sketch, h)
+        n_probes = 0 if sketch.Z is None else sketch.Z.shape[0]
+        warned = self._marglik_sketch[3]
+        if info.truncation > self.marglik_settings.sketch_tolerance:
+            if not warned[0]:
+                warned[0] = True
+                warn_user(
+                    f"The rank-{sketch.rank} sketch of the GGN leaves a remainder "
+                    f"of up to {info.truncation:.3g} nats in the log-determinant "
+                    "of the marginal likelihood (more than la.marglik_settings."
+                    "sketch_tolerance), so Lanczos on the posterior precision "
+                    "runs at such prior values instead (data passes at every "
+                    "value). Raise la.marglik_settings.sketch_rank (the GGN's "
+                    "rank is at most the number of training outputs) for the "
+                    "fast path.",
+                    RefitConvergenceWarning,
+                )
+            return None
+        self.last_logdet = LogDetEstimate(
+            float(value.detach()), info.stderr, n_probes, 0, sketch.exact,
+            info.truncation, sketch.rank,
+        )  # fmt: skip
+        return value
+
     # ------------------------------------------------- exact, dense curvature
     def _dense_marglik(self, obj: LaplaceObjective) -> bool:
         """Whether the log-determinant comes from the dense data GGN: where the
@@ -105,19 +190,21 @@ class TuningMixin:
 
     def _dense_log_det(self, obj: LaplaceObjective, h: Tensor) -> Tensor:
         """Exact ``log det P``: eigenvalues of ``G`` (once per fit) for a
-        scalar prior, one Cholesky factor per value otherwise; differentiable."""
+        scalar prior; for a layer-wise or diagonal prior its eigenvectors too
+        (:func:`eigen_sketch`, once per fit: ``r x r`` work per value);
+        differentiable."""
         G = self._dense_ggn(obj)
         P = G.shape[0]
-        if self.prior_precision.numel() == 1:
-            cached = self.__dict__.get("_marglik_eigs")
-            if cached is None or cached[0] is not G:
-                cached = (G, torch.linalg.eigvalsh(G))
-                self._marglik_eigs = cached
+        scalar = self.prior_precision.numel() == 1
+        cached = self.__dict__.get("_marglik_eigs")
+        if cached is None or cached[0] is not G or cached[1] != scalar:
+            eigs = torch.linalg.eigvalsh(G) if scalar else eigen_sketch(G)
+            cached = self._marglik_eigs = (G, scalar, eigs)
+        if scalar:
             lam = self.prior_precision.reshape(()).to(G.dtype)
-            value = eigen_logdet(cached[1], h.to(G.dtype), lam)
+            value = eigen_logdet(cached[2], h.to(G.dtype), lam)
         else:
-            p0 = self.prior_precision_diag.to(G.dtype)
-            value, _ = dense_logdet(G, h.to(G.dtype), p0)
+            value = self._sketched_value(cached[2], h.to(G.dtype))[0]
         self.last_logdet = LogDetEstimate(float(value.detach()), 0.0, P, 0, True)
         return value
 
@@ -132,7 +219,9 @@ class TuningMixin:
         """``log det P`` of the posterior precision, without forming ``P``.
 
         Stochastic Lanczos quadrature over curvature-vector products
-        (exact for ``P <= marglik_settings.n_probes``); differentiable w.r.t.
+        (exact for ``P <= marglik_settings.exact_max``); a layer-wise or
+        diagonal prior above that uses one Nyström sketch of the GGN per fit
+        (``marglik_settings.sketch_rank``); differentiable w.r.t.
         ``prior_precision`` and ``sigma_noise`` / ``temperature``. The standard
         error is in ``la.last_logdet``. See ``docs/marglik.md``.
 
@@ -163,6 +252,10 @@ class TuningMixin:
                 int(rules.steps.max()),
                 rules.exact,
             )
+        elif (rank := self._sketch_rank(obj)) and (
+            sketched := self._sketch_log_det(obj, h, rank)
+        ) is not None:
+            value = sketched
         else:
             p0 = self.prior_precision_diag.to(dtype)
             with eval_mode(self.model):

@@ -235,9 +235,13 @@ def test_train_mode_batchnorm_model_is_left_alone():
 
 
 def test_random_probes_within_standard_error(request):
-    """n_probes < P: Rademacher SLQ, estimate within 4 standard errors."""
+    """n_probes < P: Rademacher SLQ, estimate within 4 standard errors
+    (``sketch_rank=0``: Lanczos on the posterior precision for the layer-wise
+    prior too)."""
     hfl, full, *_ = _pair(request, "classification")
-    hfl.marglik_settings = MarglikSettings(n_probes=16, exact_max=0, lanczos_steps=30)
+    hfl.marglik_settings = MarglikSettings(
+        n_probes=16, exact_max=0, lanczos_steps=30, sketch_rank=0
+    )
     for kind in ("scalar", "layerwise"):
         hfl.prior_precision = full.prior_precision = _prior(kind, hfl)
         est = float(hfl.log_det_posterior_precision)
@@ -247,11 +251,9 @@ def test_random_probes_within_standard_error(request):
         assert abs(est - ref) < 4 * info.stderr
 
 
-def test_scalar_prior_reuses_one_lanczos_run(request, monkeypatch):
-    """After the first call, changing a scalar prior or sigma costs no data pass."""
-    hfl, full, *_ = _pair(request, "regression_1d")
-    hfl.log_marginal_likelihood()
-    calls = []  # data passes of the objectives the estimator builds from now on
+def _counting_passes(monkeypatch):
+    """Data passes of the objectives the estimator builds from now on."""
+    calls = []
     original = base.LaplaceObjective
 
     def counting(batches):
@@ -266,6 +268,80 @@ def test_scalar_prior_reuses_one_lanczos_run(request, monkeypatch):
         "LaplaceObjective",
         lambda **kw: original(**{**kw, "batches": counting(kw["batches"])}),
     )
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["layerwise", "diag"])
+def test_sketched_log_det_exact_below_the_sketch_rank(kind, monkeypatch):
+    """No dense GGN (``exact_max=0``, CG): a layer-wise or diagonal prior uses
+    one Nyström sketch per fit. The GGN of 12 points has rank <= 12 < 20 =
+    ``sketch_rank`` < P = 31, so the sketch holds all of it: value and
+    gradients (prior, sigma_noise) equal the dense float64 reference, and later
+    prior values cost no data pass."""
+    model, X, y = make_regression(n=12)
+    kw = dict(prior_precision=PRIOR, sigma_noise=SIGMA)
+    hfl = Laplace(model, "regression", "all", "hfl", solver="cg", **kw)
+    hfl.marglik_settings = MarglikSettings(exact_max=0, sketch_rank=20)
+    hfl.fit(loader(X, y))
+    full = Laplace(model, "regression", "all", "full", backend=CurvlinopsGGN, **kw)
+    full.fit(loader(X, y))
+    snap = snapshot(model)
+    prior = _prior(kind, hfl)
+    v_h, gp_h, gs_h = _lml_and_grads(hfl, prior, 0.4)
+    v_f, gp_f, gs_f = _lml_and_grads(full, prior, 0.4)
+    info = hfl.last_logdet
+    assert info.exact and info.sketch_rank == 20 and info.truncation == 0.0
+    assert abs(float((v_h - v_f) / v_f)) < 1e-6
+    assert _rel(gp_h, gp_f) < 1e-5
+    assert abs(float((gs_h - gs_f) / gs_f)) < 1e-5
+    hfl.prior_precision = prior
+    ref = torch.logdet(
+        _dense_posterior_precision(
+            model, X, y, "regression", hfl.prior_precision_diag, sigma=0.4
+        )
+    )
+    torch.testing.assert_close(
+        hfl.log_det_posterior_precision, ref, rtol=1e-9, atol=1e-9
+    )
+    calls = _counting_passes(monkeypatch)
+    hfl.log_marginal_likelihood(2 * prior, torch.tensor(0.3, dtype=DT))
+    assert calls == []
+    assert_unchanged(model, snap)
+
+
+def test_sketched_log_det_below_the_rank_brackets_the_dense_value(request):
+    """A sketch smaller than the GGN's rank: the dense value lies in
+    ``[value - truncation, value]`` up to 4 standard errors and the truncation
+    shrinks as the rank grows; above ``sketch_tolerance`` the value comes from
+    Lanczos on the posterior precision instead, with a warning."""
+    hfl, full, *_ = _pair(request, "regression_multi", solver="cg")  # P = 51
+    prior = _prior("diag", hfl)
+    hfl.prior_precision = full.prior_precision = prior
+    ref = float(full.log_det_posterior_precision)
+    widths = []
+    for rank in (8, 24, 40):
+        hfl.marglik_settings = MarglikSettings(
+            n_probes=16, exact_max=0, sketch_rank=rank, sketch_tolerance=math.inf
+        )
+        value = float(hfl.log_det_posterior_precision)
+        info = hfl.last_logdet
+        assert not info.exact and info.sketch_rank == rank and info.stderr > 0
+        assert value - info.truncation - 4 * info.stderr < ref < value + 4 * info.stderr
+        widths.append(info.truncation)
+    assert widths[0] > widths[1] > widths[2] > 1.0
+    hfl.marglik_settings = MarglikSettings(n_probes=16, exact_max=0, sketch_rank=8)
+    with pytest.warns(RefitConvergenceWarning, match="sketch_rank"):
+        value = float(hfl.log_det_posterior_precision)
+    info = hfl.last_logdet
+    assert info.sketch_rank == 0 and info.n_probes == 16 and info.stderr > 0
+    assert abs(value - ref) < 4 * info.stderr
+
+
+def test_scalar_prior_reuses_one_lanczos_run(request, monkeypatch):
+    """After the first call, changing a scalar prior or sigma costs no data pass."""
+    hfl, full, *_ = _pair(request, "regression_1d")
+    hfl.log_marginal_likelihood()
+    calls = _counting_passes(monkeypatch)
     for prior, sigma in ((0.1, 0.2), (3.0, 0.5), (30.0, 1.0)):
         v_h = hfl.log_marginal_likelihood(torch.tensor(prior), torch.tensor(sigma))
         v_f = full.log_marginal_likelihood(torch.tensor(prior), torch.tensor(sigma))
@@ -464,7 +540,9 @@ def test_indefinite_hessian_raises(regression_1d):
 
 def test_unconverged_gradient_solves_warn(request):
     hfl, *_ = _pair(request, "classification")
-    hfl.marglik_settings = MarglikSettings(n_probes=16, exact_max=0, cg_max_iter=1)
+    hfl.marglik_settings = MarglikSettings(
+        n_probes=16, exact_max=0, cg_max_iter=1, sketch_rank=0
+    )
     log_prior = torch.linspace(-3, 3, hfl.n_layers, dtype=DT).requires_grad_(True)
     with pytest.warns(RefitConvergenceWarning, match="cg_max_iter"):
         hfl.log_marginal_likelihood(log_prior.exp()).backward()
@@ -472,7 +550,15 @@ def test_unconverged_gradient_solves_warn(request):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n_probes": 0}, {"lanczos_steps": 1.5}, {"cg_rtol": 0.0}, {"exact_max": -1}],
+    [
+        {"n_probes": 0},
+        {"lanczos_steps": 1.5},
+        {"cg_rtol": 0.0},
+        {"exact_max": -1},
+        {"sketch_rank": -1},
+        {"sketch_rank": True},
+        {"sketch_tolerance": -1.0},
+    ],
 )
 def test_bad_settings_raise(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):

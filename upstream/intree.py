@@ -60,7 +60,6 @@ PARTS = (
             "engine.functional",
             "engine.progress",
             "engine.solvers",
-            "engine.krylov_reuse",
         ),  # fmt: skip
         ("package_init", "module_import_test"),
     ),
@@ -77,6 +76,7 @@ PARTS = (
             "engine.preconditioner",
             "engine.kfac",
             "engine.precond_objects",
+            "engine.krylov_reuse",
         ),  # fmt: skip
     ),
     Part(
@@ -105,7 +105,12 @@ PARTS = (
         "hfl (5/12): log-determinant and matrix-free posterior operators",
         "Stochastic Lanczos quadrature, the log-determinant of the posterior\n"
         "precision and the matrix-free operators behind la.H / posterior_precision.",
-        ("engine.slq", "engine.logdet", "engine.operators"),  # fmt: skip
+        (
+            "engine.slq",
+            "engine.logdet",
+            "engine.sketch_logdet",
+            "engine.operators",
+        ),  # fmt: skip
     ),
     Part(
         "hfl-solver-objects",

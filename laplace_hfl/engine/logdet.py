@@ -95,6 +95,18 @@ class MarglikSettings:
         Relative residual of the CG solves behind the gradients.
     cg_max_iter : int, default=1000
         CG iteration limit.
+    sketch_rank : int, default=1024
+        Rank ``k`` of the Nyström sketch of the GGN that layer-wise and
+        diagonal priors use above ``exact_max`` where no dense GGN is held
+        (:mod:`laplace_hfl.engine.sketch_logdet`: ``k`` products once per fit,
+        exact where the GGN's rank is below ``k``; ``n_probes`` probes of the
+        remainder otherwise). Capped at ``P`` and at ``k P <= 2^27`` entries.
+        0 runs Lanczos on the posterior precision at every prior value instead.
+    sketch_tolerance : float, default=1.0
+        Largest remainder (nats: the width of the interval the exact value lies
+        in) a sketch below the GGN's rank may leave; a prior value where it
+        leaves more runs Lanczos on the posterior precision instead (warned
+        once per fit).
     """
 
     n_probes: int = 64
@@ -103,17 +115,24 @@ class MarglikSettings:
     seed: int = 0
     cg_rtol: float = 1e-8
     cg_max_iter: int = 1000
+    sketch_rank: int = 1024
+    sketch_tolerance: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("n_probes", "lanczos_steps", "cg_max_iter"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if isinstance(self.exact_max, bool) or not (
-            isinstance(self.exact_max, int) and self.exact_max >= 0
-        ):
+        for name in ("exact_max", "sketch_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= 0):
+                raise ValueError(
+                    f"{name} must be a non-negative integer, got {value!r}."
+                )
+        tol = self.sketch_tolerance
+        if isinstance(tol, bool) or not (isinstance(tol, float | int) and tol >= 0):
             raise ValueError(
-                f"exact_max must be a non-negative integer, got {self.exact_max!r}."
+                f"sketch_tolerance must be a non-negative number, got {tol!r}."
             )
         if not (isinstance(self.cg_rtol, float | int) and 0 < self.cg_rtol < 1):
             raise ValueError(f"cg_rtol must lie in (0, 1), got {self.cg_rtol!r}.")
@@ -133,7 +152,14 @@ class LogDetEstimate:
     lanczos_steps : int
         Largest number of Lanczos steps a probe took.
     exact : bool
-        Basis probes, every Krylov space exhausted.
+        Basis probes, every Krylov space exhausted (or a sketch that holds all
+        of the curvature).
+    truncation : float
+        Sketched log-determinant (layer-wise / diagonal priors above the exact
+        size): the remainder term; the exact value lies in ``[value -
+        truncation, value]`` up to ``stderr``. 0 otherwise.
+    sketch_rank : int
+        Rank of the curvature sketch used (0: none).
     """
 
     value: float
@@ -141,6 +167,8 @@ class LogDetEstimate:
     n_probes: int
     lanczos_steps: int
     exact: bool
+    truncation: float = 0.0
+    sketch_rank: int = 0
 
 
 def posterior_rows(obj: LaplaceObjective, target: str) -> Callable[[Tensor], Tensor]:

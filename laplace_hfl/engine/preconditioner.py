@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -50,7 +51,9 @@ __all__ = [
     "default_rank",
     "memory_rank",
     "nystrom_sketch",
+    "sketch_products",
     "nystrom_apply",
+    "resolved",
     "spectrum_floor",
 ]
 
@@ -175,7 +178,7 @@ def _right_multiply_(Y: Tensor, W: Tensor, rows: int) -> Tensor:
     return Y[:, :r]
 
 
-def _keep(eigenvalues: Tensor) -> Tensor:
+def resolved(eigenvalues: Tensor) -> Tensor:
     """Eigenvalues resolved in this precision (relative to the largest)."""
     tol = eigenvalues.shape[0] * torch.finfo(eigenvalues.dtype).eps
     return eigenvalues > tol * eigenvalues.abs().max().clamp_min(
@@ -186,7 +189,23 @@ def _keep(eigenvalues: Tensor) -> Tensor:
 def nystrom_sketch(
     obj: LaplaceObjective, rank: int, chunk_size: int = 64, seed: int = 0
 ) -> NystromSketch:
-    """Rank-``rank`` Nyström approximation of the data GGN at the MAP.
+    """Rank-``rank`` Nyström approximation of the data GGN at the MAP
+    (:func:`sketch_products` with GGN-vector products)."""
+    data_only = data_only_objective(obj)
+    return sketch_products(
+        partial(ggn_matvec, data_only), obj.theta_map, rank, chunk_size, seed
+    )
+
+
+def sketch_products(
+    products: Callable[[Tensor], Tensor],
+    like: Tensor,
+    rank: int,
+    chunk_size: int = 64,
+    seed: int = 0,
+) -> NystromSketch:
+    """Rank-``rank`` Nyström approximation of a positive semi-definite ``G``
+    known by its products ``products(V) = V G`` (rows ``(m, P)``).
 
     ``G ~= Y (Omega^T Y)^+ Y^T`` with ``Y = G Omega`` for a Gaussian test
     matrix ``Omega`` ``(P, k)``, then eigendecomposed into orthonormal
@@ -200,9 +219,12 @@ def nystrom_sketch(
 
     Parameters
     ----------
-    obj : LaplaceObjective
+    products : callable
+        Row-wise products with ``G``.
+    like : Tensor
+        ``(P,)``: the dimension, dtype and device.
     rank : int
-        Sketch size ``k``; costs ``k`` GGN-vector products.
+        Sketch size ``k``; costs ``k`` products.
     chunk_size : int, default=64
         Products computed together.
     seed : int, default=0
@@ -212,24 +234,23 @@ def nystrom_sketch(
     -------
     NystromSketch
     """
-    theta = obj.theta_map
+    theta = like
     P = theta.numel()
-    data_only = data_only_objective(obj)
     step = max(1, min(chunk_size, rank))
     Y = theta.new_empty(P, rank)
     core = theta.new_zeros(rank, rank)
     for i in range(0, rank, step):
         stop = min(i + step, rank)
         rows = _omega_rows(P, i, stop, seed, theta)
-        Y[:, i:stop] = ggn_matvec(data_only, rows).T
+        Y[:, i:stop] = products(rows).T
         # lower block row of core = Omega^T G Omega, from the columns so far
         core[i:stop, :stop] = rows @ Y[:, :stop]
     core = torch.tril(core) + torch.tril(core, -1).T
     d, W = torch.linalg.eigh(core)  # core^+ = W d^-1 W^T on resolved d
-    keep = _keep(d)
+    keep = resolved(d)
     B = _right_multiply_(Y, W[:, keep] / d[keep].sqrt(), _ROWS)  # G ~= B B^T
     s2, V = torch.linalg.eigh(B.T @ B)  # B = U S V^T
-    keep = _keep(s2)
+    keep = resolved(s2)
     s2, V = s2[keep].flip(0), V[:, keep].flip(1)
     U = _right_multiply_(B, V / s2.sqrt(), _ROWS)
     # One re-orthonormalisation (Cholesky QR): U R^-1 with U^T U = R^T R,
