@@ -65,11 +65,11 @@ PARTS = (
     ),
     Part(
         "hfl-refits",
-        "hfl (2/12): data batches, dense curvature and preconditioners",
+        "hfl (2/12): data batches, dense curvature, preconditioners, Krylov reuse",
         "Batches of (X, y) and dict data, the dense data GGN / Hessian and their\n"
-        "Cholesky factor for small models, and the Nystrom and KFAC\n"
-        "preconditioners of the CG solves, as objects (build once per fit, apply\n"
-        "per prior).",
+        "Cholesky factor for small models, the Nystrom and KFAC preconditioners of\n"
+        "the CG solves as objects (build once per fit, apply per prior), and the\n"
+        "opt-in reuse of earlier solves across query chunks.",
         (
             "engine.batches",
             "engine.dense",
