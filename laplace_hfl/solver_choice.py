@@ -282,12 +282,20 @@ class SolverMixin:
     def _rank(self, n_params: int) -> int:
         """``precondition_rank``, or the automatic rank decided once per fit
         (on CUDA it reads the free memory, which the sketch itself then takes:
-        read again, it would shrink and rebuild the sketch on every solve)."""
+        read again, it would shrink and rebuild the sketch on every solve).
+
+        The automatic rank is at most ``N C``, the GGN's largest possible
+        rank: a sketch of more columns costs more products and resolves
+        nothing more."""
         rank = self.precondition_rank
         if rank is None:
             if getattr(self, "_auto_rank", None) is None:
                 like = torch.empty(0, device=self._device, dtype=self.compute_dtype)
-                self._auto_rank = default_rank(n_params, like)
+                rank = default_rank(n_params, like)
+                n_rows = int(getattr(self, "n_data", 0) or 0) * max(
+                    int(getattr(self, "n_outputs", 1) or 1), 1
+                )
+                self._auto_rank = min(rank, n_rows) if n_rows > 0 else rank
             rank = self._auto_rank
         return min(rank, n_params)
 

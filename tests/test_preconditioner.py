@@ -163,3 +163,27 @@ def test_sketch_memory_within_budget():
     kP_mb = k * P * 8 / 2**20
     print(f"sketch peak {sketch_mb:.1f} MB = {sketch_mb / kP_mb:.2f} k P")
     assert sketch_mb <= 2 * kP_mb, (sketch_mb, kP_mb)
+
+
+def test_automatic_rank_stops_at_the_ggn_rank_bound():
+    """The GGN of ``N`` points and ``C`` outputs has rank at most ``N C``:
+    the automatic sketch takes no more columns (products) than that, is as
+    good a preconditioner as a larger one (one CG iteration: it holds the
+    whole GGN), and the answers are the dense reference's."""
+    from conftest import fit_hfl, make_regression
+
+    model, X, y = make_regression(n=12, hidden=20)  # P = 61, P // 2 = 30 > N C = 12
+    la = fit_hfl(model, X, y, "regression", solver="cg", preconditioner="nystrom")
+    la.refit_preconditioner()
+    assert la.preconditioner_sketch.products == 12
+    Xq = X[:5] + 0.1
+    _, var = la.glm_predictive(Xq)
+    assert float(la.last_diagnostics.iterations[0].float().mean()) <= 2
+    ref, _ = dense_reference(model, X, y, Xq, "regression", "ggn")
+    assert rel_err(var, ref).max() <= 1e-3
+    wide = fit_hfl(
+        model, X, y, "regression", solver="cg", preconditioner="nystrom",
+        precondition_rank=30,
+    )  # fmt: skip
+    wide.refit_preconditioner()
+    assert wide.preconditioner_sketch.products == 30  # a set rank is kept
