@@ -86,10 +86,12 @@ HFL_OPTIONS_DOC = """
     precondition_rank : int or None, default=None
         Rank ``k`` of the randomised Nyström preconditioner of the refit solves
         (keyword-only): ``k`` GGN-vector products once per fit, ``2 k P``
-        memory, typically 5-10x fewer CG iterations. ``None`` picks
-        ``min(256, P // 2)`` when that sketch fits in 256 MiB (``P`` up to
-        ~130k) and no preconditioner above; ``0`` switches it off. It changes how
-        fast refits converge, never what they converge to.
+        memory, typically 5-10x fewer CG iterations. ``None`` picks, on the
+        CPU, ``min(1024, P // 2)`` when that sketch fits in 1 GiB (``P`` up to
+        ~130k; no preconditioner above), on a GPU the rank its free memory
+        allows (up to 1,024), and never more than ``N C`` (the GGN's largest
+        rank); ``0`` switches it off. It changes how fast refits converge,
+        never what they converge to.
     minibatch_epochs : int or None, default=None
         Minibatch refits (keyword-only, ``target="ggn"``): instead of full-batch
         CG, run the perturbed refits by preconditioned SGD, one training batch
