@@ -503,8 +503,11 @@ class AmortizedSampling(Solver):
                     "with amortize_deflation=None to predict from the stored "
                     "samples alone."
                 )
-            sketch = getattr(ctx.preconditioner(obj), "sketch", None)
-            if sketch is None or sketch.U.shape[1] < k:
+            # the preconditioner's sketch when asked at rank >= k (it may keep
+            # fewer columns: directions the GGN does not resolve, not deflated)
+            method = ctx.preconditioner(obj)
+            sketch = getattr(method, "sketch", None)
+            if sketch is None or (getattr(method, "rank", None) or 0) < k:
                 sketch = nystrom_sketch(
                     obj, k, chunk_size=sketch_columns(ctx.chunk_size)
                 )
