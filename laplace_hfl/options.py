@@ -57,6 +57,7 @@ class HFLOptions:
     compute_dtype: torch.dtype | str = "auto"
     progress_bar: bool = False
     amortize: int | None = None
+    amortize_deflation: int | None = None
     precondition_rank: int | None = None
     minibatch_epochs: int | None = None
     solver: str = "auto"
@@ -237,9 +238,25 @@ def validate_hfl_options(
         amortize = _option_int("amortize", amortize, 2)
     if precondition_rank is not None:
         precondition_rank = _option_int("precondition_rank", precondition_rank, 0)
+    deflation = o.amortize_deflation
+    if deflation is not None:
+        deflation = _option_int("amortize_deflation", deflation, 0)
+        if deflation > 0 and amortize is None:
+            raise ValueError(
+                f"amortize_deflation={deflation} deflates the amortised samples, "
+                "but amortize=None (exact HFL has no samples): set amortize=S, "
+                "or leave amortize_deflation=None."
+            )
+        if precondition_rank is not None and deflation > precondition_rank > 0:
+            raise ValueError(
+                f"amortize_deflation={deflation} exceeds precondition_rank="
+                f"{precondition_rank}: it deflates the top directions of the "
+                "Nystrom sketch, so use at most the sketch's rank."
+            )
     clean.update(
         minibatch_epochs=minibatch_epochs,
         amortize=amortize,
+        amortize_deflation=deflation,
         precondition_rank=precondition_rank,
     )
     if enable_backprop and amortize is not None:

@@ -150,6 +150,7 @@ class SolverMixin:
             n_samples=self.amortize,
             noise=lambda: batch_noise(self._training_index, self._training_data),
             has_data=self._training_data is not None or self._train_loader is not None,
+            deflation=self.amortize_deflation or 0,
         )
 
     def _solve(self, obj: LaplaceObjective, V: Tensor) -> Tensor:

@@ -97,6 +97,7 @@ class StateMixin:
             "hfl_max_newton": int(s.max_newton),
             "hfl_compute_dtype": str(self.compute_dtype),
             "hfl_amortize": self.amortize,
+            "hfl_amortize_deflation": self.amortize_deflation,
             "training_X": None if data is None else [X for X, _ in data],
             "training_y": None if data is None else [y for _, y in data],
             "amortized_samples": None if amortized is None else amortized.samples,
@@ -254,9 +255,10 @@ class StateMixin:
             ("hfl_target", self.hfl_settings.target),
             ("hfl_compute_dtype", str(compute_dtype)),
             ("hfl_amortize", self.amortize),
+            ("hfl_amortize_deflation", self.amortize_deflation),
             ("enable_backprop", bool(self.enable_backprop)),
         ):
-            if state_dict[key] != ours:
+            if state_dict.get(key) != ours:  # a state older than an option: None
                 name = key.removeprefix("hfl_")
                 raise ValueError(
                     f"State was fitted with {name}={state_dict[key]!r}, this "

@@ -97,6 +97,7 @@ PARTS = (
             "engine.lanczos",
             "engine.stochastic",
             "engine.amortized",
+            "engine.deflated_samples",
             "engine.weight_posterior",
         ),  # fmt: skip
     ),

@@ -49,8 +49,10 @@ from laplace_hfl.engine.chunks import (
     hessian_rows,
     query_points,
     sample_chunk,
+    sketch_columns,
 )
 from laplace_hfl.engine.curvature import Curvature
+from laplace_hfl.engine.deflated_samples import deflated_factor, deflation_products
 from laplace_hfl.engine.dense import (
     DenseFactor,
     factorize,
@@ -64,6 +66,7 @@ from laplace_hfl.engine.krylov_reuse import (
     recycle_capacity,
 )
 from laplace_hfl.engine.precond_objects import NoPreconditioner, PreconditionerMethod
+from laplace_hfl.engine.preconditioner import nystrom_sketch
 from laplace_hfl.engine.refit import (
     BasePoint,
     RefitDiagnostics,
@@ -121,6 +124,9 @@ class SolveContext:
         Per-example noise of the sample-then-optimise draws (amortised).
     has_data : bool
         Whether the estimator holds training data (a loaded state may not).
+    deflation : int
+        ``amortize_deflation``: top directions of the Nyström sketch handled
+        exactly by the amortised answers (0: none).
     """
 
     key: Hashable
@@ -137,6 +143,7 @@ class SolveContext:
     n_samples: int | None = None
     noise: Callable[[], Any] = lambda: None  # noqa: E731
     has_data: bool = True
+    deflation: int = 0
 
     @property
     def curvature(self) -> Curvature:
@@ -476,17 +483,50 @@ class AmortizedSampling(Solver):
         """Hold ``state`` as the samples drawn for ``key`` (a loaded state)."""
         self._key, self._cache = (key, int(n_samples)), {"samples": state}
 
+    def rows(self, ctx: SolveContext, obj: LaplaceObjective) -> Tensor:
+        """Rows ``F`` whose ``F^T F / len(F)`` is the covariance estimate: the
+        samples, or with ``ctx.deflation = k > 0`` the samples projected off
+        the top-``k`` directions of the Nyström sketch plus those directions
+        handled exactly (:mod:`laplace_hfl.engine.deflated_samples`; ``A W``
+        is recomputed from the training data once per key, not stored)."""
+        samples = self.samples(ctx, lambda: obj).samples
+        k = int(ctx.deflation)
+        if k <= 0:
+            return samples
+
+        def build() -> Tensor:
+            if not ctx.has_data:
+                raise HFLNotFittedError(
+                    f"amortize_deflation={k} recomputes k GGN products from the "
+                    "training data, which this estimator (a loaded state) does "
+                    "not hold: call la.fit(train_loader) again, or construct it "
+                    "with amortize_deflation=None to predict from the stored "
+                    "samples alone."
+                )
+            # the preconditioner's sketch when asked at rank >= k (it may keep
+            # fewer columns: directions the GGN does not resolve, not deflated)
+            method = ctx.preconditioner(obj)
+            sketch = getattr(method, "sketch", None)
+            if sketch is None or (getattr(method, "rank", None) or 0) < k:
+                sketch = nystrom_sketch(
+                    obj, k, chunk_size=sketch_columns(ctx.chunk_size)
+                )
+            W = sketch.U[:, :k].T.contiguous()  # lam descending: the top k
+            AW = deflation_products(obj, W, sample_chunk(ctx.chunk_size))
+            return deflated_factor(samples, W, AW)
+
+        return self.cached(ctx, f"deflated{k}", build)
+
     def solve(self, obj, V, ctx):
-        return amortized_solve(self.samples(ctx, lambda: obj).samples, V), None
+        return amortized_solve(self.rows(ctx, obj), V), None
 
     def predictive(self, objective, Xq, joint, ctx):
         obj = objective()
-        samples = self.samples(ctx, lambda: obj).samples
         return amortized_covariance(
             obj.forward,
             obj.theta_map,
             Xq,
-            samples,
+            self.rows(ctx, obj),
             joint=joint,
             chunk_size=sample_chunk(ctx.chunk_size),
         )
