@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from laplace_hfl.engine.functional import LaplaceObjective, ggn_matvec
+from laplace_hfl.engine.krylov_reuse import gram_eigenpairs
 
 __all__ = ["deflation_products", "deflated_factor"]
 
@@ -73,13 +74,10 @@ def deflated_factor(samples: Tensor, W: Tensor, AW: Tensor) -> Tensor:
         ``(S + k, P)`` (``k`` the kept directions): the projected samples ``eps_s`` scaled by
         ``sqrt((S + k) / S)``, then the rows of ``sqrt(S + k) K^{1/2} W``.
     """
-    S, k = samples.shape[0], W.shape[0]
-    gram = W @ AW.T
-    lam, Q = torch.linalg.eigh(0.5 * (gram + gram.T))
+    S = samples.shape[0]
     # dependent directions (W A W^T singular to rounding) are dropped: the
     # estimate is that of the kept combinations Q^T W, unbiased as any basis
-    keep = lam > k * torch.finfo(lam.dtype).eps * lam.abs().max()
-    lam, Q = lam[keep], Q[:, keep]
+    lam, Q = gram_eigenpairs(W @ AW.T)
     k = int(lam.numel())
     # eps = delta - W^T K (AW delta), K = Q diag(1/lam) Q^T
     coef = ((samples @ AW.T) @ Q) / lam

@@ -43,6 +43,7 @@ __all__ = [
     "RECYCLE_BUDGET",
     "RECYCLE_RCOND",
     "RecycledSpace",
+    "gram_eigenpairs",
     "projected_solve",
     "recycle_capacity",
 ]
@@ -63,16 +64,22 @@ RECYCLE_BUDGET = 2**25
 RECYCLE_RCOND = {torch.float64: 1e-10, torch.float32: 1e-2}
 
 
-def projected_solve(S: Tensor, F: Tensor, rcond: float | None = None) -> Tensor:
-    """``S^+ F`` for a symmetric positive semi-definite Gram matrix ``S``,
-    eigenvalues below ``rcond`` times the largest dropped (default: its
-    rounding level, ``k`` eps; the vectors may be nearly dependent)."""
-    S = 0.5 * (S + S.T)
-    lam, Q = torch.linalg.eigh(S)
+def gram_eigenpairs(S: Tensor, rcond: float | None = None) -> tuple[Tensor, Tensor]:
+    """Eigenvalues ``lam`` and eigenvectors ``Q`` (columns) of a symmetric
+    positive semi-definite Gram matrix ``S`` (symmetrised first), those below
+    ``rcond`` times the largest dropped (default: its rounding level, ``k``
+    eps; the vectors behind ``S`` may be nearly dependent)."""
+    lam, Q = torch.linalg.eigh(0.5 * (S + S.T))
     if rcond is None:
         rcond = lam.shape[0] * torch.finfo(lam.dtype).eps
     keep = lam > rcond * lam.abs().max()
-    Q, lam = Q[:, keep], lam[keep]
+    return lam[keep], Q[:, keep]
+
+
+def projected_solve(S: Tensor, F: Tensor, rcond: float | None = None) -> Tensor:
+    """``S^+ F`` over the kept eigenpairs of the Gram matrix ``S``
+    (:func:`gram_eigenpairs`)."""
+    lam, Q = gram_eigenpairs(S, rcond)
     return Q @ ((Q.T @ F) / lam[:, None])
 
 
