@@ -167,9 +167,6 @@ class HFLMixin(
             reasons.pop("chunk_size", None)
         return reasons
 
-    def _auto_option_reasons(self) -> list[str]:
-        return list(self.auto_choices.values())
-
     def _hfl_options(self) -> dict[str, Any]:
         """The options in force by name (``hfl_settings`` and the attributes,
         which may have been reassigned since construction)."""

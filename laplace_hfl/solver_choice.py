@@ -90,7 +90,7 @@ class SolverMixin:
             return None
         if self._auto_choice is None:
             obj = self._objective() if obj is None else obj
-            n_outputs = max(int(getattr(self, "n_outputs", 1) or 1), 1)
+            n_outputs = self._outputs_per_point()
             P = obj.theta_map.numel()
             self._auto_choice = choose(
                 obj,
@@ -101,9 +101,18 @@ class SolverMixin:
                 allow_dense=probe_solver,
                 workload=self.chunk_size,
                 n_outputs=n_outputs,
-                n_rows=int(self.n_data) * n_outputs,
+                n_rows=self._n_rows(),
             )
         return self._auto_choice
+
+    def _outputs_per_point(self) -> int:
+        """``C``, the outputs per data point (1 before a fit)."""
+        return max(int(getattr(self, "n_outputs", 1) or 1), 1)
+
+    def _n_rows(self) -> int:
+        """``N C``, the training outputs of the fit (the GGN's largest rank;
+        0 before a fit)."""
+        return int(getattr(self, "n_data", 0) or 0) * self._outputs_per_point()
 
     def _choice_reason(self) -> str:
         choice = self._auto() if self._classic() else None
@@ -114,7 +123,7 @@ class SolverMixin:
                 f"set: solver={self.solver!r}, preconditioner={self.preconditioner!r}"
             )
         # what compute_dtype="auto" and chunk_size="auto" chose, and why
-        return "; ".join([reason, *self._auto_option_reasons()])
+        return "; ".join([reason, *self.auto_choices.values()])
 
     # ----------------------------------------------------------------- solver
     def _solver_name(self, obj: LaplaceObjective | None = None) -> str:
@@ -293,9 +302,7 @@ class SolverMixin:
             if getattr(self, "_auto_rank", None) is None:
                 like = torch.empty(0, device=self._device, dtype=self.compute_dtype)
                 rank = default_rank(n_params, like)
-                n_rows = int(getattr(self, "n_data", 0) or 0) * max(
-                    int(getattr(self, "n_outputs", 1) or 1), 1
-                )
+                n_rows = self._n_rows()
                 self._auto_rank = min(rank, n_rows) if n_rows > 0 else rank
             rank = self._auto_rank
         return min(rank, n_params)
