@@ -116,7 +116,7 @@ class TuningMixin:
         """Nyström sketch of the data GGN, built once per fit (it does not
         depend on the prior, ``sigma_noise`` or the temperature)."""
         settings, target = self.marglik_settings, self.hfl_settings.target
-        key = (id(self.mean), target, settings, rank)
+        key = (target, settings, rank)  # and the fit: the MAP tensor itself
         cached = self.__dict__.get("_marglik_sketch")
         if cached is None or cached[0] != key or cached[1] is not self.mean:
             with eval_mode(self.model):
