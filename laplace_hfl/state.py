@@ -266,14 +266,15 @@ class StateMixin:
                     f"{name}={state_dict[key]!r}."
                 )
         # the checks below read it; a failed load puts it back (a transaction)
-        if compute_dtype != self.compute_dtype:  # "auto" adopts the state's
+        adopted = compute_dtype != self.compute_dtype  # "auto" adopts the state's
+        self.compute_dtype = compute_dtype
+        settings, batches, amortized = self._checked_state_values(state_dict)
+        # Everything is checked: commit.
+        if adopted:  # the reasons dict is edited in place: only after the checks
             name = str(compute_dtype).removeprefix("torch.")
             self._auto_reasons["compute_dtype"] = (
                 f"compute_dtype auto: {name} (the loaded state's)"
             )
-        self.compute_dtype = compute_dtype
-        settings, batches, amortized = self._checked_state_values(state_dict)
-        # Everything is checked: commit.
         self.prior_precision = state_dict["prior_precision"]
         self.sigma_noise = state_dict["sigma_noise"]
         self.temperature = state_dict["temperature"]

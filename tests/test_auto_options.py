@@ -251,3 +251,22 @@ def test_auto_choices_name_only_what_auto_chose(regression_1d):
     fixed = Laplace(model, "regression", "all", "hfl", compute_dtype=DT, chunk_size=8)
     fixed.fit(loader(X, y))
     assert fixed.auto_choices == {}
+
+
+def test_refused_state_leaves_the_auto_reasons(classification):
+    """A state whose values fail the checks changes nothing, also not why
+    ``"auto"`` chose the compute dtype (edited in place, so not covered by
+    putting attributes back)."""
+    model, X, y = classification
+    m32 = copy.deepcopy(model).float()
+    kw = dict(prior_precision=PRIOR, solver="cg", preconditioner="none")
+    la = Laplace(m32, "classification", "last_layer", "hfl", compute_dtype=F32, **kw)
+    la.fit(loader(X.float(), y))
+    state = la.state_dict()
+    state["mean"] = torch.full_like(state["mean"], float("nan"))
+    new = Laplace(m32, "classification", "last_layer", "hfl", **kw)
+    before = dict(new.auto_choices)
+    with pytest.raises(ValueError, match="'mean'"):
+        new.load_state_dict(state)
+    assert new.auto_choices == before
+    assert new.compute_dtype == F64
