@@ -128,11 +128,11 @@ class HFLMixin(
             self.compute_dtype, why = auto_compute_dtype(
                 self._device.type, self._dtype, settings.variance_rtol, settings.target
             )
-            self._auto_reasons["compute_dtype"] = why
+            self._set_auto_reason("compute_dtype", why)
         if isinstance(options.chunk_size, str):
             self.chunk_size = self._auto_chunk = CPU_CHUNK
-            self._auto_reasons["chunk_size"] = (
-                f"chunk_size auto: {CPU_CHUNK} (not fitted yet)"
+            self._set_auto_reason(
+                "chunk_size", f"chunk_size auto: {CPU_CHUNK} (not fitted yet)"
             )
 
     def _choose_chunk_size(self) -> None:
@@ -154,7 +154,13 @@ class HFLMixin(
                 choice = choose_chunk(obj)
                 chunk, why = choice.chunk_size, choice.reason
         self.chunk_size = self._auto_chunk = chunk
-        self._auto_reasons["chunk_size"] = why
+        self._set_auto_reason("chunk_size", why)
+
+    def _set_auto_reason(self, option: str, why: str) -> None:
+        """Record why ``"auto"`` chose ``option``'s value. The dict is
+        replaced, never edited in place: a failed call's rollback restores
+        attributes, so a reason written before it failed goes with it."""
+        self._auto_reasons = {**self._auto_reasons, option: why}
 
     @property
     def auto_choices(self) -> dict[str, str]:

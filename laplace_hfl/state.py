@@ -270,10 +270,10 @@ class StateMixin:
         self.compute_dtype = compute_dtype
         settings, batches, amortized = self._checked_state_values(state_dict)
         # Everything is checked: commit.
-        if adopted:  # the reasons dict is edited in place: only after the checks
+        if adopted:
             name = str(compute_dtype).removeprefix("torch.")
-            self._auto_reasons["compute_dtype"] = (
-                f"compute_dtype auto: {name} (the loaded state's)"
+            self._set_auto_reason(
+                "compute_dtype", f"compute_dtype auto: {name} (the loaded state's)"
             )
         self.prior_precision = state_dict["prior_precision"]
         self.sigma_noise = state_dict["sigma_noise"]

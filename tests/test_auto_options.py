@@ -270,3 +270,26 @@ def test_refused_state_leaves_the_auto_reasons(classification):
         new.load_state_dict(state)
     assert new.auto_choices == before
     assert new.compute_dtype == F64
+
+
+def test_failed_fit_leaves_the_auto_reasons(regression_1d, monkeypatch):
+    """A fit that fails after ``chunk_size="auto"`` chose its value (here:
+    forming the dense GGN, which fit does after the choice) puts the choice
+    and its reason back (the reasons are rebound, never edited in place, so
+    the rollback of attributes covers them)."""
+    import laplace_hfl.engine.curvature as curvature
+
+    model, X, y = regression_1d
+    la = Laplace(model, "regression", "all", "hfl", sigma_noise=SIGMA)
+    before = dict(la.auto_choices)
+
+    def failing(*args, **kwargs):
+        raise MemoryError("simulated: the curvature does not fit")
+
+    monkeypatch.setattr(curvature, "data_ggn", failing)
+    with pytest.raises(MemoryError):
+        la.fit(loader(X, y))
+    assert la.auto_choices == before
+    monkeypatch.undo()
+    la.fit(loader(X, y))  # the same fit succeeds and records its choice
+    assert la.auto_choices["chunk_size"] != before["chunk_size"]
