@@ -99,12 +99,18 @@ HFL_OPTIONS_DOC = """
     precondition_rank : int or None, default=None
         Rank ``k`` of the randomised Nyström preconditioner of the refit solves
         (keyword-only): ``k`` GGN-vector products once per fit, ``2 k P``
-        memory, typically 5-10x fewer CG iterations. ``None`` picks, on the
-        CPU, ``min(1024, P // 2)`` when that sketch fits in 1 GiB (``P`` up to
-        ~130k; no preconditioner above), on a GPU the rank its free memory
-        allows (up to 1,024), and never more than ``N C`` (the GGN's largest
-        rank); ``0`` switches it off. It changes how fast refits converge,
-        never what they converge to.
+        memory, typically 5-10x fewer CG iterations. ``None`` caps it, on
+        the CPU, at ``min(1024, P // 2)`` when that sketch fits in 1 GiB
+        (``P`` up to ~130k; no preconditioner above), on a GPU at the rank its
+        free memory allows (up to 1,024), and never above ``N C`` (the GGN's
+        largest rank). With ``preconditioner="auto"`` the rank below that cap
+        is chosen by cost: the sketch starts at 64 columns and grows (by its
+        new columns only) while the CG iterations it is expected to save on a
+        chunk of directions repay its products and eigendecomposition; a
+        sketch of the whole GGN (``min(P, N C)`` columns, at most three CG
+        iterations of a chunk) is taken at once (it follows the machine's
+        measured costs: set an integer to pin it). ``0`` switches it off. It
+        changes how fast refits converge, never what they converge to.
     minibatch_epochs : int or None, default=None
         Minibatch refits (keyword-only, ``target="ggn"``): instead of full-batch
         CG, run the perturbed refits by preconditioned SGD, one training batch
@@ -146,9 +152,11 @@ HFL_OPTIONS_DOC = """
         parameter tensor); ``Linear``/``Conv2d`` layers only. ``"nystrom"``: the
         rank-``precondition_rank`` Nyström sketch. ``"auto"``: a probe at the
         first solve of a fit runs the candidates (the sketch, KFAC where it
-        covers every refit parameter, none) for a few CG iterations on the
-        refit system and keeps the one needing the fewest iterations
-        (:mod:`laplace_hfl.engine.auto_choice`); ``"nystrom"`` is chosen when
+        covers every refit parameter and the others need more than 5
+        iterations, none) for a few CG iterations on the refit system and
+        keeps the one needing the fewest iterations, the sketch at the rank
+        its cost repays (see ``precondition_rank``;
+        :mod:`laplace_hfl.engine.auto_choice`); ``"nystrom"`` is chosen when
         ``precondition_rank`` is given, and in amortised and minibatch modes.
         No fixed rule fits every network: a 5-20-1 tanh net (P = 141,
         N = 200) took 176 iterations with KFAC, 89 without and 9 with the

@@ -9,9 +9,10 @@ of the estimator's current values:
 * ``solver="auto"`` and ``preconditioner="auto"`` are decided once per fit
   by a probe of the user's problem (:func:`laplace_hfl.engine.auto_choice.choose`):
   each candidate preconditioner (the Nyström sketch, rank
-  ``precondition_rank`` or its default; KFAC (:mod:`laplace_hfl.engine.kfac`) where
-  it covers every refit parameter; none) runs a few CG iterations on the
-  refit system, the fewest iterations wins; the dense solver
+  ``precondition_rank`` or one grown while its cost is repaid; KFAC
+  (:mod:`laplace_hfl.engine.kfac`) where it covers every refit parameter; none)
+  runs a few CG iterations on the refit system, the fewest iterations wins;
+  the dense solver
   (:mod:`laplace_hfl.engine.dense`: one Cholesky factor per prior, reused by every
   query, grid-search step and prediction) is chosen where it fits half the
   device's free memory and its measured-rate estimate beats one chunk of CG
@@ -29,13 +30,15 @@ temperature is redone when those change. The choice made is recorded in
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from laplace_hfl.engine.amortized import AmortizedState
-from laplace_hfl.engine.auto_choice import AutoChoice, choose
+from laplace_hfl.engine.auto_choice import AutoChoice, choose, sketch_levels
 from laplace_hfl.engine.batches import eval_mode
 from laplace_hfl.engine.chunks import sketch_columns
 from laplace_hfl.engine.dense import (
@@ -48,6 +51,7 @@ from laplace_hfl.engine.example_noise import batch_noise
 from laplace_hfl.engine.functional import LaplaceObjective, ParamLayout
 from laplace_hfl.engine.precond_objects import (
     PRECONDITIONERS,
+    NystromPreconditioner,
     PreconditionerMethod,
     PrecondSetup,
 )
@@ -92,9 +96,19 @@ class SolverMixin:
             obj = self._objective() if obj is None else obj
             n_outputs = self._outputs_per_point()
             P = obj.theta_map.numel()
-            self._auto_choice = choose(
+            candidates = self._precond_candidates(obj)
+            levels = ()
+            if (
+                "nystrom" in candidates
+                and self.preconditioner == "auto"
+                and self.precondition_rank is None
+            ):
+                levels = sketch_levels(
+                    P, self._rank(P), self._n_rows(), self.chunk_size
+                )
+            choice = choose(
                 obj,
-                self._precond_candidates(obj),
+                candidates,
                 build_products={"nystrom": self._rank(P), "kfac": n_outputs},
                 rtol=self.hfl_settings.rtol,
                 target=self.hfl_settings.target,
@@ -102,8 +116,30 @@ class SolverMixin:
                 workload=self.chunk_size,
                 n_outputs=n_outputs,
                 n_rows=self._n_rows(),
+                levels=levels,
+                sketch_at=partial(self._sketch_at, obj, max(levels, default=0)),
             )
+            nystrom = self._preconds.get("nystrom")
+            if isinstance(nystrom, NystromPreconditioner):
+                nystrom.release()
+            if choice.rank:
+                self._auto_rank = choice.rank
+            self._auto_choice = choice
         return self._auto_choice
+
+    def _sketch_at(
+        self, obj: LaplaceObjective, capacity: int, rank: int
+    ) -> tuple[Callable[[Tensor], Tensor], Tensor, float]:
+        """The Nyström candidate at ``rank`` of the automatic rank's levels
+        (columns kept up to ``capacity``), its eigenvalues and the seconds
+        of its eigendecomposition."""
+        method = self._preconds.get("nystrom")
+        if not isinstance(method, NystromPreconditioner):
+            method = self._preconds["nystrom"] = NystromPreconditioner()
+        setup = replace(self._precond_setup(obj.theta_map.numel()), rank=rank)
+        method.build_level(obj, setup, capacity)
+        pre = method.apply(obj.h_factor, obj.prior_precision)
+        return pre, method.sketch.lam, method.seconds
 
     def _outputs_per_point(self) -> int:
         """``C``, the outputs per data point (1 before a fit)."""

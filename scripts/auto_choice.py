@@ -1,12 +1,16 @@
 """``solver="auto"`` / ``preconditioner="auto"`` against every fixed choice,
-in one run: ``python scripts/auto_choice.py [--out FILE] [--cases NAME ...]``.
+in one run: ``python scripts/auto_choice.py [--out FILE] [--cases NAME ...]
+[--queries N ...]``.
 
 Cases: the 5-20-1 tanh regression net (P = 141, N = 200), a digits MLP
 (64-64-10, P = 4,810, N = 600 of sklearn's digits), the diabetes MLP
 (10-64-64-1, P = 4,929, N = 442) and the test suite's tiny networks. Each
 configuration is a fresh ``Laplace(..., "all", "hfl")``: fit, then the GLM
-predictive of 10 query points (wall time, CG iterations, the choice and its
-reason). For each case the JSON records, per auto setting, the ratio of its
+predictive of ``N`` query points, one call (wall time, CG iterations, the
+choice and its reason), for each workload of ``--queries`` (default 10 and
+100 points: the issue's few queries and a small test set; which fixed choice
+is best depends on it, while ``"auto"`` decides at the first solve
+without knowing how many queries follow). For each case the JSON records, per auto setting, the ratio of its
 time to the best fixed choice's: ``cg/auto`` against ``cg/{none,kfac,nystrom}``
 and ``auto/auto`` (the defaults) against those and ``dense``. Times are
 wall-clock on whatever machine runs this (say which when quoting them),
@@ -43,7 +47,8 @@ from tests.conftest import (  # noqa: E402
 
 FIXED = [("dense", "auto"), ("cg", "none"), ("cg", "kfac"), ("cg", "nystrom")]
 AUTO = [("cg", "auto"), ("auto", "auto")]
-N_QUERY = 10
+#: Query points per workload (the first ``N`` of each case's query pool).
+QUERIES = (10, 100)
 
 
 def _tanh_net():
@@ -53,7 +58,7 @@ def _tanh_net():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 20), nn.Tanh(), nn.Linear(20, 1))
     train_realistic(model, X, y, "regression", epochs=200)
-    return model, X, y, "regression", X[:N_QUERY] + 0.3, 1e-1
+    return model, X, y, "regression", X + 0.3, 1e-1
 
 
 def _digits_mlp():
@@ -65,7 +70,14 @@ def _digits_mlp():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
     train_realistic(model, X, y, "classification", epochs=30)
-    return model, X, y, "classification", X[:N_QUERY], 1.0
+    return (
+        model,
+        X,
+        y,
+        "classification",
+        torch.tensor(load_digits().data[600:] / 16.0, dtype=torch.float32),
+        1.0,
+    )
 
 
 def _diabetes_mlp():
@@ -79,19 +91,19 @@ def _diabetes_mlp():
         nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
     )
     train_realistic(model, X, y, "regression", epochs=100)
-    return model, X, y, "regression", X[:N_QUERY], 1.0
+    return model, X, y, "regression", X.flip(0), 1.0
 
 
 def _suite_regression():
     model, X, y = make_regression(n=40, d_in=2, d_out=3, hidden=8, seed=1)
     train_stationary(model, X, y, "regression")
-    return model, X, y, "regression", X[:N_QUERY] + 0.2, 0.5
+    return model, X, y, "regression", torch.cat([X, -X, 2 * X]) + 0.2, 0.5
 
 
 def _suite_classification():
     model, X, y = make_classification()
     train_stationary(model, X, y, "classification")
-    return model, X, y, "classification", X[:N_QUERY] * 1.3, 0.5
+    return model, X, y, "classification", torch.cat([X, -X]) * 1.3, 0.5
 
 
 CASES = {
@@ -125,11 +137,9 @@ def run_config(model, X, y, likelihood, Xq, prior, solver, precond) -> dict:
     }
 
 
-def run_case(name: str) -> dict:
-    case = CASES[name]()
-    model, X = case[0], case[1]
-    P = sum(p.numel() for p in model.parameters())
-    run_config(*case, "cg", "none")  # warm-up (first calls of torch.func)
+def run_workload(name: str, case: tuple, n_query: int) -> dict:
+    case = (*case[:4], case[4][:n_query], case[5])
+    P = sum(p.numel() for p in case[0].parameters())
     # The machine is shared: a second round re-runs the auto settings and the
     # fixed choices within 2x of the fastest, interleaved, and each keeps its
     # faster run (sub-second cases: every configuration, three rounds).
@@ -151,8 +161,8 @@ def run_case(name: str) -> dict:
             t = run_config(*case, solver, precond)
             if key not in runs or t["seconds"] < runs[key]["seconds"]:
                 runs[key] = t
-            print(f"  {name} {key:14s} {t['seconds']:7.2f} s  {t['used']:12s} "
-                  f"{t['mean_iterations']:6.1f} it", flush=True)  # fmt: skip
+            print(f"  {name} {n_query:4d} pts {key:14s} {t['seconds']:7.2f} s  "
+                  f"{t['used']:12s} {t['mean_iterations']:6.1f} it", flush=True)  # fmt: skip
     cg_fixed = {k: runs[k]["seconds"] for k in ("cg/none", "cg/kfac", "cg/nystrom")}
     all_fixed = {**cg_fixed, "dense/auto": runs["dense/auto"]["seconds"]}
     best_cg, best_all = (
@@ -160,8 +170,6 @@ def run_case(name: str) -> dict:
         min(all_fixed, key=all_fixed.get),
     )
     return {
-        "n_params": P,
-        "n_data": int(X.shape[0]),
         "n_query": int(case[4].shape[0]),
         "runs": runs,
         "cg_auto_vs_best_cg": runs["cg/auto"]["seconds"] / cg_fixed[best_cg],
@@ -171,10 +179,22 @@ def run_case(name: str) -> dict:
     }
 
 
+def run_case(name: str, queries: list[int]) -> dict:
+    case = CASES[name]()
+    model, X = case[0], case[1]
+    run_config(*case[:4], case[4][:2], case[5], "cg", "none")  # warm-up
+    return {
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_data": int(X.shape[0]),
+        "workloads": {str(n): run_workload(name, case, n) for n in queries},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/auto_choice.json")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--queries", nargs="+", type=int, default=list(QUERIES))
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -190,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in args.cases:
         print(name, flush=True)
-        out["cases"][name] = res = run_case(name)
-        print(f"  -> cg/auto {res['cg_auto_vs_best_cg']:.2f}x best CG "
-              f"({res['best_cg']}); auto/auto {res['auto_vs_best_fixed']:.2f}x "
-              f"best fixed ({res['best_fixed']})", flush=True)  # fmt: skip
+        out["cases"][name] = res = run_case(name, args.queries)
+        for n, w in res["workloads"].items():
+            print(f"  -> {n} points: cg/auto {w['cg_auto_vs_best_cg']:.2f}x best CG "
+                  f"({w['best_cg']}); auto/auto {w['auto_vs_best_fixed']:.2f}x "
+                  f"best fixed ({w['best_fixed']})", flush=True)  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

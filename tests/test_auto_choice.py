@@ -24,6 +24,7 @@ def test_auto_solver_follows_the_measured_costs(classification, monkeypatch, flo
     are the dense reference's."""
     model, X, y = classification
     monkeypatch.setattr(auto_choice, "SMALL_DENSE_FLOPS", 0.0)  # always probe
+    monkeypatch.setattr(auto_choice, "WHOLE_SKETCH_ITERATIONS", 0)
     monkeypatch.setattr(auto_choice, "_flops_per_second", lambda n, like: flops)
     la = Laplace(model, "classification", "all", "hfl", prior_precision=PRIOR)
     la.fit(loader(X, y))
@@ -84,14 +85,16 @@ def test_sketch_dearer_than_dense_is_not_built(
 
     model, X, y = classification
     monkeypatch.setattr(auto_choice, "SMALL_DENSE_FLOPS", 0.0)
+    monkeypatch.setattr(auto_choice, "WHOLE_SKETCH_ITERATIONS", 0)
     monkeypatch.setattr(
         auto_choice, "_dense_seconds", lambda P, C, N, s, f: dense_products * s
     )
     sketches = []
-    real = po.nystrom_sketch
-    monkeypatch.setattr(
-        po, "nystrom_sketch", lambda *a, **k: sketches.append(1) or real(*a, **k)
-    )
+    for name in ("nystrom_sketch", "nystrom_columns"):  # fixed / grown rank
+        real = getattr(po, name)
+        monkeypatch.setattr(
+            po, name, lambda *a, real=real, **k: sketches.append(1) or real(*a, **k)
+        )
     la = Laplace(
         model, "classification", "all", "hfl", prior_precision=PRIOR,
         chunk_size=8, precondition_rank=None, preconditioner=preconditioner,

@@ -46,7 +46,7 @@ class Part:
 PARTS = (
     Part(
         "hfl-engine",
-        "hfl (1/12): objective, validation and batched CG",
+        "hfl (1/13): objective, validation and batched CG",
         "The numerical base: the Laplace objective over flat parameters and its\n"
         "JVP/VJP curvature products, argument validation, errors and warnings,\n"
         "free memory of the device, progress bars, and batched CG with certified\n"
@@ -65,32 +65,40 @@ PARTS = (
     ),
     Part(
         "hfl-refits",
-        "hfl (2/12): data batches, dense curvature, preconditioners, Krylov reuse",
+        "hfl (2/13): data batches, dense curvature, preconditioners",
         "Batches of (X, y) and dict data, the dense data GGN / Hessian and their\n"
-        "Cholesky factor for small models, the Nystrom and KFAC preconditioners of\n"
-        "the CG solves as objects (build once per fit, apply per prior), and the\n"
-        "opt-in reuse of earlier solves across query chunks.",
+        "Cholesky factor for small models, and the Nystrom (extendable sketch\n"
+        "columns) and KFAC preconditioners of the CG solves as objects (build\n"
+        "once per fit, apply per prior).",
         (
             "engine.batches",
             "engine.dense",
             "engine.preconditioner",
             "engine.kfac",
             "engine.precond_objects",
-            "engine.krylov_reuse",
         ),  # fmt: skip
     ),
     Part(
         "hfl-solvers",
-        "hfl (3/12): curvature objects, perturbed refits, automatic solver choice",
-        "The GGN and exact-Hessian curvature objects, the estimator's core:\n"
-        "perturbed re-optimisation of the Laplace objective (implicit-function-\n"
-        "theorem columns P^-1 J^T), and the measured choice of solver and\n"
-        "preconditioner.",
-        ("engine.curvature", "engine.refit", "engine.auto_choice"),  # fmt: skip
+        "hfl (3/13): Krylov reuse, curvature objects, perturbed refits",
+        "The opt-in reuse of earlier solves across query chunks, the GGN and\n"
+        "exact-Hessian curvature objects, and the estimator's core: perturbed\n"
+        "re-optimisation of the Laplace objective (implicit-function-theorem\n"
+        "columns P^-1 J^T).",
+        ("engine.krylov_reuse", "engine.curvature", "engine.refit"),  # fmt: skip
+    ),
+    Part(
+        "hfl-auto-choice",
+        "hfl (4/13): measured choice of solver, preconditioner and sketch rank",
+        'solver="auto" and preconditioner="auto": a probe of the user\'s own\n'
+        "refit system picks the preconditioner, grows the Nystrom sketch while\n"
+        "the iterations it saves repay it, and chooses dense or CG from the\n"
+        "measured product time and flop rate.",
+        ("engine.auto_choice",),
     ),
     Part(
         "hfl-sampling",
-        "hfl (4/12): sample-then-optimise posterior samples (amortised mode)",
+        "hfl (5/13): sample-then-optimise posterior samples (amortised mode)",
         "Lanczos, stochastic (minibatch) refits, amortised predictions from S\n"
         "posterior samples and the weight-space posterior's samplers.",
         (
@@ -103,7 +111,7 @@ PARTS = (
     ),
     Part(
         "hfl-logdet",
-        "hfl (5/12): log-determinant and matrix-free posterior operators",
+        "hfl (6/13): log-determinant and matrix-free posterior operators",
         "Stochastic Lanczos quadrature, the log-determinant of the posterior\n"
         "precision and the matrix-free operators behind la.H / posterior_precision.",
         (
@@ -115,7 +123,7 @@ PARTS = (
     ),
     Part(
         "hfl-solver-objects",
-        "hfl (6/12): solver objects and the estimator's options",
+        "hfl (7/13): solver objects and the estimator's options",
         "The solver objects (dense Cholesky, CG refits, minibatch refits, amortised\n"
         "samples; each owns its cache keyed on the hyperparameters, one registry\n"
         "entry each), what one vectorised product holds, and the estimator's\n"
@@ -130,7 +138,7 @@ PARTS = (
     ),
     Part(
         "hfl-prediction",
-        "hfl (7/12): weight space and the GLM predictive",
+        "hfl (8/13): weight space and the GLM predictive",
         "The weight-space mixin (posterior precision, samples, density),\n"
         "covariances from refit columns, and the GLM predictive mixin (link\n"
         "approximations).",
@@ -138,7 +146,7 @@ PARTS = (
     ),
     Part(
         "hfl-state",
-        "hfl (8/12): data sharding, hyperparameters, state",
+        "hfl (9/13): data sharding, hyperparameters, state",
         "Distributed data and shards, hyperparameters,\n"
         "example noise, serialised calls and state_dict with value checks.",
         (
@@ -152,13 +160,13 @@ PARTS = (
     ),
     Part(
         "hfl-tuning",
-        "hfl (9/12): prior tuning (marglik, MacKay, grid search)",
+        "hfl (10/13): prior tuning (marglik, MacKay, grid search)",
         "Marginal likelihood and its tuning, MacKay's fixed point and grid search.",
         ("engine.gridsearch", "engine.mackay", "tuning"),  # fmt: skip
     ),
     Part(
         "hfl-auto-options",
-        "hfl (10/12): compute_dtype='auto' and chunk_size='auto'",
+        "hfl (11/13): compute_dtype='auto' and chunk_size='auto'",
         "The rules behind the automatic options: precision by device and tolerance\n"
         "(float32 products with float64 recurrences on a GPU, float64 on the CPU),\n"
         "and directions per product from a measured memory model.",
@@ -166,7 +174,7 @@ PARTS = (
     ),
     Part(
         "hfl-estimator",
-        "hfl (11/12): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
+        "hfl (12/13): HessianFreeLaplace / HessianFreeLLLaplace, hessian_structure='hfl'",
         "The laplace-torch classes (all weights, last layer), HessianStructure.HFL,\n"
         "the Laplace docstring and the exports.",
         ("_docs", "base", "hessian_free", "last_layer"),  # fmt: skip
@@ -174,7 +182,7 @@ PARTS = (
     ),
     Part(
         "hfl-tests-docs",
-        "hfl (12/12): tests against dense float64 references, example, docs",
+        "hfl (13/13): tests against dense float64 references, example, docs",
         "tests/test_hfl.py compares HFL with FullLaplace / FullLLLaplace (GGN and\n"
         "exact Hessian) on tiny float64 models; examples/hfl_example.py;\n"
         "docs/hfl.md and its API reference.",

@@ -3,27 +3,43 @@ user's own problem.
 
 The probe (:func:`choose`) runs once per fit, at the first solve:
 
-1. **Preconditioner.** Every candidate (the Nyström sketch, KFAC where it
-   covers the refit parameters, none) runs conjugate gradients on the refit
-   system ``(h G + diag(p_0)) u = b`` towards the refits' tolerance for
-   :data:`PROBE_COLUMNS` right-hand sides ``b = G omega`` (random directions
-   pushed through the data curvature, like the Jacobian rows of query
-   points), all candidates in one batched run of :data:`PROBE_MAX_ITER`
-   iterations (one data pass per iteration serves them all), stopped as soon
-   as one candidate has converged (the others are slower). KFAC, the
-   costliest to build, is left out when the others converge within
-   :data:`KFAC_WORTH_ITERATIONS` (a first run of that length). A candidate's
-   iteration count is exact where it converged, else extrapolated from its
-   residual reduction. Fewest iterations wins; a tie goes to the cheaper one
-   to apply (none, then KFAC, then the sketch). The chosen one's data part
-   is kept for the refits. Counts, not clock times, decide, so the choice is
-   reproducible (and identical on every process of a distributed fit).
+1. **Preconditioner.** The Nyström sketch and none run conjugate
+   gradients on the refit system ``(h G + diag(p_0)) u = b`` towards the
+   refits' tolerance for :data:`PROBE_COLUMNS` right-hand sides
+   ``b = G omega`` (random directions pushed through the data curvature,
+   like the Jacobian rows of query points), in one batched run of at most
+   :data:`PROBE_MAX_ITER` iterations (one data pass per iteration serves
+   both), stopped as soon as one has converged (the other is slower). A
+   count is exact where it converged, else extrapolated from the residual
+   reduction.
+
+   *The sketch's rank is chosen by cost* (``preconditioner="auto"`` without
+   ``precondition_rank``). It starts at :data:`FIRST_LEVEL` columns and
+   doubles (:func:`sketch_levels`, up to the memory-capped automatic rank)
+   while the iterations a larger sketch is expected to save on a chunk of
+   directions outweigh its extra products and eigendecomposition
+   (:func:`grow_rank`; the new columns extend the old ones, and the grown
+   sketch is probed again). A sketch that is small enough to hold the whole
+   GGN, ``min(P, N C)`` columns within one CG iteration of a chunk's refits,
+   is taken at once, without a probe. A sketch of a thousand columns costs
+   more than a thousand products' worth of eigendecompositions on a CPU,
+   which a few queries of a small network never repay.
+
+   KFAC, the costliest to build (a pass with a backward per output), is
+   built and probed only where the best count so far exceeds
+   :data:`KFAC_WORTH_ITERATIONS`, and only until it would lose. Fewest
+   iterations wins; a tie goes to the cheaper one to apply (none, then
+   KFAC, then the sketch). The chosen one's data part is kept for the
+   refits. Counts decide between preconditioners; clock times only the rank
+   and the solver (in a distributed fit, whose processes' clocks differ, the
+   rank is the automatic one and the choice identical on every process).
 2. **Solver.** The dense solver is chosen where its peak memory (``4 P^2``
    numbers) fits :func:`~laplace_hfl.engine.dense.dense_budget` (half the device's
    free memory, capped by :data:`laplace_hfl.engine.dense.DENSE_BUDGET`) and its
    estimated time, forming the curvature and factorising it once, is below
    the estimated time of one chunk of CG refits (``chunk_size`` directions,
-   three solves each, times the probed iterations): the per-direction
+   one solve each for a Gauss-Newton curvature, three for network refits,
+   times the probed iterations): the per-direction
    product time is measured on a batch of products, and the flop rate of a
    matrix product of the problem's size, so the estimate follows the
    machine. In a distributed fit
@@ -65,6 +81,13 @@ from laplace_hfl.engine.solvers import batched_cg
 
 __all__ = [
     "SMALL_DENSE_FLOPS",
+    "FIRST_LEVEL",
+    "GROWTH_HORIZON",
+    "WHOLE_SKETCH_ITERATIONS",
+    "SketchAt",
+    "sketch_levels",
+    "grow_rank",
+    "predicted_iterations",
     "PROBE_COLUMNS",
     "PROBE_MAX_ITER",
     "AutoChoice",
@@ -86,9 +109,23 @@ KFAC_WORTH_ITERATIONS = 5
 SMALL_DENSE_FLOPS = 1e8
 #: Products timed together to measure the cost of one direction's product.
 _TIMED_COLUMNS = 16
-#: CG solves per direction in a refit: the first Newton step and the
-#: corrections of the + and - refits (:func:`laplace_hfl.engine.refit.perturbed_refits`).
+#: CG solves per direction in a network refit (``target="hessian"``): the
+#: first Newton step and the corrections of the + and - refits
+#: (:func:`laplace_hfl.engine.refit.perturbed_refits`). A Gauss-Newton refit
+#: is quadratic: its first step is the answer, one solve.
 _REFIT_SOLVES = 3
+#: A sketch of the whole GGN (``min(P, N C)`` columns) is taken without a
+#: probe when it costs at most this many CG iterations of a chunk's
+#: directions: it leaves each solve about one iteration.
+WHOLE_SKETCH_ITERATIONS = 3
+#: Smallest Nyström rank of the automatic rank's levels (one chunk of products).
+FIRST_LEVEL = 64
+#: Share of a chunk's directions a larger sketch must repay itself on. The
+#: number of queries that follow the choice is unknown: a sketch sized for a
+#: full chunk costs up to ~2x the best choice on a few queries, one that
+#: repays itself on half a chunk stays within ~1.5x there and near the best
+#: on many (diabetes MLP, ``docs/cost.md``).
+GROWTH_HORIZON = 0.5
 #: Apply cost order for ties: cheaper first.
 _APPLY_ORDER = ("none", "kfac", "nystrom")
 
@@ -125,12 +162,137 @@ class AutoChoice:
         One line: the probed iterations of every candidate and the time
         estimates behind the solver choice.
     probes : tuple of Probe
+    rank : int
     """
 
     solver: str
     preconditioner: str
     reason: str
     probes: tuple[Probe, ...] = ()
+    #: The automatic Nyström rank chosen (0: another preconditioner, or a
+    #: rank that was not the probe's to choose).
+    rank: int = 0
+
+
+#: Rank -> (preconditioner, the sketch's eigenvalues, seconds of its
+#: eigendecomposition): the Nyström candidate at that rank.
+SketchAt = Callable[[int], tuple[Callable[[Tensor], Tensor], Tensor, float]]
+
+
+def sketch_levels(
+    n_params: int, max_rank: int, n_rows: int, workload: int
+) -> tuple[int, ...]:
+    """The ranks the automatic Nyström rank may take, increasing.
+
+    ``(min(P, N C),)`` where that sketch, which holds the whole GGN, costs at
+    most :data:`WHOLE_SKETCH_ITERATIONS` CG iterations of a chunk
+    (``workload`` directions, counted up to :data:`FIRST_LEVEL`: a large
+    accelerator chunk does not make a large sketch "small") and at most
+    about twice ``max_rank`` (which caps it by memory); else :data:`FIRST_LEVEL` doubled up to ``max_rank`` (the
+    memory-capped :func:`~laplace_hfl.engine.preconditioner.default_rank`,
+    at most ``N C``), which ends the list; empty where ``max_rank`` is 0.
+    """
+    whole = min(n_params, n_rows) if n_rows > 0 else n_params
+    if max_rank <= 0:
+        return ()
+    chunk = min(max(workload, 1), FIRST_LEVEL)
+    # max_rank is at most P // 2: twice it, plus the 1 that floor drops
+    if whole <= WHOLE_SKETCH_ITERATIONS * chunk and whole <= 2 * max_rank + 1:
+        return (whole,)
+    levels, r = [], min(FIRST_LEVEL, max_rank)
+    while r < max_rank:
+        levels.append(r)
+        r *= 2
+    return (*levels, max_rank)
+
+
+def _eigenvalue_at(lam: Tensor, j: int) -> float:
+    """The ``j``-th largest eigenvalue (1-based): the sketch's where it has
+    one, else extrapolated from its decay over its second half (geometric per
+    column)."""
+    k = lam.numel()
+    if j <= k:
+        return float(lam[max(j, 1) - 1])
+    lo, mid = float(lam[-1]), float(lam[k // 2 - 1])
+    if not (lo > 0 and mid > 0):
+        return 0.0  # the tail is resolved to zero: the sketch holds the GGN
+    return lo * (lo / mid) ** ((j - k) / (k - k // 2))
+
+
+def predicted_iterations(
+    iterations: float, lam: Tensor, rank: int, h_factor: float, mu: float
+) -> float:
+    """CG iterations expected with a sketch of ``rank`` columns, from those
+    measured with the current one (eigenvalues ``lam``, descending).
+
+    Nyström-preconditioned CG converges at the rate of the condition number
+    ``1 + h E / mu`` with ``E`` the sketch's error (Frangella, Tropp & Udell
+    2023), so iterations scale as its square root. A randomised sketch of
+    ``k`` columns resolves about its top ``k / 2`` eigenvalues, so ``E`` is
+    taken as ``lam_{k/2}``: read from the sketch for ranks up to twice its
+    own, extrapolated beyond (:func:`_eigenvalue_at`). At least 1; the
+    measured count where nothing can be predicted (a zero prior).
+    """
+    k = lam.numel()
+    if mu <= 0 or k < 2 or iterations <= 1:
+        return iterations
+    now = 1 + h_factor * _eigenvalue_at(lam, k // 2) / mu
+    ahead = 1 + h_factor * _eigenvalue_at(lam, max(rank, k) // 2) / mu
+    return max(1.0, iterations * math.sqrt(ahead / now))
+
+
+def grow_rank(
+    obj: LaplaceObjective,
+    B: Tensor,
+    rtol: float,
+    levels: tuple[int, ...],
+    sketch_at: SketchAt,
+    count: tuple[float, bool],
+    workload: float,
+    product_s: float,
+    solves: int = 1,
+    whole: int = 0,
+) -> tuple[int, tuple[float, bool]]:
+    """Grow the Nyström sketch through ``levels`` while it pays.
+
+    From each level the larger one with the best net saving is built (none:
+    the growth stops): the iterations it is expected to
+    save (:func:`predicted_iterations`) on ``workload`` directions' refits
+    (``solves`` each, ``product_s`` per product) outweigh what
+    it costs: its new columns' products and its eigendecomposition (the
+    current one's measured time, scaled as ``k^2``). A level of ``whole``
+    columns (``min(P, N C)``) holds the whole GGN: one iteration expected. A
+    grown sketch is probed again (its measured count replaces the
+    prediction). Stops where the sketch already holds the whole GGN (it
+    kept fewer columns than it has).
+
+    Returns
+    -------
+    rank : int
+    count : (iterations, converged)
+        The probe's count at ``rank``.
+    """
+    rank, (its, ok) = levels[0], count
+    h, mu = float(obj.h_factor), float(obj.prior_precision.mean())
+    while rank < levels[-1]:
+        _, lam, seconds = sketch_at(rank)
+        if lam.numel() < rank or its <= 1:
+            break
+        best, best_net = rank, 0.0
+        for nxt in (r for r in levels if r > rank):
+            ahead = (
+                1.0 if 0 < whole <= nxt else predicted_iterations(its, lam, nxt, h, mu)
+            )
+            gain = solves * workload * (its - ahead) * product_s
+            cost = (nxt - rank) * product_s + seconds * (nxt / rank) ** 2
+            if gain - cost > best_net:
+                best, best_net = nxt, gain - cost
+        if best == rank:
+            break
+        M = sketch_at(best)[0]
+        cap = max(2, math.ceil(its) + 1)
+        rank, (its, ok) = best, probe_iterations(obj, B, rtol, cap, [M])[0]
+    return rank, (its, ok)
 
 
 def probe_rhs(obj: LaplaceObjective, n: int, seed: int = 0) -> tuple[Tensor, float]:
@@ -241,7 +403,7 @@ def _probe(
 
 def _flops_per_second(n: int, like: Tensor) -> float:
     """Measured rate of an ``n x n`` matrix product in ``like``'s dtype."""
-    n = max(64, min(n, 1024))
+    n = max(64, min(n, 512))
     # any values time the same; random ones would draw from the global RNG
     a = torch.ones(n, n, dtype=like.dtype, device=like.device)
     a @ a  # warm-up
@@ -276,6 +438,8 @@ def choose(
     n_rows: int,
     budget: int | None = None,
     build_products: dict[str, float] | None = None,
+    levels: tuple[int, ...] = (),
+    sketch_at: SketchAt | None = None,
 ) -> AutoChoice:
     """Probe ``candidates`` and choose the solver and the preconditioner.
 
@@ -310,6 +474,18 @@ def choose(
         fits and such a build alone costs at least the dense solver's
         one-time estimate, that candidate is not built: the dense solver beats
         it for any number of queries.
+    levels : tuple of int, optional
+        The Nyström ranks the automatic rank may take, increasing
+        (:func:`sketch_levels`); with ``sketch_at`` the ``"nystrom"``
+        candidate is built at the first and grown while it pays
+        (:func:`grow_rank`). A single level equal to ``min(P, N C)`` at most
+        :data:`WHOLE_SKETCH_ITERATIONS` ``workload`` is the whole GGN: the sketch is
+        chosen without a probe.
+    sketch_at : callable, optional
+        Rank to ``(preconditioner, sketch eigenvalues, seconds)`` of the
+        Nyström candidate at that rank (extending the columns of a smaller
+        one; ``seconds``: its eigendecomposition, the part of the build that
+        is not products).
 
     Returns
     -------
@@ -339,7 +515,14 @@ def choose(
             f"dense: 2 N C P^2 + P^3 = {dense_flops:.1e} flops (P = {P}), "
             "less than a probe would cost",
         )
-    n_rhs = min(_TIMED_COLUMNS, max(workload, 1)) if fits else PROBE_COLUMNS
+    names = list(candidates)
+    if obj.reduce is not None and len(levels) > 1:
+        levels = levels[-1:]  # growing reads clock times, which differ by process
+    grow = sketch_at is not None and bool(levels) and "nystrom" in names
+    if grow:
+        candidates = {**candidates, "nystrom": lambda: sketch_at(levels[0])[0]}
+    timed = fits or (grow and len(levels) > 1)
+    n_rhs = min(_TIMED_COLUMNS, max(workload, 1)) if timed else PROBE_COLUMNS
     B, product_s = probe_rhs(obj, n_rhs)
     B = B[:PROBE_COLUMNS]
     dense_s = math.inf
@@ -353,11 +536,31 @@ def choose(
                 f"dense: ~{dense_s:.2g} s once, less than one CG iteration of "
                 f"{workload} directions ({product_s:.2g} s per product)",
             )
-    names, dear = list(candidates), []
+    whole = min(P, n_rows) if n_rows > 0 else P
+    solves = 1 if curvature_of(target).gauss_newton else _REFIT_SOLVES
+    if grow and levels == (whole,):
+        # the sketch of the whole GGN costs at most one CG iteration of the
+        # chunk's solves and leaves them about one each: no probe can beat it
+        cg_s = (whole + solves * workload) * product_s
+        if fits and dense_s <= cg_s:
+            return AutoChoice(
+                "dense", "none", f"dense: ~{dense_s:.2g} s once, less than "
+                f"a whole-GGN sketch of rank {whole} and its CG (~{cg_s:.2g} s)",
+            )  # fmt: skip
+        candidates["nystrom"]()
+        return AutoChoice(
+            "cg", "nystrom", f"cg/nystrom: the sketch of rank {whole} = "
+            f"min(P, N C) holds the whole GGN ({whole} products, at most "
+            f"{WHOLE_SKETCH_ITERATIONS} CG iterations of {workload} directions); "
+            "no probe",
+            rank=whole,
+        )  # fmt: skip
+    dear = []
     if fits and build_products:
         # building such a candidate alone costs more than the dense solver's
         # whole one-time work, which then beats it for any number of queries
-        dear = [n for n in names if build_products.get(n, 0) * product_s >= dense_s]
+        first_build = {**build_products, **({"nystrom": levels[0]} if grow else {})}
+        dear = [n for n in names if first_build.get(n, 0) * product_s >= dense_s]
     if dear and len(dear) == len(names):
         return AutoChoice(
             "dense",
@@ -366,22 +569,30 @@ def choose(
             f"preconditioner ({', '.join(dear)}) of CG ({product_s:.2g} s per product)",
         )
     default, names = names[0], [n for n in names if n not in dear]
-    first = [n for n in names if n != "kfac"]
-    counts = {}
     skipped = (
         f"; {', '.join(dear)} not built (building costs more than dense)"
         if dear
         else ""
     )
-    if first and len(first) < len(names):  # try without KFAC first
-        found = _probe(obj, B, rtol, candidates, first, KFAC_WORTH_ITERATIONS)
-        if any(ok for _, ok in found):
-            counts = dict(zip(first, found))
+    cheap = [n for n in names if n != "kfac"] or names
+    counts = dict(zip(cheap, _probe(obj, B, rtol, candidates, cheap, PROBE_MAX_ITER)))
+    grow = grow and "nystrom" in counts
+    rank, grown = (levels[0] if grow else 0), ""
+    if grow and counts["nystrom"][0] <= min(c for c, _ in counts.values()):
+        rank, counts["nystrom"] = grow_rank(
+            obj, B, rtol, levels, sketch_at, counts["nystrom"],
+            GROWTH_HORIZON * workload, product_s, solves, whole,
+        )  # fmt: skip
+        if len(levels) > 1:
+            grown = f" at rank {rank} (levels {levels[0]}..{levels[-1]})"
+    best_count = min(c for c, _ in counts.values())
+    if "kfac" in names and "kfac" not in counts:
+        if best_count <= KFAC_WORTH_ITERATIONS:
             skipped += f"; kfac not built (<= {KFAC_WORTH_ITERATIONS} to save)"
-    if not counts:
-        counts = dict(
-            zip(names, _probe(obj, B, rtol, candidates, names, PROBE_MAX_ITER))
-        )
+        else:  # it can only win by converging within the best count
+            cap = max(1, min(PROBE_MAX_ITER, math.ceil(best_count)))
+            its, ok = probe_iterations(obj, B, rtol, cap, [candidates["kfac"]()])[0]
+            counts["kfac"] = (its, True) if ok else (max(its, cap + 1.0), False)
     probes = [Probe(n, *counts[n]) for n in names if n in counts]
     best = min(
         probes,
@@ -391,14 +602,16 @@ def choose(
         ),
     )
     shown = ", ".join(
-        f"{p.name} {p.iterations:.0f}{'' if p.converged else '+'}" for p in probes
+        f"{p.name} {p.iterations:.0f}{'' if p.converged else '+'}"
+        + (grown if p.name == "nystrom" else "")
+        for p in probes
     )
     reason = f"CG iterations to rtol on {B.shape[0]} probe directions: {shown}{skipped}"
     solver = "cg"
     if allow_dense and not fits:
         reason += f"; dense: 4 P^2 (P = {P}) exceeds the memory budget"
     elif allow_dense:
-        cg_s = _REFIT_SOLVES * workload * best.iterations * product_s
+        cg_s = solves * workload * best.iterations * product_s
         solver = "dense" if dense_s <= cg_s else "cg"
         reason += (
             f"; dense ~{dense_s:.2g} s once vs CG ~{cg_s:.2g} s per "
@@ -407,4 +620,5 @@ def choose(
     reason = f"{solver}/{best.name if solver == 'cg' else 'none'}: {reason}"
     # CG elsewhere (posterior_covariance) keeps the default of unbuilt ones
     precond = default if solver == "dense" and dear else best.name
-    return AutoChoice(solver, precond, reason, tuple(probes))
+    rank = rank if precond == "nystrom" else 0
+    return AutoChoice(solver, precond, reason, tuple(probes), rank)

@@ -21,10 +21,12 @@ preconditioner: one subclass, one entry.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from laplace_hfl.engine.functional import LaplaceObjective, ParamLayout
@@ -32,7 +34,9 @@ from laplace_hfl.engine.kfac import kfac_apply, kfac_factors, kfac_supported
 from laplace_hfl.engine.preconditioner import (
     NystromSketch,
     Preconditioner,
+    SketchColumns,
     nystrom_apply,
+    nystrom_columns,
     nystrom_sketch,
 )
 
@@ -108,6 +112,9 @@ class NystromPreconditioner(PreconditionerMethod):
     def __init__(self) -> None:
         self.sketch: NystromSketch | None = None
         self.rank: int | None = None
+        #: Seconds the last sketch's eigendecomposition took (grown builds).
+        self.seconds = 0.0
+        self._columns: SketchColumns | None = None
 
     @classmethod
     def available(cls, setup: PrecondSetup) -> bool:
@@ -117,8 +124,35 @@ class NystromPreconditioner(PreconditionerMethod):
         # keyed by the rank asked for: the sketch may keep fewer columns
         # (directions a rank-deficient GGN does not resolve)
         if self.sketch is None or self.rank != setup.rank:
+            self.release()
             self.sketch = nystrom_sketch(obj, setup.rank, chunk_size=setup.chunk_size)
             self.rank = setup.rank
+
+    def build_level(
+        self, obj: LaplaceObjective, setup: PrecondSetup, capacity: int
+    ) -> None:
+        """The sketch at ``setup.rank`` from columns kept for ranks up to
+        ``capacity``: a larger rank costs its new columns' products only
+        (the automatic rank's levels). At ``capacity`` the columns become the
+        sketch (no copy) and are not kept; :meth:`release` drops them before."""
+        if self.sketch is not None and self.rank == setup.rank:
+            return
+        cols = self._columns
+        if cols is None or cols.capacity != capacity or cols.k > setup.rank:
+            cols = self._columns = nystrom_columns(obj, capacity, setup.chunk_size)
+        cols.extend(setup.rank)
+        t0 = time.perf_counter()
+        last = setup.rank == capacity
+        self.sketch = cols.sketch(setup.rank, in_place=last)
+        if self.sketch.U.device.type == "cuda":
+            torch.cuda.synchronize(self.sketch.U.device)
+        self.seconds, self.rank = time.perf_counter() - t0, setup.rank
+        if last:
+            self._columns = None
+
+    def release(self) -> None:
+        """Drop the columns kept for a larger rank (the sketch stays)."""
+        self._columns = None
 
     def apply(self, h_factor: float, prior_precision: Tensor) -> Preconditioner:
         return nystrom_apply(self.sketch, h_factor, prior_precision)

@@ -51,7 +51,9 @@ __all__ = [
     "default_rank",
     "memory_rank",
     "nystrom_sketch",
+    "nystrom_columns",
     "sketch_products",
+    "SketchColumns",
     "nystrom_apply",
     "resolved",
     "spectrum_floor",
@@ -234,34 +236,99 @@ def sketch_products(
     -------
     NystromSketch
     """
-    theta = like
-    P = theta.numel()
-    step = max(1, min(chunk_size, rank))
-    Y = theta.new_empty(P, rank)
-    core = theta.new_zeros(rank, rank)
-    for i in range(0, rank, step):
-        stop = min(i + step, rank)
-        rows = _omega_rows(P, i, stop, seed, theta)
-        Y[:, i:stop] = products(rows).T
-        # lower block row of core = Omega^T G Omega, from the columns so far
-        core[i:stop, :stop] = rows @ Y[:, :stop]
-    core = torch.tril(core) + torch.tril(core, -1).T
-    d, W = torch.linalg.eigh(core)  # core^+ = W d^-1 W^T on resolved d
-    keep = resolved(d)
-    B = _right_multiply_(Y, W[:, keep] / d[keep].sqrt(), _ROWS)  # G ~= B B^T
-    s2, V = torch.linalg.eigh(B.T @ B)  # B = U S V^T
-    keep = resolved(s2)
-    s2, V = s2[keep].flip(0), V[:, keep].flip(1)
-    U = _right_multiply_(B, V / s2.sqrt(), _ROWS)
-    # One re-orthonormalisation (Cholesky QR): U R^-1 with U^T U = R^T R,
-    # and G ~= U (R diag(s2) R^T) U^T re-diagonalised (all k x k).
-    R = torch.linalg.cholesky(U.T @ U, upper=True)
-    T = R * s2 @ R.T
-    lam, Z = torch.linalg.eigh(0.5 * (T + T.T))
-    U = _right_multiply_(
-        U, torch.linalg.solve_triangular(R, Z.flip(1), upper=True), _ROWS
+    columns = SketchColumns(products, like, rank, chunk_size, seed)
+    columns.extend(rank)
+    return columns.sketch(rank, in_place=True)
+
+
+class SketchColumns:
+    """The columns ``Y = G Omega`` and the core ``Omega^T G Omega`` of a
+    Nyström sketch, computed on demand up to ``capacity`` columns.
+
+    A sketch of rank ``k`` read from them (:meth:`sketch`) is the one
+    :func:`sketch_products` builds at rank ``k`` (the same test columns, drawn
+    from the seed whatever the chunking), so a rank can grow by its new
+    columns' products only: what the automatic rank of ``"auto"`` does
+    (:func:`laplace_hfl.engine.auto_choice.sketch_levels`).
+
+    Parameters
+    ----------
+    products, like, chunk_size, seed
+        As for :func:`sketch_products`.
+    capacity : int
+        Largest rank; the ``(P, capacity)`` buffer is allocated at once.
+    """
+
+    def __init__(
+        self,
+        products: Callable[[Tensor], Tensor],
+        like: Tensor,
+        capacity: int,
+        chunk_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        self.products, self.like, self.seed = products, like, seed
+        self.step = max(1, min(chunk_size, capacity))
+        self.Y = like.new_empty(like.numel(), capacity)
+        self.core = like.new_zeros(capacity, capacity)
+        #: Columns computed so far (the GGN-vector products spent).
+        self.k = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.Y.shape[1]
+
+    def extend(self, rank: int) -> None:
+        """Compute the columns up to ``rank`` (at most ``capacity``)."""
+        if not 0 < rank <= self.capacity:
+            raise ValueError(f"rank {rank} outside 1..{self.capacity}")
+        P, Y, core = self.like.numel(), self.Y, self.core
+        for i in range(self.k, rank, self.step):
+            stop = min(i + self.step, rank)
+            rows = _omega_rows(P, i, stop, self.seed, self.like)
+            Y[:, i:stop] = self.products(rows).T
+            # lower block row of core = Omega^T G Omega, from the columns so far
+            core[i:stop, :stop] = rows @ Y[:, :stop]
+        self.k = max(self.k, rank)
+
+    def sketch(self, rank: int, *, in_place: bool = False) -> NystromSketch:
+        """The rank-``rank`` sketch from the first ``rank`` columns (computed).
+
+        ``in_place`` overwrites the buffer (no copy of ``Y``); the columns
+        cannot be read again.
+        """
+        if not 0 < rank <= self.k:
+            raise ValueError(f"rank {rank} outside the computed 1..{self.k}")
+        Y = self.Y[:, :rank] if in_place else self.Y[:, :rank].clone()
+        core = self.core[:rank, :rank]
+        core = torch.tril(core) + torch.tril(core, -1).T
+        d, W = torch.linalg.eigh(core)  # core^+ = W d^-1 W^T on resolved d
+        keep = resolved(d)
+        B = _right_multiply_(Y, W[:, keep] / d[keep].sqrt(), _ROWS)  # G ~= B B^T
+        s2, V = torch.linalg.eigh(B.T @ B)  # B = U S V^T
+        keep = resolved(s2)
+        s2, V = s2[keep].flip(0), V[:, keep].flip(1)
+        U = _right_multiply_(B, V / s2.sqrt(), _ROWS)
+        # One re-orthonormalisation (Cholesky QR): U R^-1 with U^T U = R^T R,
+        # and G ~= U (R diag(s2) R^T) U^T re-diagonalised (all k x k).
+        R = torch.linalg.cholesky(U.T @ U, upper=True)
+        T = R * s2 @ R.T
+        lam, Z = torch.linalg.eigh(0.5 * (T + T.T))
+        U = _right_multiply_(
+            U, torch.linalg.solve_triangular(R, Z.flip(1), upper=True), _ROWS
+        )
+        return NystromSketch(U, lam.flip(0).clamp_min(0), rank)
+
+
+def nystrom_columns(
+    obj: LaplaceObjective, capacity: int, chunk_size: int = 64, seed: int = 0
+) -> SketchColumns:
+    """The extendable columns of the data GGN's Nyström sketch at the MAP
+    (:class:`SketchColumns` with GGN-vector products; nothing computed yet)."""
+    data_only = data_only_objective(obj)
+    return SketchColumns(
+        partial(ggn_matvec, data_only), obj.theta_map, capacity, chunk_size, seed
     )
-    return NystromSketch(U, lam.flip(0).clamp_min(0), rank)
 
 
 def nystrom_apply(
