@@ -136,7 +136,7 @@ HFL_OPTIONS_DOC = """
         where ``4 P^2`` numbers fit half the device's free memory (capped by
         ``laplace_hfl.engine.dense.DENSE_BUDGET`` when set) and the dense solver's
         one-off cost, estimated from a timed GGN-vector product and the
-        measured flop rate, is below one chunk of CG refits (with the probed
+        measured flop rate, is below three chunks of CG refits (with the probed
         iterations); ``"cg"`` otherwise. Problems under 1e8 flops go dense
         without a probe; with ``target="hessian"`` ``"auto"`` is dense up to
         ``P = 2896`` (``laplace_hfl.engine.dense.CHUNK_BUDGET``), whose Newton refits

@@ -15,7 +15,7 @@ of the estimator's current values:
   the dense solver
   (:mod:`laplace_hfl.engine.dense`: one Cholesky factor per prior, reused by every
   query, grid-search step and prediction) is chosen where it fits half the
-  device's free memory and its measured-rate estimate beats one chunk of CG
+  device's free memory and its measured-rate estimate beats three chunks of CG
   refits. Setting ``precondition_rank`` with ``preconditioner="auto"``
   selects the Nyström sketch (``0``: none), as before this option existed.
   Amortised and minibatch modes keep their own paths (the Nyström sketch).

@@ -199,3 +199,43 @@ def test_set_rank_is_not_grown(monkeypatch):
     la.refit_preconditioner()
     assert la.preconditioner_sketch.products == 32
     assert "nystrom_columns" not in built
+
+
+def _products(model, X, y, likelihood, Xq, preconditioner):
+    """GGN-vector products of a fit and one prediction with ``solver="cg"``:
+    the solves' own, the Nyström sketch's columns and KFAC's pass (one
+    backward per output)."""
+    la = fit_hfl(model, X, y, likelihood, solver="cg", preconditioner=preconditioner)
+    la.glm_predictive(Xq)
+    d = la.last_diagnostics
+    cost = float(d.products)
+    if d.preconditioner == "nystrom":
+        cost += la.preconditioner_sketch.products
+    elif d.preconditioner == "kfac":
+        cost += la.n_outputs
+    return cost, d.preconditioner
+
+
+@pytest.mark.parametrize("name", ["tanh_5_20_1", "regression_multi", "classification"])
+def test_auto_preconditioner_costs_within_1_5x_of_the_best_fixed(name, request):
+    """In GGN-vector products (the machine-independent cost; wall times are in
+    ``scripts/auto_choice.py``), ``preconditioner="auto"`` costs at most 1.5x
+    the best fixed preconditioner for a fit and 10 query points, on the
+    5-20-1 tanh net (P = 141, N = 200) that once made ``"auto"`` pick KFAC at
+    17x the best, and on the test suite's networks."""
+    if name == "tanh_5_20_1":
+        from conftest import train_stationary
+
+        model, X, y = make_regression(n=200, d_in=5, hidden=20, seed=2)
+        train_stationary(model, X, y, "regression")
+        likelihood = "regression"
+    else:
+        model, X, y = request.getfixturevalue(name)
+        likelihood = "classification" if name == "classification" else "regression"
+    Xq = X[:10] * 1.2 + 0.1
+    costs = {
+        p: _products(model, X, y, likelihood, Xq, p)
+        for p in ("none", "kfac", "nystrom", "auto")
+    }
+    best = min(costs[p][0] for p in ("none", "kfac", "nystrom"))
+    assert costs["auto"][0] <= 1.5 * best, costs

@@ -37,9 +37,11 @@ The probe (:func:`choose`) runs once per fit, at the first solve:
    numbers) fits :func:`~laplace_hfl.engine.dense.dense_budget` (half the device's
    free memory, capped by :data:`laplace_hfl.engine.dense.DENSE_BUDGET`) and its
    estimated time, forming the curvature and factorising it once, is below
-   the estimated time of one chunk of CG refits (``chunk_size`` directions,
-   one solve each for a Gauss-Newton curvature, three for network refits,
-   times the probed iterations): the per-direction
+   the estimated time of :data:`DENSE_HORIZON` chunks of CG refits
+   (``chunk_size`` directions each, one solve per direction for a
+   Gauss-Newton curvature, three for network refits, times the probed
+   iterations; the factor serves every later query, so it is bought for a
+   few chunks, not one): the per-direction
    product time is measured on a batch of products, and the flop rate of a
    matrix product of the problem's size, so the estimate follows the
    machine. In a distributed fit
@@ -84,6 +86,7 @@ __all__ = [
     "FIRST_LEVEL",
     "GROWTH_HORIZON",
     "WHOLE_SKETCH_ITERATIONS",
+    "DENSE_HORIZON",
     "SketchAt",
     "sketch_levels",
     "grow_rank",
@@ -118,6 +121,10 @@ _REFIT_SOLVES = 3
 #: probe when it costs at most this many CG iterations of a chunk's
 #: directions: it leaves each solve about one iteration.
 WHOLE_SKETCH_ITERATIONS = 3
+#: Chunks of directions the dense solver's one-time cost is weighed against:
+#: its factor serves every later query at the cost of a matrix product, so
+#: it is bought for a few chunks of queries, not one.
+DENSE_HORIZON = 3
 #: Smallest Nyström rank of the automatic rank's levels (one chunk of products).
 FIRST_LEVEL = 64
 #: Share of a chunk's directions a larger sketch must repay itself on. The
@@ -541,7 +548,7 @@ def choose(
     if grow and levels == (whole,):
         # the sketch of the whole GGN costs at most one CG iteration of the
         # chunk's solves and leaves them about one each: no probe can beat it
-        cg_s = (whole + solves * workload) * product_s
+        cg_s = (whole + DENSE_HORIZON * solves * workload) * product_s
         if fits and dense_s <= cg_s:
             return AutoChoice(
                 "dense", "none", f"dense: ~{dense_s:.2g} s once, less than "
@@ -611,11 +618,11 @@ def choose(
     if allow_dense and not fits:
         reason += f"; dense: 4 P^2 (P = {P}) exceeds the memory budget"
     elif allow_dense:
-        cg_s = solves * workload * best.iterations * product_s
+        cg_s = DENSE_HORIZON * solves * workload * best.iterations * product_s
         solver = "dense" if dense_s <= cg_s else "cg"
         reason += (
             f"; dense ~{dense_s:.2g} s once vs CG ~{cg_s:.2g} s per "
-            f"{workload} directions ({product_s:.2g} s per product)"
+            f"{DENSE_HORIZON} x {workload} directions ({product_s:.2g} s per product)"
         )
     reason = f"{solver}/{best.name if solver == 'cg' else 'none'}: {reason}"
     # CG elsewhere (posterior_covariance) keeps the default of unbuilt ones
