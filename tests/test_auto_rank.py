@@ -130,17 +130,22 @@ def _timed(monkeypatch, seconds: float) -> list[int]:
     return built
 
 
-@pytest.mark.parametrize("product_s, grows", [(1.0, True), (1e-12, False)])
-def test_rank_grows_only_where_it_pays(monkeypatch, product_s, grows):
+@pytest.mark.parametrize(
+    "product_s, grows, chunk", [(1.0, True, None), (1.0, True, 8), (1e-12, False, None)]
+)
+def test_rank_grows_only_where_it_pays(monkeypatch, product_s, grows, chunk):
     """Products that cost a second each make every saved iteration worth more
     than the eigendecompositions: the sketch grows past its first level (and
-    the reason says to which rank); products that cost nothing leave it at
-    the first level. Either way one set of columns is built (never rebuilt
-    after the choice) and the variances are the dense reference's."""
+    the reason says to which rank), also where memory keeps the chunk small
+    (8 directions: the queries to come are not counted by it); products that
+    cost nothing leave it at the first level. Either way one set of columns
+    is built (never rebuilt after the choice) and the variances are the dense
+    reference's."""
     model, X, y = _problem()
     built = _timed(monkeypatch, product_s)
+    kw = {} if chunk is None else {"chunk_size": chunk}
     la = fit_hfl(
-        model, X, y, "regression", solver="cg", preconditioner="auto", rtol=1e-8
+        model, X, y, "regression", solver="cg", preconditioner="auto", rtol=1e-8, **kw
     )
     Xq = X[:6] + 0.05
     _, var = la.glm_predictive(Xq)

@@ -127,7 +127,9 @@ WHOLE_SKETCH_ITERATIONS = 3
 DENSE_HORIZON = 3
 #: Smallest Nyström rank of the automatic rank's levels (one chunk of products).
 FIRST_LEVEL = 64
-#: Share of a chunk's directions a larger sketch must repay itself on. The
+#: Share of a chunk's directions (at least :data:`FIRST_LEVEL` of them: a
+#: chunk that memory keeps small, LeNet's 13 on a CPU, says nothing about the
+#: queries to come) a larger sketch must repay itself on. The
 #: number of queries that follow the choice is unknown: a sketch sized for a
 #: full chunk costs up to ~2x the best choice on a few queries, one that
 #: repays itself on half a chunk stays within ~1.5x there and near the best
@@ -588,7 +590,7 @@ def choose(
     if grow and counts["nystrom"][0] <= min(c for c, _ in counts.values()):
         rank, counts["nystrom"] = grow_rank(
             obj, B, rtol, levels, sketch_at, counts["nystrom"],
-            GROWTH_HORIZON * workload, product_s, solves, whole,
+            GROWTH_HORIZON * max(workload, FIRST_LEVEL), product_s, solves, whole,
         )  # fmt: skip
         if len(levels) > 1:
             grown = f" at rank {rank} (levels {levels[0]}..{levels[-1]})"
