@@ -106,22 +106,24 @@ class SolverMixin:
                 levels = sketch_levels(
                     P, self._rank(P), self._n_rows(), self.chunk_size
                 )
-            choice = choose(
-                obj,
-                candidates,
-                build_products={"nystrom": self._rank(P), "kfac": n_outputs},
-                rtol=self.hfl_settings.rtol,
-                target=self.hfl_settings.target,
-                allow_dense=probe_solver,
-                workload=self.chunk_size,
-                n_outputs=n_outputs,
-                n_rows=self._n_rows(),
-                levels=levels,
-                sketch_at=partial(self._sketch_at, obj, max(levels, default=0)),
-            )
-            nystrom = self._preconds.get("nystrom")
-            if isinstance(nystrom, NystromPreconditioner):
-                nystrom.release()
+            try:
+                choice = choose(
+                    obj,
+                    candidates,
+                    build_products={"nystrom": self._rank(P), "kfac": n_outputs},
+                    rtol=self.hfl_settings.rtol,
+                    target=self.hfl_settings.target,
+                    allow_dense=probe_solver,
+                    workload=self.chunk_size,
+                    n_outputs=n_outputs,
+                    n_rows=self._n_rows(),
+                    levels=levels,
+                    sketch_at=partial(self._sketch_at, obj, max(levels, default=0)),
+                )
+            finally:  # the columns kept for growing, also after a failed probe
+                nystrom = self._preconds.get("nystrom")
+                if isinstance(nystrom, NystromPreconditioner):
+                    nystrom.release()
             if choice.rank:
                 self._auto_rank = choice.rank
             self._auto_choice = choice

@@ -244,3 +244,29 @@ def test_auto_preconditioner_costs_within_1_5x_of_the_best_fixed(name, request):
     }
     best = min(costs[p][0] for p in ("none", "kfac", "nystrom"))
     assert costs["auto"][0] <= 1.5 * best, costs
+
+
+def test_failed_probe_leaves_the_estimator_usable(monkeypatch):
+    """A probe that fails while growing the sketch (here: an error after a
+    larger level was built) raises, commits no choice, and the next call
+    probes again and answers as the dense reference does."""
+    model, X, y = _problem()
+    _timed(monkeypatch, 1.0)
+    real = auto_choice.grow_rank
+
+    def failing(obj, B, rtol, levels, sketch_at, *a, **k):
+        sketch_at(levels[1])
+        raise RuntimeError("probe interrupted")
+
+    monkeypatch.setattr(auto_choice, "grow_rank", failing)
+    la = fit_hfl(
+        model, X, y, "regression", solver="cg", preconditioner="auto", rtol=1e-8
+    )
+    Xq = X[:4] - 0.05
+    with pytest.raises(RuntimeError, match="probe interrupted"):
+        la.glm_predictive(Xq)
+    monkeypatch.setattr(auto_choice, "grow_rank", real)
+    _, var = la.glm_predictive(Xq)
+    assert "at rank" in la.last_diagnostics.choice
+    ref, _ = dense_reference(model, X, y, Xq, "regression", "ggn")
+    assert rel_err(var, ref).max() <= 1e-5
