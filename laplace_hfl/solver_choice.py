@@ -135,9 +135,7 @@ class SolverMixin:
         """The Nyström candidate at ``rank`` of the automatic rank's levels
         (columns kept up to ``capacity``), its eigenvalues and the seconds
         of its eigendecomposition."""
-        method = self._preconds.get("nystrom")
-        if not isinstance(method, NystromPreconditioner):
-            method = self._preconds["nystrom"] = NystromPreconditioner()
+        method = self._precond_object("nystrom")
         setup = replace(self._precond_setup(obj.theta_map.numel()), rank=rank)
         method.build_level(obj, setup, capacity)
         pre = method.apply(obj.h_factor, obj.prior_precision)
@@ -387,12 +385,17 @@ class SolverMixin:
         name = choice.preconditioner if choice is not None else names[0]
         return name, (self._rank(P) if name == "nystrom" else 0)
 
-    def _built_precond(self, obj: LaplaceObjective, name: str) -> PreconditionerMethod:
-        """Preconditioner object ``name`` with its data part (KFAC factors,
-        Nyström sketch) built, once per fit."""
+    def _precond_object(self, name: str) -> PreconditionerMethod:
+        """Preconditioner object ``name`` of this fit (made on first use)."""
         method = self._preconds.get(name)
         if method is None:
             method = self._preconds[name] = PRECONDITIONERS[name]()
+        return method
+
+    def _built_precond(self, obj: LaplaceObjective, name: str) -> PreconditionerMethod:
+        """Preconditioner object ``name`` with its data part (KFAC factors,
+        Nyström sketch) built, once per fit."""
+        method = self._precond_object(name)
         method.build(obj, self._precond_setup(obj.theta_map.numel()))
         return method
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_hfl  # noqa: F401  (registers hessian_structure="hfl")
+from laplace_hfl.bench.benchmark.cases import train_adam
 from laplace_hfl.engine.amortized import (
     amortized_covariance,
     loss_hessian_sqrt_apply,
@@ -27,21 +28,6 @@ SIGMA, PRIOR = 0.3, 0.5
 S = 2000  # relative s.e. of a variance sqrt(2/S) = 3.2%: median error ~2%
 
 
-def _train(model, X, y, likelihood, steps=200):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        f = model(X)
-        if likelihood == "regression":
-            loss = (f - y).square().mean()
-        else:
-            loss = nn.functional.cross_entropy(f, y)
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model
-
-
 @pytest.fixture(scope="module")
 def regression():
     g = torch.Generator().manual_seed(0)
@@ -50,7 +36,7 @@ def regression():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 10), nn.Tanh(), nn.Linear(10, 1)).to(DT)
     Xq = torch.linspace(-4, 4, 30, dtype=DT)[:, None]
-    return _train(model, X, y, "regression"), X, y, Xq, "regression"
+    return train_adam(model, X, y, "regression", 200), X, y, Xq, "regression"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +48,7 @@ def classification():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
     Xq = 3 * torch.randn(25, 2, generator=g, dtype=DT)
-    return _train(model, X, y, "classification"), X, y, Xq, "classification"
+    return train_adam(model, X, y, "classification", 200), X, y, Xq, "classification"
 
 
 def _loader(X, y):

@@ -20,8 +20,8 @@ The probe (:func:`choose`) runs once per fit, at the first solve:
    directions outweigh its extra products and eigendecomposition
    (:func:`grow_rank`; the new columns extend the old ones, and the grown
    sketch is probed again). A sketch that is small enough to hold the whole
-   GGN, ``min(P, N C)`` columns within one CG iteration of a chunk's refits,
-   is taken at once, without a probe. A sketch of a thousand columns costs
+   GGN, ``min(P, N C)`` columns within :data:`WHOLE_SKETCH_ITERATIONS` CG
+   iterations of a chunk, is taken at once, without a probe. A sketch of a thousand columns costs
    more than a thousand products' worth of eigendecompositions on a CPU,
    which a few queries of a small network never repay.
 
@@ -188,6 +188,12 @@ class AutoChoice:
 SketchAt = Callable[[int], tuple[Callable[[Tensor], Tensor], Tensor, float]]
 
 
+def _whole_rank(n_params: int, n_rows: int) -> int:
+    """``min(P, N C)``: the columns of a sketch that holds the whole GGN
+    (``P`` before a fit, ``n_rows`` 0)."""
+    return min(n_params, n_rows) if n_rows > 0 else n_params
+
+
 def sketch_levels(
     n_params: int, max_rank: int, n_rows: int, workload: int
 ) -> tuple[int, ...]:
@@ -197,11 +203,12 @@ def sketch_levels(
     most :data:`WHOLE_SKETCH_ITERATIONS` CG iterations of a chunk
     (``workload`` directions, counted up to :data:`FIRST_LEVEL`: a large
     accelerator chunk does not make a large sketch "small") and at most
-    about twice ``max_rank`` (which caps it by memory); else :data:`FIRST_LEVEL` doubled up to ``max_rank`` (the
-    memory-capped :func:`~laplace_hfl.engine.preconditioner.default_rank`,
-    at most ``N C``), which ends the list; empty where ``max_rank`` is 0.
+    about twice ``max_rank`` (which caps it by memory); else
+    :data:`FIRST_LEVEL` doubled up to ``max_rank`` (the memory-capped
+    :func:`~laplace_hfl.engine.preconditioner.default_rank`, at most
+    ``N C``), which ends the list; empty where ``max_rank`` is 0.
     """
-    whole = min(n_params, n_rows) if n_rows > 0 else n_params
+    whole = _whole_rank(n_params, n_rows)
     if max_rank <= 0:
         return ()
     chunk = min(max(workload, 1), FIRST_LEVEL)
@@ -283,10 +290,8 @@ def grow_rank(
     """
     rank, (its, ok) = levels[0], count
     h, mu = float(obj.h_factor), float(obj.prior_precision.mean())
-    while rank < levels[-1]:
-        _, lam, seconds = sketch_at(rank)
-        if lam.numel() < rank or its <= 1:
-            break
+    _, lam, seconds = sketch_at(rank)
+    while rank < levels[-1] and lam.numel() >= rank and its > 1:
         best, best_net = rank, 0.0
         for nxt in (r for r in levels if r > rank):
             ahead = (
@@ -298,7 +303,7 @@ def grow_rank(
                 best, best_net = nxt, gain - cost
         if best == rank:
             break
-        M = sketch_at(best)[0]
+        M, lam, seconds = sketch_at(best)
         cap = max(2, math.ceil(its) + 1)
         rank, (its, ok) = best, probe_iterations(obj, B, rtol, cap, [M])[0]
     return rank, (its, ok)
@@ -545,11 +550,11 @@ def choose(
                 f"dense: ~{dense_s:.2g} s once, less than one CG iteration of "
                 f"{workload} directions ({product_s:.2g} s per product)",
             )
-    whole = min(P, n_rows) if n_rows > 0 else P
+    whole = _whole_rank(P, n_rows)
     solves = 1 if curvature_of(target).gauss_newton else _REFIT_SOLVES
     if grow and levels == (whole,):
-        # the sketch of the whole GGN costs at most one CG iteration of the
-        # chunk's solves and leaves them about one each: no probe can beat it
+        # the sketch of the whole GGN costs a few CG iterations of a chunk
+        # and leaves each solve about one: no probe can beat it
         cg_s = (whole + DENSE_HORIZON * solves * workload) * product_s
         if fits and dense_s <= cg_s:
             return AutoChoice(

@@ -18,6 +18,7 @@ __all__ = [
     "wide_mlp",
     "mlp_for_params",
     "batchnorm_digits",
+    "train_adam",
     "SIGMA",
     "PRIOR",
 ]
@@ -69,7 +70,12 @@ def _case(name: str, model: nn.Module, likelihood: str, X: Tensor, y: Tensor,
                 prior_precision=PRIOR, train_xy=(X, y), Xq=Xq)  # fmt: skip
 
 
-def _train(model, X, y, likelihood, steps, lr=1e-2, wd=0.0):
+def train_adam(
+    model: nn.Module, X: Tensor, y: Tensor, likelihood: str, steps: int,
+    lr: float = 1e-2, wd: float = 0.0,
+) -> nn.Module:  # fmt: skip
+    """Full-batch Adam on the mean loss (squared error or cross-entropy),
+    ``.grad`` cleared and the model left in eval mode."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
     for _ in range(steps):
         opt.zero_grad()
@@ -97,7 +103,7 @@ def in_between(n_query: int = 128, steps: int = 2000, seed: int = 0) -> Case:
     y = torch.sin(3 * X) + 0.1 * torch.randn(X.shape, generator=g)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(1, 50), nn.Tanh(), nn.Linear(50, 1))
-    _train(model, X, y, "regression", steps)
+    train_adam(model, X, y, "regression", steps)
     Xq = torch.linspace(-2, 2, n_query)[:, None]
     return _case("in_between_1-50-1", model, "regression", X, y, Xq)
 
@@ -118,7 +124,7 @@ def digits(n_query: int | None = None, steps: int = 300, seed: int = 0) -> Case:
     X, y, Xq = _digits_data(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-    _train(model, X, y, "classification", steps, wd=1e-4)
+    train_adam(model, X, y, "classification", steps, wd=1e-4)
     if n_query is not None:
         Xq = Xq[:n_query]
     return _case("digits_64-32-10", model, "classification", X, y, Xq)
@@ -131,7 +137,7 @@ def batchnorm_digits(n_query: int = 64, steps: int = 300, seed: int = 0) -> Case
     model = nn.Sequential(
         nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 10)
     )
-    _train(model, X, y, "classification", steps, wd=1e-4)
+    train_adam(model, X, y, "classification", steps, wd=1e-4)
     return _case(
         "digits_batchnorm_64-32-BN-10", model, "classification", X, y, Xq[:n_query]
     )
@@ -150,7 +156,7 @@ def wide_mlp(
         nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
         nn.Linear(width, 1),
     )  # fmt: skip
-    _train(model, X, y, "regression", steps, lr=1e-3)
+    train_adam(model, X, y, "regression", steps, lr=1e-3)
     Xq = torch.randn(n_query, d_in, generator=g)
     return _case(f"mlp_{d_in}-{width}-{width}-1", model, "regression", X, y, Xq)
 
