@@ -1,6 +1,7 @@
 """``solver="auto"`` / ``preconditioner="auto"`` against every fixed choice,
 in one run: ``python scripts/auto_choice.py [--out FILE] [--cases NAME ...]
-[--queries N ...]``.
+[--queries N ...] [--ranks R ...]`` (``--ranks``: also ``cg``/``nystrom`` at
+these fixed sketch ranks, e.g. ``--cases diabetes_mlp --ranks 64 128 256 442``).
 
 Cases: the 5-20-1 tanh regression net (P = 141, N = 200), a digits MLP
 (64-64-10, P = 4,810, N = 600 of sklearn's digits), the diabetes MLP
@@ -115,10 +116,10 @@ CASES = {
 }
 
 
-def run_config(model, X, y, likelihood, Xq, prior, solver, precond) -> dict:
+def run_config(model, X, y, likelihood, Xq, prior, solver, precond, **kw) -> dict:
     la = Laplace(
         model, likelihood, "all", "hfl", prior_precision=prior,
-        solver=solver, preconditioner=precond,
+        solver=solver, preconditioner=precond, **kw,
     )  # fmt: skip
     loader = DataLoader(TensorDataset(X, y), batch_size=256)
     t0 = time.perf_counter()
@@ -137,7 +138,23 @@ def run_config(model, X, y, likelihood, Xq, prior, solver, precond) -> dict:
     }
 
 
-def run_workload(name: str, case: tuple, n_query: int) -> dict:
+def rank_sweep(case: tuple, ranks: list[int]) -> dict:
+    """``cg``/``nystrom`` at each fixed ``precondition_rank`` (faster of two
+    runs): what the automatic rank chooses between; not counted as a fixed
+    choice above."""
+    out = {}
+    for rank in ranks:
+        runs = [
+            run_config(*case, "cg", "nystrom", precondition_rank=rank) for _ in range(2)
+        ]
+        best = min(runs, key=lambda t: t["seconds"])
+        out[str(rank)] = {k: best[k] for k in ("seconds", "mean_iterations")}
+        print(f"  rank {rank:5d} {best['seconds']:7.2f} s "
+              f"{best['mean_iterations']:6.1f} it", flush=True)  # fmt: skip
+    return out
+
+
+def run_workload(name: str, case: tuple, n_query: int, ranks: list[int]) -> dict:
     case = (*case[:4], case[4][:n_query], case[5])
     P = sum(p.numel() for p in case[0].parameters())
     # The machine is shared: a second round re-runs the auto settings and the
@@ -169,9 +186,11 @@ def run_workload(name: str, case: tuple, n_query: int) -> dict:
         min(cg_fixed, key=cg_fixed.get),
         min(all_fixed, key=all_fixed.get),
     )
+    sweep = {"rank_sweep": rank_sweep(case, ranks)} if ranks else {}
     return {
         "n_query": int(case[4].shape[0]),
         "runs": runs,
+        **sweep,
         "cg_auto_vs_best_cg": runs["cg/auto"]["seconds"] / cg_fixed[best_cg],
         "best_cg": best_cg,
         "auto_vs_best_fixed": runs["auto/auto"]["seconds"] / all_fixed[best_all],
@@ -179,14 +198,14 @@ def run_workload(name: str, case: tuple, n_query: int) -> dict:
     }
 
 
-def run_case(name: str, queries: list[int]) -> dict:
+def run_case(name: str, queries: list[int], ranks: list[int]) -> dict:
     case = CASES[name]()
     model, X = case[0], case[1]
     run_config(*case[:4], case[4][:2], case[5], "cg", "none")  # warm-up
     return {
         "n_params": sum(p.numel() for p in model.parameters()),
         "n_data": int(X.shape[0]),
-        "workloads": {str(n): run_workload(name, case, n) for n in queries},
+        "workloads": {str(n): run_workload(name, case, n, ranks) for n in queries},
     }
 
 
@@ -195,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/auto_choice.json")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--queries", nargs="+", type=int, default=list(QUERIES))
+    parser.add_argument(
+        "--ranks", nargs="*", type=int, default=[],
+        help="also time cg/nystrom at these fixed precondition_rank values",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -210,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in args.cases:
         print(name, flush=True)
-        out["cases"][name] = res = run_case(name, args.queries)
+        out["cases"][name] = res = run_case(name, args.queries, args.ranks)
         for n, w in res["workloads"].items():
             print(f"  -> {n} points: cg/auto {w['cg_auto_vs_best_cg']:.2f}x best CG "
                   f"({w['best_cg']}); auto/auto {w['auto_vs_best_fixed']:.2f}x "
